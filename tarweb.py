@@ -12,25 +12,35 @@ Contents, in layers (a lower layer never calls a higher one):
   2. The ring ........... IoUring: setup with the best flags, mmap'd rings, probe, SQEs, CQEs
   3. The archive ........ Archive: tarfile index of the mmap'd tar
   4. HTTP/1.1 ........... Site: request parsing, conditional and range logic, response heads
+  5. Crypto primitives .. X25519, Ed25519, P-256/P-384 ECDH and ECDSA, AES-GCM,
+                          ChaCha20-Poly1305, PEM/DER, RSA-PSS, keys, self-signed certificates
+  6. TLS 1.3 ............ HKDF key schedule, server handshake state machine (bytes in, bytes
+                          out), userspace record layer, kTLS hand-off
   7. Connection loop .... Server: fixed slots driven by io_uring completions
   8. CLI ................ argparse, one-line start-up errors, main()
-(Layers 5 and 6, the TLS crypto and handshake, come with HTTPS support.)
 """
 
 import argparse
+import base64
+import binascii
 import ctypes
 import email.utils
 import errno
+import hashlib
+import hmac
+import ipaddress
 import mimetypes
 import mmap
 import os
 import re
+import secrets
 import signal
 import socket
 import struct
 import sys
 import tarfile
 import time
+import traceback
 from urllib.parse import unquote_to_bytes
 
 __version__ = "0.1.0"
@@ -107,13 +117,16 @@ IO_URING_OP_SUPPORTED = 1
 
 # opcodes this server uses
 IORING_OP_SENDMSG = 9
+IORING_OP_RECVMSG = 10
 IORING_OP_TIMEOUT = 11
 IORING_OP_ACCEPT = 13
 IORING_OP_ASYNC_CANCEL = 14
 IORING_OP_CLOSE = 19
+IORING_OP_SEND = 26
 IORING_OP_RECV = 27
 IORING_OP_SHUTDOWN = 34
-REQUIRED_OPS = {"SENDMSG": IORING_OP_SENDMSG, "TIMEOUT": IORING_OP_TIMEOUT,
+REQUIRED_OPS = {"SENDMSG": IORING_OP_SENDMSG, "RECVMSG": IORING_OP_RECVMSG,
+                "SEND": IORING_OP_SEND, "TIMEOUT": IORING_OP_TIMEOUT,
                 "ACCEPT": IORING_OP_ACCEPT, "ASYNC_CANCEL": IORING_OP_ASYNC_CANCEL,
                 "CLOSE": IORING_OP_CLOSE, "RECV": IORING_OP_RECV, "SHUTDOWN": IORING_OP_SHUTDOWN}
 
@@ -136,6 +149,27 @@ SHUT_WR, SHUT_RDWR = 1, 2
 kernel_timespec = struct.Struct("<qq")
 iovec2 = struct.Struct("<QQQQ")
 msghdr = struct.Struct("<QQQQQQQ")
+# struct cmsghdr {size_t cmsg_len; int cmsg_level; int cmsg_type;} followed by the data.
+cmsghdr = struct.Struct("<Qii")
+CMSG_SPACE_1 = 24           # CMSG_SPACE(1): header plus one byte, padded to 8
+# A kTLS receive: msghdr, then its single iovec, then room for one control message.
+recv_area = struct.Struct("<QQQQQQQQQ")
+RECV_CMSG_OFF = recv_area.size
+RECV_AREA = RECV_CMSG_OFF + CMSG_SPACE_1
+
+# Kernel TLS (include/uapi/linux/tls.h)
+TCP_ULP = 31
+SOL_TLS = 282
+TLS_TX, TLS_RX = 1, 2
+TLS_SET_RECORD_TYPE, TLS_GET_RECORD_TYPE = 1, 2
+TLS_1_3_VERSION = 0x0304
+# struct tls12_crypto_info_aes_gcm_128 {u16 version, cipher_type; u8 iv[8], key[16], salt[4],
+# rec_seq[8]}; _aes_gcm_256 the same with key[32]; _chacha20_poly1305 {iv[12], key[32],
+# rec_seq[8]}. For GCM the 12-byte TLS IV is split: salt = iv[0:4], iv = iv[4:12].
+TLS_CIPHER_AES_GCM_128, TLS_CIPHER_AES_GCM_256, TLS_CIPHER_CHACHA20_POLY1305 = 51, 52, 54
+tls_crypto_info_aes_gcm_128 = struct.Struct("=HH8s16s4s8s")
+tls_crypto_info_aes_gcm_256 = struct.Struct("=HH8s32s4s8s")
+tls_crypto_info_chacha20_poly1305 = struct.Struct("=HH12s32s8s")
 
 # Memory ordering. The kernel publishes a CQE with smp_store_release() on the CQ tail and reads
 # our SQ tail with smp_load_acquire(). On x86_64 (TSO) plain stores are never reordered with
@@ -152,6 +186,43 @@ _libc.syscall.restype = ctypes.c_long
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
+
+
+_libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
+                             ctypes.c_uint32]
+
+
+def setsockopt_fd(fd, level, option, value):
+    """setsockopt(2) on a bare descriptor (the ring accepted it; Python has no socket object)."""
+    if _libc.setsockopt(fd, level, option, value, len(value)) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def ktls_crypto_info(suite, key, iv, seq):
+    """The TLS_TX/TLS_RX setsockopt value for a TLS 1.3 cipher suite's key, IV and sequence."""
+    seq = seq.to_bytes(8, "big")
+    if suite == 0x1301:  # TLS_AES_128_GCM_SHA256
+        return tls_crypto_info_aes_gcm_128.pack(TLS_1_3_VERSION, TLS_CIPHER_AES_GCM_128, iv[4:],
+                                                key, iv[:4], seq)
+    if suite == 0x1302:  # TLS_AES_256_GCM_SHA384
+        return tls_crypto_info_aes_gcm_256.pack(TLS_1_3_VERSION, TLS_CIPHER_AES_GCM_256, iv[4:],
+                                                key, iv[:4], seq)
+    return tls_crypto_info_chacha20_poly1305.pack(TLS_1_3_VERSION, TLS_CIPHER_CHACHA20_POLY1305,
+                                                  iv, key, seq)
+
+
+def ktls_close_notify_msg():
+    """A constant sendmsg for a kTLS socket: one alert record holding close_notify. The record
+    type travels in a TLS_SET_RECORD_TYPE control message. Returns (buffer, msghdr address)."""
+    buf = mmap.mmap(-1, 128)
+    base = buffer_address(buf)
+    msghdr.pack_into(buf, 0, 0, 0, base + 56, 1, base + 72, CMSG_SPACE_1, 0)
+    struct.pack_into("<QQ", buf, 56, base + 96, 2)
+    cmsghdr.pack_into(buf, 72, cmsghdr.size + 1, SOL_TLS, TLS_SET_RECORD_TYPE)
+    buf[88] = 21                   # content type: alert
+    buf[96:98] = b"\x01\x00"       # warning, close_notify
+    return buf, base
 
 
 def sys_io_uring_enter(fd, to_submit, min_complete, flags):
@@ -822,77 +893,2951 @@ def find_head_end(buf, start, end):
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. Crypto primitives (pure Python; see README "Security notes")
+# ---------------------------------------------------------------------------------------------
+
+# Curve25519 primitives: X25519 key agreement (RFC 7748) and Ed25519 signatures (RFC 8032).
+#
+# Field arithmetic is on plain Python integers modulo p = 2^255 - 19.  Two speed measures:
+#
+# * Lazy reduction in the hot loops.  Because 2^255 = 19 (mod p), v = (v & M255) + 19 * (v >> 255)
+#   keeps v's residue while cutting a 510-bit product to about 260 bits; in CPython two such folds
+#   cost less than one `% p`.  Values in the loops are therefore only bounded (and may be negative),
+#   not fully reduced; each loop's comment gives the bound it keeps.
+# * Fixed-base multiplication [s]B uses a table, built once per process on first use, of every
+#   j * 256^i * B (0 <= j < 256, 0 <= i < 32) on the Edwards curve, so [s]B is 32 table additions.
+#   X25519 key generation uses the same table through the birational map u = (1 + y) / (1 - y)
+#   from edwards25519 to curve25519 (RFC 7748 §4.1), which sends B to the X25519 base point u = 9.
+#
+# Python integers are not constant-time; the ladder keeps the RFC's constant structure (masked
+# conditional swaps, no branches on secret bits), which is the most pure Python can offer.
+
+_C25519_P = 2 ** 255 - 19
+_C25519_M255 = 2 ** 255 - 1
+_ED25519_L = 2 ** 252 + 27742317777372353535851937790883648493  # order of the base point B
+_ED25519_D = -121665 * pow(121666, -1, _C25519_P) % _C25519_P
+_ED25519_D2 = 2 * _ED25519_D % _C25519_P
+_ED25519_SQRT_M1 = pow(2, (_C25519_P - 1) // 4, _C25519_P)
+_ED25519_IDENTITY = (0, 1, 1, 0)
+_X25519_A24 = 121665  # (486662 - 2) / 4, RFC 7748 §5
+
+
+def _c25519_inverse(z):
+    """z^-1 mod p, and 0 for z = 0 (as RFC 7748's z^(p-2) gives).
+
+    pow(z, -1, p) is several times faster than Fermat's z^(p-2) in CPython.
+    """
+    z %= _C25519_P
+    return pow(z, -1, _C25519_P) if z else 0
+
+
+# ---------------------------------------------------------------- X25519 (RFC 7748)
+
+def _x25519_clamp(k):
+    """decodeScalar25519: clear the 3 low bits and bit 255, set bit 254."""
+    n = int.from_bytes(k, 'little')
+    return (n & (_C25519_M255 - 7)) | (1 << 254)
+
+
+def _x25519_ladder(k, u):
+    """The Montgomery ladder of RFC 7748 §5: the u-coordinate of [k]u, as an int mod p."""
+    p, m = _C25519_P, _C25519_M255
+    x1 = u
+    x2, z2, x3, z3 = 1, 0, u, 1
+    # The RFC swaps when bit t differs from bit t+1, i.e. on bit t of k ^ (k >> 1).  Reading those
+    # bits as ASCII digits, 48 - ch is 0 for '0' and -1 (all ones) for '1': the swap mask.
+    # Invariant: |x2|, |z2|, |x3|, |z3| < 2^256 (so sums < 2^257, products < 2^514; the
+    # single folds give < 2^264, the double folds bring results back under 2^256).
+    for ch in format(k ^ (k >> 1), '0255b').encode():
+        mask = 48 - ch
+        d = mask & (x2 ^ x3)
+        x2 ^= d
+        x3 ^= d
+        d = mask & (z2 ^ z3)
+        z2 ^= d
+        z3 ^= d
+        a = x2 + z2
+        aa = a * a
+        aa = (aa & m) + 19 * (aa >> 255)
+        b = x2 - z2
+        bb = b * b
+        bb = (bb & m) + 19 * (bb >> 255)
+        e = aa - bb
+        c = x3 + z3
+        da = (x3 - z3) * a
+        da = (da & m) + 19 * (da >> 255)
+        cb = c * b
+        cb = (cb & m) + 19 * (cb >> 255)
+        s = da + cb
+        x3 = s * s
+        x3 = (x3 & m) + 19 * (x3 >> 255)
+        x3 = (x3 & m) + 19 * (x3 >> 255)
+        s = da - cb
+        z3 = s * s
+        z3 = (z3 & m) + 19 * (z3 >> 255)
+        z3 *= x1
+        z3 = (z3 & m) + 19 * (z3 >> 255)
+        z3 = (z3 & m) + 19 * (z3 >> 255)
+        x2 = aa * bb
+        x2 = (x2 & m) + 19 * (x2 >> 255)
+        x2 = (x2 & m) + 19 * (x2 >> 255)
+        z2 = e * (aa + _X25519_A24 * e)
+        z2 = (z2 & m) + 19 * (z2 >> 255)
+        z2 = (z2 & m) + 19 * (z2 >> 255)
+    # The RFC ends with a conditional swap on bit 0 of k, which clamping has cleared: no swap.
+    return x2 * _c25519_inverse(z2) % p
+
+
+def x25519(k, u):
+    """RFC 7748 X25519(k, u): 32-byte scalar (clamped here) times 32-byte u-coordinate.
+
+    The top bit of u is ignored and non-canonical u (>= p) is reduced, as §5 requires.
+    """
+    if len(k) != 32 or len(u) != 32:
+        raise ValueError('X25519 scalar and u-coordinate must be 32 bytes each')
+    u_int = (int.from_bytes(u, 'little') & _C25519_M255) % _C25519_P
+    return _x25519_ladder(_x25519_clamp(k), u_int).to_bytes(32, 'little')
+
+
+def _x25519_base_public(priv):
+    """X25519(priv, 9) through the fixed-base Edwards table instead of the ladder."""
+    scalar = _x25519_clamp(priv).to_bytes(32, 'little')
+    _x, y, z, _t = _ed25519_base_mult(scalar)
+    u = (z + y) * _c25519_inverse(z - y) % _C25519_P  # u = (1 + y) / (1 - y) with y = Y/Z
+    return u.to_bytes(32, 'little')
+
+
+def x25519_keypair():
+    """A fresh X25519 key pair (priv, pub), 32 bytes each."""
+    priv = secrets.token_bytes(32)
+    return priv, _x25519_base_public(priv)
+
+
+def x25519_shared(priv, peer_pub):
+    """The X25519 shared secret; ValueError for a malformed or low-order peer key (RFC 7748 §6.1)."""
+    if len(peer_pub) != 32:
+        raise ValueError('X25519 public key must be 32 bytes, got %d' % len(peer_pub))
+    shared = x25519(priv, peer_pub)
+    if hmac.compare_digest(shared, bytes(32)):
+        raise ValueError('X25519 shared secret is all zero (low-order peer public key)')
+    return shared
+
+
+# ---------------------------------------------------------------- Edwards curve (RFC 8032 §5.1)
+# Points are extended coordinates (X, Y, Z, T) with x = X/Z, y = Y/Z, x*y = T/Z.
+
+def _ed25519_point_add(p1, p2):
+    """P1 + P2 by the unified addition formulas of RFC 8032 §5.1.4."""
+    p = _C25519_P
+    x1, y1, z1, t1 = p1
+    x2, y2, z2, t2 = p2
+    a = (y1 - x1) * (y2 - x2) % p
+    b = (y1 + x1) * (y2 + x2) % p
+    c = t1 * _ED25519_D2 * t2 % p
+    d = 2 * z1 * z2 % p
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return e * f % p, g * h % p, f * g % p, e * h % p
+
+
+def _ed25519_point_double(p1):
+    """2 * P1 by the doubling formulas of RFC 8032 §5.1.4."""
+    p = _C25519_P
+    x1, y1, z1, _t1 = p1
+    a = x1 * x1 % p
+    b = y1 * y1 % p
+    c = 2 * z1 * z1 % p
+    h = a + b
+    e = h - (x1 + y1) * (x1 + y1) % p
+    g = a - b
+    f = c + g
+    return e * f % p, g * h % p, f * g % p, e * h % p
+
+
+def _ed25519_point_neg(p1):
+    x1, y1, z1, t1 = p1
+    return -x1, y1, z1, -t1
+
+
+def _ed25519_scalar_mult(s, p1):
+    """[s]P1 by double-and-add.  Variable time: for public values only (verification)."""
+    q = _ED25519_IDENTITY
+    for bit in bin(s)[2:]:
+        q = _ed25519_point_double(q)
+        if bit == '1':
+            q = _ed25519_point_add(q, p1)
+    return q
+
+
+def _ed25519_is_identity(p1):
+    x1, y1, z1, _t1 = p1
+    return x1 % _C25519_P == 0 and (y1 - z1) % _C25519_P == 0
+
+
+def _ed25519_encode(p1):
+    """RFC 8032 §5.1.2: y little-endian, with the low bit of x in bit 255."""
+    x1, y1, z1, _t1 = p1
+    zi = _c25519_inverse(z1)
+    x = x1 * zi % _C25519_P
+    y = y1 * zi % _C25519_P
+    return (y | (x & 1) << 255).to_bytes(32, 'little')
+
+
+def _ed25519_decode(data):
+    """RFC 8032 §5.1.3: the point encoded in 32 bytes, or None if it is not a valid encoding."""
+    p = _C25519_P
+    if len(data) != 32:
+        return None
+    n = int.from_bytes(data, 'little')
+    x_0, y = n >> 255, n & _C25519_M255
+    if y >= p:
+        return None
+    u = (y * y - 1) % p
+    v = (_ED25519_D * y * y + 1) % p
+    x = u * pow(v, 3, p) * pow(u * pow(v, 7, p), (p - 5) // 8, p) % p  # candidate sqrt(u/v)
+    vxx = v * x * x % p
+    if vxx != u:
+        if vxx != (-u) % p:
+            return None  # u/v is not a square: no such point
+        x = x * _ED25519_SQRT_M1 % p
+    if x == 0 and x_0 == 1:
+        return None
+    if x & 1 != x_0:
+        x = p - x
+    return x, y, 1, x * y % p
+
+
+# The base point: y = 4/5 and x even (RFC 8032 §5.1).
+_ED25519_B = _ed25519_decode((4 * pow(5, -1, _C25519_P) % _C25519_P).to_bytes(32, 'little'))
+
+# rows[i][j] = j * 256^i * B as affine (y + x, y - x, 2*d*x*y); built by _ed25519_base_table().
+_ed25519_base_rows = None
+
+
+def _ed25519_base_table():
+    global _ed25519_base_rows
+    if _ed25519_base_rows is None:
+        _ed25519_base_rows = _ed25519_build_base_table()
+    return _ed25519_base_rows
+
+
+def _ed25519_build_base_table():
+    p = _C25519_P
+    points = []
+    step = _ED25519_B
+    for _ in range(32):
+        acc = _ED25519_IDENTITY
+        for _ in range(256):
+            points.append(acc)
+            acc = _ed25519_point_add(acc, step)
+        step = acc  # 256 * step, the next row's unit
+    # Montgomery's batch inversion: one modular inverse and 3 products per point.
+    prefix = []
+    run = 1
+    for pt in points:
+        prefix.append(run)
+        run = run * pt[2] % p
+    inv = pow(run, -1, p)
+    entries = [None] * len(points)
+    for i in range(len(points) - 1, -1, -1):
+        x1, y1, z1, _t1 = points[i]
+        zi = inv * prefix[i] % p  # 1 / z1
+        inv = inv * z1 % p
+        x, y = x1 * zi % p, y1 * zi % p
+        entries[i] = ((y + x) % p, (y - x) % p, _ED25519_D2 * x % p * y % p)
+    return [entries[i:i + 256] for i in range(0, len(entries), 256)]
+
+
+def _ed25519_base_mult(scalar):
+    """[s]B for the little-endian 32-byte scalar s: one table addition per byte.
+
+    Returns extended coordinates whose values are bounded by 2^256 but not reduced mod p.
+    """
+    m = _C25519_M255
+    x, y, z, t = _ED25519_IDENTITY
+    # Mixed addition (RFC 8032 §5.1.4 formulas with Z2 = 1 and the table's y2+x2, y2-x2, 2*d*T2).
+    # Invariant |x|, |y|, |z|, |t| < 2^256: the single-folded a, b, c stay under 2^262, so
+    # e, f, g, h < 2^263, and their double-folded products are back under 2^256.
+    for row, digit in zip(_ed25519_base_table(), scalar):
+        ypx, ymx, t2d = row[digit]
+        a = (y - x) * ymx
+        a = (a & m) + 19 * (a >> 255)
+        b = (y + x) * ypx
+        b = (b & m) + 19 * (b >> 255)
+        c = t * t2d
+        c = (c & m) + 19 * (c >> 255)
+        d = z + z
+        e, f, g, h = b - a, d - c, d + c, b + a
+        x = e * f
+        x = (x & m) + 19 * (x >> 255)
+        x = (x & m) + 19 * (x >> 255)
+        y = g * h
+        y = (y & m) + 19 * (y >> 255)
+        y = (y & m) + 19 * (y >> 255)
+        z = f * g
+        z = (z & m) + 19 * (z >> 255)
+        z = (z & m) + 19 * (z >> 255)
+        t = e * h
+        t = (t & m) + 19 * (t >> 255)
+        t = (t & m) + 19 * (t >> 255)
+    return x, y, z, t
+
+
+# ---------------------------------------------------------------- Ed25519 (RFC 8032 §5.1.5-7)
+
+class Ed25519Key:
+    """An Ed25519 private key from its 32-byte seed (RFC 8032 §5.1.5)."""
+
+    def __init__(self, seed):
+        if len(seed) != 32:
+            raise ValueError('Ed25519 seed must be 32 bytes, got %d' % len(seed))
+        h = hashlib.sha512(seed).digest()
+        self._scalar = _x25519_clamp(h[:32])  # Ed25519 prunes the first half just as X25519 clamps
+        self._prefix = h[32:]
+        self.public = _ed25519_encode(_ed25519_base_mult(self._scalar.to_bytes(32, 'little')))
+
+    def sign(self, msg):
+        """The 64-byte signature R || S of msg (RFC 8032 §5.1.6)."""
+        r = int.from_bytes(hashlib.sha512(self._prefix + msg).digest(), 'little') % _ED25519_L
+        r_enc = _ed25519_encode(_ed25519_base_mult(r.to_bytes(32, 'little')))
+        k = int.from_bytes(hashlib.sha512(r_enc + self.public + msg).digest(), 'little')
+        s = (r + k * self._scalar) % _ED25519_L
+        return r_enc + s.to_bytes(32, 'little')
+
+
+def ed25519_verify(pub, msg, sig):
+    """True iff sig is a valid Ed25519 signature of msg under pub (RFC 8032 §5.1.7).
+
+    Checks [S]B = R + [k]A without the cofactor 8, which §5.1.7 allows and OpenSSL also does.
+    """
+    if len(sig) != 64:
+        return False
+    a_pt = _ed25519_decode(pub)
+    r_pt = _ed25519_decode(sig[:32])
+    s = int.from_bytes(sig[32:], 'little')
+    if a_pt is None or r_pt is None or s >= _ED25519_L:
+        return False
+    k = int.from_bytes(hashlib.sha512(sig[:32] + pub + msg).digest(), 'little') % _ED25519_L
+    diff = _ed25519_point_add(_ed25519_base_mult(sig[32:]), _ed25519_point_neg(r_pt))
+    diff = _ed25519_point_add(diff, _ed25519_point_neg(_ed25519_scalar_mult(k, a_pt)))
+    return _ed25519_is_identity(diff)  # [S]B - R - [k]A
+
+
+# NIST P-256 and P-384: ECDH and deterministic ECDSA, in pure Python.
+#
+# Written from FIPS 186-4 (curves, ECDSA), SEC 1 v2 (point encoding, ECDH) and
+# RFC 6979 (deterministic k).  Not constant time: Python integers leak timing
+# whatever the algorithm, so the code goes for speed and simplicity instead.
+#
+# Points inside the module are Jacobian triples (X, Y, Z) standing for the
+# affine point (X/Z^2, Y/Z^3); Z == 0 is the point at infinity.  Table points
+# are affine pairs (x, y).  Both curves have a = -3, which the doubling uses.
+
+# Fixed-base window: the generator table holds, for every w-bit digit position
+# i, the multiples j * 2^(w*i) * G for j = 1 .. 2^(w-1).  A scalar then costs
+# one mixed addition per position and no doubling at all.  w = 10 keeps the
+# P-256 table at 13 312 points (~3 MB, ~0.1 s to build once per process).
+_ECP_BASE_WINDOW = 10
+# wNAF width for an arbitrary point: 8 precomputed odd multiples (P .. 15P).
+_ECP_POINT_WINDOW = 5
+
+
+class _EcpCurve:
+    """Short Weierstrass curve y^2 = x^3 - 3x + b over GF(p) with prime order n."""
+
+    def __init__(self, name, p, b, gx, gy, n, hash_name):
+        self.name = name
+        self.p = p
+        self.b = b
+        self.gx = gx
+        self.gy = gy
+        self.n = n
+        self.byte_len = (p.bit_length() + 7) // 8
+        self.hash_name = hash_name
+        self.base_table = None  # built on first use by _ecp_base_table()
+
+
+SECP256R1 = _EcpCurve(
+    'secp256r1',
+    p=0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF,
+    b=0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B,
+    gx=0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+    gy=0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5,
+    n=0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    hash_name='sha256')
+
+SECP384R1 = _EcpCurve(
+    'secp384r1',
+    p=int('FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFE'
+          'FFFFFFFF0000000000000000FFFFFFFF', 16),
+    b=int('B3312FA7E23EE7E4988E056BE3F82D19181D9C6EFE8141120314088F5013875A'
+          'C656398D8A2ED19D2A85C8EDD3EC2AEF', 16),
+    gx=int('AA87CA22BE8B05378EB1C71EF320AD746E1D3B628BA79B9859F741E082542A38'
+           '5502F25DBF55296C3A545E3872760AB7', 16),
+    gy=int('3617DE4A96262C6F5D9E98BF9292DC29F8F41DBD289A147CE9DA3113B5F0B8C0'
+           '0A60B1CE1D7E819D7A431D7C90EA0E5F', 16),
+    n=int('FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF'
+          '581A0DB248B0A77AECEC196ACCC52973', 16),
+    hash_name='sha384')
+
+
+# ---------------------------------------------------------------- point arithmetic
+#
+# Field elements are reduced with one '%' per expression rather than per
+# product: in CPython the division behind '%' costs more than a multiplication.
+
+def _ecp_double(x1, y1, z1, p):
+    """2 * (X1, Y1, Z1) in Jacobian coordinates, using a = -3.
+
+    With a = -3 the tangent slope numerator 3X^2 + aZ^4 factors as
+    3(X - Z^2)(X + Z^2), saving two multiplications.  Infinity (Z = 0)
+    doubles to infinity because Z3 = 2*Y1*Z1.
+    """
+    delta = z1 * z1 % p
+    gamma = y1 * y1 % p
+    beta = x1 * gamma % p
+    alpha = 3 * (x1 - delta) * (x1 + delta) % p
+    x3 = (alpha * alpha - 8 * beta) % p
+    y3 = (alpha * (4 * beta - x3) - 8 * gamma * gamma) % p
+    z3 = 2 * y1 * z1 % p
+    return x3, y3, z3
+
+
+def _ecp_add_affine(x1, y1, z1, x2, y2, p):
+    """(X1, Y1, Z1) + (x2, y2) with the second point affine ("mixed" addition).
+
+    Complete for our use: handles infinity on the left and the two
+    exceptional cases P == Q (doubling) and P == -Q (infinity).
+    """
+    if not z1:
+        return x2, y2, 1
+    zz = z1 * z1 % p
+    h = (x2 * zz - x1) % p          # x2*Z1^2 - X1
+    r = (y2 * zz * z1 - y1) % p     # y2*Z1^3 - Y1
+    if not h:
+        if not r:
+            return _ecp_double(x2, y2, 1, p)
+        return 0, 1, 0
+    hh = h * h % p
+    hhh = h * hh % p
+    v = x1 * hh % p
+    x3 = (r * r - hhh - 2 * v) % p
+    y3 = (r * (v - x3) - y1 * hhh) % p
+    return x3, y3, z1 * h % p
+
+
+def _ecp_to_affine(x, y, z, p):
+    """Affine (x, y) of a finite Jacobian point."""
+    zinv = pow(z, -1, p)
+    zinv2 = zinv * zinv % p
+    return x * zinv2 % p, y * zinv2 * zinv % p
+
+
+def _ecp_batch_to_affine(points, p):
+    """Affine forms of many finite Jacobian points with a single inversion.
+
+    Montgomery's trick: invert the product of all Z, then peel off each
+    1/Z_i from the back using the prefix products.
+    """
+    prefix = []
+    acc = 1
+    for _, _, z in points:
+        prefix.append(acc)
+        acc = acc * z % p
+    inv = pow(acc, -1, p)
+    out = [None] * len(points)
+    for i in range(len(points) - 1, -1, -1):
+        x, y, z = points[i]
+        zinv = inv * prefix[i] % p
+        inv = inv * z % p
+        zinv2 = zinv * zinv % p
+        out[i] = (x * zinv2 % p, y * zinv2 * zinv % p)
+    return out
+
+
+def _ecp_base_table(curve):
+    """(offset, rows): the generator table of _ECP_BASE_WINDOW, built once per curve.
+
+    rows[i][j] = j * 2^(w*i) * G (affine) for j = 1 .. 2^(w-1).  There are
+    (bits + 1) // w + 1 rows, so that k + offset < 2^(w * rows) for k < 2^bits
+    (see _ecp_mul_base for the offset).
+    """
+    if curve.base_table is None:
+        p, w = curve.p, _ECP_BASE_WINDOW
+        half = 1 << (w - 1)
+        rows = []
+        bx, by = curve.gx, curve.gy          # 2^(w*i) * G for the current row
+        for _ in range((curve.n.bit_length() + 1) // w + 1):
+            multiples = [(bx, by, 1)]
+            for _ in range(half - 1):
+                multiples.append(_ecp_add_affine(*multiples[-1], bx, by, p))
+            row = [None] + _ecp_batch_to_affine(multiples, p)
+            rows.append(row)
+            bx, by = _ecp_to_affine(*_ecp_double(*row[half], 1, p), p)
+        offset = sum(half << (w * i) for i in range(len(rows)))
+        curve.base_table = (offset, rows)
+    return curve.base_table
+
+
+def _ecp_mul_base(curve, k):
+    """k * G as a Jacobian triple, for 0 <= k < 2^(bits of n).
+
+    Signed digits halve the table: with offset = sum of 2^(w-1) * 2^(w*i),
+    the base-2^w digits u_i of k + offset give k = sum (u_i - 2^(w-1)) 2^(w*i),
+    each digit d_i = u_i - 2^(w-1) in [-2^(w-1), 2^(w-1)), and -d_i uses the
+    negated table point (x, p - y).
+
+    The mixed addition of _ecp_add_affine is written out in the loop because
+    the call costs about a sixth of the time; its exceptional cases
+    (infinity, equal x) fall back to the function.
+    """
+    p, w = curve.p, _ECP_BASE_WINDOW
+    offset, rows = _ecp_base_table(curve)
+    half = 1 << (w - 1)
+    mask = (1 << w) - 1
+    k += offset
+    x, y, z = 0, 1, 0
+    shift = 0
+    for row in rows:
+        d = (k >> shift & mask) - half
+        shift += w
+        if d > 0:
+            tx, ty = row[d]
+        elif d < 0:
+            tx, ty = row[-d]
+            ty = p - ty
+        else:
+            continue
+        if z:
+            zz = z * z % p
+            h = (tx * zz - x) % p
+            r = (ty * zz * z - y) % p
+            if h:
+                hh = h * h % p
+                hhh = h * hh % p
+                v = x * hh % p
+                x = (r * r - hhh - 2 * v) % p
+                y = (r * (v - x) - y * hhh) % p
+                z = z * h % p
+                continue
+        x, y, z = _ecp_add_affine(x, y, z, tx, ty, p)
+    return x, y, z
+
+
+def _ecp_wnaf(k, w):
+    """Width-w NAF of k, least significant first.
+
+    Every digit is 0 or odd with |d| < 2^(w-1), and a nonzero digit is
+    followed by at least w-1 zeros, so a 256-bit k needs about 256/(w+1)
+    additions.
+    """
+    full = 1 << w
+    half = full >> 1
+    digits = []
+    while k:
+        if k & 1:
+            d = k & (full - 1)
+            if d >= half:
+                d -= full
+            k -= d
+        else:
+            d = 0
+        digits.append(d)
+        k >>= 1
+    return digits
+
+
+def _ecp_mul_point(curve, k, px, py):
+    """k * (px, py) as a Jacobian triple, for an affine point of order n.
+
+    Left-to-right wNAF.  The doubling of _ecp_double is written out in the
+    loop (it runs once per bit, and the call would cost about a sixth).
+    """
+    p = curve.p
+    twice = _ecp_to_affine(*_ecp_double(px, py, 1, p), p)
+    odd = [(px, py, 1)]                  # P, 3P, 5P, ...
+    for _ in range((1 << (_ECP_POINT_WINDOW - 2)) - 1):
+        odd.append(_ecp_add_affine(*odd[-1], *twice, p))
+    odd = _ecp_batch_to_affine(odd, p)
+    x, y, z = 0, 1, 0
+    for d in reversed(_ecp_wnaf(k, _ECP_POINT_WINDOW)):
+        delta = z * z % p
+        gamma = y * y % p
+        beta = x * gamma % p
+        alpha = 3 * (x - delta) * (x + delta) % p
+        z = 2 * y * z % p
+        x = (alpha * alpha - 8 * beta) % p
+        y = (alpha * (4 * beta - x) - 8 * gamma * gamma) % p
+        if d > 0:
+            tx, ty = odd[d >> 1]
+            x, y, z = _ecp_add_affine(x, y, z, tx, ty, p)
+        elif d < 0:
+            tx, ty = odd[-d >> 1]
+            x, y, z = _ecp_add_affine(x, y, z, tx, p - ty, p)
+    return x, y, z
+
+
+# ---------------------------------------------------------------- encodings and checks
+
+def _ecp_check_scalar(curve, d):
+    if not 1 <= d < curve.n:
+        raise ValueError('%s private key out of range [1, n-1]' % curve.name)
+
+
+def _ecp_encode_point(curve, x, y):
+    """SEC 1 uncompressed encoding 0x04 || X || Y."""
+    size = curve.byte_len
+    return b'\x04' + x.to_bytes(size, 'big') + y.to_bytes(size, 'big')
+
+
+def _ecp_decode_point(curve, data):
+    """Affine (x, y) from an uncompressed point; ValueError unless valid and on the curve."""
+    size = curve.byte_len
+    if len(data) == 1 and data[0] == 0:
+        raise ValueError('%s point is the point at infinity' % curve.name)
+    if len(data) != 1 + 2 * size:
+        raise ValueError('%s point must be %d bytes, got %d' % (curve.name, 1 + 2 * size, len(data)))
+    if data[0] != 4:
+        raise ValueError('%s point is not in uncompressed form (0x04)' % curve.name)
+    p = curve.p
+    x = int.from_bytes(data[1:1 + size], 'big')
+    y = int.from_bytes(data[1 + size:], 'big')
+    if x >= p or y >= p:
+        raise ValueError('%s point coordinate is not below p' % curve.name)
+    if (y * y - x * x * x + 3 * x - curve.b) % p:
+        raise ValueError('%s point is not on the curve' % curve.name)
+    return x, y
+
+
+# ---------------------------------------------------------------- keys and ECDH
+
+def ec_public_key(curve, d):
+    """Uncompressed public point d * G."""
+    _ecp_check_scalar(curve, d)
+    x, y = _ecp_to_affine(*_ecp_mul_base(curve, d), curve.p)
+    return _ecp_encode_point(curve, x, y)
+
+
+def ec_keypair(curve):
+    """Fresh (d, uncompressed public point), d uniform in [1, n-1]."""
+    d = 1 + secrets.randbelow(curve.n - 1)
+    return d, ec_public_key(curve, d)
+
+
+def ecdh_shared(curve, d, peer_pub):
+    """SEC 1 ECDH: the x coordinate of d * peer_pub, byte_len bytes.
+
+    The result cannot be infinity: the peer point is checked to be on a
+    curve of prime order n (so it has order n) and 1 <= d < n.
+    """
+    _ecp_check_scalar(curve, d)
+    px, py = _ecp_decode_point(curve, peer_pub)
+    p = curve.p
+    x, _, z = _ecp_mul_point(curve, d, px, py)
+    zinv = pow(z, -1, p)
+    return (x * zinv * zinv % p).to_bytes(curve.byte_len, 'big')
+
+
+# ---------------------------------------------------------------- ECDSA
+
+def _ecdsa_bits2int(data, qlen):
+    """RFC 6979 bits2int (= FIPS 186-4 leftmost-bits rule): the first qlen bits as an integer."""
+    value = int.from_bytes(data, 'big')
+    extra = len(data) * 8 - qlen
+    return value >> extra if extra > 0 else value
+
+
+def _ecdsa_rfc6979_nonces(curve, d, h1):
+    """RFC 6979 section 3.2: endless stream of candidate k in [1, n-1] for key d and hash h1."""
+    n = curve.n
+    qlen = n.bit_length()
+    rlen = (qlen + 7) // 8
+    name = curve.hash_name
+    seed = d.to_bytes(rlen, 'big') + (_ecdsa_bits2int(h1, qlen) % n).to_bytes(rlen, 'big')
+    v = b'\x01' * len(h1)
+    key = b'\x00' * len(h1)
+    key = hmac.digest(key, v + b'\x00' + seed, name)
+    v = hmac.digest(key, v, name)
+    key = hmac.digest(key, v + b'\x01' + seed, name)
+    v = hmac.digest(key, v, name)
+    while True:
+        t = b''
+        while len(t) < rlen:
+            v = hmac.digest(key, v, name)
+            t += v
+        k = _ecdsa_bits2int(t, qlen)
+        if 1 <= k < n:
+            yield k
+        key = hmac.digest(key, v + b'\x00', name)
+        v = hmac.digest(key, v, name)
+
+
+def _ecdsa_der_integer(value):
+    """DER INTEGER for value > 0: minimal big-endian bytes, plus a 0 byte if the top bit is set."""
+    raw = value.to_bytes(value.bit_length() // 8 + 1, 'big')
+    return b'\x02' + bytes((len(raw),)) + raw
+
+
+def _ecdsa_der_encode(r, s):
+    """DER SEQUENCE { INTEGER r, INTEGER s }; at most 2 * (2 + 49) bytes, so short lengths suffice."""
+    body = _ecdsa_der_integer(r) + _ecdsa_der_integer(s)
+    return b'\x30' + bytes((len(body),)) + body
+
+
+def _ecdsa_der_decode(sig):
+    """(r, s) from a strictly DER-encoded signature, or None if it is not one."""
+    if len(sig) < 2 or sig[0] != 0x30 or sig[1] >= 0x80 or sig[1] != len(sig) - 2:
+        return None
+    values = []
+    pos = 2
+    for _ in range(2):
+        if pos + 2 > len(sig) or sig[pos] != 0x02:
+            return None
+        length = sig[pos + 1]
+        body = sig[pos + 2:pos + 2 + length]
+        if length == 0 or length >= 0x80 or len(body) != length:
+            return None
+        if body[0] & 0x80 or (length > 1 and body[0] == 0 and not body[1] & 0x80):
+            return None  # negative, or not minimal
+        values.append(int.from_bytes(body, 'big'))
+        pos += 2 + length
+    if pos != len(sig):
+        return None
+    return values
+
+
+class ECDSAKey:
+    """ECDSA signing key; signatures use the curve's hash and RFC 6979 nonces."""
+
+    def __init__(self, curve, d):
+        _ecp_check_scalar(curve, d)
+        self.curve = curve
+        self._d = d
+        self.public = ec_public_key(curve, d)
+
+    def sign(self, msg):
+        """DER-encoded ECDSA signature of hash(msg) (FIPS 186-4 section 6.4)."""
+        curve = self.curve
+        n, p = curve.n, curve.p
+        h1 = hashlib.new(curve.hash_name, msg).digest()
+        e = _ecdsa_bits2int(h1, n.bit_length())
+        for k in _ecdsa_rfc6979_nonces(curve, self._d, h1):
+            x, _, z = _ecp_mul_base(curve, k)     # finite: 1 <= k < n
+            zinv = pow(z, -1, p)
+            r = x * zinv * zinv % p % n
+            if r:
+                s = pow(k, -1, n) * (e + r * self._d) % n
+                if s:
+                    return _ecdsa_der_encode(r, s)
+
+
+def ecdsa_verify(curve, pub, msg, der_sig):
+    """True iff der_sig is a valid DER ECDSA signature of msg under the uncompressed point pub."""
+    try:
+        qx, qy = _ecp_decode_point(curve, pub)
+    except ValueError:
+        return False
+    rs = _ecdsa_der_decode(der_sig)
+    if rs is None:
+        return False
+    r, s = rs
+    n, p = curve.n, curve.p
+    if not (0 < r < n and 0 < s < n):
+        return False
+    e = _ecdsa_bits2int(hashlib.new(curve.hash_name, msg).digest(), n.bit_length())
+    w = pow(s, -1, n)
+    x1, y1, z1 = _ecp_mul_base(curve, e * w % n)
+    # u2 = r/s is nonzero and Q has order n, so u2*Q is finite.
+    x2, y2 = _ecp_to_affine(*_ecp_mul_point(curve, r * w % n, qx, qy), p)
+    x, _, z = _ecp_add_affine(x1, y1, z1, x2, y2, p)
+    if not z:
+        return False
+    zinv = pow(z, -1, p)
+    return x * zinv * zinv % p % n == r
+
+
+# AEAD ciphers for TLS 1.3 records: AES-GCM (FIPS 197, NIST SP 800-38D) and
+# ChaCha20-Poly1305 (RFC 8439), in pure Python.
+#
+# Pure Python pays per interpreter operation, not per bit, so both ciphers work on
+# many blocks at once inside big integers or bytes objects:
+#
+# - ChaCha20 keeps each of the 16 state words of N blocks in one big int, one
+#   64-bit lane per block (the value in the low 32 bits, the high 32 bits spare so
+#   carries never reach the next lane), and runs the 20 rounds once for all N.
+# - AES-CTR stores N counter blocks "byte-sliced": one bytes object per state byte
+#   position, holding that byte of every block.  SubBytes (with the round key
+#   folded into the table) is then one bytes.translate per position, ShiftRows is
+#   only a choice of which position to read, and MixColumns is a handful of XORs
+#   and shifts on one big int holding all 16 positions.
+#
+# Tags are compared with hmac.compare_digest, and `open` never returns or
+# computes any plaintext before the tag has been checked.
+
+class AEADError(ValueError):
+    """Authentication failed, or the sealed data / nonce has a bad length."""
+
+
+def _aead_xor(data, keystream):
+    """XOR two equal-length byte strings as big integers (one C-level pass)."""
+    n = len(data)
+    return (int.from_bytes(data, 'big') ^ int.from_bytes(keystream, 'big')).to_bytes(n, 'big')
+
+
+# ---------------------------------------------------------------- AES (FIPS 197)
+
+def _aes_make_sbox():
+    """S-box from its definition: inverse in GF(2^8) mod x^8+x^4+x^3+x+1, then the affine map."""
+    exp = [0] * 255
+    log = [0] * 256
+    v = 1
+    for i in range(255):                       # 3 = x + 1 generates the multiplicative group
+        exp[i] = v
+        log[v] = i
+        v ^= ((v << 1) ^ (0x11b if v & 0x80 else 0))
+    sbox = bytearray(256)
+    for a in range(256):
+        b = exp[(255 - log[a]) % 255] if a else 0
+        s = b
+        for shift in range(1, 5):              # b ^ rotl(b,1) ^ ... ^ rotl(b,4) == FIPS 197 eq. 5.1
+            s ^= ((b << shift) | (b >> (8 - shift))) & 0xff
+        sbox[a] = s ^ 0x63
+    return bytes(sbox)
+
+
+_AES_SBOX = _aes_make_sbox()
+_AES_BYTES_ONES = int.from_bytes(b'\x01' * 256, 'big')
+
+
+def _aes_sub_xor_table(k):
+    """256-byte translate table x -> S(x ^ k): AddRoundKey folded into SubBytes."""
+    identity = int.from_bytes(bytes(range(256)), 'big')
+    return (identity ^ (k * _AES_BYTES_ONES)).to_bytes(256, 'big').translate(_AES_SBOX)
+
+
+_AES_SUB_XOR = [_aes_sub_xor_table(k) for k in range(256)]
+
+# The byte-sliced state keeps its 16 planes in row-major order: position
+# p = 4*row + col holds AES state byte row + 4*col (FIPS 197 numbers the bytes
+# column by column).  Rows are then contiguous, so MixColumns' "next row" is a
+# rotation of the whole big int by four planes.
+_AES_PLANE_INDEX = tuple(r + 4 * c for r in range(4) for c in range(4))
+# ShiftRows: s'[r][c] = s[r][(c + r) % 4], so position 4r+c reads position
+# 4r + (c+r)%4, which holds AES byte r + 4*((c+r)%4).
+_AES_SHIFT_SRC = tuple(4 * r + (c + r) % 4 for r in range(4) for c in range(4))
+_AES_SHIFT_INDEX = tuple(r + 4 * ((c + r) % 4) for r in range(4) for c in range(4))
+_AES_RCON = (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0x1b, 0x36)
+
+
+def _aes_expand_key(key):
+    """FIPS 197 KeyExpansion -> list of Nr+1 round keys of 16 bytes."""
+    nk = len(key) // 4
+    nr = nk + 6
+    words = [key[4 * i:4 * i + 4] for i in range(nk)]
+    for i in range(nk, 4 * (nr + 1)):
+        t = words[i - 1]
+        if i % nk == 0:
+            t = (t[1:] + t[:1]).translate(_AES_SBOX)            # SubWord(RotWord(t))
+            t = bytes((t[0] ^ _AES_RCON[i // nk - 1],)) + t[1:]
+        elif nk > 6 and i % nk == 4:
+            t = t.translate(_AES_SBOX)
+        words.append(bytes(a ^ b for a, b in zip(words[i - nk], t)))
+    return [b''.join(words[4 * r:4 * r + 4]) for r in range(nr + 1)]
+
+
+class _AESSchedule:
+    """Per-key translate tables for the byte-sliced cipher (built once per key).
+
+    rounds[r][p]: SubBytes with round key r folded in, for the plane that
+    ShiftRows moves to position p (rounds followed by MixColumns).
+    final[p]: the last round, which also folds in the last round key."""
+
+    def __init__(self, key):
+        if len(key) not in (16, 32):
+            raise ValueError('AES key must be 16 or 32 bytes, got %d' % len(key))
+        round_keys = _aes_expand_key(bytes(key))
+        self.rounds = [[_AES_SUB_XOR[rk[i]] for i in _AES_SHIFT_INDEX] for rk in round_keys[:-2]]
+        last_in, last_out = round_keys[-2], round_keys[-1]
+        self.final = [
+            (int.from_bytes(_AES_SUB_XOR[last_in[i]], 'big') ^ (last_out[j] * _AES_BYTES_ONES)).to_bytes(256, 'big')
+            for i, j in zip(_AES_SHIFT_INDEX, _AES_PLANE_INDEX)]
+
+    def encrypt_planes(self, state, n):
+        """Encrypt n blocks given as 16 row-major planes of n bytes (joined into
+        `state`); return the ciphertext blocks in ordinary order (16*n bytes)."""
+        low3 = (1 << (96 * n)) - 1          # rows 1..3, which move up one row
+        low2 = (1 << (64 * n)) - 1          # rows 2..3, which move up two rows
+        top_bits = int.from_bytes(b'\x80' * (16 * n), 'big')
+        for tables in self.rounds:
+            s = int.from_bytes(b''.join(
+                [state[q * n:q * n + n].translate(t) for q, t in zip(_AES_SHIFT_SRC, tables)]), 'big')
+            # MixColumns on every column of every block at once, with rows
+            # a0..a3 of the big int: out_r = 2*(a_r ^ a_r+1) ^ (a0^a1^a2^a3) ^ a_r,
+            # which equals the FIPS 197 2*a_r ^ 3*a_r+1 ^ a_r+2 ^ a_r+3.
+            u = s ^ (((s & low3) << (32 * n)) | (s >> (96 * n)))   # a_r ^ a_r+1
+            total = u ^ (((u & low2) << (64 * n)) | (u >> (64 * n)))        # u_r ^ u_r+2
+            # xtime on every byte at once: shift each byte left without its top
+            # bit, and XOR 0x1b into the bytes whose top bit was set.
+            top = u & top_bits
+            s ^= total ^ ((u ^ top) << 1) ^ ((top >> 7) * 0x1b)
+            state = s.to_bytes(16 * n, 'big')
+        out = bytearray(16 * n)
+        for q, t, j in zip(_AES_SHIFT_SRC, self.final, _AES_PLANE_INDEX):
+            out[j::16] = state[q * n:q * n + n].translate(t)
+        return bytes(out)
+
+
+def aes_encrypt_block(key, block16):
+    """Encrypt one 16-byte block with AES-128 or AES-256 (FIPS 197 Cipher)."""
+    if len(block16) != 16:
+        raise ValueError('AES block must be 16 bytes, got %d' % len(block16))
+    block16 = bytes(block16)
+    return _AESSchedule(key).encrypt_planes(bytes(block16[i] for i in _AES_PLANE_INDEX), 1)
+
+
+# ------------------------------------------------------------ GCM (SP 800-38D)
+
+_GCM_R = 0xe1 << 120        # x^128 = x^7 + x^2 + x + 1, in GCM's reflected bit order
+
+
+def _gcm_tables(h):
+    """16 tables of 256 entries: tables[i][b] = (byte b at block position i) * H.
+
+    A GCM block is a big-endian 128-bit int whose most significant bit is the
+    coefficient of x^0, so multiplying by x is a right shift with reduction."""
+    tables = []
+    v = h
+    for _ in range(16):
+        powers = []                         # x^(8i+k) * H for the bit 0x80 >> k
+        for _ in range(8):
+            powers.append(v)
+            v = (v >> 1) ^ (_GCM_R if v & 1 else 0)
+        table = [0]
+        for k in range(7, -1, -1):          # doubling: add bit 1 << (7-k) on top of all smaller bytes
+            pk = powers[k]
+            table += [t ^ pk for t in table]
+        tables.append(table)
+    return tables
+
+
+def _gcm_ghash(tables, data):
+    """GHASH over data (a multiple of 16 bytes): Y = (Y ^ X_i) * H per block."""
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15 = tables
+    y = 0
+    for i in range(0, len(data), 16):
+        (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14,
+         b15) = (y ^ int.from_bytes(data[i:i + 16], 'big')).to_bytes(16, 'big')
+        y = (t0[b0] ^ t1[b1] ^ t2[b2] ^ t3[b3] ^ t4[b4] ^ t5[b5] ^ t6[b6] ^ t7[b7]
+             ^ t8[b8] ^ t9[b9] ^ t10[b10] ^ t11[b11] ^ t12[b12] ^ t13[b13] ^ t14[b14] ^ t15[b15])
+    return y
+
+
+def _aead_pad16(data):
+    return b'\x00' * (-len(data) % 16)
+
+
+class AESGCM:
+    """AES-128-GCM / AES-256-GCM with 12-byte nonces and 16-byte tags."""
+
+    def __init__(self, key):
+        self._aes = _AESSchedule(key)
+        h = self._aes.encrypt_planes(bytes(16), 1)
+        self._tables = _gcm_tables(int.from_bytes(h, 'big'))
+
+    def _keystream(self, nonce, nblocks):
+        """E(K, J0) followed by nblocks of CTR keystream (counters 2, 3, ...)."""
+        n = nblocks + 1
+        counters = struct.pack('>%dI' % n, *range(1, n + 1))    # J0 = nonce || 1
+        planes = [nonce[i:i + 1] * n if i < 12 else counters[i - 12::4] for i in _AES_PLANE_INDEX]
+        return self._aes.encrypt_planes(b''.join(planes), n)
+
+    def _tag(self, aad, ciphertext, mask):
+        lengths = struct.pack('>QQ', 8 * len(aad), 8 * len(ciphertext))
+        s = _gcm_ghash(self._tables, b''.join((aad, _aead_pad16(aad), ciphertext, _aead_pad16(ciphertext), lengths)))
+        return (s ^ int.from_bytes(mask, 'big')).to_bytes(16, 'big')
+
+    def seal(self, nonce, plaintext, aad):
+        if len(nonce) != 12:
+            raise ValueError('AES-GCM nonce must be 12 bytes, got %d' % len(nonce))
+        nonce, plaintext, aad = bytes(nonce), bytes(plaintext), bytes(aad)
+        if len(plaintext) > (1 << 36) - 32:
+            raise ValueError('AES-GCM plaintext too long')
+        n = len(plaintext)
+        ks = self._keystream(nonce, (n + 15) // 16)
+        ciphertext = _aead_xor(plaintext, ks[16:16 + n])
+        return ciphertext + self._tag(aad, ciphertext, ks[:16])
+
+    def open(self, nonce, data, aad):
+        if len(nonce) != 12:
+            raise AEADError('AES-GCM nonce must be 12 bytes, got %d' % len(nonce))
+        if len(data) < 16:
+            raise AEADError('AES-GCM input shorter than the tag')
+        nonce, data, aad = bytes(nonce), bytes(data), bytes(aad)
+        ciphertext, tag = data[:-16], data[-16:]
+        n = len(ciphertext)
+        ks = self._keystream(nonce, (n + 15) // 16)
+        if not hmac.compare_digest(self._tag(aad, ciphertext, ks[:16]), tag):
+            raise AEADError('AES-GCM authentication failed')
+        return _aead_xor(ciphertext, ks[16:16 + n])
+
+
+# --------------------------------------------------------- ChaCha20 (RFC 8439)
+
+_CHACHA_CONSTANTS = (0x61707865, 0x3320646e, 0x79622d32, 0x6b206574)
+# Column rounds then diagonal rounds (RFC 8439 section 2.3).
+_CHACHA_QUARTERS = ((0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15),
+                    (0, 5, 10, 15), (1, 6, 11, 12), (2, 7, 8, 13), (3, 4, 9, 14))
+
+
+def _chacha_quarter(a, b, c, d, m):
+    """RFC 8439 quarter round on every 64-bit lane at once.  Lanes hold clean
+    32-bit values; (x << n | x >> 32-n) & m is a 32-bit rotation because the
+    bits pushed out either way land in a spare upper half and are masked off."""
+    a = (a + b) & m
+    d ^= a
+    d = ((d << 16) | (d >> 16)) & m
+    c = (c + d) & m
+    b ^= c
+    b = ((b << 12) | (b >> 20)) & m
+    a = (a + b) & m
+    d ^= a
+    d = ((d << 8) | (d >> 24)) & m
+    c = (c + d) & m
+    b ^= c
+    b = ((b << 7) | (b >> 25)) & m
+    return a, b, c, d
+
+
+def _chacha20_blocks(key, nonce, counter, nblocks):
+    """Keystream blocks counter .. counter+nblocks-1 (64 bytes each)."""
+    if counter + nblocks > 1 << 32:
+        raise ValueError('ChaCha20 block counter would overflow')
+    n = nblocks
+    ones = int.from_bytes(b'\x01\x00\x00\x00\x00\x00\x00\x00' * n, 'little')    # 1 in every lane
+    m = ones * 0xffffffff
+    words = _CHACHA_CONSTANTS + struct.unpack('<8I', key) + (0,) + struct.unpack('<3I', nonce)
+    init = [w * ones for w in words]
+    init[12] = int.from_bytes(struct.pack('<%dQ' % n, *range(counter, counter + n)), 'little')
+    x = list(init)
+    for _ in range(10):
+        for a, b, c, d in _CHACHA_QUARTERS:
+            x[a], x[b], x[c], x[d] = _chacha_quarter(x[a], x[b], x[c], x[d], m)
+    # Serialize: pair words 2k, 2k+1 into one 64-bit lane per block, then copy
+    # those 8-byte lanes into their slots of each 64-byte block via 8-byte
+    # memoryviews (a plain copy, so the native byte order does not matter).
+    out = bytearray(64 * n)
+    slots = memoryview(out).cast('Q')
+    for k in range(8):
+        lo = (x[2 * k] + init[2 * k]) & m
+        hi = (x[2 * k + 1] + init[2 * k + 1]) & m
+        slots[k::8] = memoryview((lo | (hi << 32)).to_bytes(8 * n, 'little')).cast('Q')
+    return bytes(out)
+
+
+# ---------------------------------------------------------- Poly1305 (RFC 8439)
+
+_POLY1305_P = (1 << 130) - 5
+
+
+def _poly1305_mac(key32, msg):
+    """Poly1305 tag of msg under the one-time key (r || s)."""
+    p = _POLY1305_P
+    r = int.from_bytes(key32[:16], 'little') & 0x0ffffffc0ffffffc0ffffffc0fffffff
+    s = int.from_bytes(key32[16:32], 'little')
+    # Four blocks per step: acc = (acc + c1)*r^4 + c2*r^3 + c3*r^2 + c4*r, where
+    # each c_i = m_i + 2^128; the 2^128 parts are the constant `pads`.
+    r2 = r * r % p
+    r3 = r2 * r % p
+    r4 = r3 * r % p
+    pads = (r4 + r3 + r2 + r) << 128
+    acc = 0
+    full = len(msg) - len(msg) % 16
+    quad = full - full % 64
+    for i in range(0, quad, 64):
+        acc = ((acc + int.from_bytes(msg[i:i + 16], 'little')) * r4
+               + int.from_bytes(msg[i + 16:i + 32], 'little') * r3
+               + int.from_bytes(msg[i + 32:i + 48], 'little') * r2
+               + int.from_bytes(msg[i + 48:i + 64], 'little') * r + pads) % p
+    for i in range(quad, full, 16):
+        acc = (acc + int.from_bytes(msg[i:i + 16], 'little') + (1 << 128)) * r % p
+    if full < len(msg):                     # final partial block gets a 0x01 byte appended
+        acc = (acc + int.from_bytes(msg[full:] + b'\x01', 'little')) * r % p
+    return ((acc + s) & ((1 << 128) - 1)).to_bytes(16, 'little')
+
+
+class ChaCha20Poly1305:
+    """RFC 8439 AEAD_CHACHA20_POLY1305 with 12-byte nonces."""
+
+    def __init__(self, key):
+        if len(key) != 32:
+            raise ValueError('ChaCha20-Poly1305 key must be 32 bytes, got %d' % len(key))
+        self._key = bytes(key)
+
+    def _tag(self, otk, aad, ciphertext):
+        lengths = struct.pack('<QQ', len(aad), len(ciphertext))
+        return _poly1305_mac(otk, b''.join((aad, _aead_pad16(aad), ciphertext, _aead_pad16(ciphertext), lengths)))
+
+    def seal(self, nonce, plaintext, aad):
+        if len(nonce) != 12:
+            raise ValueError('ChaCha20-Poly1305 nonce must be 12 bytes, got %d' % len(nonce))
+        nonce, plaintext, aad = bytes(nonce), bytes(plaintext), bytes(aad)
+        n = len(plaintext)
+        ks = _chacha20_blocks(self._key, nonce, 0, 1 + (n + 63) // 64)    # block 0 -> Poly1305 key
+        ciphertext = _aead_xor(plaintext, ks[64:64 + n])
+        return ciphertext + self._tag(ks[:32], aad, ciphertext)
+
+    def open(self, nonce, data, aad):
+        if len(nonce) != 12:
+            raise AEADError('ChaCha20-Poly1305 nonce must be 12 bytes, got %d' % len(nonce))
+        if len(data) < 16:
+            raise AEADError('ChaCha20-Poly1305 input shorter than the tag')
+        nonce, data, aad = bytes(nonce), bytes(data), bytes(aad)
+        ciphertext, tag = data[:-16], data[-16:]
+        n = len(ciphertext)
+        ks = _chacha20_blocks(self._key, nonce, 0, 1 + (n + 63) // 64)
+        if not hmac.compare_digest(self._tag(ks[:32], aad, ciphertext), tag):
+            raise AEADError('ChaCha20-Poly1305 authentication failed')
+        return _aead_xor(ciphertext, ks[64:64 + n])
+
+
+# PEM/DER, RSA-PSS signing, private keys, certificate chains and self-signed certificates.
+#
+# Written from the specifications: X.690 (DER), RFC 7468 (PEM), RFC 8017 (RSA, PSS),
+# RFC 5208/5958 (PKCS#8), RFC 5915 (SEC1 EC keys), RFC 8410 (Ed25519 keys), RFC 5280 (X.509).
+
+# ---------------------------------------------------------------------------------------------
+# PEM (RFC 7468)
+
+def _pem_base64(label, lines):
+    try:
+        return base64.b64decode(''.join(lines), validate=True)
+    except binascii.Error as exc:
+        raise ValueError('PEM block %r has invalid base64 (%s)' % (label, exc)) from None
+
+
+def _pem_blocks(data):
+    """Every PEM block in data as (label, headers, der); headers are the RFC 1421 ones
+    ("Proc-Type: 4,ENCRYPTED") that old OpenSSL writes for encrypted keys."""
+    blocks = []
+    label = None
+    # latin-1 never fails, so explanatory text around the blocks may be in any encoding.
+    for line in data.decode('latin-1').splitlines():
+        line = line.strip()
+        if label is None:
+            if line.startswith('-----BEGIN ') and line.endswith('-----'):
+                label, headers, body = line[11:-5], {}, []
+        elif line.startswith('-----END '):
+            if line != '-----END %s-----' % label:
+                raise ValueError('PEM block %r ends with %r' % (label, line))
+            blocks.append((label, headers, _pem_base64(label, body)))
+            label = None
+        elif ':' in line and not body:  # base64 never contains ':'
+            name, _, value = line.partition(':')
+            headers[name.strip()] = value.strip()
+        elif line:
+            body.append(line)
+    if label is not None:
+        raise ValueError('PEM block %r has no END line' % label)
+    return blocks
+
+
+def pem_decode(data):
+    """All PEM blocks in data, in order, as (label, der) pairs."""
+    return [(label, der) for label, _, der in _pem_blocks(data)]
+
+
+def pem_encode(label, der):
+    text = base64.b64encode(der).decode('ascii')
+    lines = [text[i:i + 64] for i in range(0, len(text), 64)]
+    return ('-----BEGIN %s-----\n%s\n-----END %s-----\n' % (label, '\n'.join(lines), label)).encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# DER reader (X.690). Values are returned as bytes; callers check tags and field counts.
+
+def der_read(data, pos=0):
+    """The element starting at data[pos]: (tag, value, position after it)."""
+    if pos + 2 > len(data):
+        raise ValueError('malformed DER: truncated element')
+    tag, length = data[pos], data[pos + 1]
+    if tag & 0x1f == 0x1f:
+        raise ValueError('malformed DER: multi-byte tags are not supported')
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7f
+        if count == 0 or count > 4:  # 0 is BER's indefinite length; >4 bytes is absurd here
+            raise ValueError('malformed DER: unsupported length encoding')
+        if pos + count > len(data):
+            raise ValueError('malformed DER: truncated length')
+        length = int.from_bytes(data[pos:pos + count], 'big')
+        pos += count
+    end = pos + length
+    if end > len(data):
+        raise ValueError('malformed DER: element longer than its container')
+    return tag, bytes(data[pos:end]), end
+
+
+def der_decode(data, tag):
+    """The value of the one element that makes up all of data, which must have this tag."""
+    got, value, end = der_read(data)
+    if got != tag:
+        raise ValueError('malformed DER: expected tag 0x%02x, found 0x%02x' % (tag, got))
+    if end != len(data):
+        raise ValueError('malformed DER: %d bytes of trailing data' % (len(data) - end))
+    return value
+
+
+def der_children(value):
+    """The elements inside a constructed value, as a list of (tag, value)."""
+    items = []
+    pos = 0
+    while pos < len(value):
+        tag, child, pos = der_read(value, pos)
+        items.append((tag, child))
+    return items
+
+
+def der_sequence(data, min_fields, what):
+    """The fields of the SEQUENCE that is all of data; at least min_fields of them."""
+    items = der_children(der_decode(data, 0x30))
+    if len(items) < min_fields:
+        raise ValueError('malformed %s: %d fields, expected at least %d' % (what, len(items), min_fields))
+    return items
+
+
+def der_field(item, tag, what):
+    """The value of one (tag, value) field, checking its tag."""
+    if item[0] != tag:
+        raise ValueError('malformed %s: expected tag 0x%02x, found 0x%02x' % (what, tag, item[0]))
+    return item[1]
+
+
+def der_to_int(value):
+    if not value:
+        raise ValueError('malformed DER: empty INTEGER')
+    return int.from_bytes(value, 'big', signed=True)
+
+
+def der_to_oid(value):
+    """Dotted text of an OBJECT IDENTIFIER value: base-128 arcs, the first holding 40*a + b."""
+    if not value or value[-1] & 0x80:
+        raise ValueError('malformed DER: bad OBJECT IDENTIFIER')
+    arcs = []
+    acc = 0
+    for byte in value:
+        acc = (acc << 7) | (byte & 0x7f)
+        if not byte & 0x80:
+            arcs.append(acc)
+            acc = 0
+    first = min(arcs[0] // 40, 2)
+    return '.'.join(str(arc) for arc in [first, arcs[0] - 40 * first] + arcs[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# DER writer: just what keys and certificates need.
+
+def der_tlv(tag, value):
+    length = len(value)
+    if length < 0x80:
+        return bytes((tag, length)) + value
+    size = length.to_bytes((length.bit_length() + 7) // 8, 'big')
+    return bytes((tag, 0x80 | len(size))) + size + value
+
+
+def der_seq(*items):
+    return der_tlv(0x30, b''.join(items))
+
+
+def der_set(*items):
+    # DER orders the members of a SET OF by their encodings.
+    return der_tlv(0x31, b''.join(sorted(items)))
+
+
+def der_int(n):
+    """A non-negative INTEGER; the extra byte keeps the sign bit clear."""
+    return der_tlv(0x02, n.to_bytes(n.bit_length() // 8 + 1, 'big'))
+
+
+def der_oid(dotted):
+    arcs = [int(arc) for arc in dotted.split('.')]
+    body = bytearray()
+    for arc in [40 * arcs[0] + arcs[1]] + arcs[2:]:
+        chunk = [arc & 0x7f]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7f))
+            arc >>= 7
+        body += bytes(reversed(chunk))
+    return der_tlv(0x06, bytes(body))
+
+
+def der_null():
+    return b'\x05\x00'
+
+
+def der_bool(value):
+    return der_tlv(0x01, b'\xff' if value else b'\x00')
+
+
+def der_octets(data):
+    return der_tlv(0x04, data)
+
+
+def der_bits(data, unused_bits=0):
+    return der_tlv(0x03, bytes((unused_bits,)) + data)
+
+
+def der_utf8(text):
+    return der_tlv(0x0c, text.encode('utf-8'))
+
+
+def der_time(epoch_seconds):
+    """RFC 5280 4.1.2.5: UTCTime for the years 1950-2049, GeneralizedTime otherwise."""
+    t = time.gmtime(epoch_seconds)
+    if 1950 <= t.tm_year < 2050:
+        return der_tlv(0x17, time.strftime('%y%m%d%H%M%SZ', t).encode())
+    return der_tlv(0x18, time.strftime('%Y%m%d%H%M%SZ', t).encode())
+
+
+def der_explicit(number, inner):
+    """A context-specific [number] EXPLICIT wrapper."""
+    return der_tlv(0xa0 | number, inner)
+
+
+# ---------------------------------------------------------------------------------------------
+# RSA (RFC 8017)
+
+_RSA_PSS_HASHES = ('sha256', 'sha384', 'sha512')
+
+
+def _rsa_mgf1(hash_name, seed, length):
+    """MGF1 (RFC 8017 B.2.1): hashes of seed || counter, concatenated and cut to length."""
+    out = bytearray()
+    counter = 0
+    while len(out) < length:
+        out += hashlib.new(hash_name, seed + counter.to_bytes(4, 'big')).digest()
+        counter += 1
+    return bytes(out[:length])
+
+
+def _rsa_pss_encode(m_hash, em_bits, hash_name, salt):
+    """EMSA-PSS-ENCODE (RFC 8017 9.1.1) of an already hashed message."""
+    h_len = len(m_hash)
+    em_len = (em_bits + 7) // 8
+    if em_len < h_len + len(salt) + 2:
+        raise ValueError('RSA key too small for PSS with %s' % hash_name)
+    h = hashlib.new(hash_name, b'\0' * 8 + m_hash + salt).digest()
+    db = b'\0' * (em_len - len(salt) - h_len - 2) + b'\x01' + salt
+    mask = _rsa_mgf1(hash_name, h, len(db))
+    masked = int.from_bytes(db, 'big') ^ int.from_bytes(mask, 'big')
+    # Clear the top 8*emLen - emBits bits so the encoded integer is below the modulus.
+    masked &= (1 << (8 * len(db) - (8 * em_len - em_bits))) - 1
+    return masked.to_bytes(len(db), 'big') + h + b'\xbc'
+
+
+class RSAKey:
+    """An RSA private key that makes RSASSA-PSS signatures (RFC 8017 8.1)."""
+
+    def __init__(self, n, e, d, p, q):
+        if p * q != n:
+            raise ValueError('RSA key is inconsistent: p*q is not the modulus')
+        if (e * d) % (p - 1) != 1 or (e * d) % (q - 1) != 1:
+            raise ValueError('RSA key is inconsistent: d is not the inverse of e')
+        self.n, self.e, self.p, self.q = n, e, p, q
+        self.bits = n.bit_length()
+        # CRT form (RFC 8017 3.2): two half-size exponentiations are about 3x faster than one.
+        self.dp = d % (p - 1)
+        self.dq = d % (q - 1)
+        self.qinv = pow(q, -1, p)
+
+    def _rsasp1(self, m):
+        """RSASP1 (RFC 8017 5.2.1) with the CRT, blinded with a fresh random r: the secret
+        exponentiations work on r^e * m, so their timing says nothing about m."""
+        n, p, q = self.n, self.p, self.q
+        r = secrets.randbelow(n - 2) + 2  # not invertible only if it shares a factor with n: negligible
+        blinded = pow(r, self.e, n) * m % n
+        s1 = pow(blinded % p, self.dp, p)
+        s2 = pow(blinded % q, self.dq, q)
+        s = s2 + (self.qinv * (s1 - s2) % p) * q
+        return s * pow(r, -1, n) % n
+
+    def sign_pss(self, msg, hash_name):
+        """RSASSA-PSS-SIGN with MGF1 of the same hash and a random salt as long as the hash."""
+        if hash_name not in _RSA_PSS_HASHES:
+            raise ValueError('unsupported PSS hash %r' % hash_name)
+        m_hash = hashlib.new(hash_name, msg).digest()
+        em = _rsa_pss_encode(m_hash, self.bits - 1, hash_name, secrets.token_bytes(len(m_hash)))
+        m = int.from_bytes(em, 'big')
+        s = self._rsasp1(m)
+        # A fault in one CRT half would reveal a factor of n from the signature (the Bellcore
+        # attack), so check it with the public exponent before it leaves.
+        if pow(s, self.e, self.n) != m:
+            raise RuntimeError('RSA signature failed its self-check; not releasing it')
+        return s.to_bytes((self.bits + 7) // 8, 'big')
+
+
+# ---------------------------------------------------------------------------------------------
+# Private keys
+
+_PKI_OID_RSA = '1.2.840.113549.1.1.1'
+_PKI_OID_EC = '1.2.840.10045.2.1'
+_PKI_OID_ED25519 = '1.3.101.112'
+_PKI_OID_P256 = '1.2.840.10045.3.1.7'
+_PKI_OID_P384 = '1.3.132.0.34'
+
+# Names for OIDs we refuse, so the error says what the file holds.
+_PKI_OID_NAMES = {
+    '1.2.840.113549.1.1.10': 'RSASSA-PSS', '1.2.840.10040.4.1': 'DSA', '1.2.840.10046.2.1': 'DH',
+    '1.3.101.110': 'X25519', '1.3.101.111': 'X448', '1.3.101.113': 'Ed448',
+    '1.3.132.0.35': 'secp521r1', '1.3.132.0.10': 'secp256k1', '1.3.132.0.33': 'secp224r1',
+    '1.2.840.10045.3.1.1': 'prime192v1',
+}
+
+_PKI_EC_CURVES = {  # named-curve OID -> (PrivateKey kind, curve)
+    _PKI_OID_P256: ('ecdsa-p256', SECP256R1),
+    _PKI_OID_P384: ('ecdsa-p384', SECP384R1),
+}
+
+_PKI_KINDS = {  # kind -> (description, TLS 1.3 SignatureSchemes, preferred first)
+    'rsa': ('RSA', [0x0804, 0x0805, 0x0806]),
+    'ecdsa-p256': ('ECDSA P-256', [0x0403]),
+    'ecdsa-p384': ('ECDSA P-384', [0x0503]),
+    'ed25519': ('Ed25519', [0x0807]),
+}
+
+_PKI_RSA_SCHEME_HASH = {0x0804: 'sha256', 0x0805: 'sha384', 0x0806: 'sha512'}
+
+_PKI_SUPPORTED_KEYS = ('supported: PRIVATE KEY (PKCS#8: RSA, EC P-256/P-384, Ed25519), '
+                       'RSA PRIVATE KEY (PKCS#1), EC PRIVATE KEY (SEC1)')
+
+
+def _pki_oid_name(oid):
+    name = _PKI_OID_NAMES.get(oid)
+    return '%s (OID %s)' % (name, oid) if name else 'OID %s' % oid
+
+
+class PrivateKey:
+    """A private key of any supported kind, with what the TLS 1.3 handshake needs from it."""
+
+    def __init__(self, kind, key):
+        self.kind = kind
+        self.key = key  # RSAKey, ECDSAKey or Ed25519Key
+        self.description, schemes = _PKI_KINDS[kind]
+        self.signature_schemes = list(schemes)
+        if kind == 'rsa':
+            self.description = 'RSA-%d' % key.bits
+
+    def sign(self, scheme, message):
+        """The signature of message under TLS SignatureScheme `scheme`."""
+        if scheme not in self.signature_schemes:
+            raise ValueError('a %s key cannot make signature scheme 0x%04x' % (self.description, scheme))
+        if self.kind == 'rsa':
+            return self.key.sign_pss(message, _PKI_RSA_SCHEME_HASH[scheme])
+        return self.key.sign(message)
+
+    def spki_der(self):
+        """SubjectPublicKeyInfo (RFC 5280 4.1.2.7) of the public key."""
+        if self.kind == 'rsa':
+            algorithm = der_seq(der_oid(_PKI_OID_RSA), der_null())
+            public = der_seq(der_int(self.key.n), der_int(self.key.e))
+        elif self.kind == 'ed25519':
+            algorithm = der_seq(der_oid(_PKI_OID_ED25519))
+            public = self.key.public
+        else:
+            curve_oid = _PKI_OID_P256 if self.kind == 'ecdsa-p256' else _PKI_OID_P384
+            algorithm = der_seq(der_oid(_PKI_OID_EC), der_oid(curve_oid))
+            public = self.key.public
+        return der_seq(algorithm, der_bits(public))
+
+
+def _pki_rsa_private_key(der):
+    """RSAPrivateKey (RFC 8017 A.1.2), the 'RSA PRIVATE KEY' PEM body."""
+    fields = der_sequence(der, 9, 'RSA private key')
+    version, n, e, d, p, q = [der_to_int(der_field(f, 0x02, 'RSA private key')) for f in fields[:6]]
+    if version != 0:
+        raise ValueError('multi-prime RSA keys are not supported')
+    if not 2048 <= n.bit_length() <= 4096:
+        raise ValueError('RSA key of %d bits is not supported; use 2048 to 4096 bits' % n.bit_length())
+    return PrivateKey('rsa', RSAKey(n, e, d, p, q))
+
+
+def _pki_ec_compress(point):
+    """A public point in compressed form (SEC1 2.3.3), so that both forms compare equal."""
+    if point[:1] in (b'\x02', b'\x03'):
+        return point
+    if point[:1] != b'\x04' or len(point) % 2 != 1:
+        raise ValueError('unsupported EC point encoding')
+    half = (len(point) - 1) // 2
+    return bytes((2 | point[-1] & 1,)) + point[1:1 + half]
+
+
+def _pki_named_curve(item):
+    """The curve OID from an ECParameters (tag, value), refusing spelled-out curves."""
+    if item[0] != 0x06:
+        raise ValueError('EC keys with explicit curve parameters are not supported; use a named curve')
+    return der_to_oid(item[1])
+
+
+def _pki_ec_private_key(der, curve_oid=None):
+    """ECPrivateKey (RFC 5915), the 'EC PRIVATE KEY' PEM body; PKCS#8 passes the curve."""
+    fields = der_sequence(der, 2, 'EC private key')
+    if der_to_int(der_field(fields[0], 0x02, 'EC private key')) != 1:
+        raise ValueError('malformed EC private key: version is not 1')
+    d = int.from_bytes(der_field(fields[1], 0x04, 'EC private key'), 'big')
+    public = None
+    for tag, value in fields[2:]:
+        if tag == 0xa0:
+            named = _pki_named_curve(der_read(value)[:2])
+            if curve_oid is not None and named != curve_oid:
+                raise ValueError('EC private key names two different curves')
+            curve_oid = named
+        elif tag == 0xa1:
+            public = der_decode(value, 0x03)[1:]
+    if curve_oid is None:
+        raise ValueError('EC private key does not name its curve')
+    if curve_oid not in _PKI_EC_CURVES:
+        raise ValueError('unsupported EC curve %s; supported: P-256 (prime256v1), P-384 (secp384r1)'
+                         % _pki_oid_name(curve_oid))
+    kind, curve = _PKI_EC_CURVES[curve_oid]
+    if not 1 <= d < curve.n:
+        raise ValueError('EC private key is out of range')
+    key = ECDSAKey(curve, d)
+    if public is not None and _pki_ec_compress(public) != _pki_ec_compress(key.public):
+        raise ValueError('EC private key is inconsistent: stored public key does not match')
+    return PrivateKey(kind, key)
+
+
+def _pki_ed25519_private_key(inner, extra_fields):
+    """RFC 8410 7: CurvePrivateKey is an OCTET STRING holding the 32-byte seed."""
+    seed = der_decode(inner, 0x04)
+    if len(seed) != 32:
+        raise ValueError('malformed Ed25519 private key: seed is %d bytes, not 32' % len(seed))
+    key = Ed25519Key(seed)
+    for tag, value in extra_fields:  # RFC 5958 publicKey [1] IMPLICIT BIT STRING
+        if tag == 0x81 and value[1:] != key.public:
+            raise ValueError('Ed25519 private key is inconsistent: stored public key does not match')
+    return PrivateKey('ed25519', key)
+
+
+def _pki_pkcs8_private_key(der):
+    """OneAsymmetricKey (RFC 5958; PrivateKeyInfo of RFC 5208), the 'PRIVATE KEY' PEM body."""
+    fields = der_sequence(der, 3, 'PKCS#8 private key')
+    algorithm = der_children(der_field(fields[1], 0x30, 'PKCS#8 private key'))
+    if not algorithm:
+        raise ValueError('malformed PKCS#8 private key: empty algorithm')
+    oid = der_to_oid(der_field(algorithm[0], 0x06, 'PKCS#8 algorithm'))
+    inner = der_field(fields[2], 0x04, 'PKCS#8 private key')
+    if oid == _PKI_OID_RSA:
+        return _pki_rsa_private_key(inner)
+    if oid == _PKI_OID_EC:
+        if len(algorithm) < 2:
+            raise ValueError('PKCS#8 EC private key does not name its curve')
+        return _pki_ec_private_key(inner, _pki_named_curve(algorithm[1]))
+    if oid == _PKI_OID_ED25519:
+        return _pki_ed25519_private_key(inner, fields[3:])
+    raise ValueError('unsupported key algorithm %s; supported: RSA, EC P-256/P-384, Ed25519'
+                     % _pki_oid_name(oid))
+
+
+_PKI_KEY_PARSERS = {
+    'PRIVATE KEY': _pki_pkcs8_private_key,
+    'RSA PRIVATE KEY': _pki_rsa_private_key,
+    'EC PRIVATE KEY': _pki_ec_private_key,
+}
+
+
+def load_private_key(pem):
+    """The first private key in PEM data; ValueError with one line saying what is wrong."""
+    blocks = _pem_blocks(pem)
+    if not blocks:
+        raise ValueError('no PEM block found in the key file (convert a DER key with: openssl pkey '
+                         '-inform DER -in key.der -out key.pem); ' + _PKI_SUPPORTED_KEYS)
+    for label, headers, der in blocks:
+        if label == 'ENCRYPTED PRIVATE KEY' or 'ENCRYPTED' in headers.get('Proc-Type', ''):
+            raise ValueError('the private key is encrypted; decrypt it first with: '
+                             'openssl pkey -in key.pem -out plain.pem')
+        parse = _PKI_KEY_PARSERS.get(label)
+        if parse:
+            try:
+                return parse(der)
+            except ValueError as exc:
+                raise ValueError('cannot load the %s block: %s' % (label, exc)) from None
+    labels = [label for label, _, _ in blocks]
+    if 'CERTIFICATE' in labels:
+        raise ValueError('found a certificate where a private key was expected (PEM blocks: %s); %s'
+                         % (', '.join(labels), _PKI_SUPPORTED_KEYS))
+    raise ValueError('no private key in the key file (PEM blocks: %s); %s'
+                     % (', '.join(labels), _PKI_SUPPORTED_KEYS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Certificates (RFC 5280)
+
+def _pki_cert_spki(cert_der):
+    """The subjectPublicKeyInfo value from Certificate -> tbsCertificate."""
+    cert = der_sequence(cert_der, 3, 'certificate')
+    tbs = der_children(der_field(cert[0], 0x30, 'certificate'))
+    # The version is [0] EXPLICIT and absent in v1 certificates; then come serialNumber,
+    # signature, issuer, validity, subject and subjectPublicKeyInfo.
+    index = 6 if tbs and tbs[0][0] == 0xa0 else 5
+    if len(tbs) <= index:
+        raise ValueError('malformed certificate: tbsCertificate is too short')
+    return der_field(tbs[index], 0x30, 'subjectPublicKeyInfo')
+
+
+def _pki_spki_identity(spki_value):
+    """(description, normalised public key) of a SubjectPublicKeyInfo value, so that different
+    encodings of one key (NULL parameters or not, compressed points) compare equal."""
+    fields = der_children(spki_value)
+    if len(fields) != 2:
+        raise ValueError('malformed subjectPublicKeyInfo')
+    algorithm = der_children(der_field(fields[0], 0x30, 'subjectPublicKeyInfo'))
+    oid = der_to_oid(der_field(algorithm[0], 0x06, 'subjectPublicKeyInfo')) if algorithm else ''
+    bits = der_field(fields[1], 0x03, 'subjectPublicKeyInfo')
+    if bits[:1] != b'\0':
+        raise ValueError('malformed subjectPublicKeyInfo: key is not whole bytes')
+    public = bits[1:]
+    if oid == _PKI_OID_RSA:
+        rsa = der_sequence(public, 2, 'RSA public key')
+        n, e = [der_to_int(der_field(f, 0x02, 'RSA public key')) for f in rsa[:2]]
+        return 'RSA-%d' % n.bit_length(), ('rsa', n, e)
+    if oid == _PKI_OID_EC and len(algorithm) == 2:
+        curve_oid = _pki_named_curve(algorithm[1])
+        if curve_oid in _PKI_EC_CURVES:
+            description = _PKI_KINDS[_PKI_EC_CURVES[curve_oid][0]][0]
+        else:
+            description = 'ECDSA ' + _pki_oid_name(curve_oid)
+        return description, ('ec', curve_oid, _pki_ec_compress(public))
+    if oid == _PKI_OID_ED25519:
+        return 'Ed25519', ('ed25519', public)
+    return _pki_oid_name(oid), ('other', oid)
+
+
+def load_cert_chain(pem):
+    """The DER of every CERTIFICATE block in pem, in file order (leaf first)."""
+    blocks = pem_decode(pem)
+    certs = [der for label, der in blocks if label == 'CERTIFICATE']
+    if not certs:
+        labels = ', '.join(label for label, _ in blocks) or 'none'
+        raise ValueError('no CERTIFICATE block in the certificate file (PEM blocks: %s)' % labels)
+    for number, cert in enumerate(certs, 1):
+        try:
+            _pki_spki_identity(_pki_cert_spki(cert))
+        except ValueError as exc:
+            raise ValueError('certificate %d in the chain is malformed: %s' % (number, exc)) from None
+    return certs
+
+
+def check_key_matches_cert(key, cert_der):
+    """ValueError unless the certificate's public key is the private key's."""
+    cert_desc, cert_id = _pki_spki_identity(_pki_cert_spki(cert_der))
+    key_id = _pki_spki_identity(der_decode(key.spki_der(), 0x30))[1]
+    if cert_id != key_id:
+        raise ValueError('private key does not match the certificate (key: %s, certificate: %s)'
+                         % (key.description, cert_desc))
+
+
+_PKI_OID_ECDSA_SHA256 = '1.2.840.10045.4.3.2'
+_PKI_OID_COMMON_NAME = '2.5.4.3'
+_PKI_OID_SERVER_AUTH = '1.3.6.1.5.5.7.3.1'
+
+
+def _pki_extension(oid, critical, value):
+    """Extension ::= SEQUENCE { extnID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }"""
+    flag = der_bool(True) if critical else b''  # DER leaves out a DEFAULT value
+    return der_seq(der_oid(oid), flag, der_octets(value))
+
+
+def _pki_subject_alt_name(hosts):
+    """GeneralNames: IP literals as iPAddress [7], everything else as dNSName [2]."""
+    names = []
+    for host in hosts:
+        try:
+            names.append(der_tlv(0x87, ipaddress.ip_address(host).packed))
+        except ValueError:
+            names.append(der_tlv(0x82, host.encode('ascii')))
+    return der_seq(*names)
+
+
+def make_self_signed(hosts=('localhost', '127.0.0.1', '::1'), days=365):
+    """A fresh ECDSA P-256 key and a self-signed X.509 v3 certificate for hosts: (PrivateKey, DER).
+
+    It is its own CA (basicConstraints cA, keyCertSign) so clients can trust it directly
+    with e.g. `curl --cacert` or `openssl verify -CAfile`."""
+    key = PrivateKey('ecdsa-p256', ECDSAKey(SECP256R1, ec_keypair(SECP256R1)[0]))
+    name = der_seq(der_set(der_seq(der_oid(_PKI_OID_COMMON_NAME), der_utf8('tarweb.py self-signed'))))
+    now = int(time.time())
+    validity = der_seq(der_time(now - 86400), der_time(now + days * 86400))  # a day of clock skew
+    key_id = hashlib.sha1(key.key.public).digest()  # RFC 5280 4.2.1.2, method (1)
+    extensions = der_seq(
+        _pki_extension('2.5.29.19', True, der_seq(der_bool(True))),  # basicConstraints: cA
+        # keyUsage: digitalSignature (bit 0) and keyCertSign (bit 5) = 1000 01xx, 2 unused bits
+        _pki_extension('2.5.29.15', True, der_bits(b'\x84', 2)),
+        _pki_extension('2.5.29.37', False, der_seq(der_oid(_PKI_OID_SERVER_AUTH))),
+        _pki_extension('2.5.29.17', False, _pki_subject_alt_name(hosts)),
+        _pki_extension('2.5.29.14', False, der_octets(key_id)),
+        _pki_extension('2.5.29.35', False, der_seq(der_tlv(0x80, key_id))),  # keyIdentifier [0]
+    )
+    # 126 random bits plus a set top bit: positive, non-zero and exactly 16 bytes of INTEGER.
+    serial = secrets.randbits(126) | 1 << 126
+    signature_algorithm = der_seq(der_oid(_PKI_OID_ECDSA_SHA256))  # parameters absent (RFC 5758)
+    tbs = der_seq(der_explicit(0, der_int(2)), der_int(serial), signature_algorithm, name, validity,
+                  name, key.spki_der(), der_explicit(3, extensions))
+    cert = der_seq(tbs, signature_algorithm, der_bits(key.sign(0x0403, tbs)))
+    return key, cert
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. TLS 1.3: server handshake state machine, record layer, kTLS hand-off
+# ---------------------------------------------------------------------------------------------
+
+# TLS 1.3 server side from RFC 8446: HKDF (RFC 5869), the key schedule, a server handshake
+# state machine (bytes in -> bytes out, no I/O) and a userspace record layer for afterwards.
+#
+# The server offers no PSK, no session tickets, no client authentication and never accepts 0-RTT.
+
+# ---------------------------------------------------------------------------------------------
+# HKDF (RFC 5869) and the TLS 1.3 key schedule (RFC 8446 §7)
+# ---------------------------------------------------------------------------------------------
+
+_TLS_HASH_LEN = {'sha256': 32, 'sha384': 48}
+
+
+def _tls_hash_len(hash_name):
+    length = _TLS_HASH_LEN.get(hash_name)
+    if length is None:
+        length = _TLS_HASH_LEN[hash_name] = hashlib.new(hash_name).digest_size
+    return length
+
+
+def hkdf_extract(hash_name, salt, ikm):
+    """HKDF-Extract: PRK = HMAC-Hash(salt, IKM); an empty salt means HashLen zero bytes."""
+    if not salt:
+        salt = bytes(_tls_hash_len(hash_name))
+    return hmac.digest(salt, ikm, hash_name)
+
+
+def hkdf_expand(hash_name, prk, info, length):
+    """HKDF-Expand: T(i) = HMAC-Hash(PRK, T(i-1) | info | i), output truncated to length."""
+    if length > 255 * _tls_hash_len(hash_name):
+        raise ValueError('HKDF-Expand: length %d is more than 255 hash blocks' % length)
+    blocks = []
+    block = b''
+    produced = 0
+    counter = 1
+    while produced < length:
+        block = hmac.digest(prk, block + info + bytes([counter]), hash_name)
+        blocks.append(block)
+        produced += len(block)
+        counter += 1
+    return b''.join(blocks)[:length]
+
+
+def hkdf_expand_label(hash_name, secret, label, context, length):
+    """HKDF-Expand-Label (RFC 8446 §7.1): info is the HkdfLabel struct with the 'tls13 ' prefix."""
+    full_label = b'tls13 ' + label
+    info = (struct.pack('>HB', length, len(full_label)) + full_label
+            + bytes([len(context)]) + context)
+    return hkdf_expand(hash_name, secret, info, length)
+
+
+def derive_secret(hash_name, secret, label, transcript_hash):
+    """Derive-Secret (RFC 8446 §7.1), taking the transcript hash already computed."""
+    return hkdf_expand_label(hash_name, secret, label, transcript_hash, _tls_hash_len(hash_name))
+
+
+_TLS_DERIVED_FROM_EARLY = {}
+
+
+def _tls13_derived_from_early(hash_name):
+    """Derive-Secret(Early Secret, "derived", "") without a PSK: a constant per hash, cached."""
+    derived = _TLS_DERIVED_FROM_EARLY.get(hash_name)
+    if derived is None:
+        zeros = bytes(_tls_hash_len(hash_name))
+        early_secret = hkdf_extract(hash_name, zeros, zeros)
+        empty_hash = hashlib.new(hash_name).digest()
+        derived = derive_secret(hash_name, early_secret, b'derived', empty_hash)
+        _TLS_DERIVED_FROM_EARLY[hash_name] = derived
+    return derived
+
+
+def _tls13_handshake_secrets(hash_name, shared_secret, hello_hash):
+    """Handshake Secret and the client/server handshake traffic secrets (transcript CH..SH)."""
+    handshake_secret = hkdf_extract(hash_name, _tls13_derived_from_early(hash_name), shared_secret)
+    client = derive_secret(hash_name, handshake_secret, b'c hs traffic', hello_hash)
+    server = derive_secret(hash_name, handshake_secret, b's hs traffic', hello_hash)
+    return handshake_secret, client, server
+
+
+def _tls13_application_secrets(hash_name, handshake_secret, server_finished_hash):
+    """Master Secret and the first client/server application traffic secrets (CH..server Finished)."""
+    empty_hash = hashlib.new(hash_name).digest()
+    salt = derive_secret(hash_name, handshake_secret, b'derived', empty_hash)
+    master_secret = hkdf_extract(hash_name, salt, bytes(_tls_hash_len(hash_name)))
+    client = derive_secret(hash_name, master_secret, b'c ap traffic', server_finished_hash)
+    server = derive_secret(hash_name, master_secret, b's ap traffic', server_finished_hash)
+    return master_secret, client, server
+
+
+def _tls13_finished_mac(hash_name, base_secret, transcript_hash):
+    """Finished verify_data (RFC 8446 §4.4.4): HMAC(finished_key, transcript hash)."""
+    finished_key = hkdf_expand_label(hash_name, base_secret, b'finished', b'',
+                                     _tls_hash_len(hash_name))
+    return hmac.digest(finished_key, transcript_hash, hash_name)
+
+
+def _tls13_next_traffic_secret(hash_name, secret):
+    """application_traffic_secret_N+1 after a KeyUpdate (RFC 8446 §7.2)."""
+    return hkdf_expand_label(hash_name, secret, b'traffic upd', b'', _tls_hash_len(hash_name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol constants
+# ---------------------------------------------------------------------------------------------
+
+_TLS_CT_CHANGE_CIPHER_SPEC = 20
+_TLS_CT_ALERT = 21
+_TLS_CT_HANDSHAKE = 22
+_TLS_CT_APPLICATION_DATA = 23
+
+_TLS_HS_CLIENT_HELLO = 1
+_TLS_HS_SERVER_HELLO = 2
+_TLS_HS_NEW_SESSION_TICKET = 4
+_TLS_HS_ENCRYPTED_EXTENSIONS = 8
+_TLS_HS_CERTIFICATE = 11
+_TLS_HS_CERTIFICATE_VERIFY = 15
+_TLS_HS_FINISHED = 20
+_TLS_HS_KEY_UPDATE = 24
+_TLS_HS_MESSAGE_HASH = 254
+
+_TLS_EXT_SERVER_NAME = 0
+_TLS_EXT_SUPPORTED_GROUPS = 10
+_TLS_EXT_SIGNATURE_ALGORITHMS = 13
+_TLS_EXT_ALPN = 16
+_TLS_EXT_PRE_SHARED_KEY = 41
+_TLS_EXT_EARLY_DATA = 42
+_TLS_EXT_SUPPORTED_VERSIONS = 43
+_TLS_EXT_PSK_KEY_EXCHANGE_MODES = 45
+_TLS_EXT_KEY_SHARE = 51
+
+_TLS_ALERT_CLOSE_NOTIFY = 0
+_TLS_ALERT_UNEXPECTED_MESSAGE = 10
+_TLS_ALERT_BAD_RECORD_MAC = 20
+_TLS_ALERT_RECORD_OVERFLOW = 22
+_TLS_ALERT_HANDSHAKE_FAILURE = 40
+_TLS_ALERT_ILLEGAL_PARAMETER = 47
+_TLS_ALERT_DECODE_ERROR = 50
+_TLS_ALERT_DECRYPT_ERROR = 51
+_TLS_ALERT_PROTOCOL_VERSION = 70
+_TLS_ALERT_INTERNAL_ERROR = 80
+_TLS_ALERT_USER_CANCELED = 90
+_TLS_ALERT_MISSING_EXTENSION = 109
+_TLS_ALERT_NO_APPLICATION_PROTOCOL = 120
+
+_TLS_ALERT_NAMES = {
+    0: 'close_notify', 10: 'unexpected_message', 20: 'bad_record_mac', 22: 'record_overflow',
+    40: 'handshake_failure', 42: 'bad_certificate', 43: 'unsupported_certificate',
+    44: 'certificate_revoked', 45: 'certificate_expired', 46: 'certificate_unknown',
+    47: 'illegal_parameter', 48: 'unknown_ca', 49: 'access_denied', 50: 'decode_error',
+    51: 'decrypt_error', 70: 'protocol_version', 71: 'insufficient_security',
+    80: 'internal_error', 86: 'inappropriate_fallback', 90: 'user_canceled',
+    109: 'missing_extension', 110: 'unsupported_extension', 112: 'unrecognized_name',
+    113: 'bad_certificate_status_response', 115: 'unknown_psk_identity',
+    116: 'certificate_required', 120: 'no_application_protocol',
+}
+
+TLS_AES_128_GCM_SHA256 = 0x1301
+TLS_AES_256_GCM_SHA384 = 0x1302
+TLS_CHACHA20_POLY1305_SHA256 = 0x1303
+
+# cipher suite -> (transcript/HKDF hash, AEAD key length, AEAD class)
+_TLS_SUITES = {
+    TLS_AES_128_GCM_SHA256: ('sha256', 16, AESGCM),
+    TLS_AES_256_GCM_SHA384: ('sha384', 32, AESGCM),
+    TLS_CHACHA20_POLY1305_SHA256: ('sha256', 32, ChaCha20Poly1305),
+}
+
+TLS_GROUP_X25519 = 0x001d
+TLS_GROUP_SECP256R1 = 0x0017
+_TLS_GROUP_PREFERENCE = (TLS_GROUP_X25519, TLS_GROUP_SECP256R1)
+
+_TLS_VERSION_13 = 0x0304
+_TLS_LEGACY_VERSION = 0x0303
+
+_TLS_MAX_PLAINTEXT = 1 << 14                 # §5.1
+_TLS_MAX_INNER_PLAINTEXT = (1 << 14) + 1     # content + inner content type, §5.2
+_TLS_MAX_CIPHERTEXT = (1 << 14) + 256        # §5.2
+_TLS_AEAD_TAG_LEN = 16                       # all three suites
+# Largest handshake message we buffer. Real ClientHellos are a few KB even with post-quantum
+# key shares; this bounds memory per connection.
+_TLS_MAX_HANDSHAKE_MESSAGE = 1 << 16
+# We never accept 0-RTT, so a client that sends it anyway has its records skipped (§4.2.10).
+# We never issued a max_early_data_size, so the skipping budget is our own choice.
+_TLS_MAX_EARLY_DATA_SKIP = 1 << 16
+
+# ServerHello.random of a HelloRetryRequest: SHA-256("HelloRetryRequest"), §4.1.3.
+_TLS_HRR_RANDOM = hashlib.sha256(b'HelloRetryRequest').digest()
+# §4.4.3: 64 spaces, the context string and a zero byte precede the transcript hash.
+_TLS_CERT_VERIFY_PREFIX = b' ' * 64 + b'TLS 1.3, server CertificateVerify\x00'
+_TLS_CCS_RECORD = b'\x14\x03\x03\x00\x01\x01'
+
+
+class _TLSFatal(Exception):
+    """A fatal protocol error: alert is the code to send (None when the peer's alert ended it)."""
+
+    def __init__(self, alert, message):
+        Exception.__init__(self, message)
+        self.alert = alert
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte-level helpers
+# ---------------------------------------------------------------------------------------------
+
+class _TLSReader:
+    """Strict cursor over a byte string: any overrun or length-range violation is decode_error."""
+
+    __slots__ = ('data', 'pos', 'what')
+
+    def __init__(self, data, what):
+        self.data = data
+        self.pos = 0
+        self.what = what
+
+    def _fail(self, detail):
+        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, '%s: %s' % (self.what, detail))
+
+    def take(self, n):
+        end = self.pos + n
+        if end > len(self.data):
+            self._fail('truncated')
+        chunk = self.data[self.pos:end]
+        self.pos = end
+        return chunk
+
+    def uint(self, size):
+        return int.from_bytes(self.take(size), 'big')
+
+    def vector(self, len_size, min_len, max_len):
+        """A <min..max> vector whose length prefix is len_size bytes."""
+        length = self.uint(len_size)
+        if length < min_len or length > max_len:
+            self._fail('vector length %d outside %d..%d' % (length, min_len, max_len))
+        return self.take(length)
+
+    def at_end(self):
+        return self.pos == len(self.data)
+
+    def expect_end(self):
+        if self.pos != len(self.data):
+            self._fail('%d trailing bytes' % (len(self.data) - self.pos))
+
+
+def _tls_uint16_list(data, len_size, min_len, max_len, what):
+    """Parse a vector of uint16 values (groups, signature schemes, versions)."""
+    reader = _TLSReader(data, what)
+    body = reader.vector(len_size, min_len, max_len)
+    reader.expect_end()
+    if len(body) % 2:
+        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, '%s: odd length' % what)
+    return [int.from_bytes(body[i:i + 2], 'big') for i in range(0, len(body), 2)]
+
+
+def _tls_vec8(data):
+    return bytes([len(data)]) + data
+
+
+def _tls_vec16(data):
+    return struct.pack('>H', len(data)) + data
+
+
+def _tls_vec24(data):
+    return len(data).to_bytes(3, 'big') + data
+
+
+def _tls_extension(ext_type, data):
+    return struct.pack('>HH', ext_type, len(data)) + data
+
+
+def _tls_handshake_message(msg_type, body):
+    return bytes([msg_type]) + _tls_vec24(body)
+
+
+def _tls_plaintext_records(content_type, data):
+    """TLSPlaintext records (§5.1) carrying data, at most 2^14 bytes each."""
+    records = []
+    for start in range(0, len(data), _TLS_MAX_PLAINTEXT):
+        fragment = data[start:start + _TLS_MAX_PLAINTEXT]
+        records.append(struct.pack('>BHH', content_type, _TLS_LEGACY_VERSION, len(fragment)) + fragment)
+    return b''.join(records)
+
+
+def _tls_alert_name(code):
+    return '%s(%d)' % (_TLS_ALERT_NAMES.get(code, 'unknown'), code)
+
+
+def _tls_next_record(buf, pos):
+    """The complete record at buf[pos:] as (type, header, body, next_pos), or None if incomplete.
+
+    The content type is checked as soon as its byte is there, so that a non-TLS peer (say a
+    plain-HTTP request on the TLS port) is rejected without waiting for more bytes.
+    """
+    available = len(buf) - pos
+    if available < 1:
+        return None
+    content_type = buf[pos]
+    if not _TLS_CT_CHANGE_CIPHER_SPEC <= content_type <= _TLS_CT_APPLICATION_DATA:
+        raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
+                        'not a TLS record (content type %d)' % content_type)
+    if available < 5:
+        return None
+    length = (buf[pos + 3] << 8) | buf[pos + 4]
+    if length > _TLS_MAX_CIPHERTEXT:
+        raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, 'record of %d bytes' % length)
+    end = pos + 5 + length
+    if len(buf) < end:
+        return None
+    return content_type, bytes(buf[pos:pos + 5]), bytes(buf[pos + 5:end]), end
+
+
+def _tls_check_alert_body(body):
+    # §5.1: alerts are never fragmented or coalesced, so an alert record holds exactly 2 bytes.
+    if len(body) != 2:
+        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'alert record of %d bytes' % len(body))
+    return body[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Record protection (§5.2-5.4)
+# ---------------------------------------------------------------------------------------------
+
+class _TLSRecordCipher:
+    """One direction of record protection: traffic secret, AEAD key, IV and sequence number."""
+
+    def __init__(self, cipher_suite, secret, seq=0):
+        hash_name, key_len, aead_class = _TLS_SUITES[cipher_suite]
+        self.cipher_suite = cipher_suite
+        self.secret = secret
+        self.key = hkdf_expand_label(hash_name, secret, b'key', b'', key_len)
+        self.iv = hkdf_expand_label(hash_name, secret, b'iv', b'', 12)
+        self.seq = seq
+        self._iv_int = int.from_bytes(self.iv, 'big')
+        self._aead = aead_class(self.key)
+
+    def next_generation(self):
+        """The cipher for the next traffic secret after a KeyUpdate; the sequence restarts at 0."""
+        hash_name = _TLS_SUITES[self.cipher_suite][0]
+        return _TLSRecordCipher(self.cipher_suite, _tls13_next_traffic_secret(hash_name, self.secret))
+
+    def _nonce(self):
+        # §5.3: the 64-bit sequence number, left-padded to the IV length, XORed with the IV.
+        return (self._iv_int ^ self.seq).to_bytes(12, 'big')
+
+    def seal(self, content_type, content):
+        """One TLSCiphertext record: content plus its inner type, no padding."""
+        inner = content + bytes([content_type])
+        header = struct.pack('>BHH', _TLS_CT_APPLICATION_DATA, _TLS_LEGACY_VERSION,
+                             len(inner) + _TLS_AEAD_TAG_LEN)
+        record = header + self._aead.seal(self._nonce(), inner, header)
+        self.seq += 1
+        return record
+
+    def seal_records(self, content_type, data):
+        """data split into records of at most 2^14 bytes of content each."""
+        return b''.join(self.seal(content_type, data[i:i + _TLS_MAX_PLAINTEXT])
+                        for i in range(0, len(data), _TLS_MAX_PLAINTEXT))
+
+    def open(self, header, body):
+        """(content type, content) of a protected record; AEADError (seq unchanged) if it fails."""
+        inner = self._aead.open(self._nonce(), body, header)
+        self.seq += 1
+        if len(inner) > _TLS_MAX_INNER_PLAINTEXT:
+            raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, 'inner plaintext of %d bytes' % len(inner))
+        # §5.4: the real content type is the last non-zero byte; zeros after it are padding.
+        unpadded = inner.rstrip(b'\x00')
+        if not unpadded:
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'record without a content type')
+        return unpadded[-1], unpadded[:-1]
+
+
+class _TLSHandshakeBuffer:
+    """Reassembles handshake messages split across records or packed into one (§5.1)."""
+
+    def __init__(self):
+        self._buf = bytearray()
+
+    def add(self, fragment):
+        if not fragment:
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'empty handshake record')
+        self._buf += fragment
+
+    def pending(self):
+        """True while part of a message is buffered (no other record type may come then)."""
+        return bool(self._buf)
+
+    def pop(self):
+        """The next complete message, 4-byte header included, or None."""
+        if len(self._buf) < 4:
+            return None
+        length = int.from_bytes(self._buf[1:4], 'big')
+        if length > _TLS_MAX_HANDSHAKE_MESSAGE:
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR,
+                            'handshake message type %d of %d bytes' % (self._buf[0], length))
+        if len(self._buf) < 4 + length:
+            return None
+        message = bytes(self._buf[:4 + length])
+        del self._buf[:4 + length]
+        return message
+
+    def check_boundary(self, what):
+        # §5.1: a key change must fall on a record boundary.
+        if self._buf:
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
+                            'handshake data after %s in the same record' % what)
+
+
+# ---------------------------------------------------------------------------------------------
+# Userspace record layer for application data
+# ---------------------------------------------------------------------------------------------
+
+class RecordLayer:
+    """Application-data record protection after the handshake, both directions.
+
+    open(data) -> (plaintext, events, to_send). events may hold 'close' (peer's close_notify),
+    'alert' (peer's fatal alert) or 'error' (we rejected a record; to_send holds our alert).
+    to_send must be written before anything sealed afterwards (it may hold a KeyUpdate).
+    """
+
+    def __init__(self, cipher_suite, rx_secret, tx_secret, rx_seq=0, tx_seq=0):
+        if cipher_suite not in _TLS_SUITES:
+            raise ValueError('unknown TLS 1.3 cipher suite 0x%04x' % cipher_suite)
+        self.cipher_suite = cipher_suite
+        self._rx = _TLSRecordCipher(cipher_suite, rx_secret, rx_seq)
+        self._tx = _TLSRecordCipher(cipher_suite, tx_secret, tx_seq)
+        self._inbuf = bytearray()
+        self._handshake = _TLSHandshakeBuffer()
+        self._key_update_requested = False
+        self.closed = False
+        self.failed = False
+        self.error = None
+
+    @property
+    def rx_seq(self):
+        return self._rx.seq
+
+    @property
+    def tx_seq(self):
+        return self._tx.seq
+
+    @property
+    def rx_secret(self):
+        return self._rx.secret
+
+    @property
+    def tx_secret(self):
+        return self._tx.secret
+
+    def traffic_keys(self):
+        """(rx_key, rx_iv, tx_key, tx_iv) of the current generation."""
+        return self._rx.key, self._rx.iv, self._tx.key, self._tx.iv
+
+    def pending_bytes(self):
+        """Received bytes of an incomplete record, not yet decrypted."""
+        return bytes(self._inbuf)
+
+    def seal(self, app_data):
+        """Application data as records of at most 2^14 bytes each ('' for empty input)."""
+        return self._tx.seal_records(_TLS_CT_APPLICATION_DATA, app_data)
+
+    def close_notify(self):
+        return self._tx.seal(_TLS_CT_ALERT, bytes([1, _TLS_ALERT_CLOSE_NOTIFY]))
+
+    def open(self, data):
+        if self.closed or self.failed:
+            return b'', [], b''   # §6.1: data after a closure alert is ignored
+        self._inbuf += data
+        plaintext, events, to_send = [], [], []
+        pos = 0
+        try:
+            while not (self.closed or self.failed):
+                record = _tls_next_record(self._inbuf, pos)
+                if record is None:
+                    break
+                content_type, header, body, pos = record
+                self._open_record(content_type, header, body, plaintext, events, to_send)
+        except _TLSFatal as exc:
+            self._fail(exc.alert, exc.message, events, to_send)
+        except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
+            self._fail(_TLS_ALERT_INTERNAL_ERROR, 'internal error: %r' % (exc,), events, to_send)
+        if self._key_update_requested and not self.failed:
+            # §4.6.3: answer with update_not_requested under the old key, then switch. One answer
+            # covers every request in this batch, so a flood of requests gets few replies.
+            self._key_update_requested = False
+            to_send.append(self._tx.seal(_TLS_CT_HANDSHAKE,
+                                         _tls_handshake_message(_TLS_HS_KEY_UPDATE, b'\x00')))
+            self._tx = self._tx.next_generation()
+        del self._inbuf[:pos]
+        return b''.join(plaintext), events, b''.join(to_send)
+
+    def _fail(self, alert, message, events, to_send):
+        self.failed = True
+        self.error = message
+        events.append('error')
+        to_send.append(self._tx.seal(_TLS_CT_ALERT, bytes([2, alert])))
+
+    def _open_record(self, content_type, header, body, plaintext, events, to_send):
+        if content_type != _TLS_CT_APPLICATION_DATA:
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
+                            'unprotected record of type %d after the handshake' % content_type)
+        try:
+            inner_type, content = self._rx.open(header, body)
+        except AEADError:
+            raise _TLSFatal(_TLS_ALERT_BAD_RECORD_MAC, 'record failed to decrypt')
+        if inner_type == _TLS_CT_HANDSHAKE:
+            self._handshake.add(content)
+            self._post_handshake_messages()
+            return
+        if self._handshake.pending():
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'record inside a fragmented message')
+        if inner_type == _TLS_CT_APPLICATION_DATA:
+            plaintext.append(content)
+        elif inner_type == _TLS_CT_ALERT:
+            self._peer_alert(_tls_check_alert_body(content), events)
+        else:
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'record of inner type %d' % inner_type)
+
+    def _peer_alert(self, code, events):
+        if code == _TLS_ALERT_CLOSE_NOTIFY:
+            self.closed = True
+            events.append('close')
+        elif code != _TLS_ALERT_USER_CANCELED:   # user_canceled is followed by close_notify
+            self.failed = True
+            self.error = 'peer sent alert %s' % _tls_alert_name(code)
+            events.append('alert')
+
+    def _post_handshake_messages(self):
+        while True:
+            message = self._handshake.pop()
+            if message is None:
+                break
+            if message[0] != _TLS_HS_KEY_UPDATE:
+                raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
+                                'post-handshake message type %d' % message[0])
+            if len(message) != 5:
+                raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'KeyUpdate of %d bytes' % (len(message) - 4))
+            if message[4] > 1:
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'KeyUpdate request_update %d' % message[4])
+            self._handshake.check_boundary('KeyUpdate')
+            self._rx = self._rx.next_generation()
+            self._key_update_requested = self._key_update_requested or message[4] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# ClientHello parsing (§4.1.2, §4.2)
+# ---------------------------------------------------------------------------------------------
+
+class _TLSClientHello:
+    """The fields of a ClientHello; extensions maps type -> raw extension_data."""
+
+    def __init__(self, message):
+        self.message = message
+        reader = _TLSReader(message[4:], 'ClientHello')
+        self.legacy_version = reader.uint(2)
+        self.random = reader.take(32)
+        self.session_id = reader.vector(1, 0, 32)
+        suites = reader.vector(2, 2, 0xfffe)
+        if len(suites) % 2:
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'ClientHello: odd cipher_suites length')
+        self.cipher_suites = [int.from_bytes(suites[i:i + 2], 'big') for i in range(0, len(suites), 2)]
+        self.compression_methods = reader.vector(1, 1, 255)
+        self.extensions = {}
+        if reader.at_end():
+            return   # a pre-TLS 1.2 hello without extensions: rejected as protocol_version later
+        ext_reader = _TLSReader(reader.vector(2, 0, 0xffff), 'ClientHello extensions')
+        reader.expect_end()
+        last_type = None
+        while not ext_reader.at_end():
+            ext_type = ext_reader.uint(2)
+            if ext_type in self.extensions:
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
+                                'ClientHello: duplicate extension %d' % ext_type)
+            self.extensions[ext_type] = ext_reader.vector(2, 0, 0xffff)
+            last_type = ext_type
+        if _TLS_EXT_PRE_SHARED_KEY in self.extensions and last_type != _TLS_EXT_PRE_SHARED_KEY:
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
+                            'ClientHello: pre_shared_key is not the last extension')
+
+    def supported_versions(self):
+        data = self.extensions.get(_TLS_EXT_SUPPORTED_VERSIONS)
+        if data is None:
+            return []
+        return _tls_uint16_list(data, 1, 2, 254, 'supported_versions')
+
+    def uint16_extension(self, ext_type, what):
+        """supported_groups / signature_algorithms as a list, None when absent."""
+        data = self.extensions.get(ext_type)
+        if data is None:
+            return None
+        return _tls_uint16_list(data, 2, 2, 0xfffe, what)
+
+    def key_shares(self):
+        """{group: key_exchange} of the key_share extension, None when absent."""
+        data = self.extensions.get(_TLS_EXT_KEY_SHARE)
+        if data is None:
+            return None
+        outer = _TLSReader(data, 'key_share')
+        reader = _TLSReader(outer.vector(2, 0, 0xffff), 'key_share')
+        outer.expect_end()
+        shares = {}
+        while not reader.at_end():
+            group = reader.uint(2)
+            key_exchange = reader.vector(2, 1, 0xffff)
+            if group in shares:
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'key_share: two shares for group 0x%04x' % group)
+            shares[group] = key_exchange
+        return shares
+
+    def alpn_protocols(self):
+        data = self.extensions.get(_TLS_EXT_ALPN)
+        if data is None:
+            return None
+        outer = _TLSReader(data, 'ALPN')
+        reader = _TLSReader(outer.vector(2, 2, 0xffff), 'ALPN')
+        outer.expect_end()
+        protocols = []
+        while not reader.at_end():
+            protocols.append(reader.vector(1, 1, 255))
+        return protocols
+
+    def server_name(self):
+        """The host_name of the server_name extension (RFC 6066 §3), lower-cased, or None."""
+        data = self.extensions.get(_TLS_EXT_SERVER_NAME)
+        if data is None:
+            return None
+        outer = _TLSReader(data, 'server_name')
+        reader = _TLSReader(outer.vector(2, 1, 0xffff), 'server_name')
+        outer.expect_end()
+        host = None
+        while not reader.at_end():
+            name_type = reader.uint(1)
+            name = reader.vector(2, 1, 0xffff)
+            if name_type != 0:
+                continue
+            if host is not None:
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'server_name: two host names')
+            # A DNS name (RFC 6066 §3); anything but printable ASCII would only pollute logs.
+            if any(byte < 0x21 or byte > 0x7e for byte in name):
+                raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'server_name: not a printable ASCII name')
+            host = name.decode('ascii').lower()
+        return host
+
+    def check_minor_extensions(self):
+        """Validate the extensions we only need to tolerate, so malformed ones still fail."""
+        modes = self.extensions.get(_TLS_EXT_PSK_KEY_EXCHANGE_MODES)
+        if modes is not None:
+            reader = _TLSReader(modes, 'psk_key_exchange_modes')
+            reader.vector(1, 1, 255)
+            reader.expect_end()
+        elif _TLS_EXT_PRE_SHARED_KEY in self.extensions:
+            raise _TLSFatal(_TLS_ALERT_MISSING_EXTENSION,
+                            'pre_shared_key without psk_key_exchange_modes')
+        if self.extensions.get(_TLS_EXT_EARLY_DATA, b'') != b'':
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'early_data extension is not empty')
+
+
+# ---------------------------------------------------------------------------------------------
+# Server configuration and handshake state machine
+# ---------------------------------------------------------------------------------------------
+
+class TLSConfig:
+    """What every connection shares: key, certificate chain (DER, leaf first), ALPN, suites.
+
+    cipher_preference is the server's order of preference among the three TLS 1.3 suites.
+    """
+
+    def __init__(self, key, cert_chain, alpn=(b'http/1.1',),
+                 cipher_preference=(TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_GCM_SHA256,
+                                    TLS_AES_256_GCM_SHA384)):
+        if not cert_chain:
+            raise ValueError('TLSConfig: the certificate chain is empty')
+        for suite in cipher_preference:
+            if suite not in _TLS_SUITES:
+                raise ValueError('TLSConfig: unknown TLS 1.3 cipher suite 0x%04x' % suite)
+        for protocol in alpn:
+            if not 1 <= len(protocol) <= 255:
+                raise ValueError('TLSConfig: ALPN protocol names must be 1..255 bytes')
+        if not key.signature_schemes:
+            raise ValueError('TLSConfig: the key offers no signature scheme')
+        self.key = key
+        self.cert_chain = [bytes(der) for der in cert_chain]
+        self.alpn = tuple(bytes(p) for p in alpn)
+        self.cipher_preference = tuple(cipher_preference)
+        # The Certificate message (§4.4.2) is the same for every handshake: build it once.
+        entries = b''.join(_tls_vec24(der) + _tls_vec16(b'') for der in self.cert_chain)
+        self.certificate_message = _tls_handshake_message(_TLS_HS_CERTIFICATE,
+                                                          _tls_vec8(b'') + _tls_vec24(entries))
+
+
+_TLS_STATE_CLIENT_HELLO = 'client_hello'
+_TLS_STATE_RETRIED_HELLO = 'client_hello_after_retry'
+_TLS_STATE_CLIENT_FINISHED = 'client_finished'
+_TLS_STATE_DONE = 'done'
+
+
+def _tls_key_exchange(group, peer_share):
+    """(our key_share, shared secret) for the negotiated group; bad peer points: illegal_parameter."""
+    try:
+        if group == TLS_GROUP_X25519:
+            private, public = x25519_keypair()
+            return public, x25519_shared(private, peer_share)
+        private, public = ec_keypair(SECP256R1)
+        return public, ecdh_shared(SECP256R1, private, peer_share)
+    except ValueError as exc:
+        raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'invalid key share: %s' % exc)
+
+
+class TLSServer:
+    """One server-side TLS 1.3 handshake, driven by receive(bytes) -> bytes to send.
+
+    When done: cipher_suite, group, alpn, sni, record_layer (continues the connection),
+    early_plaintext/early_events (application records that came in with the client Finished),
+    traffic_keys(), rx_seq, tx_seq, client_app_secret, server_app_secret.
+    When failed: error (short text) and alert (the code sent, None if the peer sent one).
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.done = False
+        self.failed = False
+        self.error = None
+        self.alert = None
+        self.sni = None
+        self.alpn = None
+        self.cipher_suite = None
+        self.group = None
+        self.signature_scheme = None
+        self.record_layer = None
+        self.early_plaintext = b''
+        self.early_events = []
+        self._state = _TLS_STATE_CLIENT_HELLO
+        self._inbuf = bytearray()
+        self._handshake = _TLSHandshakeBuffer()
+        self._first_hello = None
+        self._hash_name = None
+        self._transcript = None
+        self._rx = None                  # client handshake traffic protection, once SH is out
+        self._tx = None                  # server handshake traffic protection, once SH is out
+        self._ccs_sent = False
+        self._early_data_budget = 0      # bytes of refused 0-RTT records we may still skip
+        self._client_finished = None     # the verify_data the client must send
+        self._app_secrets = None
+
+    # --- public surface ---------------------------------------------------------------------
+
+    def receive(self, data):
+        """Feed bytes read from the peer; returns the bytes to send (possibly empty)."""
+        if self.failed:
+            return b''
+        if self.done:
+            raise RuntimeError('TLS handshake already complete: use .record_layer')
+        self._inbuf += data
+        out = []
+        pos = 0
+        try:
+            while not self.done:
+                record = _tls_next_record(self._inbuf, pos)
+                if record is None:
+                    break
+                content_type, header, body, pos = record
+                self._on_record(content_type, header, body, out)
+        except _TLSFatal as exc:
+            self._fail(exc.alert, exc.message, out)
+            return b''.join(out)
+        except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
+            self._fail(_TLS_ALERT_INTERNAL_ERROR, 'internal error: %r' % (exc,), out)
+            return b''.join(out)
+        rest = bytes(self._inbuf[pos:])
+        self._inbuf = bytearray(rest)
+        if self.done:
+            self._inbuf = None
+            self._start_record_layer(rest, out)
+        return b''.join(out)
+
+    def traffic_keys(self):
+        """(rx_key, rx_iv, tx_key, tx_iv) of the application traffic, current generation."""
+        return self.record_layer.traffic_keys()
+
+    @property
+    def rx_seq(self):
+        return self.record_layer.rx_seq
+
+    @property
+    def tx_seq(self):
+        return self.record_layer.tx_seq
+
+    @property
+    def client_app_secret(self):
+        return self.record_layer.rx_secret
+
+    @property
+    def server_app_secret(self):
+        return self.record_layer.tx_secret
+
+    @property
+    def leftover(self):
+        """Bytes of an incomplete application record received along with the client Finished."""
+        return self.record_layer.pending_bytes()
+
+    # --- records ----------------------------------------------------------------------------
+
+    def _fail(self, alert, message, out):
+        self.failed = True
+        self.error = message
+        self.alert = alert
+        if alert is None:
+            return
+        # Alerts are protected once we have sent ServerHello, plaintext before (§5, §6).
+        body = bytes([2, alert])
+        if self._tx is None:
+            out.append(_tls_plaintext_records(_TLS_CT_ALERT, body))
+        else:
+            out.append(self._tx.seal(_TLS_CT_ALERT, body))
+
+    def _on_record(self, content_type, header, body, out):
+        if content_type == _TLS_CT_CHANGE_CIPHER_SPEC:
+            self._on_change_cipher_spec(body)
+        elif content_type == _TLS_CT_ALERT:
+            self._on_alert(_tls_check_alert_body(body))
+        elif self._state == _TLS_STATE_CLIENT_FINISHED:
+            self._on_protected_record(content_type, header, body, out)
+        elif content_type == _TLS_CT_HANDSHAKE:
+            if len(body) > _TLS_MAX_PLAINTEXT:
+                raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, 'plaintext record of %d bytes' % len(body))
+            self._on_handshake_data(body, out)
+        elif self._state == _TLS_STATE_RETRIED_HELLO and self._skip_early_data(body):
+            pass   # refused 0-RTT data sent before the client saw our HelloRetryRequest
+        else:
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'record of type %d before ServerHello'
+                            % content_type)
+
+    def _on_change_cipher_spec(self, body):
+        # Appendix D.4: a compatibility CCS (exactly 0x01) may arrive after the first
+        # ClientHello and before the client Finished; it is dropped. Anything else is fatal.
+        if self._first_hello is None or body != b'\x01' or self._handshake.pending():
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'unexpected change_cipher_spec')
+
+    def _on_alert(self, code):
+        if self._handshake.pending():
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'alert inside a fragmented message')
+        raise _TLSFatal(None, 'peer sent alert %s during the handshake' % _tls_alert_name(code))
+
+    def _skip_early_data(self, body):
+        """True if this record fits the budget for skipping refused early data (§4.2.10)."""
+        if len(body) > self._early_data_budget:
+            return False
+        self._early_data_budget -= len(body)
+        return True
+
+    def _on_protected_record(self, content_type, header, body, out):
+        if content_type != _TLS_CT_APPLICATION_DATA:
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
+                            'unprotected record of type %d after ServerHello' % content_type)
+        try:
+            inner_type, content = self._rx.open(header, body)
+        except AEADError:
+            # A 0-RTT record under the early traffic key we refused fails here: skip it (§4.2.10).
+            if self._skip_early_data(body):
+                return
+            raise _TLSFatal(_TLS_ALERT_BAD_RECORD_MAC, 'handshake record failed to decrypt')
+        self._early_data_budget = 0   # the client's second flight has started
+        if inner_type == _TLS_CT_HANDSHAKE:
+            self._on_handshake_data(content, out)
+        elif inner_type == _TLS_CT_ALERT:
+            self._on_alert(_tls_check_alert_body(content))
+        else:
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
+                            'protected record of type %d during the handshake' % inner_type)
+
+    def _on_handshake_data(self, fragment, out):
+        self._handshake.add(fragment)
+        while not self.done:
+            message = self._handshake.pop()
+            if message is None:
+                break
+            if self._state == _TLS_STATE_CLIENT_FINISHED:
+                self._on_client_finished(message)
+            elif message[0] == _TLS_HS_CLIENT_HELLO:
+                self._on_client_hello(message, out)
+            else:
+                raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
+                                'handshake message type %d instead of ClientHello' % message[0])
+
+    # --- ClientHello ------------------------------------------------------------------------
+
+    def _on_client_hello(self, message, out):
+        hello = _TLSClientHello(message)
+        # A key change follows the ClientHello, and the client cannot send a second hello
+        # before it has seen our HelloRetryRequest: nothing may follow in the record.
+        self._handshake.check_boundary('ClientHello')
+        retried = self._state == _TLS_STATE_RETRIED_HELLO
+        if retried:
+            self._check_retried_hello(hello)
+        params = self._negotiate(hello)
+        if params is None:
+            self._send_hello_retry(hello, out)
+        else:
+            self._send_server_flight(hello, params, out)
+
+    def _negotiate(self, hello):
+        """(suite, group, peer share, scheme) for hello, or None when a HelloRetryRequest is needed."""
+        if hello.legacy_version != _TLS_LEGACY_VERSION:
+            raise _TLSFatal(_TLS_ALERT_PROTOCOL_VERSION,
+                            'ClientHello legacy_version 0x%04x' % hello.legacy_version)
+        if _TLS_VERSION_13 not in hello.supported_versions():
+            raise _TLSFatal(_TLS_ALERT_PROTOCOL_VERSION, 'client does not offer TLS 1.3')
+        if hello.compression_methods != b'\x00':
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'ClientHello compression methods')
+        hello.check_minor_extensions()
+        self.sni = hello.server_name()
+        self.alpn = self._choose_alpn(hello.alpn_protocols())
+        groups = hello.uint16_extension(_TLS_EXT_SUPPORTED_GROUPS, 'supported_groups')
+        schemes = hello.uint16_extension(_TLS_EXT_SIGNATURE_ALGORITHMS, 'signature_algorithms')
+        shares = hello.key_shares()
+        # §9.2: without a PSK, signature_algorithms, supported_groups and key_share are all
+        # mandatory. A PSK-only hello is well-formed, but we cannot complete it.
+        for present, name in ((schemes, 'signature_algorithms'), (groups, 'supported_groups'),
+                              (shares, 'key_share')):
+            if present is None:
+                alert = (_TLS_ALERT_HANDSHAKE_FAILURE if _TLS_EXT_PRE_SHARED_KEY in hello.extensions
+                         else _TLS_ALERT_MISSING_EXTENSION)
+                raise _TLSFatal(alert, 'ClientHello without %s' % name)
+        for group in shares:
+            if group not in groups:
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
+                                'key_share for group 0x%04x not in supported_groups' % group)
+        suite = self._choose(self.config.cipher_preference, hello.cipher_suites, 'cipher suite')
+        scheme = self._choose(self.config.key.signature_schemes, schemes, 'signature scheme')
+        common_groups = [g for g in _TLS_GROUP_PREFERENCE if g in groups]
+        if not common_groups:
+            raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, 'no common key exchange group')
+        for group in common_groups:
+            if group in shares:
+                return suite, group, shares[group], scheme
+        # No share we can use (never the case for a second hello, _check_retried_hello saw to it).
+        self.cipher_suite = suite
+        self.group = common_groups[0]
+        return None
+
+    @staticmethod
+    def _choose(ours, theirs, what):
+        for item in ours:
+            if item in theirs:
+                return item
+        raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, 'no common %s' % what)
+
+    def _choose_alpn(self, offered):
+        if offered is None:
+            return None
+        for protocol in self.config.alpn:
+            if protocol in offered:
+                return protocol
+        raise _TLSFatal(_TLS_ALERT_NO_APPLICATION_PROTOCOL,
+                        'no common ALPN protocol (client offered %s)'
+                        % b', '.join(offered).decode('ascii', 'replace'))
+
+    def _check_retried_hello(self, hello):
+        """§4.1.2: the second ClientHello repeats the first except for key_share and friends."""
+        first = self._first_hello
+        same = (hello.legacy_version == first.legacy_version and hello.random == first.random
+                and hello.session_id == first.session_id
+                and hello.cipher_suites == first.cipher_suites
+                and hello.compression_methods == first.compression_methods)
+        for ext_type in (_TLS_EXT_SERVER_NAME, _TLS_EXT_SUPPORTED_GROUPS,
+                         _TLS_EXT_SIGNATURE_ALGORITHMS, _TLS_EXT_ALPN, _TLS_EXT_SUPPORTED_VERSIONS):
+            same = same and hello.extensions.get(ext_type) == first.extensions.get(ext_type)
+        if not same:
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'second ClientHello differs from the first')
+        if _TLS_EXT_EARLY_DATA in hello.extensions:
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'early_data after HelloRetryRequest')
+        shares = hello.key_shares()
+        if shares is None or list(shares) != [self.group]:
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
+                            'second ClientHello must hold one key share, for the group requested')
+
+    def _compat_ccs(self, hello):
+        # Appendix D.4: a client in middlebox compatibility mode (non-empty session id) expects
+        # a dummy change_cipher_spec right after our first ServerHello or HelloRetryRequest.
+        if hello.session_id and not self._ccs_sent:
+            self._ccs_sent = True
+            return _TLS_CCS_RECORD
+        return b''
+
+    def _server_hello_message(self, random, hello, suite, extensions):
+        body = (struct.pack('>H', _TLS_LEGACY_VERSION) + random + _tls_vec8(hello.session_id)
+                + struct.pack('>HB', suite, 0) + _tls_vec16(extensions))
+        return _tls_handshake_message(_TLS_HS_SERVER_HELLO, body)
+
+    def _send_hello_retry(self, hello, out):
+        suite = self.cipher_suite
+        hash_name = _TLS_SUITES[suite][0]
+        extensions = (_tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, struct.pack('>H', _TLS_VERSION_13))
+                      + _tls_extension(_TLS_EXT_KEY_SHARE, struct.pack('>H', self.group)))
+        retry = self._server_hello_message(_TLS_HRR_RANDOM, hello, suite, extensions)
+        # §4.4.1: the first ClientHello enters the transcript as a synthetic message_hash.
+        first_hash = hashlib.new(hash_name, hello.message).digest()
+        transcript = hashlib.new(hash_name)
+        transcript.update(_tls_handshake_message(_TLS_HS_MESSAGE_HASH, first_hash))
+        transcript.update(retry)
+        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, retry) + self._compat_ccs(hello))
+        self._hash_name = hash_name
+        self._transcript = transcript
+        self._first_hello = hello
+        if _TLS_EXT_EARLY_DATA in hello.extensions:
+            self._early_data_budget = _TLS_MAX_EARLY_DATA_SKIP
+        self._state = _TLS_STATE_RETRIED_HELLO
+
+    def _send_server_flight(self, hello, params, out):
+        """ServerHello, then EncryptedExtensions, Certificate, CertificateVerify, Finished."""
+        suite, group, peer_share, scheme = params
+        hash_name = _TLS_SUITES[suite][0]
+        our_share, shared_secret = _tls_key_exchange(group, peer_share)
+        transcript = hashlib.new(hash_name) if self._transcript is None else self._transcript
+        transcript.update(hello.message)
+        key_share = _tls_extension(_TLS_EXT_KEY_SHARE,
+                                   struct.pack('>H', group) + _tls_vec16(our_share))
+        versions = _tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, struct.pack('>H', _TLS_VERSION_13))
+        server_hello = self._server_hello_message(secrets.token_bytes(32), hello, suite,
+                                                  versions + key_share)
+        transcript.update(server_hello)
+        handshake_secret, client_hs, server_hs = _tls13_handshake_secrets(
+            hash_name, shared_secret, transcript.digest())
+
+        flight = [self._encrypted_extensions(), self.config.certificate_message]
+        for message in flight:
+            transcript.update(message)
+        signature = self.config.key.sign(scheme, _TLS_CERT_VERIFY_PREFIX + transcript.digest())
+        flight.append(_tls_handshake_message(_TLS_HS_CERTIFICATE_VERIFY,
+                                             struct.pack('>H', scheme) + _tls_vec16(signature)))
+        transcript.update(flight[-1])
+        flight.append(_tls_handshake_message(
+            _TLS_HS_FINISHED, _tls13_finished_mac(hash_name, server_hs, transcript.digest())))
+        transcript.update(flight[-1])
+        server_finished_hash = transcript.digest()
+        _, client_app, server_app = _tls13_application_secrets(
+            hash_name, handshake_secret, server_finished_hash)
+
+        tx = _TLSRecordCipher(suite, server_hs)
+        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, server_hello) + self._compat_ccs(hello)
+                   + tx.seal_records(_TLS_CT_HANDSHAKE, b''.join(flight)))
+        self._tx = tx
+        self._rx = _TLSRecordCipher(suite, client_hs)
+        self._client_finished = _tls13_finished_mac(hash_name, client_hs, server_finished_hash)
+        self._app_secrets = client_app, server_app
+        self.cipher_suite, self.group, self.signature_scheme = suite, group, scheme
+        if self._first_hello is None:
+            self._first_hello = hello
+            if _TLS_EXT_EARLY_DATA in hello.extensions:
+                self._early_data_budget = _TLS_MAX_EARLY_DATA_SKIP
+        else:
+            self._early_data_budget = 0
+        self._state = _TLS_STATE_CLIENT_FINISHED
+
+    def _encrypted_extensions(self):
+        extensions = b''
+        if self.alpn is not None:
+            extensions += _tls_extension(_TLS_EXT_ALPN, _tls_vec16(_tls_vec8(self.alpn)))
+        return _tls_handshake_message(_TLS_HS_ENCRYPTED_EXTENSIONS, _tls_vec16(extensions))
+
+    # --- client Finished --------------------------------------------------------------------
+
+    def _on_client_finished(self, message):
+        if message[0] != _TLS_HS_FINISHED:
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
+                            'handshake message type %d instead of Finished' % message[0])
+        if len(message) - 4 != len(self._client_finished):
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'Finished of %d bytes' % (len(message) - 4))
+        if not hmac.compare_digest(message[4:], self._client_finished):
+            raise _TLSFatal(_TLS_ALERT_DECRYPT_ERROR, 'client Finished does not verify')
+        self._handshake.check_boundary('Finished')
+        self.done = True
+        self._state = _TLS_STATE_DONE
+
+    def _start_record_layer(self, rest, out):
+        client_app, server_app = self._app_secrets
+        self.record_layer = RecordLayer(self.cipher_suite, client_app, server_app)
+        self._app_secrets = self._rx = self._tx = self._transcript = None
+        if rest:
+            self.early_plaintext, self.early_events, to_send = self.record_layer.open(rest)
+            out.append(to_send)
+
+
+# -- kTLS hand-off ------------------------------------------------------------------------------
+
+TLS_KEY_SIZES = {0x1301: 16, 0x1302: 32, 0x1303: 32}
+SUITE_NAMES = {0x1301: "TLS_AES_128_GCM_SHA256", 0x1302: "TLS_AES_256_GCM_SHA384",
+               0x1303: "TLS_CHACHA20_POLY1305_SHA256"}
+
+
+def ktls_enable(fd, hs):
+    """Give a finished handshake's application traffic keys to the kernel (TX and RX)."""
+    rx_key, rx_iv, tx_key, tx_iv = hs.traffic_keys()
+    setsockopt_fd(fd, socket.IPPROTO_TCP, TCP_ULP, b"tls")
+    setsockopt_fd(fd, SOL_TLS, TLS_TX, ktls_crypto_info(hs.cipher_suite, tx_key, tx_iv, hs.tx_seq))
+    setsockopt_fd(fd, SOL_TLS, TLS_RX, ktls_crypto_info(hs.cipher_suite, rx_key, rx_iv, hs.rx_seq))
+
+
+def ktls_probe():
+    """The cipher suites this kernel's TLS ULP accepts, tried on a loopback connection, and
+    the reason when there are none."""
+    suites = set()
+    for suite, key_size in TLS_KEY_SIZES.items():
+        info = ktls_crypto_info(suite, bytes(key_size), bytes(12), 0)
+        try:
+            with socket.create_server(("127.0.0.1", 0)) as srv, \
+                    socket.create_connection(srv.getsockname()) as conn:
+                try:
+                    conn.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+                except OSError as e:
+                    return set(), f"the 'tls' TCP ULP is missing ({e.strerror})"
+                conn.setsockopt(SOL_TLS, TLS_TX, info)
+                conn.setsockopt(SOL_TLS, TLS_RX, info)
+                suites.add(suite)
+        except OSError:
+            continue  # this suite's cipher is not in the kernel; the others may be
+    return suites, "" if suites else "no TLS 1.3 cipher suite is accepted by the kernel"
+
+
+class TLSContext:
+    """What every TLS connection shares: certificate, key, cipher policy and kTLS support."""
+
+    def __init__(self, key, chain, ktls_mode, log):
+        self.ktls_suites, why = ktls_probe() if ktls_mode != "off" else (set(), "")
+        if ktls_mode == "require" and not self.ktls_suites:
+            raise StartupError(f"--ktls require: kernel TLS is not available ({why}); load it "
+                               f"with 'modprobe tls' (kernel built with CONFIG_TLS)")
+        if ktls_mode == "auto" and not self.ktls_suites:
+            log.warn(f"kernel TLS unavailable ({why}): TLS records are encrypted in Python, "
+                     f"about 100x slower for bulk transfers; fix: 'modprobe tls' "
+                     f"(CONFIG_TLS)")
+        self.log = log
+        self.config = TLSConfig(key, chain, alpn=(b"http/1.1",),
+                                cipher_preference=self.cipher_preference())
+
+    def cipher_preference(self):
+        """ChaCha20-Poly1305 first: the handshake's records are encrypted in pure Python, where
+        it costs ~5x less than AES-GCM. With kTLS the kernel does the bulk either way; only if
+        the kernel lacks ChaCha20 does AES-128-GCM go first, so that kTLS can take over."""
+        if self.ktls_suites and 0x1303 not in self.ktls_suites:
+            return (0x1301, 0x1302, 0x1303)
+        return (0x1303, 0x1301, 0x1302)
+
+    def ktls_failed(self, suite, err, log):
+        self.ktls_suites.discard(suite)
+        log.warn(f"kTLS refused {SUITE_NAMES[suite]} ({err.strerror}): such connections now "
+                 f"use the userspace record layer")
+
+
+# ---------------------------------------------------------------------------------------------
 # 7. Connection loop
 # ---------------------------------------------------------------------------------------------
 
 # user_data: bits 0-31 slot (or listener) index, 32-39 operation, 40-63 slot generation, so a
 # completion that arrives after its slot was freed and reused is recognised and dropped.
-OP_ACCEPT, OP_RECV, OP_SEND, OP_SEND_LAST, OP_LINGER, OP_TIMER, OP_IGNORE = range(7)
+OP_ACCEPT, OP_RECV, OP_SEND, OP_SEND_LINKED, OP_TIMER, OP_IGNORE = range(6)
 GEN_MASK = (1 << 24) - 1
 
-SEND_CHUNK = 256 * 1024     # a body is sent in pieces this big so slow readers show progress
-LINGER_TIMEOUT = 2.0        # how long a closing connection may keep sending us bytes
-RBUF_EXTRA = 4096           # read buffer room beyond the largest allowed request head
-HBUF_SIZE = 12 * 1024       # response head buffer: fits a 301 with an 8 KiB Location
+# What sits between a slot's socket and HTTP.
+PLAIN, HANDSHAKE, KTLS, USERTLS = range(4)
+
+SEND_CHUNK = 256 * 1024      # a body goes out in pieces this big, so slow readers show progress
+USERTLS_CHUNK = 64 * 1024    # sealing in pure Python blocks the loop: smaller pieces
+LINGER_TIMEOUT = 2.0         # how long a closing connection may keep sending us bytes
+RBUF_EXTRA = 4096            # read buffer room beyond the largest allowed request head
+HBUF_SIZE = 12 * 1024        # response head buffer: fits a 301 with an 8 KiB Location
+TLS_RECORD_MAX = 5 + 16384 + 256  # one whole TLS record must fit the read buffer
+CONTENT_TYPE_APPLICATION_DATA = 23
+CONTENT_TYPE_ALERT = 21
+
+
+def bytes_address(data):
+    """Address of an immutable bytes object's contents; the caller keeps the object alive."""
+    return ctypes.cast(data, ctypes.c_void_p).value
 
 
 class Slot:
     """A connection's preallocated state. Buffers are fixed regions of the Server's arrays."""
-    __slots__ = ("index", "gen", "fd", "rbase", "haddr", "raddr", "iov_addr", "msg_addr",
-                 "rstart", "rlen", "deadline", "partial", "recv_busy", "send_busy", "send_ud",
-                 "closing", "lingering", "close_after", "body_pos", "body_end", "keep_alive",
-                 "peer", "log")
+    __slots__ = ("index", "gen", "fd", "rbase", "raddr", "haddr", "iov_addr", "msg_addr",
+                 "riov_addr", "rmsg_addr", "cmsg_addr",
+                 "rstart", "rlen", "deadline", "partial", "recv_busy", "send_busy", "send_linked",
+                 "send_ud", "closing", "lingering", "body_pos", "body_end", "keep_alive",
+                 "iov", "mode", "tls", "out", "pending_out", "hs_need", "peer")
 
     def __init__(self, index):
         self.index, self.gen, self.fd = index, 0, -1
-        self.peer, self.log = "-", None
+        self.peer = "-"
 
 
 class Server:
     """The event loop: listeners, a ring, and max_connections fixed slots."""
 
-    def __init__(self, site, listeners, opts, log):
-        self.site, self.listeners, self.opts, self.log = site, listeners, opts, log
+    def __init__(self, site, listeners, opts, log, tls=None):
+        self.site, self.opts, self.log = site, opts, log
+        self.listeners = [sock for sock, _ in listeners]
+        self.listener_tls = [is_tls for _, is_tls in listeners]
+        self.tls = tls            # TLSContext: certificate, key and kTLS support; None for HTTP
         self.access_log = opts.access_log_file
         n = opts.max_connections
         self.ring = IoUring(min(32768, 1 << (2 * n + 64).bit_length()))
-        missing = [name for name, op in REQUIRED_OPS.items() if op not in self.ring.supported_ops()]
+        self._check_kernel()
+        self.rbuf_size = max(opts.max_header_bytes, MAX_REQUEST_LINE) + RBUF_EXTRA
+        if tls is not None:
+            self.rbuf_size = max(self.rbuf_size, TLS_RECORD_MAX)
+        self._allocate(n)
+        self.tar_addr = site.archive.address
+        self.accept_armed = [False] * len(self.listeners)
+        self.multishot = True
+        self.stopping = False
+        self.stop_requested = ()  # the CLI's signal handlers append to this list
+        self.stop_deadline = None
+        self.stats = dict(accepted=0, requests=0, closed=0, timeouts=0, handshakes=0,
+                          tls_failures=0)
+        self.timespec = bytearray(kernel_timespec.pack(1, 0))
+        self.now = time.monotonic()
+
+    def _check_kernel(self):
+        ops = self.ring.supported_ops()
+        missing = [name for name, op in REQUIRED_OPS.items() if op not in ops]
+        if not self.ring.features & IORING_FEAT_CQE_SKIP:
+            missing.append("IOSQE_CQE_SKIP_SUCCESS")
         if missing:
             raise StartupError("this kernel's io_uring lacks " + ", ".join(missing)
                                + "; use Linux 5.19 or newer")
-        self.skip = self.ring.skip_success
-        self.rbuf_size = max(opts.max_header_bytes, MAX_REQUEST_LINE) + RBUF_EXTRA
-        self._allocate(n)
-        self.tar_addr = site.archive.address
-        self.accept_armed = [False] * len(listeners)
-        self.multishot = True
-        self.stopping = False
-        self.stop_requested = ()  # set by the CLI to a list that its signal handlers append to
-        self.stop_deadline = None
-        self.stats = dict(accepted=0, requests=0, closed=0, timeouts=0)
-        self.timespec = bytearray(kernel_timespec.pack(1, 0))
-        self.now = time.monotonic()
 
     def _allocate(self, n):
         """Every per-connection byte is allocated here, once. Anonymous mappings rather than
         bytearrays: their pages stay untouched (not resident) until a connection uses them."""
         self.rbuf = mmap.mmap(-1, n * self.rbuf_size)
         self.hbuf = mmap.mmap(-1, n * HBUF_SIZE)
-        self.iovs = mmap.mmap(-1, n * iovec2.size)
+        self.iovs = mmap.mmap(-1, n * iovec2.size)    # send: head + body
         self.msgs = mmap.mmap(-1, n * msghdr.size)
+        self.rmsgs = mmap.mmap(-1, n * RECV_AREA)      # kTLS receive: msghdr, iovec, cmsg
         raddr, haddr = buffer_address(self.rbuf), buffer_address(self.hbuf)
         iaddr, maddr = buffer_address(self.iovs), buffer_address(self.msgs)
+        rmaddr = buffer_address(self.rmsgs)
         self.slots = []
         for i in range(n):
             s = Slot(i)
             s.rbase, s.raddr = i * self.rbuf_size, raddr + i * self.rbuf_size
             s.haddr = haddr + i * HBUF_SIZE
             s.iov_addr, s.msg_addr = iaddr + i * iovec2.size, maddr + i * msghdr.size
-            # The msghdr never changes: it always points at this slot's two iovecs.
+            s.rmsg_addr = rmaddr + i * RECV_AREA
+            s.riov_addr, s.cmsg_addr = s.rmsg_addr + msghdr.size, s.rmsg_addr + RECV_CMSG_OFF
+            # The send msghdr never changes: it always points at this slot's two iovecs.
             msghdr.pack_into(self.msgs, i * msghdr.size, 0, 0, s.iov_addr, 2, 0, 0, 0)
             self.slots.append(s)
         self.free = list(reversed(self.slots))
         self.active = 0
+        self.close_notify = ktls_close_notify_msg()
 
     # -- submission helpers ---------------------------------------------------------------------
 
@@ -918,14 +3863,68 @@ class Server:
                        OP_TIMER << 32)
 
     def post_recv(self, slot):
+        """Read more request bytes behind what the buffer holds."""
         if slot.rstart:
             # Move a partial pipelined request to the front so the buffer has room again.
             self.rbuf.move(slot.rbase, slot.rbase + slot.rstart, slot.rlen - slot.rstart)
             slot.rlen -= slot.rstart
             slot.rstart = 0
-        self.ring.prep(IORING_OP_RECV, slot.fd, slot.raddr + slot.rlen, self.rbuf_size - slot.rlen,
-                       0, 0, self.ud(slot, OP_RECV))
+        addr, room = slot.raddr + slot.rlen, self.rbuf_size - slot.rlen
+        if slot.mode == KTLS:
+            # recvmsg with a control buffer: the kernel tells each record's type there, and
+            # a non-data record (alert, KeyUpdate) is delivered instead of failing with EIO.
+            off = slot.index * RECV_AREA
+            recv_area.pack_into(self.rmsgs, off, 0, 0, slot.riov_addr, 1, slot.cmsg_addr,
+                                CMSG_SPACE_1, 0, addr, room)
+            self.ring.prep(IORING_OP_RECVMSG, slot.fd, slot.rmsg_addr, 1, 0, 0,
+                           self.ud(slot, OP_RECV))
+        else:
+            self.ring.prep(IORING_OP_RECV, slot.fd, addr, room, 0, 0, self.ud(slot, OP_RECV))
         slot.recv_busy = True
+
+    def recv_exact(self, slot, n):
+        """Handshake reads take exactly one record (its header, then its body), so nothing
+        behind the client's Finished is read: kTLS must find it still in the socket."""
+        slot.hs_need = n
+        self.ring.prep(IORING_OP_RECV, slot.fd, slot.raddr, n, 0, MSG_WAITALL,
+                       self.ud(slot, OP_RECV))
+        slot.recv_busy = True
+
+    def submit_send(self, slot, head_addr, head_len, body_addr, body_len, linked):
+        """SENDMSG of two iovecs (head, body). A linked send completes silently on success and
+        the next recv runs right behind it: one CQE per keep-alive request. It must not stop
+        short, so it carries MSG_WAITALL; kTLS refuses that flag (EOPNOTSUPP), so kTLS sends
+        are never linked and on_send resumes a short one."""
+        iovec2.pack_into(self.iovs, slot.index * iovec2.size, head_addr, head_len, body_addr,
+                         body_len)
+        slot.iov = (head_addr, head_len, body_addr, body_len)
+        slot.send_busy = True
+        slot.send_linked = linked
+        if linked:
+            slot.send_ud = self.ud(slot, OP_SEND_LINKED)
+            self.ring.prep(IORING_OP_SENDMSG, slot.fd, slot.msg_addr, 0, 0,
+                           MSG_NOSIGNAL | MSG_WAITALL, slot.send_ud,
+                           IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS)
+        else:
+            slot.send_ud = self.ud(slot, OP_SEND)
+            self.ring.prep(IORING_OP_SENDMSG, slot.fd, slot.msg_addr, 0, 0, MSG_NOSIGNAL,
+                           slot.send_ud)
+
+    def send_bytes(self, slot, data, linked):
+        """Send bytes built in Python (handshake flights, userspace TLS records)."""
+        slot.out = data  # keeps the memory alive while the kernel reads it
+        self.submit_send(slot, bytes_address(data), len(data), 0, 0, linked)
+
+    def resume_send(self, slot, sent):
+        """A send stopped after `sent` bytes: submit the rest of its two iovecs."""
+        head_addr, head_len, body_addr, body_len = slot.iov
+        if sent < head_len:
+            head_addr, head_len = head_addr + sent, head_len - sent
+        else:
+            sent -= head_len
+            head_len = 0
+            body_addr, body_len = body_addr + sent, body_len - sent
+        self.submit_send(slot, head_addr, head_len, body_addr, body_len, False)
 
     # -- connection lifecycle -------------------------------------------------------------------
 
@@ -934,30 +3933,39 @@ class Server:
             self.accept_armed[i] = False
         if res < 0:
             if res == -errno.EINVAL and self.multishot:
-                self.multishot = False  # kernel older than 5.19: single-shot accepts
+                self.multishot = False  # kernel without multishot accept: single-shot ones
             elif res != -errno.ECANCELED:
                 self.log.warn(f"accept failed: {os.strerror(-res)}")
         elif not self.free or self.stopping:
             # Only reachable in the instant before a cancel lands; the client may retry.
-            self.ring.prep(IORING_OP_CLOSE, res, 0, 0, 0, 0, OP_IGNORE << 32, self.skip)
+            self.ring.prep(IORING_OP_CLOSE, res, 0, 0, 0, 0, OP_IGNORE << 32,
+                           IOSQE_CQE_SKIP_SUCCESS)
         else:
-            self.open_slot(res)
+            self.open_slot(res, self.listener_tls[i])
         if not self.accept_armed[i] and self.free:
             self.arm_accept(i)
 
-    def open_slot(self, fd):
+    def open_slot(self, fd, tls):
         slot = self.free.pop()
         self.active += 1
         self.stats["accepted"] += 1
         slot.fd = fd
         slot.rstart = slot.rlen = 0
-        slot.recv_busy = slot.send_busy = slot.closing = slot.lingering = False
-        slot.close_after = False
-        slot.partial = False
-        slot.deadline = self.now + self.opts.header_timeout
+        slot.recv_busy = slot.send_busy = slot.send_linked = False
+        slot.closing = slot.lingering = slot.partial = False
+        slot.out = slot.tls = None
+        slot.pending_out = b""
         if self.access_log:
             slot.peer = peer_name(fd)
-        self.post_recv(slot)
+        if tls:
+            slot.mode = HANDSHAKE
+            slot.tls = TLSServer(self.tls.config)
+            slot.deadline = self.now + self.opts.handshake_timeout
+            self.recv_exact(slot, 5)
+        else:
+            slot.mode = PLAIN
+            slot.deadline = self.now + self.opts.header_timeout
+            self.post_recv(slot)
         if not self.free:
             self.pause_accepts()
 
@@ -974,9 +3982,11 @@ class Server:
     def maybe_free(self, slot):
         if slot.recv_busy or slot.send_busy or slot.fd < 0:
             return
-        self.ring.prep(IORING_OP_CLOSE, slot.fd, 0, 0, 0, 0, OP_IGNORE << 32, self.skip)
+        self.ring.prep(IORING_OP_CLOSE, slot.fd, 0, 0, 0, 0, OP_IGNORE << 32,
+                       IOSQE_CQE_SKIP_SUCCESS)
         slot.fd = -1
         slot.gen = (slot.gen + 1) & GEN_MASK
+        slot.out = slot.tls = None
         self.free.append(slot)
         self.active -= 1
         self.stats["closed"] += 1
@@ -985,20 +3995,29 @@ class Server:
                 self.arm_accept(i)
 
     def linger(self, slot):
-        """Half-close after the last response and read until the client closes too, so that
-        unread request bytes cannot turn our close into a reset that destroys the response."""
+        """End a connection gracefully: close_notify on TLS, half-close, then read until the
+        client closes too, so unread request bytes cannot turn our close into a reset that
+        destroys the response."""
         slot.lingering = True
         slot.deadline = self.now + LINGER_TIMEOUT
         slot.rstart = slot.rlen = 0
-        self.ring.prep(IORING_OP_SHUTDOWN, slot.fd, 0, SHUT_WR, 0, 0, OP_IGNORE << 32,
-                       IOSQE_IO_LINK | self.skip)
+        link = IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS
+        if slot.mode == KTLS:
+            self.ring.prep(IORING_OP_SENDMSG, slot.fd, self.close_notify[1], 0, 0, MSG_NOSIGNAL,
+                           OP_IGNORE << 32, link)
+        elif slot.mode == USERTLS:
+            slot.out = slot.pending_out + slot.tls.close_notify()
+            self.ring.prep(IORING_OP_SEND, slot.fd, bytes_address(slot.out), len(slot.out), 0,
+                           MSG_NOSIGNAL, OP_IGNORE << 32, link)
+        self.ring.prep(IORING_OP_SHUTDOWN, slot.fd, 0, SHUT_WR, 0, 0, OP_IGNORE << 32, link)
         self.post_recv(slot)
 
     # -- completions ----------------------------------------------------------------------------
 
     def on_recv(self, slot, res):
         slot.recv_busy = False
-        slot.send_busy = False  # a recv linked behind a send only runs once the send is done
+        if slot.send_linked:
+            slot.send_busy = False  # a recv linked behind a send only runs once the send is done
         if slot.closing:
             self.maybe_free(slot)
         elif res <= 0:
@@ -1006,9 +4025,15 @@ class Server:
         elif slot.lingering:
             slot.rlen = 0
             self.post_recv(slot)
-        else:
+        elif slot.mode == PLAIN:
             slot.rlen += res
             self.process(slot)
+        elif slot.mode == HANDSHAKE:
+            self.on_handshake_bytes(slot, res)
+        elif slot.mode == KTLS:
+            self.on_ktls_recv(slot, res)
+        else:
+            self.on_usertls_recv(slot, res)
 
     def process(self, slot):
         """Answer the next complete request in the slot's buffer, or read more."""
@@ -1061,32 +4086,46 @@ class Server:
         self.send_next(slot, n)
 
     def send_next(self, slot, head_len=0):
-        """Send the head (if any) and the next piece of the body. The last piece of a keep-alive
-        response is linked to the next recv and completes silently: one CQE per request."""
-        body = min(slot.body_end - slot.body_pos, SEND_CHUNK)
-        iovec2.pack_into(self.iovs, slot.index * iovec2.size, slot.haddr, head_len, slot.body_pos,
-                         body)
+        """Send the head (if any) and the next piece of the body, straight from the tar's mmap.
+        The last piece of a keep-alive response is linked to the next recv."""
+        if slot.mode == USERTLS:
+            self.send_next_sealed(slot, head_len)
+            return
+        body_addr = slot.body_pos
+        body = min(slot.body_end - body_addr, SEND_CHUNK)
         slot.body_pos += body
-        last = slot.body_pos == slot.body_end
-        slot.send_busy = True
         slot.deadline = self.now + self.opts.idle_timeout
-        flags = MSG_NOSIGNAL | MSG_WAITALL
-        if last and slot.keep_alive and slot.rlen == 0 and self.skip:
-            slot.send_ud = self.ud(slot, OP_SEND_LAST)
-            self.ring.prep(IORING_OP_SENDMSG, slot.fd, slot.msg_addr, 0, 0, flags, slot.send_ud,
-                           IOSQE_IO_LINK | self.skip)
+        if slot.body_pos == slot.body_end and slot.keep_alive and slot.rlen == 0 \
+                and slot.mode == PLAIN:
+            self.submit_send(slot, slot.haddr, head_len, body_addr, body, True)
             self.post_recv(slot)
         else:
-            slot.send_ud = self.ud(slot, OP_SEND)
-            self.ring.prep(IORING_OP_SENDMSG, slot.fd, slot.msg_addr, 0, 0, flags, slot.send_ud)
+            self.submit_send(slot, slot.haddr, head_len, body_addr, body, False)
 
-    def on_send(self, slot, res, expected_last):
+    def send_next_sealed(self, slot, head_len):
+        """Userspace TLS: copy the head and a piece of the body into records we encrypt."""
+        body = min(slot.body_end - slot.body_pos, USERTLS_CHUNK)
+        h = slot.index * HBUF_SIZE
+        plain = self.hbuf[h:h + head_len] + ctypes.string_at(slot.body_pos, body)
+        slot.body_pos += body
+        slot.deadline = self.now + self.opts.idle_timeout
+        data = slot.pending_out + slot.tls.seal(plain)
+        slot.pending_out = b""
+        linked = slot.body_pos == slot.body_end and slot.keep_alive and slot.rlen == 0
+        self.send_bytes(slot, data, linked)
+        if linked:
+            self.post_recv(slot)
+
+    def on_send(self, slot, res, linked):
         slot.send_busy = False
         if slot.closing:
             self.maybe_free(slot)
-        elif res < 0 or expected_last:
-            # A failed send (or a short one, which MSG_WAITALL only returns on error).
+        elif res < 0 or linked:
+            # A failed send, or a short one (MSG_WAITALL only returns short on error); a linked
+            # send only completes visibly that way. Its recv is cancelled by the kernel.
             self.start_close(slot)
+        elif res < slot.iov[1] + slot.iov[3]:
+            self.resume_send(slot, res)
         elif slot.body_pos < slot.body_end:
             self.send_next(slot)
         elif not slot.keep_alive:
@@ -1097,9 +4136,115 @@ class Server:
             slot.deadline = self.now + self.opts.idle_timeout
             self.post_recv(slot)
 
+    # -- TLS ------------------------------------------------------------------------------------
+
+    def on_handshake_bytes(self, slot, res):
+        """One record header or body arrived: feed the handshake state machine."""
+        if res < slot.hs_need:
+            self.start_close(slot)  # the client closed in the middle of a record
+            return
+        data = self.rbuf[slot.rbase:slot.rbase + res]
+        hs = slot.tls
+        out = hs.receive(data)
+        if hs.failed:
+            self.stats["tls_failures"] += 1
+            self.log.info(f"TLS handshake failed: {hs.error}")
+            if out:
+                self.send_fatal_alert(slot, out)
+            else:
+                self.start_close(slot)
+            return
+        if hs.done:
+            self.finish_handshake(slot, out)
+            return
+        # After a header read its body (if any); after a body the next header.
+        need = (data[3] << 8 | data[4]) if slot.hs_need == 5 and res == 5 else 0
+        if out:
+            self.send_bytes(slot, out, True)
+        self.recv_exact(slot, need or 5)
+
+    def finish_handshake(self, slot, out):
+        """The client's Finished is verified: hand the keys to the kernel, or keep the record
+        layer in Python, and start HTTP with whatever application data came along."""
+        hs = slot.tls
+        self.stats["handshakes"] += 1
+        if hs.sni:
+            self.log.info(f"TLS {hs.cipher_suite:#06x} for SNI {hs.sni}")
+        slot.mode = USERTLS
+        if self.tls.ktls_suites and hs.cipher_suite in self.tls.ktls_suites and not hs.leftover:
+            try:
+                ktls_enable(slot.fd, hs)
+                slot.mode = KTLS
+            except OSError as e:
+                # The socket may be half-switched to the kernel's TLS: end it; the next
+                # connections use the userspace record layer for this cipher suite.
+                self.tls.ktls_failed(hs.cipher_suite, e, self.log)
+                self.start_close(slot)
+                return
+        slot.tls = hs.record_layer if slot.mode == USERTLS else None
+        slot.pending_out = out
+        plain = hs.early_plaintext
+        self.rbuf[slot.rbase:slot.rbase + len(plain)] = plain
+        slot.rstart, slot.rlen = 0, len(plain)
+        slot.deadline = self.now + self.opts.idle_timeout
+        if out and slot.mode == KTLS:
+            # Bytes the handshake still owes (never in practice: no tickets, no KeyUpdate yet)
+            # cannot pass through the kernel's record layer: drop the connection cleanly.
+            self.start_close(slot)
+        elif plain:
+            self.process(slot)
+        else:
+            self.post_recv(slot)
+
+    def send_fatal_alert(self, slot, alert):
+        """Send the alert that ends the connection, then linger. No TLS follows a fatal alert,
+        so the slot continues as plain bytes: no close_notify after it."""
+        slot.mode = PLAIN
+        slot.keep_alive = False
+        slot.body_pos = slot.body_end = 0
+        slot.pending_out = b""
+        self.send_bytes(slot, alert, False)
+
+    def on_ktls_recv(self, slot, res):
+        """kTLS delivered one record's plaintext; its type is in the control message."""
+        off = slot.index * RECV_AREA + RECV_CMSG_OFF
+        _, level, ctype = cmsghdr.unpack_from(self.rmsgs, off)
+        record_type = self.rmsgs[off + cmsghdr.size] if (level, ctype) == (
+            SOL_TLS, TLS_GET_RECORD_TYPE) else CONTENT_TYPE_APPLICATION_DATA
+        if record_type == CONTENT_TYPE_APPLICATION_DATA:
+            slot.rlen += res
+            self.process(slot)
+            return
+        # An alert (close_notify or fatal) or a post-handshake message such as KeyUpdate, which
+        # this kernel cannot rekey for: either way the connection ends, cleanly.
+        if record_type == CONTENT_TYPE_ALERT and res == 2 and \
+                self.rbuf[slot.rbase + slot.rlen + 1] != 0:
+            self.start_close(slot)  # a fatal alert: no close_notify back
+        else:
+            self.linger(slot)
+
+    def on_usertls_recv(self, slot, res):
+        pos = slot.rbase + slot.rlen
+        plain, events, to_send = slot.tls.open(self.rbuf[pos:pos + res])
+        slot.pending_out += to_send
+        if events:
+            # close_notify gets ours back; a fatal alert or a record we rejected (our alert is
+            # in to_send) ends the connection.
+            if "close" in events:
+                self.linger(slot)
+            elif slot.pending_out:
+                self.send_fatal_alert(slot, slot.pending_out)
+            else:
+                self.start_close(slot)
+            return
+        self.rbuf[pos:pos + len(plain)] = plain
+        slot.rlen += len(plain)
+        self.process(slot)
+
+    # -- timers, logs, shutdown -----------------------------------------------------------------
+
     def on_timer(self):
-        now = time.time()
-        self.site.tick(now)
+        self.site.tick(time.time())
         for slot in self.slots:
             if slot.fd >= 0 and not slot.closing and slot.deadline < self.now:
                 self.stats["timeouts"] += 1
@@ -1109,12 +4254,10 @@ class Server:
         self.arm_timer()
 
     def log_access(self, slot, request_head, status, body_len):
-        line = b"-" if request_head is None else request_head.split(b"\r\n", 1)[0].split(b"\n")[0]
+        line = b"-" if request_head is None else request_head.split(b"\n", 1)[0].rstrip(b"\r")
         stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
         req = line.decode("latin-1").replace("\\", "\\\\").replace('"', '\\"')
         self.access_log.write(f'{slot.peer} - - [{stamp}] "{req}" {status} {body_len}\n')
-
-    # -- the loop -------------------------------------------------------------------------------
 
     def run(self):
         for i in range(len(self.listeners)):
@@ -1126,35 +4269,36 @@ class Server:
             self.now = time.monotonic()
             for user_data, res, flags in ring.completions():
                 op = (user_data >> 32) & 0xFF
-                if op == OP_ACCEPT:
+                if op == OP_RECV or op == OP_SEND or op == OP_SEND_LINKED:
+                    slot = slots[user_data & 0xFFFFFFFF]
+                    if (user_data >> 40) != slot.gen or slot.fd < 0:
+                        continue  # stale: the slot was freed (and maybe reused) since
+                    try:
+                        if op == OP_RECV:
+                            self.on_recv(slot, res)
+                        else:
+                            self.on_send(slot, res, op == OP_SEND_LINKED)
+                    except Exception:  # a bug must cost one connection, not the server
+                        self.log.bug(traceback.format_exc())
+                        if not slot.closing:
+                            self.start_close(slot)
+                elif op == OP_ACCEPT:
                     self.on_accept(user_data & 0xFFFFFFFF, res, flags)
-                    continue
-                if op == OP_TIMER:
+                elif op == OP_TIMER:
                     self.on_timer()
-                    continue
-                if op == OP_IGNORE:
-                    continue
-                slot = slots[user_data & 0xFFFFFFFF]
-                if (user_data >> 40) != slot.gen or slot.fd < 0:
-                    continue  # stale: the slot was freed (and maybe reused) since
-                if op == OP_RECV:
-                    self.on_recv(slot, res)
-                else:
-                    self.on_send(slot, res, op == OP_SEND_LAST)
             if self.stop_requested and not self.stopping:
                 self.begin_stop(self.opts.grace)
             if self.stopping and self.drained():
                 return
 
     def begin_stop(self, grace):
-        """SIGTERM/SIGINT: stop accepting, close idle connections, finish the rest."""
-        if self.stopping:
-            return
+        """SIGTERM/SIGINT: stop accepting, close idle connections, let the rest finish."""
         self.pause_accepts()
         self.stopping = True
         self.stop_deadline = time.monotonic() + grace
         for slot in self.slots:
-            if slot.fd >= 0 and not slot.closing and not slot.send_busy and slot.rlen == 0:
+            if slot.fd >= 0 and not slot.closing and not slot.send_busy and slot.rlen == 0 \
+                    and slot.mode != HANDSHAKE:
                 self.start_close(slot)
 
     def drained(self):
@@ -1167,9 +4311,12 @@ class Server:
 
     def stats_line(self):
         s = self.stats
-        return (f"stats active={self.active} free={len(self.free)} max={len(self.slots)} "
+        line = (f"stats active={self.active} free={len(self.free)} max={len(self.slots)} "
                 f"accepted={s['accepted']} requests={s['requests']} closed={s['closed']} "
                 f"timeouts={s['timeouts']} enters={self.ring.enters}")
+        if self.tls is not None:
+            line += f" handshakes={s['handshakes']} tls_failures={s['tls_failures']}"
+        return line
 
 
 def peer_name(fd):
@@ -1196,6 +4343,10 @@ class Log:
     def warn(self, msg):
         if self.level >= 0:
             print(f"tarweb.py: {msg}", file=sys.stderr, flush=True)
+
+    def bug(self, text):
+        print(f"tarweb.py: internal error, connection dropped:\n{text}", file=sys.stderr,
+              flush=True)
 
     def info(self, msg):
         if self.level >= 1:
@@ -1243,11 +4394,11 @@ def make_listener(spec):
     return s
 
 
-def listener_url(sock, scheme="http"):
+def listener_url(sock, tls):
     host, port = sock.getsockname()[:2]
     if sock.family == socket.AF_INET6:
         host = f"[{host}]"
-    return f"{scheme}://{host}:{port}/"
+    return f"{'https' if tls else 'http'}://{host}:{port}/"
 
 
 def positive(kind):
@@ -1267,7 +4418,20 @@ def parse_args(argv):
         prog="tarweb.py", description="Serve a static website out of a tar file, over io_uring.")
     p.add_argument("tar", help="the tar file to serve (uncompressed; ustar, GNU or PAX)")
     p.add_argument("-l", "--listen", action="append", type=parse_listen, metavar="ADDR:PORT",
-                   help="address to listen on, repeatable (default [::]:8080, dual-stack)")
+                   help="address to listen on, repeatable (default [::]:8080, dual-stack); "
+                   "HTTPS when a certificate is given and there is no --tls-listen")
+    p.add_argument("--tls-listen", action="append", type=parse_listen, metavar="ADDR:PORT",
+                   help="address for HTTPS, repeatable; --listen addresses then stay plain HTTP")
+    p.add_argument("-C", "--tls-cert", "--cert", metavar="FILE",
+                   help="PEM certificate chain, leaf first (turns TLS on)")
+    p.add_argument("-P", "--tls-key", "--key", metavar="FILE", help="PEM private key")
+    p.add_argument("--tls-self-signed", action="store_true",
+                   help="TLS with a certificate made at start for localhost (for trying out)")
+    p.add_argument("--ktls", choices=("auto", "require", "off"), default="auto",
+                   help="kernel TLS for record encryption: auto (fall back to Python if the "
+                   "kernel lacks it), require, or off (default auto)")
+    p.add_argument("--handshake-timeout", type=positive(float), default=10.0, metavar="S",
+                   help="time allowed for a TLS handshake (default 10)")
     p.add_argument("--prefix", default="", help="serve only members under this prefix, "
                    "with the prefix stripped (e.g. site/)")
     p.add_argument("--max-connections", type=positive(int), default=1024, metavar="N",
@@ -1287,10 +4451,51 @@ def parse_args(argv):
     p.add_argument("-q", "--quiet", action="count", default=0)
     p.add_argument("--version", action="version", version=f"tarweb.py {__version__}")
     opts = p.parse_args(argv)
-    if not opts.listen:
-        opts.listen = [(socket.AF_INET6, "::", 8080)] if socket.has_ipv6 else \
-            [(socket.AF_INET, "0.0.0.0", 8080)]
+    if (opts.tls_cert is None) != (opts.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    if opts.tls_self_signed and opts.tls_cert:
+        p.error("--tls-self-signed replaces --tls-cert/--tls-key: give one or the other")
+    opts.tls = bool(opts.tls_cert or opts.tls_self_signed)
+    if opts.tls_listen and not opts.tls:
+        p.error("--tls-listen needs --tls-cert and --tls-key (or --tls-self-signed)")
+    if not opts.listen and not opts.tls_listen:
+        port = 8443 if opts.tls else 8080
+        opts.listen = [(socket.AF_INET6, "::", port)] if socket.has_ipv6 else \
+            [(socket.AF_INET, "0.0.0.0", port)]
     return opts
+
+
+def listener_specs(opts):
+    """(spec, is_tls) for every listener: with --tls-listen, --listen stays plain HTTP;
+    without it a certificate makes --listen HTTPS, as in the Rust tarweb."""
+    if opts.tls_listen:
+        return [(spec, False) for spec in opts.listen or ()] + \
+            [(spec, True) for spec in opts.tls_listen]
+    return [(spec, opts.tls) for spec in opts.listen]
+
+
+def load_tls_identity(opts):
+    """(PrivateKey, [DER certificates]) from the files, or a fresh self-signed pair."""
+    if opts.tls_self_signed:
+        key, cert = make_self_signed()
+        return key, [cert]
+    try:
+        with open(opts.tls_key, "rb") as f:
+            key_pem = f.read()
+        with open(opts.tls_cert, "rb") as f:
+            chain_pem = f.read()
+    except OSError as e:
+        raise StartupError(f"{e.filename}: cannot read: {e.strerror}")
+    try:
+        key = load_private_key(key_pem)
+    except ValueError as e:
+        raise StartupError(f"{opts.tls_key}: {e}")
+    try:
+        chain = load_cert_chain(chain_pem)
+        check_key_matches_cert(key, chain[0])
+    except ValueError as e:
+        raise StartupError(f"{opts.tls_cert}: {e}")
+    return key, chain
 
 
 def open_access_log(name):
@@ -1319,13 +4524,15 @@ def raise_fd_limit(n, log):
 
 def serve(opts, log):
     """Start-up in the order that fails fastest, then run until SIGTERM/SIGINT."""
+    identity = load_tls_identity(opts) if opts.tls else None  # key files first, never logged
     opts.access_log_file = open_access_log(opts.access_log)
     archive = Archive(opts.tar, opts.prefix)
     site = Site(archive, opts.cache_control)
+    tls = TLSContext(identity[0], identity[1], opts.ktls, log) if identity else None
     raise_fd_limit(opts.max_connections, log)
-    listeners = [make_listener(spec) for spec in opts.listen]
-    server = Server(site, listeners, opts, log)
-    urls = " ".join(listener_url(s) for s in listeners)
+    listeners = [(make_listener(spec), is_tls) for spec, is_tls in listener_specs(opts)]
+    server = Server(site, listeners, opts, log, tls)
+    urls = " ".join(listener_url(sock, is_tls) for sock, is_tls in listeners)
     print(f"tarweb.py {__version__}: serving {opts.tar} on {urls}", flush=True)
     log.info(f"{len(archive.files)} files, {opts.max_connections} slots, ring flags "
              f"{server.ring.flags:#x}, multishot accept")
