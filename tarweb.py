@@ -142,7 +142,7 @@ IORING_CQE_F_MORE = 1 << 1
 MSG_WAITALL = 0x100
 MSG_NOSIGNAL = 0x4000
 SOCK_CLOEXEC = 0o2000000
-SHUT_WR, SHUT_RDWR = 1, 2
+SHUT_RD, SHUT_WR = 0, 1
 
 # struct __kernel_timespec {s64 tv_sec; s64 tv_nsec}; struct iovec {void *base; size_t len};
 # struct msghdr {name, namelen(+pad), iov, iovlen, control, controllen, flags(+pad)} = 56 bytes.
@@ -434,13 +434,25 @@ class Archive:
         try:
             with tarfile.open(path, mode="r:") as tf:
                 members = tf.getmembers()
+                end = tf.offset  # where the header after the last member starts
         except (tarfile.TarError, EOFError, OSError, UnicodeError) as e:
             raise StartupError(f"{path}: not a readable tar file ({e})")
+        self._check_end(path, end)
         for m in members:
             if m.isreg() and m.offset_data + m.size > self.size:
                 raise StartupError(f"{path}: truncated: '{m.name}' ends at byte "
                                    f"{m.offset_data + m.size} but the file has {self.size}")
         return members
+
+    def _check_end(self, path, end):
+        """tarfile stops quietly at a cut-off header: after the last member there must be
+        nothing, or the end-of-archive zero blocks."""
+        with open(path, "rb") as f:
+            f.seek(end)
+            tail = f.read(512)
+        if tail and (len(tail) < 512 or tail.count(0) != 512):
+            raise StartupError(f"{path}: truncated or corrupt after byte {end} (a damaged "
+                               f"header); re-create the tar")
 
     def _index(self, members, prefix):
         links = []
@@ -516,6 +528,7 @@ TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklm
 VISIBLE_ASCII = bytes(range(0x21, 0x7F))
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/(1\.[01])\r?\n")
+VERSION_LINE = re.compile(TOKEN + rb" [\x21-\x7e]+ HTTP/\d\.\d\r?")
 # Field values: visible characters, spaces and tabs, obs-text; no CR, LF, NUL or other controls.
 FIELD_BLOCK = re.compile(rb"(?:" + TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r?\n)*")
 FIELD_PAIRS = re.compile(rb"(" + TOKEN + rb"):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*\r?\n")
@@ -654,8 +667,8 @@ def request_line_error(head):
     line = head.split(b"\n", 1)[0]
     if len(line) > MAX_REQUEST_LINE:
         return 414
-    if re.fullmatch(rb"[^ ]+ [^ ]+ HTTP/\d\.\d\r?", line):
-        return 505
+    if VERSION_LINE.fullmatch(line):
+        return 505  # well-formed, but a version other than 1.0 and 1.1
     return 400
 
 
@@ -730,12 +743,13 @@ class Site:
             head.append("Connection: keep-alive")
         return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
 
-    def error(self, status, close, extra=()):
-        """A short text/plain error response: (status, head+body, 0, 0, keep_alive)."""
-        body = f"{status} {REASONS[status]}\n"
+    def error(self, status, close, extra=(), method=b"GET"):
+        """A short text/plain error response: (status, head+body, 0, 0, keep_alive).
+        A HEAD request gets the same head without the body."""
+        body = f"{status} {REASONS[status]}\n".encode()
         lines = ["Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}"]
-        return status, self.status_head(status, lines + list(extra), close) + body.encode(), 0, 0, \
-            not close
+        head = self.status_head(status, lines + list(extra), close)
+        return status, head if method == b"HEAD" else head + body, 0, 0, not close
 
     # -- request parsing ------------------------------------------------------------------------
 
@@ -773,17 +787,17 @@ class Site:
         try:
             method, target, version, fields, keep_alive = self.parse(head)
         except HttpError as e:
-            return self.error(e.status, e.close)
+            return self.error(e.status, e.close, method=head.partition(b" ")[0])
         close = not keep_alive
         if method != b"GET" and method != b"HEAD":
             return self.error(405, close, ("Allow: GET, HEAD",))
         if target[0] != 47:  # not '/'
             target = _origin_form(target)
             if target is None:
-                return self.error(400, close)
+                return self.error(400, True, method=method)
         path = normalise_path(target)
         if path is None:
-            return self.error(400, close)
+            return self.error(400, close, method=method)
         entry = self.archive.lookup(path)
         if entry is None:
             return self._missing(method, target, version, path, close)
@@ -797,10 +811,10 @@ class Site:
         if path.rstrip(b"/") in self.archive.dirs and not path.endswith(b"/"):
             query = target.partition(b"?")[2]
             location = path + b"/" + (b"?" + query if query else b"")
-            return self.error(301, close, ("Location: " + location.decode("latin-1"),))
+            return self.error(301, close, ("Location: " + location.decode("latin-1"),), method)
         nf = self.not_found
         if nf is None:
-            return self.error(404, close)
+            return self.error(404, close, method=method)
         lines = [f"Content-Type: {content_type(nf.name)}", f"Content-Length: {nf.size}"]
         head = self.status_head(404, lines, close, version == 10 and not close)
         return 404, head, nf.offset, (0 if method == b"HEAD" else nf.size), not close
@@ -3797,7 +3811,7 @@ class Server:
         self.accept_armed = [False] * len(self.listeners)
         self.multishot = True
         self.stopping = False
-        self.stop_requested = ()  # the CLI's signal handlers append to this list
+        self.stop_requested = ()  # the CLI's signal handlers append to the list put here
         self.stop_deadline = None
         self.stats = dict(accepted=0, requests=0, closed=0, timeouts=0, handshakes=0,
                           tls_failures=0)
@@ -4297,9 +4311,12 @@ class Server:
         self.stopping = True
         self.stop_deadline = time.monotonic() + grace
         for slot in self.slots:
-            if slot.fd >= 0 and not slot.closing and not slot.send_busy and slot.rlen == 0 \
-                    and slot.mode != HANDSHAKE:
-                self.start_close(slot)
+            if slot.fd >= 0 and not slot.closing and slot.recv_busy and slot.mode != HANDSHAKE \
+                    and not slot.lingering and slot.rlen == 0:
+                # Waiting for a request (perhaps behind a linked send still under way): shut
+                # the read side, so the recv ends with 0 once any response is out, and closes.
+                self.ring.prep(IORING_OP_SHUTDOWN, slot.fd, 0, SHUT_RD, 0, 0, OP_IGNORE << 32,
+                               IOSQE_CQE_SKIP_SUCCESS)
 
     def drained(self):
         if self.active == 0:
@@ -4532,17 +4549,17 @@ def serve(opts, log):
     raise_fd_limit(opts.max_connections, log)
     listeners = [(make_listener(spec), is_tls) for spec, is_tls in listener_specs(opts)]
     server = Server(site, listeners, opts, log, tls)
-    urls = " ".join(listener_url(sock, is_tls) for sock, is_tls in listeners)
-    print(f"tarweb.py {__version__}: serving {opts.tar} on {urls}", flush=True)
-    log.info(f"{len(archive.files)} files, {opts.max_connections} slots, ring flags "
-             f"{server.ring.flags:#x}, multishot accept")
-    stop = []
+    stop = server.stop_requested = []
     # Handlers only set a flag: the loop must not be re-entered halfway through writing an SQE.
+    # They are in place before the URL line, which tells the world the server is up.
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     signal.signal(signal.SIGUSR1, lambda *_: print("tarweb.py: " + server.stats_line(),
                                                    file=sys.stderr, flush=True))
-    server.stop_requested = stop
+    urls = " ".join(listener_url(sock, is_tls) for sock, is_tls in listeners)
+    print(f"tarweb.py {__version__}: serving {opts.tar} on {urls}", flush=True)
+    log.info(f"{len(archive.files)} files, {opts.max_connections} slots, io_uring setup "
+             f"flags {server.ring.flags:#x}")
     server.run()
     if opts.access_log_file:
         opts.access_log_file.flush()
