@@ -937,9 +937,8 @@ _X25519_A24 = 121665  # (486662 - 2) / 4, RFC 7748 §5
 
 
 def _c25519_inverse(z):
-    """z^-1 mod p, and 0 for z = 0 (as RFC 7748's z^(p-2) gives).
-
-    pow(z, -1, p) is several times faster than Fermat's z^(p-2) in CPython.
+    """z^-1 mod p for any integer z (lazily reduced values included); 0 when z = 0 mod p,
+    as RFC 7748's z^(p-2) gives.  pow(z, -1, p) is several times faster than z^(p-2) in CPython.
     """
     z %= _C25519_P
     return pow(z, -1, _C25519_P) if z else 0
@@ -1005,11 +1004,12 @@ def _x25519_ladder(k, u):
 def x25519(k, u):
     """RFC 7748 X25519(k, u): 32-byte scalar (clamped here) times 32-byte u-coordinate.
 
-    The top bit of u is ignored and non-canonical u (>= p) is reduced, as §5 requires.
+    The top bit of u is ignored, as §5 requires; a non-canonical u (p <= u < 2^255) needs no
+    reducing here since the ladder computes modulo p anyway.
     """
     if len(k) != 32 or len(u) != 32:
         raise ValueError('X25519 scalar and u-coordinate must be 32 bytes each')
-    u_int = (int.from_bytes(u, 'little') & _C25519_M255) % _C25519_P
+    u_int = int.from_bytes(u, 'little') & _C25519_M255
     return _x25519_ladder(_x25519_clamp(k), u_int).to_bytes(32, 'little')
 
 
@@ -1248,8 +1248,9 @@ def ed25519_verify(pub, msg, sig):
 
 # Fixed-base window: the generator table holds, for every w-bit digit position
 # i, the multiples j * 2^(w*i) * G for j = 1 .. 2^(w-1).  A scalar then costs
-# one mixed addition per position and no doubling at all.  w = 10 keeps the
-# P-256 table at 13 312 points (~3 MB, ~0.1 s to build once per process).
+# one mixed addition per position and no doubling at all.  With w = 10 the
+# table is 26 x 512 points for P-256 (2.5 MB, ~0.1 s to build) and 39 x 512
+# for P-384 (4.3 MB, ~0.2 s), built on first use of each curve.
 _ECP_BASE_WINDOW = 10
 # wNAF width for an arbitrary point: 8 precomputed odd multiples (P .. 15P).
 _ECP_POINT_WINDOW = 5
@@ -1372,15 +1373,15 @@ def _ecp_base_table(curve):
     """(offset, rows): the generator table of _ECP_BASE_WINDOW, built once per curve.
 
     rows[i][j] = j * 2^(w*i) * G (affine) for j = 1 .. 2^(w-1).  There are
-    (bits + 1) // w + 1 rows, so that k + offset < 2^(w * rows) for k < 2^bits
-    (see _ecp_mul_base for the offset).
+    (bits + 2) // w + 1 rows, so that k + offset < 2^(w * rows) for every
+    k < 2^(bits + 1) (see _ecp_mul_base for the offset).
     """
     if curve.base_table is None:
         p, w = curve.p, _ECP_BASE_WINDOW
         half = 1 << (w - 1)
         rows = []
         bx, by = curve.gx, curve.gy          # 2^(w*i) * G for the current row
-        for _ in range((curve.n.bit_length() + 1) // w + 1):
+        for _ in range((curve.n.bit_length() + 2) // w + 1):
             multiples = [(bx, by, 1)]
             for _ in range(half - 1):
                 multiples.append(_ecp_add_affine(*multiples[-1], bx, by, p))
@@ -1393,7 +1394,7 @@ def _ecp_base_table(curve):
 
 
 def _ecp_mul_base(curve, k):
-    """k * G as a Jacobian triple, for 0 <= k < 2^(bits of n).
+    """k * G as a Jacobian triple, for 0 <= k < 2^(bits of n + 1).
 
     Signed digits halve the table: with offset = sum of 2^(w-1) * 2^(w*i),
     the base-2^w digits u_i of k + offset give k = sum (u_i - 2^(w-1)) 2^(w*i),
@@ -1619,6 +1620,19 @@ def _ecdsa_der_decode(sig):
     return values
 
 
+def _ecdsa_fixed_length(k, n):
+    """k + n or k + 2n, whichever has exactly one bit more than n (same point: nG = 0).
+
+    Every nonce then has the same length, so the table loop's top digit is
+    never zero and the signing time does not reveal that k is short: leaked
+    leading zero bits of ECDSA nonces are what lattice attacks feed on.
+    """
+    k += n
+    if k.bit_length() <= n.bit_length():
+        k += n
+    return k
+
+
 class ECDSAKey:
     """ECDSA signing key; signatures use the curve's hash and RFC 6979 nonces."""
 
@@ -1635,7 +1649,7 @@ class ECDSAKey:
         h1 = hashlib.new(curve.hash_name, msg).digest()
         e = _ecdsa_bits2int(h1, n.bit_length())
         for k in _ecdsa_rfc6979_nonces(curve, self._d, h1):
-            x, _, z = _ecp_mul_base(curve, k)     # finite: 1 <= k < n
+            x, _, z = _ecp_mul_base(curve, _ecdsa_fixed_length(k, n))
             zinv = pow(z, -1, p)
             r = x * zinv * zinv % p % n
             if r:
@@ -1692,7 +1706,7 @@ class AEADError(ValueError):
 
 
 def _aead_xor(data, keystream):
-    """XOR two equal-length byte strings as big integers (one C-level pass)."""
+    """XOR two equal-length byte strings, as big integers so the loop runs in C."""
     n = len(data)
     return (int.from_bytes(data, 'big') ^ int.from_bytes(keystream, 'big')).to_bytes(n, 'big')
 
@@ -1722,13 +1736,13 @@ _AES_SBOX = _aes_make_sbox()
 _AES_BYTES_ONES = int.from_bytes(b'\x01' * 256, 'big')
 
 
-def _aes_sub_xor_table(k):
-    """256-byte translate table x -> S(x ^ k): AddRoundKey folded into SubBytes."""
-    identity = int.from_bytes(bytes(range(256)), 'big')
-    return (identity ^ (k * _AES_BYTES_ONES)).to_bytes(256, 'big').translate(_AES_SBOX)
+def _aes_xor_table(table, k):
+    """The 256-byte table with every byte XORed with k."""
+    return (int.from_bytes(table, 'big') ^ (k * _AES_BYTES_ONES)).to_bytes(256, 'big')
 
 
-_AES_SUB_XOR = [_aes_sub_xor_table(k) for k in range(256)]
+# _AES_SUB_XOR[k] is the translate table x -> S(x ^ k): AddRoundKey folded into SubBytes.
+_AES_SUB_XOR = [_aes_xor_table(bytes(range(256)), k).translate(_AES_SBOX) for k in range(256)]
 
 # The byte-sliced state keeps its 16 planes in row-major order: position
 # p = 4*row + col holds AES state byte row + 4*col (FIPS 197 numbers the bytes
@@ -1762,8 +1776,9 @@ class _AESSchedule:
     """Per-key translate tables for the byte-sliced cipher (built once per key).
 
     rounds[r][p]: SubBytes with round key r folded in, for the plane that
-    ShiftRows moves to position p (rounds followed by MixColumns).
-    final[p]: the last round, which also folds in the last round key."""
+    ShiftRows moves to position p, in the rounds that end with MixColumns.
+    final[p]: the same for the last round, which also folds in the last round
+    key (S(x ^ k_Nr-1) ^ k_Nr), so its output needs no further XOR."""
 
     def __init__(self, key):
         if len(key) not in (16, 32):
@@ -1771,9 +1786,8 @@ class _AESSchedule:
         round_keys = _aes_expand_key(bytes(key))
         self.rounds = [[_AES_SUB_XOR[rk[i]] for i in _AES_SHIFT_INDEX] for rk in round_keys[:-2]]
         last_in, last_out = round_keys[-2], round_keys[-1]
-        self.final = [
-            (int.from_bytes(_AES_SUB_XOR[last_in[i]], 'big') ^ (last_out[j] * _AES_BYTES_ONES)).to_bytes(256, 'big')
-            for i, j in zip(_AES_SHIFT_INDEX, _AES_PLANE_INDEX)]
+        self.final = [_aes_xor_table(_AES_SUB_XOR[last_in[i]], last_out[j])
+                      for i, j in zip(_AES_SHIFT_INDEX, _AES_PLANE_INDEX)]
 
     def encrypt_planes(self, state, n):
         """Encrypt n blocks given as 16 row-major planes of n bytes (joined into
@@ -1787,8 +1801,8 @@ class _AESSchedule:
             # MixColumns on every column of every block at once, with rows
             # a0..a3 of the big int: out_r = 2*(a_r ^ a_r+1) ^ (a0^a1^a2^a3) ^ a_r,
             # which equals the FIPS 197 2*a_r ^ 3*a_r+1 ^ a_r+2 ^ a_r+3.
-            u = s ^ (((s & low3) << (32 * n)) | (s >> (96 * n)))   # a_r ^ a_r+1
-            total = u ^ (((u & low2) << (64 * n)) | (u >> (64 * n)))        # u_r ^ u_r+2
+            u = s ^ (((s & low3) << (32 * n)) | (s >> (96 * n)))        # u_r = a_r ^ a_r+1
+            total = u ^ (((u & low2) << (64 * n)) | (u >> (64 * n)))    # u_r ^ u_r+2
             # xtime on every byte at once: shift each byte left without its top
             # bit, and XOR 0x1b into the bytes whose top bit was set.
             top = u & top_bits
@@ -1859,6 +1873,8 @@ class AESGCM:
 
     def _keystream(self, nonce, nblocks):
         """E(K, J0) followed by nblocks of CTR keystream (counters 2, 3, ...)."""
+        if nblocks > (1 << 32) - 2:        # SP 800-38D: at most 2^39 - 256 bits of plaintext
+            raise ValueError('AES-GCM message too long')
         n = nblocks + 1
         counters = struct.pack('>%dI' % n, *range(1, n + 1))    # J0 = nonce || 1
         planes = [nonce[i:i + 1] * n if i < 12 else counters[i - 12::4] for i in _AES_PLANE_INDEX]
@@ -1866,15 +1882,14 @@ class AESGCM:
 
     def _tag(self, aad, ciphertext, mask):
         lengths = struct.pack('>QQ', 8 * len(aad), 8 * len(ciphertext))
-        s = _gcm_ghash(self._tables, b''.join((aad, _aead_pad16(aad), ciphertext, _aead_pad16(ciphertext), lengths)))
+        s = _gcm_ghash(self._tables, b''.join(
+            (aad, _aead_pad16(aad), ciphertext, _aead_pad16(ciphertext), lengths)))
         return (s ^ int.from_bytes(mask, 'big')).to_bytes(16, 'big')
 
     def seal(self, nonce, plaintext, aad):
         if len(nonce) != 12:
             raise ValueError('AES-GCM nonce must be 12 bytes, got %d' % len(nonce))
         nonce, plaintext, aad = bytes(nonce), bytes(plaintext), bytes(aad)
-        if len(plaintext) > (1 << 36) - 32:
-            raise ValueError('AES-GCM plaintext too long')
         n = len(plaintext)
         ks = self._keystream(nonce, (n + 15) // 16)
         ciphertext = _aead_xor(plaintext, ks[16:16 + n])
@@ -1988,7 +2003,8 @@ class ChaCha20Poly1305:
 
     def _tag(self, otk, aad, ciphertext):
         lengths = struct.pack('<QQ', len(aad), len(ciphertext))
-        return _poly1305_mac(otk, b''.join((aad, _aead_pad16(aad), ciphertext, _aead_pad16(ciphertext), lengths)))
+        return _poly1305_mac(otk, b''.join(
+            (aad, _aead_pad16(aad), ciphertext, _aead_pad16(ciphertext), lengths)))
 
     def seal(self, nonce, plaintext, aad):
         if len(nonce) != 12:
@@ -2936,23 +2952,31 @@ class _TLSRecordCipher:
         self.iv = hkdf_expand_label(hash_name, secret, b'iv', b'', 12)
         self.seq = seq
         self._iv_int = int.from_bytes(self.iv, 'big')
-        self._aead = aead_class(self.key)
+        self._aead_class = aead_class
+        self._aead = None
 
     def next_generation(self):
         """The cipher for the next traffic secret after a KeyUpdate; the sequence restarts at 0."""
         hash_name = _TLS_SUITES[self.cipher_suite][0]
         return _TLSRecordCipher(self.cipher_suite, _tls13_next_traffic_secret(hash_name, self.secret))
 
+    def _cipher(self):
+        # Built on first use: AES-GCM precomputes tables per key (about 0.6 ms), wasted on the
+        # application keys when the kernel (kTLS) takes over the connection.
+        if self._aead is None:
+            self._aead = self._aead_class(self.key)
+        return self._aead
+
     def _nonce(self):
         # §5.3: the 64-bit sequence number, left-padded to the IV length, XORed with the IV.
         return (self._iv_int ^ self.seq).to_bytes(12, 'big')
 
     def seal(self, content_type, content):
-        """One TLSCiphertext record: content plus its inner type, no padding."""
-        inner = content + bytes([content_type])
+        """One TLSCiphertext record: content (any bytes-like object) plus its inner type, no padding."""
+        inner = b''.join((content, bytes([content_type])))
         header = struct.pack('>BHH', _TLS_CT_APPLICATION_DATA, _TLS_LEGACY_VERSION,
                              len(inner) + _TLS_AEAD_TAG_LEN)
-        record = header + self._aead.seal(self._nonce(), inner, header)
+        record = header + self._cipher().seal(self._nonce(), inner, header)
         self.seq += 1
         return record
 
@@ -2963,7 +2987,7 @@ class _TLSRecordCipher:
 
     def open(self, header, body):
         """(content type, content) of a protected record; AEADError (seq unchanged) if it fails."""
-        inner = self._aead.open(self._nonce(), body, header)
+        inner = self._cipher().open(self._nonce(), body, header)
         self.seq += 1
         if len(inner) > _TLS_MAX_INNER_PLAINTEXT:
             raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, 'inner plaintext of %d bytes' % len(inner))
@@ -3060,7 +3084,8 @@ class RecordLayer:
         return bytes(self._inbuf)
 
     def seal(self, app_data):
-        """Application data as records of at most 2^14 bytes each ('' for empty input)."""
+        """Application data (bytes, bytearray or memoryview, e.g. of an mmap) as records of at
+        most 2^14 bytes each; b'' for empty input."""
         return self._tx.seal_records(_TLS_CT_APPLICATION_DATA, app_data)
 
     def close_notify(self):
@@ -3078,7 +3103,7 @@ class RecordLayer:
                 if record is None:
                     break
                 content_type, header, body, pos = record
-                self._open_record(content_type, header, body, plaintext, events, to_send)
+                self._open_record(content_type, header, body, plaintext, events)
         except _TLSFatal as exc:
             self._fail(exc.alert, exc.message, events, to_send)
         except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
@@ -3090,7 +3115,8 @@ class RecordLayer:
             to_send.append(self._tx.seal(_TLS_CT_HANDSHAKE,
                                          _tls_handshake_message(_TLS_HS_KEY_UPDATE, b'\x00')))
             self._tx = self._tx.next_generation()
-        del self._inbuf[:pos]
+        # After a closure or an error nothing more is read, so nothing is kept either.
+        del self._inbuf[:len(self._inbuf) if self.closed or self.failed else pos]
         return b''.join(plaintext), events, b''.join(to_send)
 
     def _fail(self, alert, message, events, to_send):
@@ -3099,7 +3125,7 @@ class RecordLayer:
         events.append('error')
         to_send.append(self._tx.seal(_TLS_CT_ALERT, bytes([2, alert])))
 
-    def _open_record(self, content_type, header, body, plaintext, events, to_send):
+    def _open_record(self, content_type, header, body, plaintext, events):
         if content_type != _TLS_CT_APPLICATION_DATA:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
                             'unprotected record of type %d after the handshake' % content_type)
@@ -3266,6 +3292,7 @@ class _TLSClientHello:
 class TLSConfig:
     """What every connection shares: key, certificate chain (DER, leaf first), ALPN, suites.
 
+    alpn is the server's order of preference; an empty alpn ignores the client's ALPN offer.
     cipher_preference is the server's order of preference among the three TLS 1.3 suites.
     """
 
@@ -3337,7 +3364,6 @@ class TLSServer:
         self._inbuf = bytearray()
         self._handshake = _TLSHandshakeBuffer()
         self._first_hello = None
-        self._hash_name = None
         self._transcript = None
         self._rx = None                  # client handshake traffic protection, once SH is out
         self._tx = None                  # server handshake traffic protection, once SH is out
@@ -3370,11 +3396,10 @@ class TLSServer:
         except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
             self._fail(_TLS_ALERT_INTERNAL_ERROR, 'internal error: %r' % (exc,), out)
             return b''.join(out)
-        rest = bytes(self._inbuf[pos:])
-        self._inbuf = bytearray(rest)
+        del self._inbuf[:pos]
         if self.done:
+            self._start_record_layer(bytes(self._inbuf), out)
             self._inbuf = None
-            self._start_record_layer(rest, out)
         return b''.join(out)
 
     def traffic_keys(self):
@@ -3493,8 +3518,7 @@ class TLSServer:
         # A key change follows the ClientHello, and the client cannot send a second hello
         # before it has seen our HelloRetryRequest: nothing may follow in the record.
         self._handshake.check_boundary('ClientHello')
-        retried = self._state == _TLS_STATE_RETRIED_HELLO
-        if retried:
+        if self._state == _TLS_STATE_RETRIED_HELLO:
             self._check_retried_hello(hello)
         params = self._negotiate(hello)
         if params is None:
@@ -3550,7 +3574,7 @@ class TLSServer:
         raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, 'no common %s' % what)
 
     def _choose_alpn(self, offered):
-        if offered is None:
+        if offered is None or not self.config.alpn:   # alpn=() in the config: ALPN is ignored
             return None
         for protocol in self.config.alpn:
             if protocol in offered:
@@ -3603,7 +3627,6 @@ class TLSServer:
         transcript.update(_tls_handshake_message(_TLS_HS_MESSAGE_HASH, first_hash))
         transcript.update(retry)
         out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, retry) + self._compat_ccs(hello))
-        self._hash_name = hash_name
         self._transcript = transcript
         self._first_hello = hello
         if _TLS_EXT_EARLY_DATA in hello.extensions:
