@@ -343,14 +343,14 @@ class IoUring:
         """Write one SQE at the local tail; it reaches the kernel with the next enter()."""
         if self.to_submit == self.sq_entries:
             self.enter(0)
-        io_uring_sqe.pack_into(self.sqes, (self.sq_tail & self.sq_mask) * 64, opcode, sqe_flags,
+        io_uring_sqe.pack_into(self.sqes, (self.sq_tail & self.sq_mask) << 6, opcode, sqe_flags,
                                ioprio, fd, off, addr, length, op_flags, user_data, 0, 0, 0, 0, 0)
-        self.sq_tail = (self.sq_tail + 1) & 0xFFFFFFFF
+        self.sq_tail += 1  # wrapped to 32 bits only when published
         self.to_submit += 1
 
     def enter(self, wait):
         """Publish queued SQEs and, when wait is true, block until at least one CQE is ready."""
-        struct.pack_into("<I", self.sq_ring, self.sq_tail_off, self.sq_tail)
+        struct.pack_into("<I", self.sq_ring, self.sq_tail_off, self.sq_tail & 0xFFFFFFFF)
         flags = IORING_ENTER_GETEVENTS if wait else 0
         self.enters += 1
         ret = sys_io_uring_enter(self.fd, self.to_submit, 1 if wait else 0, flags)
@@ -3781,6 +3781,7 @@ class TLSContext:
 # user_data: bits 0-31 slot (or listener) index, 32-39 operation, 40-63 slot generation, so a
 # completion that arrives after its slot was freed and reused is recognised and dropped.
 OP_ACCEPT, OP_RECV, OP_SEND, OP_SEND_LINKED, OP_TIMER, OP_IGNORE = range(6)
+UD_RECV, UD_SEND, UD_SEND_LINKED = OP_RECV << 32, OP_SEND << 32, OP_SEND_LINKED << 32
 GEN_MASK = (1 << 24) - 1
 
 # What sits between a slot's socket and HTTP.
@@ -3807,7 +3808,7 @@ class Slot:
                  "riov_addr", "rmsg_addr", "cmsg_addr",
                  "rstart", "rlen", "deadline", "partial", "recv_busy", "send_busy", "send_linked",
                  "send_ud", "closing", "lingering", "body_pos", "body_end", "keep_alive",
-                 "iov", "mode", "tls", "out", "pending_out", "hs_need", "peer")
+                 "iov", "ud", "mode", "tls", "out", "pending_out", "hs_need", "peer")
 
     def __init__(self, index):
         self.index, self.gen, self.fd = index, 0, -1
@@ -3878,9 +3879,6 @@ class Server:
 
     # -- submission helpers ---------------------------------------------------------------------
 
-    def ud(self, slot, op):
-        return slot.index | (op << 32) | (slot.gen << 40)
-
     def arm_accept(self, i):
         if self.accept_armed[i] or self.stopping:
             return
@@ -3914,9 +3912,9 @@ class Server:
             recv_area.pack_into(self.rmsgs, off, 0, 0, slot.riov_addr, 1, slot.cmsg_addr,
                                 CMSG_SPACE_1, 0, addr, room)
             self.ring.prep(IORING_OP_RECVMSG, slot.fd, slot.rmsg_addr, 1, 0, 0,
-                           self.ud(slot, OP_RECV))
+                           slot.ud | UD_RECV)
         else:
-            self.ring.prep(IORING_OP_RECV, slot.fd, addr, room, 0, 0, self.ud(slot, OP_RECV))
+            self.ring.prep(IORING_OP_RECV, slot.fd, addr, room, 0, 0, slot.ud | UD_RECV)
         slot.recv_busy = True
 
     def recv_exact(self, slot, n):
@@ -3924,7 +3922,7 @@ class Server:
         behind the client's Finished is read: kTLS must find it still in the socket."""
         slot.hs_need = n
         self.ring.prep(IORING_OP_RECV, slot.fd, slot.raddr, n, 0, MSG_WAITALL,
-                       self.ud(slot, OP_RECV))
+                       slot.ud | UD_RECV)
         slot.recv_busy = True
 
     def submit_send(self, slot, head_addr, head_len, body_addr, body_len, linked):
@@ -3934,16 +3932,16 @@ class Server:
         are never linked and on_send resumes a short one."""
         iovec2.pack_into(self.iovs, slot.index * iovec2.size, head_addr, head_len, body_addr,
                          body_len)
-        slot.iov = (head_addr, head_len, body_addr, body_len)
         slot.send_busy = True
         slot.send_linked = linked
         if linked:
-            slot.send_ud = self.ud(slot, OP_SEND_LINKED)
+            slot.send_ud = slot.ud | UD_SEND_LINKED
             self.ring.prep(IORING_OP_SENDMSG, slot.fd, slot.msg_addr, 0, 0,
                            MSG_NOSIGNAL | MSG_WAITALL, slot.send_ud,
                            IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS)
         else:
-            slot.send_ud = self.ud(slot, OP_SEND)
+            slot.iov = (head_addr, head_len, body_addr, body_len)  # for resume_send
+            slot.send_ud = slot.ud | UD_SEND
             self.ring.prep(IORING_OP_SENDMSG, slot.fd, slot.msg_addr, 0, 0, MSG_NOSIGNAL,
                            slot.send_ud)
 
@@ -3984,6 +3982,7 @@ class Server:
 
     def open_slot(self, fd, tls):
         slot = self.free.pop()
+        slot.ud = slot.index | slot.gen << 40  # the operation goes in bits 32-39
         self.active += 1
         self.accepted += 1
         slot.fd = fd
@@ -4010,7 +4009,7 @@ class Server:
         """Close now: cancel what is in flight; the slot is freed when nothing is left."""
         slot.closing = True
         if slot.recv_busy:
-            self.ring.prep(IORING_OP_ASYNC_CANCEL, -1, self.ud(slot, OP_RECV), 0, 0, 0,
+            self.ring.prep(IORING_OP_ASYNC_CANCEL, -1, slot.ud | UD_RECV, 0, 0, 0,
                            OP_IGNORE << 32)
         if slot.send_busy:
             self.ring.prep(IORING_OP_ASYNC_CANCEL, -1, slot.send_ud, 0, 0, 0, OP_IGNORE << 32)

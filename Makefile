@@ -1,0 +1,46 @@
+# tarweb.py: developer entry points. Everything except `peerbench` works from a fresh clone.
+PYTHON ?= python3
+DEMO_HTTP ?= 127.0.0.1:8080
+DEMO_HTTPS ?= 127.0.0.1:8443
+# `make peerbench` compares tarweb.py with other servers using the shared peer benchmark.
+PEERBENCH ?= ../shared/peerbench
+PEERS ?= nginx extra
+WORKLOADS ?= W1 W2
+RUNS ?= 1
+
+.PHONY: test test-ktls demo bench bench-quick peerbench clean
+
+test:
+	$(PYTHON) test_tarweb.py -v
+
+# The kTLS subset, for a kernel that has kTLS (CI runs it inside ../shared/ktls-vm): it fails
+# unless /proc/net/tls_stat shows the kernel carried the traffic.
+test-ktls:
+	TARWEB_EXPECT_KTLS=1 $(PYTHON) test_tarweb.py -v $(KTLS_TESTS)
+
+.demo/site.tar: test_tarweb.py
+	$(PYTHON) test_tarweb.py demo-site $@
+
+# Serves the demo site until Ctrl-C: HTTPS with a certificate made on the fly, and plain HTTP.
+demo: .demo/site.tar
+	@echo "try: curl -k https://$(DEMO_HTTPS)/   (self-signed certificate)   or   curl http://$(DEMO_HTTP)/"
+	$(PYTHON) tarweb.py .demo/site.tar --listen $(DEMO_HTTP) --tls-listen $(DEMO_HTTPS) --tls-self-signed
+
+# wrk and ab are installed on demand (Debian, as root); the harness explains what to do otherwise.
+bench bench-quick:
+	@if ! command -v wrk >/dev/null || ! command -v ab >/dev/null; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk apache2-utils; \
+	    fi; \
+	fi
+	$(PYTHON) test_tarweb.py bench $(if $(filter bench-quick,$@),--quick)
+
+peerbench:
+	@test -f $(PEERBENCH)/peerbench.sh || { echo "peerbench: $(PEERBENCH)/peerbench.sh not found (set PEERBENCH=DIR)"; exit 1; }
+	PEERS="$(PEERS)" WORKLOADS="$(WORKLOADS)" RUNS="$(RUNS)" PYTHON="$(PYTHON)" \
+	EXTRA_SERVER_NAME=tarweb.py \
+	EXTRA_SERVER_CMD='$(PYTHON) $(CURDIR)/tarweb.py {tar} --listen {host}:{port} -q' \
+	bash $(PEERBENCH)/peerbench.sh
+
+clean:
+	rm -rf .demo __pycache__ *.pyc
