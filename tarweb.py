@@ -88,6 +88,7 @@ class io_uring_params(ctypes.Structure):
 io_uring_sqe = struct.Struct("<BBHiQQIIQHHiQQ")
 # struct io_uring_cqe (16 bytes): user_data u64, res s32, flags u32.
 io_uring_cqe = struct.Struct("<QiI")
+io_uring_sqe_pair = struct.Struct("<" + "BBHiQQIIQHHiQQ" * 2)  # two adjacent SQEs
 assert io_uring_sqe.size == 64 and io_uring_cqe.size == 16
 
 # mmap offsets of the three ring regions
@@ -348,6 +349,25 @@ class IoUring:
         self.sq_tail += 1  # wrapped to 32 bits only when published
         self.to_submit += 1
 
+    def prep_sendmsg_recv(self, fd, msg_addr, msg_flags, send_ud, recv_addr, recv_len, recv_ud):
+        """SENDMSG linked to a RECV on the same socket, the send completing silently when it
+        succeeds: the pair that answers one request and waits for the next. Both SQEs are
+        written with one pack_into unless they would straddle the end of the ring."""
+        if self.to_submit + 2 > self.sq_entries:
+            self.enter(0)
+        send_flags = IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS
+        index = self.sq_tail & self.sq_mask
+        if index == self.sq_mask:
+            self.prep(IORING_OP_SENDMSG, fd, msg_addr, 0, 0, msg_flags, send_ud, send_flags)
+            self.prep(IORING_OP_RECV, fd, recv_addr, recv_len, 0, 0, recv_ud)
+            return
+        io_uring_sqe_pair.pack_into(
+            self.sqes, index << 6,
+            IORING_OP_SENDMSG, send_flags, 0, fd, 0, msg_addr, 0, msg_flags, send_ud, 0, 0, 0, 0, 0,
+            IORING_OP_RECV, 0, 0, fd, 0, recv_addr, recv_len, 0, recv_ud, 0, 0, 0, 0, 0)
+        self.sq_tail += 2
+        self.to_submit += 2
+
     def enter(self, wait):
         """Publish queued SQEs and, when wait is true, block until at least one CQE is ready."""
         struct.pack_into("<I", self.sq_ring, self.sq_tail_off, self.sq_tail & 0xFFFFFFFF)
@@ -527,10 +547,12 @@ MAX_REQUEST_LINE = 8192
 TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 VISIBLE_ASCII = bytes(range(0x21, 0x7F))
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-REQUEST_LINE = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/(1\.[01])\r?\n")
+REQUEST_LINE = rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/(1\.[01])\r?\n"
 VERSION_LINE = re.compile(TOKEN + rb" [\x21-\x7e]+ HTTP/\d\.\d\r?")
 # Field values: visible characters, spaces and tabs, obs-text; no CR, LF, NUL or other controls.
-FIELD_BLOCK = re.compile(rb"(?:" + TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r?\n)*")
+FIELD_BLOCK = rb"(?:" + TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r?\n)*"
+# A whole request head checked in one call; group 4 is the field block.
+REQUEST_HEAD = re.compile(REQUEST_LINE + rb"(" + FIELD_BLOCK + rb")")
 FIELD_PAIRS = re.compile(rb"(" + TOKEN + rb"):[ \t]*([^\r\n]*)\r?\n")  # on a checked block
 PERCENT_OK = re.compile(rb"(?:[^%]|%[0-9A-Fa-f]{2})*")
 BYTE_RANGE = re.compile(rb"bytes=[ \t]*(\d*)-(\d*)[ \t]*")
@@ -661,14 +683,14 @@ def accept_encoding_choice(entry, header):
     return best
 
 
-def request_line_error(head):
-    """Status for a request line that REQUEST_LINE rejected: 414, 505 or 400."""
+def request_head_error(head):
+    """Status for a head that REQUEST_HEAD rejected: 414, 505 or 400."""
     line = head.split(b"\n", 1)[0]
     if len(line) > MAX_REQUEST_LINE:
         return 414
-    if VERSION_LINE.fullmatch(line):
+    if VERSION_LINE.fullmatch(line) and not line.rstrip(b"\r").endswith((b"/1.0", b"/1.1")):
         return 505  # well-formed, but a version other than 1.0 and 1.1
-    return 400
+    return 400  # a malformed request line, or a malformed field line after a good one
 
 
 def framing(version, fields):
@@ -756,16 +778,14 @@ class Site:
     def parse(head):
         """Parse a request head (every line with its newline, without the blank line) into
         (method, target, version 10|11, interesting fields, keep_alive); raise HttpError."""
-        m = REQUEST_LINE.match(head)
+        m = REQUEST_HEAD.fullmatch(head)
         if m is None:
-            raise HttpError(request_line_error(head))
-        pos = m.end()
+            raise HttpError(request_head_error(head))
+        pos = m.start(4)
         if pos > MAX_REQUEST_LINE + 2:
             raise HttpError(414)
-        method, target, version = m.groups()
+        method, target, version = m.group(1, 2, 3)
         version = 11 if version == b"1.1" else 10
-        if FIELD_BLOCK.fullmatch(head, pos) is None:
-            raise HttpError(400)
         fields = {}
         for name, value in FIELD_PAIRS.findall(head, pos):
             name = name.lower()
@@ -4133,8 +4153,14 @@ class Server:
         slot.deadline = self.now + self.opts.idle_timeout
         if slot.body_pos == slot.body_end and slot.keep_alive and slot.rlen == 0 \
                 and slot.mode == PLAIN:
-            self.submit_send(slot, slot.haddr, head_len, body_addr, body, True)
-            self.post_recv(slot)
+            # The hot path: the rest of the response, then wait for the next request.
+            iovec2.pack_into(self.iovs, slot.index * iovec2.size, slot.haddr, head_len,
+                             body_addr, body)
+            slot.send_busy = slot.send_linked = slot.recv_busy = True
+            slot.send_ud = slot.ud | UD_SEND_LINKED
+            self.ring.prep_sendmsg_recv(slot.fd, slot.msg_addr, MSG_NOSIGNAL | MSG_WAITALL,
+                                        slot.send_ud, slot.raddr, self.rbuf_size,
+                                        slot.ud | UD_RECV)
         else:
             self.submit_send(slot, slot.haddr, head_len, body_addr, body, False)
 
