@@ -23,6 +23,7 @@ Contents, in layers (a lower layer never calls a higher one):
 import argparse
 import base64
 import binascii
+import collections
 import ctypes
 import email.utils
 import errno
@@ -3811,7 +3812,8 @@ SEND_CHUNK = 256 * 1024      # a body goes out in pieces this big, so slow reade
 USERTLS_CHUNK = 64 * 1024    # sealing in pure Python blocks the loop: smaller pieces
 LINGER_TIMEOUT = 2.0         # how long a closing connection may keep sending us bytes
 RBUF_EXTRA = 4096            # read buffer room beyond the largest allowed request head
-HBUF_SIZE = 12 * 1024        # response head buffer: fits a 301 with an 8 KiB Location
+HBUF_SIZE = 12 * 1024
+MAX_WAITING = 64             # accepted sockets that may wait for a slot        # response head buffer: fits a 301 with an 8 KiB Location
 TLS_RECORD_MAX = 5 + 16384 + 256  # one whole TLS record must fit the read buffer
 CONTENT_TYPE_APPLICATION_DATA = 23
 CONTENT_TYPE_ALERT = 21
@@ -3853,6 +3855,7 @@ class Server:
         self._allocate(n)
         self.tar_addr = site.archive.address
         self.accept_armed = [False] * len(self.listeners)
+        self.waiting = collections.deque()  # accepted while every slot was busy
         self.multishot = True
         self.stopping = False
         self.stop_requested = ()  # the CLI's signal handlers append to the list put here
@@ -3991,10 +3994,13 @@ class Server:
                 self.multishot = False  # kernel without multishot accept: single-shot ones
             elif res != -errno.ECANCELED:
                 self.log.warn(f"accept failed: {os.strerror(-res)}")
-        elif not self.free or self.stopping:
-            # Only reachable in the instant before a cancel lands; the client may retry.
+        elif self.stopping or not self.free and len(self.waiting) >= MAX_WAITING:
             self.ring.prep(IORING_OP_CLOSE, res, 0, 0, 0, 0, OP_IGNORE << 32,
                            IOSQE_CQE_SKIP_SUCCESS)
+        elif not self.free:
+            # Multishot accept kept going until our cancel landed: these clients wait for a
+            # slot, as if they were still in the kernel's backlog.
+            self.waiting.append((res, self.listener_tls[i]))
         else:
             self.open_slot(res, self.listener_tls[i])
         if not self.accept_armed[i] and self.free:
@@ -4046,7 +4052,9 @@ class Server:
         self.free.append(slot)
         self.active -= 1
         self.closed += 1
-        if len(self.free) == 1:
+        if self.waiting:
+            self.open_slot(*self.waiting.popleft())
+        elif len(self.free) == 1:
             for i in range(len(self.listeners)):
                 self.arm_accept(i)
 
@@ -4358,6 +4366,9 @@ class Server:
         self.pause_accepts()
         self.stopping = True
         self.stop_deadline = time.monotonic() + grace
+        while self.waiting:
+            self.ring.prep(IORING_OP_CLOSE, self.waiting.popleft()[0], 0, 0, 0, 0,
+                           OP_IGNORE << 32, IOSQE_CQE_SKIP_SUCCESS)
         for slot in self.slots:
             if slot.fd >= 0 and not slot.closing and slot.recv_busy and slot.mode != HANDSHAKE \
                     and not slot.lingering and slot.rlen == 0:
