@@ -5,7 +5,7 @@ DEMO_HTTPS ?= 127.0.0.1:8443
 # `make peerbench` compares tarweb.py with other servers using the shared peer benchmark.
 PEERBENCH ?= ../shared/peerbench
 PEERS ?= nginx extra
-WORKLOADS ?= W1 W2
+WORKLOADS ?= W1 W2 W3 W4
 RUNS ?= 1
 
 .PHONY: test test-ktls demo bench bench-quick peerbench clean
@@ -39,7 +39,7 @@ peerbench:
 	@test -f $(PEERBENCH)/peerbench.sh || { echo "peerbench: $(PEERBENCH)/peerbench.sh not found (set PEERBENCH=DIR)"; exit 1; }
 	PEERS="$(PEERS)" WORKLOADS="$(WORKLOADS)" RUNS="$(RUNS)" PYTHON="$(PYTHON)" \
 	EXTRA_SERVER_NAME=tarweb.py \
-	EXTRA_SERVER_CMD='$(PYTHON) $(CURDIR)/tarweb.py {tar} --listen {host}:{port} -q' \
+	EXTRA_SERVER_CMD='$(PYTHON) $(CURDIR)/tarweb.py {tar} --listen {host}:{port} --tls-listen {host}:{tls_port} --tls-cert {cert} --tls-key {key} -q' \
 	bash $(PEERBENCH)/peerbench.sh
 
 clean:

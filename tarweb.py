@@ -194,6 +194,9 @@ _libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_
                              ctypes.c_uint32]
 
 
+ONE = struct.pack("i", 1)  # an int option's value
+
+
 def setsockopt_fd(fd, level, option, value):
     """setsockopt(2) on a bare descriptor (the ring accepted it; Python has no socket object)."""
     if _libc.setsockopt(fd, level, option, value, len(value)) < 0:
@@ -3801,8 +3804,9 @@ class TLSContext:
 
 # user_data: bits 0-31 slot (or listener) index, 32-39 operation, 40-63 slot generation, so a
 # completion that arrives after its slot was freed and reused is recognised and dropped.
-OP_ACCEPT, OP_RECV, OP_SEND, OP_SEND_LINKED, OP_TIMER, OP_IGNORE = range(6)
-UD_RECV, UD_SEND, UD_SEND_LINKED = OP_RECV << 32, OP_SEND << 32, OP_SEND_LINKED << 32
+OP_ACCEPT, OP_TIMER, OP_IGNORE, OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER = range(7)
+UD_RECV, UD_SEND, UD_SEND_LINKED, UD_LINGER = (op << 32 for op in (
+    OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER))
 GEN_MASK = (1 << 24) - 1
 
 # What sits between a slot's socket and HTTP.
@@ -4034,6 +4038,7 @@ class Server:
     def start_close(self, slot):
         """Close now: cancel what is in flight; the slot is freed when nothing is left."""
         slot.closing = True
+        slot.deadline = self.now + 1.0
         if slot.recv_busy:
             self.ring.prep(IORING_OP_ASYNC_CANCEL, -1, slot.ud | UD_RECV, 0, 0, 0,
                            OP_IGNORE << 32)
@@ -4065,16 +4070,28 @@ class Server:
         slot.lingering = True
         slot.deadline = self.now + LINGER_TIMEOUT
         slot.rstart = slot.rlen = 0
-        link = IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS
+        # Only a failure shows: then the recv at the end of the chain never completes (see
+        # on_link_broken).
+        link, ud = IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS, slot.ud | UD_LINGER
         if slot.mode == KTLS:
             self.ring.prep(IORING_OP_SENDMSG, slot.fd, self.close_notify[1], 0, 0, MSG_NOSIGNAL,
-                           OP_IGNORE << 32, link)
+                           ud, link)
         elif slot.mode == USERTLS:
             slot.out = slot.pending_out + slot.tls.close_notify()
             self.ring.prep(IORING_OP_SEND, slot.fd, bytes_address(slot.out), len(slot.out), 0,
-                           MSG_NOSIGNAL, OP_IGNORE << 32, link)
-        self.ring.prep(IORING_OP_SHUTDOWN, slot.fd, 0, SHUT_WR, 0, 0, OP_IGNORE << 32, link)
+                           MSG_NOSIGNAL, ud, link)
+        self.ring.prep(IORING_OP_SHUTDOWN, slot.fd, 0, SHUT_WR, 0, 0, ud, link)
         self.post_recv(slot)
+
+    def on_link_broken(self, slot):
+        """A request carrying IOSQE_CQE_SKIP_SUCCESS at the head of a link chain failed. The
+        kernel then cancels the rest of the chain without posting their completions
+        (REQ_F_SKIP_LINK_CQES), so the recv at its end is over too: close."""
+        slot.recv_busy = False
+        if slot.closing:
+            self.maybe_free(slot)
+        else:
+            self.start_close(slot)
 
     # -- completions ----------------------------------------------------------------------------
 
@@ -4188,11 +4205,13 @@ class Server:
 
     def on_send(self, slot, res, linked):
         slot.send_busy = False
-        if slot.closing:
+        if linked:
+            # A linked send only completes visibly when it failed (or stopped short, which
+            # MSG_WAITALL only does on error); the recv behind it is gone with it.
+            self.on_link_broken(slot)
+        elif slot.closing:
             self.maybe_free(slot)
-        elif res < 0 or linked:
-            # A failed send, or a short one (MSG_WAITALL only returns short on error); a linked
-            # send only completes visibly that way. Its recv is cancelled by the kernel.
+        elif res < 0:
             self.start_close(slot)
         elif res < slot.iov[1] + slot.iov[3]:
             self.resume_send(slot, res)
@@ -4238,6 +4257,13 @@ class Server:
         layer in Python, and start HTTP with whatever application data came along."""
         hs = slot.tls
         self.handshakes += 1
+        # We send nothing after the client's Finished (no tickets), so its ACK would wait for
+        # the delayed-ACK timer, and a client using Nagle holds its first request until then
+        # (~40 ms). Ask for the ACK now: one setsockopt per connection, at hand-over time.
+        try:
+            setsockopt_fd(slot.fd, socket.IPPROTO_TCP, socket.TCP_QUICKACK, ONE)
+        except OSError:
+            pass  # an ACK that is merely late
         if hs.sni:
             self.log.info(f"TLS {hs.cipher_suite:#06x} for SNI {hs.sni}")
         slot.mode = USERTLS
@@ -4316,8 +4342,11 @@ class Server:
     def on_timer(self):
         self.site.tick(time.time())
         for slot in self.slots:
-            if slot.fd >= 0 and not slot.closing and slot.deadline < self.now:
-                self.timeouts += 1
+            if slot.fd >= 0 and slot.deadline < self.now:
+                if not slot.closing:
+                    self.timeouts += 1
+                # For a closing slot, cancel again: a cancel finds nothing when it races an
+                # operation still queued behind others in a link chain.
                 self.start_close(slot)
         if self.access_log:
             self.access_log.flush()
@@ -4339,13 +4368,15 @@ class Server:
             self.now = time.monotonic()
             for user_data, res, flags in ring.completions():
                 op = (user_data >> 32) & 0xFF
-                if op == OP_RECV or op == OP_SEND or op == OP_SEND_LINKED:
+                if op >= OP_RECV:  # an operation on a connection's slot
                     slot = slots[user_data & 0xFFFFFFFF]
                     if (user_data >> 40) != slot.gen or slot.fd < 0:
                         continue  # stale: the slot was freed (and maybe reused) since
                     try:
                         if op == OP_RECV:
                             self.on_recv(slot, res)
+                        elif op == OP_LINGER:
+                            self.on_link_broken(slot)
                         else:
                             self.on_send(slot, res, op == OP_SEND_LINKED)
                     except Exception:  # a bug must cost one connection, not the server
