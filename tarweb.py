@@ -3834,7 +3834,7 @@ class Slot:
                  "riov_addr", "rmsg_addr", "cmsg_addr",
                  "rstart", "rlen", "deadline", "partial", "recv_busy", "send_busy", "send_linked",
                  "send_ud", "closing", "lingering", "body_pos", "body_end", "keep_alive",
-                 "iov", "ud", "mode", "tls", "out", "pending_out", "hs_need", "peer")
+                 "iov", "ud", "mode", "tls", "out", "pending_out", "spill", "hs_need", "peer")
 
     def __init__(self, index):
         self.index, self.gen, self.fd = index, 0, -1
@@ -3931,6 +3931,11 @@ class Server:
             self.rbuf.move(slot.rbase, slot.rbase + slot.rstart, slot.rlen - slot.rstart)
             slot.rlen -= slot.rstart
             slot.rstart = 0
+        if slot.spill:
+            # Decrypted request bytes are waiting (userspace TLS): they come before the socket.
+            self.take_plaintext(slot)
+            self.process(slot)
+            return
         addr, room = slot.raddr + slot.rlen, self.rbuf_size - slot.rlen
         if slot.mode == KTLS:
             # recvmsg with a control buffer: the kernel tells each record's type there, and
@@ -4020,7 +4025,7 @@ class Server:
         slot.recv_busy = slot.send_busy = slot.send_linked = False
         slot.closing = slot.lingering = slot.partial = False
         slot.out = slot.tls = None
-        slot.pending_out = b""
+        slot.pending_out = slot.spill = b""
         if self.access_log:
             slot.peer = peer_name(fd)
         if tls:
@@ -4070,6 +4075,7 @@ class Server:
         slot.lingering = True
         slot.deadline = self.now + LINGER_TIMEOUT
         slot.rstart = slot.rlen = 0
+        slot.spill = b""
         # Only a failure shows: then the recv at the end of the chain never completes (see
         # on_link_broken).
         link, ud = IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS, slot.ud | UD_LINGER
@@ -4198,7 +4204,8 @@ class Server:
         slot.deadline = self.now + self.opts.idle_timeout
         data = slot.pending_out + slot.tls.seal(plain)
         slot.pending_out = b""
-        linked = slot.body_pos == slot.body_end and slot.keep_alive and slot.rlen == 0
+        linked = slot.body_pos == slot.body_end and slot.keep_alive and slot.rlen == 0 \
+            and not slot.spill
         self.send_bytes(slot, data, linked)
         if linked:
             self.post_recv(slot)
@@ -4333,9 +4340,18 @@ class Server:
             else:
                 self.start_close(slot)
             return
-        self.rbuf[pos:pos + len(plain)] = plain
-        slot.rlen += len(plain)
+        slot.spill += plain
+        self.take_plaintext(slot)
         self.process(slot)
+
+    def take_plaintext(self, slot):
+        """Move decrypted bytes into the read buffer, as many as fit. A record completed by a
+        few new bytes can decrypt to 16 KiB: what does not fit waits in slot.spill."""
+        n = min(len(slot.spill), self.rbuf_size - slot.rlen)
+        pos = slot.rbase + slot.rlen
+        self.rbuf[pos:pos + n] = slot.spill[:n]
+        slot.spill = slot.spill[n:]
+        slot.rlen += n
 
     # -- timers, logs, shutdown -----------------------------------------------------------------
 

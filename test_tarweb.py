@@ -2,7 +2,7 @@
 
     python3 -m unittest test_tarweb [-v]        the tests (pytest test_tarweb.py works too)
     python3 -m unittest test_tarweb.TestHKDF    one class: it builds only the fixtures it needs
-    python3 test_tarweb.py bench [--quick]      load-test the server with wrk (section 5)
+    python3 test_tarweb.py bench [--quick]      benchmark: HTTP and HTTPS load (wrk, ab), crypto (section 5)
     python3 test_tarweb.py demo-site OUT.tar    write the demo site tar
 
 The HTTP tests and the benchmark run the real server as a subprocess on loopback: TARWEB
@@ -23,7 +23,8 @@ Contents, in the layer order of tarweb.py:
   3. TLS 1.3: key schedule, server state machine, record layer (a hand-driven client, Python's ssl
      over MemoryBIO, openssl s_client over loopback)
   4. HTTPS server (to come)
-  5. Demo site and benchmark harness
+  5. Demo site and benchmark harness: shared helpers; HTTP (W1, W2, idle connections, strace);
+     pure-Python crypto and server handshakes; TLS load (W3 handshakes, W4/W5 HTTPS)
   6. Command line: bench, demo-site, or the tests
 """
 
@@ -38,6 +39,7 @@ import functools
 import gzip
 import hashlib
 import http.client
+import importlib.util
 import io
 import os
 import platform
@@ -49,6 +51,7 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import struct
 import subprocess
 import sys
@@ -5149,8 +5152,12 @@ class TestOpenSSLClient(TLSCertsCase):
 # =============================================================================================
 # 5. Demo site and benchmark harness
 #      python3 test_tarweb.py demo-site OUT.tar   write the demo site
-#      python3 test_tarweb.py bench [--quick]     load-test tarweb.py with wrk (10 s, or 3 s per
-#                                                 workload); TARWEB=/path/to/tarweb.py for another copy
+#      python3 test_tarweb.py bench [--quick]     benchmark tarweb.py (10 s, or 3 s per workload);
+#                                                 TARWEB=/path/to/tarweb.py for another copy
+#    bench() runs, in order: bench_http (W1, W2 with wrk; 1000 idle connections; strace),
+#    bench_crypto (pure-Python primitives and server handshakes, in this process; openssl for RSA),
+#    bench_tls (W3: ab, a full TLS 1.3 handshake per request, ECDSA P-256 and RSA-2048 certificates;
+#    W4/W5: wrk over HTTPS). Keys and certificates come from sections 2.4 and 3 (KEYS, CERTS).
 #    Everything it needs is in this repository (no ../shared).
 # =============================================================================================
 
@@ -5284,7 +5291,7 @@ def make_demo_site(path):
                 tar.addfile(info, io.BytesIO(data))
 
 
-# --- benchmark -------------------------------------------------------------------------------------
+# --- benchmark: shared helpers ---------------------------------------------------------------------
 
 _BENCH_IDLE_CONNECTIONS = 1000
 
@@ -5311,14 +5318,34 @@ def _bench_raise_nofile(want):
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def _bench_verify(server):
-    """A benchmark of wrong answers is worthless: check both benchmark files byte for byte first."""
-    for name, want in demo_site_members():
-        if name in ('small.html', 'large.bin'):
-            with Conn(server.addr, timeout=10) as conn:
-                r = conn.request('GET', '/' + name)
-            if r is None or r.status != 200 or r.body != want:
-                raise RuntimeError('GET /%s: %r (want 200, %d bytes, exact content)' % (name, r, len(want)))
+def _bench_url(server, path):
+    """URL of path on the server's first listener, http:// or https:// as it announced it."""
+    return URL_RE.search(server.start_line).group(0).rstrip('/') + path
+
+
+def _bench_conn(server, context=None, timeout=10):
+    """A Conn to the server's first listener; with an ssl context, over TLS (handshake done)."""
+    conn = Conn(server.addr, timeout=timeout)
+    if context is not None:
+        try:
+            conn.sock = context.wrap_socket(conn.sock, server_hostname='localhost')
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+def _bench_verify(server, names=('small.html', 'large.bin'), context=None):
+    """A benchmark of wrong answers is worthless: fetch names (default: both benchmark files) on one
+    keep-alive connection, over TLS with an ssl context, and compare them byte for byte.
+    Returns what TLS negotiated ('TLSv1.3 TLS_...'), or None over plain HTTP."""
+    want = dict(demo_site_members())
+    with _bench_conn(server, context, timeout=60) as conn:
+        for name in names:
+            r = conn.request('GET', '/' + name)
+            if r is None or r.status != 200 or r.body != want[name]:
+                raise RuntimeError('GET /%s: %r (want 200, %d bytes, exact content)' % (name, r, len(want[name])))
+        return '%s %s' % (conn.sock.version(), conn.sock.cipher()[0]) if context else None
 
 
 def _bench_stats(server):
@@ -5329,6 +5356,32 @@ def _bench_stats(server):
         return None
 
 
+def _bench_session(tar_path, args, cpu, work, listen=('127.0.0.1:0',), context=None,
+                   names=('small.html', 'large.bin')):
+    """Start tarweb.py (pinned to cpu) with args, verify names (over TLS with an ssl context), run
+    work(server) and stop the server → (status, what work returned, or None if anything failed)."""
+    status, result, server = 0, None, None
+    try:
+        server = ServerProc(tar_path, *args, listen=listen, prefix=_bench_pin(cpu))
+        print('server: %s' % ' '.join(server.cmd))
+        negotiated = _bench_verify(server, names, context)
+        if negotiated:
+            print('verified over %s: %s' % (negotiated, ', '.join(names)))
+        result = work(server)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:  # ssl.SSLError is an OSError
+        print('!! benchmark failed: %s' % exc)
+        if server is not None and server.proc.poll() is not None:
+            print('!! server exited with %s; stderr: %s' % (server.proc.returncode, server.stderr_tail()))
+        status = 1
+    finally:
+        was_running = server is not None and server.proc.poll() is None
+        exit_status = server.stop() if server is not None else None
+    if was_running and exit_status != 0:
+        print('!! server exit status after SIGTERM: %s; stderr: %s' % (exit_status, server.stderr_tail()))
+        status = 1
+    return status, result
+
+
 def _bench_wrk_time(text):
     """wrk durations such as '512.00us', '1.20ms', '2.01s', '1.00m' → milliseconds."""
     match = re.fullmatch(r'([\d.]+)(us|ms|s|m)', text)
@@ -5336,16 +5389,20 @@ def _bench_wrk_time(text):
     return float(match.group(1)) * scale
 
 
-def _bench_wrk(url, conns, seconds, cpu):
-    """Run wrk once → {'requests', 'seconds', 'p50_ms', 'p99_ms', 'errors'}."""
-    cmd = _bench_pin(cpu) + ['wrk', '-t1', '-c%d' % conns, '-d%ds' % seconds, '--latency', url]
+def _bench_wrk(url, conns, seconds, cpu, timeout=None):
+    """Run wrk once → {'requests', 'seconds', 'bytes' (all bytes read, partial responses included),
+    'p50_ms', 'p99_ms', 'errors'}. timeout: wrk's --timeout in seconds (its default is 2 s), for
+    responses that take seconds each."""
+    cmd = _bench_pin(cpu) + ['wrk', '-t1', '-c%d' % conns, '-d%ds' % seconds, '--latency']
+    cmd += (['--timeout', '%ds' % timeout] if timeout else []) + [url]
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         timeout=seconds + 60).stdout
-    total = re.search(r'(\d+) requests in ([\d.]+\w+),', out)
+                         timeout=seconds + (timeout or 0) + 60).stdout
+    total = re.search(r'(\d+) requests in ([\d.]+\w+), ([\d.]+)([KMGT]?)B read', out)
     if not total:
         raise RuntimeError('cannot parse wrk output:\n' + out)
+    scale = 1024 ** ' KMGT'.index(total.group(4) or ' ')   # wrk's units are binary
     result = {'requests': int(total.group(1)), 'seconds': _bench_wrk_time(total.group(2)) / 1000,
-              'errors': []}
+              'bytes': float(total.group(3)) * scale, 'errors': []}
     for pct in ('50', '99'):
         match = re.search(r'^\s+%s%%\s+(\S+)' % pct, out, re.M)
         result['p%s_ms' % pct] = _bench_wrk_time(match.group(1)) if match else None
@@ -5358,7 +5415,7 @@ def _bench_wrk(url, conns, seconds, cpu):
 
 def _bench_workload(server, label, path, size, conns, seconds, cpu):
     """Warm up 1 s, then measure one wrk run bracketed by CPU and SIGUSR1 samples."""
-    url = 'http://%s:%d%s' % (server.addr + (path,))
+    url = _bench_url(server, path)
     _bench_wrk(url, conns, 1, cpu)
     stats0, cpu0 = _bench_stats(server), server.cpu_seconds()
     run = _bench_wrk(url, conns, seconds, cpu)
@@ -5379,6 +5436,47 @@ def _bench_workload(server, label, path, size, conns, seconds, cpu):
     row['cpu_pct'] = (cpu1 - cpu0) * 100 / run['seconds']
     return row
 
+
+def _bench_fmt(value, spec):
+    return 'n/a' if value is None else format(value, spec)
+
+
+def _bench_print_table(rows):
+    line = '%-26s %8s %8s %6s %6s %7s %7s %7s %7s %7s'
+    print(line % ('workload', 'req/s', 'MB/s', 'p50', 'p99', 'server', 'server', 'enters', 'RSS', 'RssAnon'))
+    print(line % ('', '', '(body)', 'ms', 'ms', 'CPU %', 'us/req', '/req', 'MiB', 'MiB'))
+    for r in rows:
+        print(line % (r['label'], _bench_fmt(r['req_s'], ',.0f'), _bench_fmt(r['mb_s'], ',.1f'),
+                      _bench_fmt(r['p50_ms'], '.2f'), _bench_fmt(r['p99_ms'], '.2f'),
+                      _bench_fmt(r['cpu_pct'], '.0f'), _bench_fmt(r['cpu_us_req'], '.1f'),
+                      _bench_fmt(r['enters_req'], '.3f'),
+                      _bench_fmt(r['mem'].get('VmRSS'), '.1f'), _bench_fmt(r['mem'].get('RssAnon'), '.1f')))
+
+
+def _bench_row_errors(rows):
+    """Print wrk's socket errors and non-2xx counts of rows; 1 if there were any, else 0."""
+    status = 0
+    for r in rows:
+        if r['errors']:
+            print('!! %s: %s' % (r['label'], '; '.join(r['errors'])))
+            status = 1
+    return status
+
+
+def _bench_no_tools(*tools):
+    """Those of tools that are not installed, after a banner naming the packages; [] if none."""
+    missing = [tool for tool in tools if not shutil.which(tool)]
+    if missing:
+        packages = {'ab': 'apache2-utils'}
+        print('#' * 78)
+        print('# %s not installed: this benchmark needs %s.' % (' and '.join(missing), ' and '.join(tools)))
+        print('#     apt-get install -y %s' % ' '.join(packages.get(tool, tool) for tool in missing))
+        print('# (`make bench` installs them when run as root)')
+        print('#' * 78)
+    return missing
+
+
+# --- benchmark: HTTP (W1, W2, idle connections, syscalls) ------------------------------------------
 
 def _bench_idle(server, count):
     """Open count keep-alive connections, one GET each, keep them idle: how much memory do they cost?"""
@@ -5404,7 +5502,7 @@ def _bench_strace(server, cpu, seconds=3):
     if not shutil.which('strace'):
         print('strace is not installed: no syscall summary (apt-get install -y strace)')
         return
-    url = 'http://%s:%d/small.html' % server.addr
+    url = _bench_url(server, '/small.html')
     load = subprocess.Popen(_bench_pin(cpu) + ['wrk', '-t1', '-c50', '-d%ds' % (seconds + 2), url],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -5424,22 +5522,6 @@ def _bench_strace(server, cpu, seconds=3):
     print('\n'.join(lines))
 
 
-def _bench_fmt(value, spec):
-    return 'n/a' if value is None else format(value, spec)
-
-
-def _bench_print_table(rows):
-    line = '%-26s %8s %8s %6s %6s %7s %7s %7s %7s %7s'
-    print(line % ('workload', 'req/s', 'MB/s', 'p50', 'p99', 'server', 'server', 'enters', 'RSS', 'RssAnon'))
-    print(line % ('', '', '(body)', 'ms', 'ms', 'CPU %', 'us/req', '/req', 'MiB', 'MiB'))
-    for r in rows:
-        print(line % (r['label'], _bench_fmt(r['req_s'], ',.0f'), _bench_fmt(r['mb_s'], ',.1f'),
-                      _bench_fmt(r['p50_ms'], '.2f'), _bench_fmt(r['p99_ms'], '.2f'),
-                      _bench_fmt(r['cpu_pct'], '.0f'), _bench_fmt(r['cpu_us_req'], '.1f'),
-                      _bench_fmt(r['enters_req'], '.3f'),
-                      _bench_fmt(r['mem'].get('VmRSS'), '.1f'), _bench_fmt(r['mem'].get('RssAnon'), '.1f')))
-
-
 def _bench_environment(seconds, pin_note):
     wrk_version = subprocess.run(['wrk', '-v'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True).stdout.split('Copyright')[0].strip()
@@ -5454,69 +5536,534 @@ def _bench_environment(seconds, pin_note):
     print('%s; %d s per workload after 1 s warm-up; loopback; MB = 10^6 bytes' % (pin_note, seconds))
 
 
+def _bench_http_runs(server, seconds, cpu):
+    """W1, W2, the idle connections and the strace summary on one plain-HTTP server → status."""
+    print()
+    rows = [
+        _bench_workload(server, 'W1 GET /small.html c=50', '/small.html',
+                        DEMO_SMALL_SIZE, 50, seconds, cpu),
+        _bench_workload(server, 'W2 GET /large.bin c=4', '/large.bin',
+                        DEMO_LARGE_SIZE, 4, seconds, cpu),
+    ]
+    _bench_print_table(rows)
+    if rows[0]['cpu_pct'] < 80:
+        print('note: the server used only %.0f %% of its CPU in W1, so wrk or other load on this '
+              'machine set the pace; compare runs with care' % rows[0]['cpu_pct'])
+    status = _bench_row_errors(rows)
+    before, after, stats = _bench_idle(server, _BENCH_IDLE_CONNECTIONS)
+    print('\n%d idle keep-alive connections (server says active=%s): RssAnon %.1f -> %.1f MiB '
+          '(%+.1f KiB per connection), VmRSS %.1f -> %.1f MiB'
+          % (_BENCH_IDLE_CONNECTIONS, stats.get('active', '?') if stats else '?',
+             before['RssAnon'], after['RssAnon'],
+             (after['RssAnon'] - before['RssAnon']) * 1024 / _BENCH_IDLE_CONNECTIONS,
+             before['VmRSS'], after['VmRSS']))
+    if stats is None:
+        print('!! no stats line on SIGUSR1: enters/req and the active count are unavailable')
+    _bench_strace(server, cpu)
+    return status
+
+
 def bench_http(quick=False):
     """W1 (1 KiB, 50 keep-alive connections), W2 (10 MiB, 4 connections), idle connections, strace."""
-    if not shutil.which('wrk'):
-        print('#' * 78)
-        print('# wrk is not installed: the benchmark needs it.  apt-get install -y wrk')
-        print('# (`make bench` installs it when run as root)')
-        print('#' * 78)
+    if _bench_no_tools('wrk'):
         return 1
     seconds = 3 if quick else 10
     server_cpu, client_cpu, pin_note = _bench_cpus()
     _bench_raise_nofile(_BENCH_IDLE_CONNECTIONS + 1024)
     _bench_environment(seconds, pin_note)
-    status = 0
     with tempfile.TemporaryDirectory(prefix='tarweb-bench-') as tmp:
         tar_path = os.path.join(tmp, 'site.tar')
         make_demo_site(tar_path)
-        server = None
+        status, runs_status = _bench_session(
+            tar_path, ('-q',), server_cpu, lambda server: _bench_http_runs(server, seconds, client_cpu))
+    return status or runs_status
+
+
+# --- benchmark: pure-Python crypto and server handshakes, in this process ---------------------------
+
+_BENCH_SUITE_NAMES = {0x1301: 'TLS_AES_128_GCM_SHA256', 0x1302: 'TLS_AES_256_GCM_SHA384',
+                      0x1303: 'TLS_CHACHA20_POLY1305_SHA256'}
+_BENCH_GROUP_NAMES = {0x001d: 'X25519', 0x0017: 'P-256'}
+_BENCH_RSA_PSS_SHA256 = 0x0804  # TLS SignatureScheme rsa_pss_rsae_sha256
+# The CertificateVerify input the server signs (RFC 8446 §4.4.3): 64 spaces, context, hash.
+_BENCH_SIGNED_CONTENT = b' ' * 64 + b'TLS 1.3, server CertificateVerify\x00' + bytes(range(32))
+# The certificates of the handshake rows and of W3: (label, kind in section 3's CERTS).
+_BENCH_CERTS = (('ECDSA P-256', 'p256'), ('RSA-2048', 'rsa'))
+
+
+def _bench_import_tarweb():
+    """(module, seconds): a fresh copy of the tarweb.py under test (TARWEB), so that no first-use
+    table is built yet and TARWEB=... benchmarks the same file as the load tests."""
+    spec = importlib.util.spec_from_file_location('tarweb_under_bench', TARWEB)
+    module = importlib.util.module_from_spec(spec)
+    start = time.perf_counter()
+    spec.loader.exec_module(module)
+    return module, time.perf_counter() - start
+
+
+def _bench_openssl_files(rsa_keys=False):
+    """Section 3's openssl certificates (CERTS: 'p256', 'rsa', ... in the scratch folder that bench()
+    removes), and with rsa_keys section 2.4's KEYS too (RSA-2048 and RSA-4096 among them), each made
+    once per run → status: 0, or 1 if openssl failed. Without openssl it says what is lost and makes
+    nothing: the ECDSA P-256 runs then use certificates tarweb.py makes itself."""
+    if not shutil.which('openssl'):
+        print('!! openssl is not installed: no RSA rows and no RSA-2048 runs; ECDSA P-256 uses '
+              "tarweb.py's own self-signed certificates (apt-get install -y openssl)")
+        return 0
+    try:
+        if not CERTS:
+            make_openssl_certs()
+        if rsa_keys:
+            pki_keys()
+    except (AssertionError, OSError, subprocess.SubprocessError) as exc:   # run_tool's failures
+        print('!! cannot make keys and certificates with openssl: %s' % exc)
+        return 1
+    return 0
+
+
+def _bench_cert_files(kind):
+    """(key path, chain path, CA name for ssl_client_context) of CERTS[kind], or Nones without it."""
+    if kind not in CERTS:
+        return None, None, None
+    key, chain, ca_name = CERTS[kind]
+    return tls_file(key), tls_file(chain), ca_name
+
+
+def _bench_client_context(ca_name, group=None):
+    """Python's ssl as the client (TLS 1.3, ALPN http/1.1), trusting ca_name (None: anything);
+    group='prime256v1' offers only P-256 (default: OpenSSL's, with an X25519 share)."""
+    if ca_name is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(['http/1.1'])
+    else:
+        context = ssl_client_context(ca_name)
+    if group:
+        context.set_ecdh_curve(group)
+    return context
+
+
+def _bench_best_us(fn, budget):
+    """Best single-call time of fn() in µs: at least 3 calls, more while within budget seconds."""
+    best = float('inf')
+    calls = 0
+    deadline = time.perf_counter() + budget
+    while calls < 3 or (calls < 1000 and time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+        calls += 1
+    return best * 1e6
+
+
+def _bench_first_us(fn):
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e6
+
+
+def _bench_one_handshake(tw, config, ctx):
+    """One full handshake, client ↔ TLSServer over MemoryBIO → (seconds inside receive(), server)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ctx.wrap_bio(incoming, outgoing, server_hostname='localhost')
+    server = tw.TLSServer(config)
+    spent = 0.0
+    for _ in range(8):
         try:
-            server = ServerProc(tar_path, '-q', prefix=_bench_pin(server_cpu))
-            print('server: %s\n' % ' '.join(server.cmd))
-            _bench_verify(server)
-            rows = [
-                _bench_workload(server, 'W1 GET /small.html c=50', '/small.html',
+            client.do_handshake()
+            client_done = True
+        except ssl.SSLWantReadError:
+            client_done = False
+        data = outgoing.read()
+        if data:
+            start = time.perf_counter()
+            out = server.receive(data)
+            spent += time.perf_counter() - start
+            if out:
+                incoming.write(out)
+        if server.failed:
+            raise RuntimeError('TLSServer failed: %s (alert %s)' % (server.error, server.alert))
+        if client_done and server.done:
+            break
+    else:
+        raise RuntimeError('handshake did not finish in 8 flights')
+    # The keys must work, not just the handshake: one application record client -> server.
+    client.write(b'ping')
+    plain, _events, _to_send = server.record_layer.open(outgoing.read())
+    if plain != b'ping':
+        raise RuntimeError('first application record decrypted to %r' % plain)
+    return spent, server
+
+
+def _bench_handshakes(tw, config, ctx, rounds):
+    """Median µs inside TLSServer.receive() per handshake, after 2 warm-up handshakes; and the
+    last server (to read what was negotiated)."""
+    for _ in range(2):
+        _bench_one_handshake(tw, config, ctx)
+    samples = []
+    server = None
+    for _ in range(rounds):
+        spent, server = _bench_one_handshake(tw, config, ctx)
+        samples.append(spent)
+    return statistics.median(samples) * 1e6, server
+
+
+def bench_crypto(quick=False):
+    """µs per operation of tarweb.py's pure-Python primitives, and per server-side handshake.
+    In this process; needs no tool (openssl only for the RSA rows)."""
+    budget = 0.25 if quick else 1.0      # seconds per primitive row (best of the calls made)
+    rounds = 10 if quick else 30         # handshakes per handshake row (median)
+    print('\ntarweb.py crypto (pure Python, in this process, one core): best of >= 3 calls, '
+          '%.2f s per row' % budget)
+    try:
+        tw, import_s = _bench_import_tarweb()
+    except Exception as exc:  # a syntax error or the like in the file under test
+        print('!! cannot import %s: %s: %s' % (TARWEB, type(exc).__name__, exc))
+        return 1
+    try:
+        return _bench_crypto_rows(tw, import_s, budget, rounds)
+    except Exception as exc:  # a primitive that raises is a finding, not a reason to stop bench()
+        print('!! crypto benchmark failed: %s: %s' % (type(exc).__name__, exc))
+        return 1
+
+
+def _bench_crypto_rows(tw, import_s, budget, rounds):
+    cold = {}
+    rows = []                            # (operation, µs, note)
+
+    def row(name, fn, note='', nbytes=None):
+        us = _bench_best_us(fn, budget)
+        if nbytes:
+            note = (note + ' ' if note else '') + '%.2f MB/s' % (nbytes / us)
+        rows.append((name, us, note))
+        return us
+
+    p256 = tw.SECP256R1
+    # First calls on the fresh module build the fixed-base tables: timed alone, reported apart.
+    cold['x25519_keypair'] = _bench_first_us(tw.x25519_keypair)
+    cold['ec_keypair'] = _bench_first_us(lambda: tw.ec_keypair(p256))
+    x_priv, _x_pub = tw.x25519_keypair()
+    peer_x = tw.x25519_keypair()[1]
+    d, _pub = tw.ec_keypair(p256)
+    peer_ec = tw.ec_keypair(p256)[1]
+    warm_x = row('x25519_keypair', tw.x25519_keypair)
+    row('x25519_shared', lambda: tw.x25519_shared(x_priv, peer_x))
+    warm_ec = row('ec_keypair(SECP256R1)', lambda: tw.ec_keypair(p256))
+    row('ecdh_shared(P-256)', lambda: tw.ecdh_shared(p256, d, peer_ec))
+    ecdsa = tw.ECDSAKey(p256, d)
+    row('ECDSA P-256 sign (SHA-256)', lambda: ecdsa.sign(_BENCH_SIGNED_CONTENT), '130-byte message')
+    ed = tw.Ed25519Key(os.urandom(32))
+    row('Ed25519 sign', lambda: ed.sign(_BENCH_SIGNED_CONTENT), '130-byte message')
+
+    status = _bench_openssl_files(rsa_keys=True)
+    for name, bits in (('rsa2048_pkcs8', 2048), ('rsa4096', 4096)):
+        if name in KEYS:
+            rsa = tw.load_private_key(read_bytes(KEYS[name]))
+            row('RSA-%d PSS sign (SHA-256)' % bits,
+                lambda rsa=rsa: rsa.sign(_BENCH_RSA_PSS_SHA256, _BENCH_SIGNED_CONTENT),
+                'CRT, blinded, self-checked')
+
+    key16, key32, nonce = bytes(range(16)), bytes(range(32)), bytes(12)
+    aad = b'\x17\x03\x03\x10\x11'   # a TLS record header
+    row('AES-128-GCM key setup', lambda: tw.AESGCM(key16), 'per key: 2 per AES-GCM handshake')
+    row('AES-256-GCM key setup', lambda: tw.AESGCM(key32), 'per key')
+    for label, aead in (('AES-128-GCM', tw.AESGCM(key16)), ('AES-256-GCM', tw.AESGCM(key32)),
+                        ('ChaCha20-Poly1305', tw.ChaCha20Poly1305(key32))):
+        for size in (4096, 16384):
+            data = bytes(size)
+            row('%s seal %d KiB' % (label, size // 1024),
+                lambda aead=aead, data=data: aead.seal(nonce, data, aad), nbytes=size)
+    secret = bytes(32)
+    row('HKDF-Expand-Label SHA-256', lambda: tw.hkdf_expand_label('sha256', secret, b'key', b'', 16),
+        '16-byte output')
+
+    print('%-32s %10s %10s' % ('operation', 'us/op', 'op/s'))
+    for name, us, note in rows:
+        print(('%-32s %10s %10s  %s' % (name, format(us, ',.1f'), format(1e6 / us, ',.0f'), note)).rstrip())
+    print('first use, once per process (not in the rows above): import %.0f ms (AES tables); '
+          'Edwards25519 base table %.0f ms (first x25519_keypair; X25519 and Ed25519 keys); '
+          'P-256 base table %.0f ms (first ec_keypair; ECDSA)'
+          % (import_s * 1e3, (cold['x25519_keypair'] - warm_x) / 1e3,
+             (cold['ec_keypair'] - warm_ec) / 1e3))
+
+    # Full server handshakes: only the time inside TLSServer.receive() is counted.
+    certs = []   # (label, PrivateKey, [DER], CA name for the client)
+    for cert_name, kind in _BENCH_CERTS:
+        key_path, chain_path, ca_name = _bench_cert_files(kind)
+        if key_path:
+            certs.append((cert_name, tw.load_private_key(read_bytes(key_path)),
+                          tw.load_cert_chain(read_bytes(chain_path)), ca_name))
+        elif kind == 'p256':
+            key, der = tw.make_self_signed()
+            certs.append((cert_name, key, [der], None))
+    plans = [(cert, suite, None) for cert in certs for suite in (0x1301, 0x1302, 0x1303)]
+    plans.append((certs[0], 0x1303, 'prime256v1'))  # the same with P-256 key exchange
+    print('\nserver handshake: Python ssl client over MemoryBIO, no sockets; time inside '
+          'TLSServer.receive() only; median of %d' % rounds)
+    line = '%-12s %-29s %-7s %9s %10s'
+    print(line % ('certificate', 'cipher suite', 'group', 'us/hs', 'hs/s/core'))
+    for (cert_name, key, chain, ca_name), suite, group in plans:
+        try:
+            config = tw.TLSConfig(key, chain, cipher_preference=(suite,))
+            us, server = _bench_handshakes(tw, config, _bench_client_context(ca_name, group), rounds)
+            if server.cipher_suite != suite:
+                raise RuntimeError('negotiated 0x%04x instead' % server.cipher_suite)
+            print(line % (cert_name, _BENCH_SUITE_NAMES[suite],
+                          _BENCH_GROUP_NAMES.get(server.group, hex(server.group)),
+                          format(us, ',.0f'), format(1e6 / us, ',.0f')))
+        except (RuntimeError, ValueError, ssl.SSLError) as exc:
+            print('!! %s %s: %s' % (cert_name, _BENCH_SUITE_NAMES[suite], exc))
+            status = 1
+    return status
+
+
+# --- benchmark: TLS load, W3 (handshakes), W4 (HTTPS keep-alive), W5 (HTTPS bulk) -------------------
+
+# After a TLS run: tarweb.py lingers up to 2 s (LINGER_TIMEOUT) for the client's close; after that
+# every connection the client dropped must have been freed.
+_BENCH_TLS_SETTLE = 3.0
+
+
+def _bench_tls_args(kind):
+    """tarweb.py arguments for one HTTPS listener (and no plain one) with CERTS[kind], or
+    --tls-self-signed without it."""
+    key_path, chain_path, _ca_name = _bench_cert_files(kind)
+    tls = ['--tls-cert', chain_path, '--tls-key', key_path] if key_path else ['--tls-self-signed']
+    return ['--tls-listen', '127.0.0.1:0'] + tls + ['-q']
+
+
+def _bench_ab(url, conns, seconds, cpu):
+    """ab: a new TLS 1.3 connection (full handshake, never resumed) per HTTP/1.0 request."""
+    # -r: a reset counts as a failed request instead of aborting the run; -q: no progress lines.
+    cmd = _bench_pin(cpu) + ['ab', '-q', '-r', '-c', str(conns), '-t', str(seconds),
+                             '-f', 'TLS1.3', url]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=seconds + 60).stdout
+
+    def find(pattern, cast=float):
+        match = re.search(pattern, out, re.M)
+        return cast(match.group(1)) if match else None
+    result = {'requests': find(r'^Complete requests:\s+(\d+)', int),
+              'seconds': find(r'^Time taken for tests:\s+([\d.]+)'),
+              'failed': find(r'^Failed requests:\s+(\d+)', int),
+              'failed_detail': find(r'^\s+\((Connect: .*)\)$', str),
+              'non2xx': find(r'^Non-2xx responses:\s+(\d+)', int) or 0,
+              'p50_ms': find(r'^\s+50%\s+(\d+)'), 'p99_ms': find(r'^\s+99%\s+(\d+)'),
+              'tls': find(r'^SSL/TLS Protocol:\s+(\S+)', str),
+              'temp_key': find(r'^Server Temp Key:\s+(.+)$', str)}
+    if result['requests'] is None or not result['seconds']:
+        raise RuntimeError('cannot parse ab output:\n' + out[-2000:])
+    return result
+
+
+def _bench_first_request_ms(server, context, count=5):
+    """Median ms from the end of the handshake to the whole /small.html response, for a client
+    that leaves Nagle on (as ab does). ~40 ms means its request sat in Nagle waiting for the ACK
+    of its Finished, which the server delays because it sends nothing after the Finished."""
+    times = []
+    for _ in range(count):
+        with _bench_conn(server, context) as conn:
+            start = time.perf_counter()
+            conn.request('GET', '/small.html')
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _bench_w3(server, label, conns, seconds, cpu, context):
+    """W3: ab for 1 s (warm-up: first-use tables), then measured, bracketed by CPU and SIGUSR1."""
+    url = _bench_url(server, '/small.html')
+    _bench_ab(url, conns, 1, cpu)
+    first_ms = _bench_first_request_ms(server, context)
+    stats0, cpu0 = _bench_stats(server), server.cpu_seconds()
+    run = _bench_ab(url, conns, seconds, cpu)
+    cpu1, stats1 = server.cpu_seconds(), _bench_stats(server)
+    time.sleep(_BENCH_TLS_SETTLE)
+    stats2 = _bench_stats(server)
+    row = dict(run, label=label, mem=server.memory_mb(), first_ms=first_ms)
+    row['hs_s'] = run['requests'] / run['seconds']
+    row['cpu_pct'] = (cpu1 - cpu0) * 100 / run['seconds']
+    row['handshakes'] = row['tls_failures'] = row['cpu_us_hs'] = None
+    if stats0 and stats1 and 'handshakes' in stats1:
+        row['handshakes'] = stats1['handshakes'] - stats0['handshakes']
+        row['tls_failures'] = stats1.get('tls_failures', 0) - stats0.get('tls_failures', 0)
+        if row['handshakes']:
+            row['cpu_us_hs'] = (cpu1 - cpu0) * 1e6 / row['handshakes']
+    elif run['requests']:
+        row['cpu_us_hs'] = (cpu1 - cpu0) * 1e6 / run['requests']
+    row['left_open'] = stats2.get('active') if stats2 else None
+    return row
+
+
+def _bench_print_w3(rows):
+    line = '%-24s %7s %6s %6s %7s %8s %10s %9s %7s %6s %7s'
+    print(line % ('workload', 'hs/s', 'p50', 'p99', 'server', 'server', 'server', 'server', 'ab', 'left', 'RSS'))
+    print(line % ('', '', 'ms', 'ms', 'CPU %', 'us/hs', 'handshakes', 'tls_fail', 'failed', 'open', 'MiB'))
+    for r in rows:
+        print(line % (r['label'], _bench_fmt(r['hs_s'], ',.0f'), _bench_fmt(r['p50_ms'], '.0f'),
+                      _bench_fmt(r['p99_ms'], '.0f'), _bench_fmt(r['cpu_pct'], '.0f'),
+                      _bench_fmt(r['cpu_us_hs'], ',.0f'), _bench_fmt(r['handshakes'], ',d'),
+                      _bench_fmt(r['tls_failures'], 'd'), _bench_fmt(r['failed'], 'd'),
+                      _bench_fmt(r['left_open'], 'd'), _bench_fmt(r['mem'].get('VmRSS'), '.1f')))
+
+
+def _bench_w3_notes(rows):
+    for r in rows:
+        if r['cpu_pct'] < 80:
+            print('note: %s: the server used only %.0f %% of its CPU: the client, other load or a '
+                  'stall set the pace (server us/hs is still its cost)' % (r['label'], r['cpu_pct']))
+        if r['first_ms'] > 20:
+            print('note: %s: a client with Nagle on (as ab) gets its first response %.0f ms after the '
+                  'handshake (median of 5; ~1 ms with TCP_NODELAY): the server sends nothing after the '
+                  'client Finished, so the ACK of the Finished is delayed ~40 ms and the request waits '
+                  'for it' % (r['label'], r['first_ms']))
+
+
+def _bench_w3_problems(rows):
+    problems = []
+    for r in rows:
+        if r['failed']:
+            problems.append('%s: ab counted %d failed requests (%s)' % (r['label'], r['failed'],
+                                                                       r['failed_detail']))
+        if r['non2xx']:
+            problems.append('%s: %d non-2xx responses' % (r['label'], r['non2xx']))
+        if r['tls_failures']:
+            problems.append('%s: the server counted %d failed handshakes' % (r['label'], r['tls_failures']))
+        if r['handshakes'] is None:
+            problems.append('%s: no handshakes= counter in the SIGUSR1 stats line' % r['label'])
+        if r['left_open']:
+            problems.append('%s: %d connections still active %.0f s after ab ended (they should all be '
+                            'closed after the 2 s linger): slots leak' % (r['label'], r['left_open'],
+                                                                          _BENCH_TLS_SETTLE))
+    return problems
+
+
+def _bench_w5(server, label, conns, seconds, cpu):
+    """W5: /large.bin over HTTPS; MB/s from every byte wrk read (a 10 MiB response may take
+    longer than the whole run when records are sealed in Python). Row for _bench_print_table."""
+    url = _bench_url(server, '/large.bin')
+    cpu0 = server.cpu_seconds()
+    run = _bench_wrk(url, conns, seconds, cpu, timeout=seconds + 30)
+    cpu1 = server.cpu_seconds()
+    row = dict(run, label=label, mem=server.memory_mb(), enters_req=None)
+    row['mb_s'] = run['bytes'] / run['seconds'] / 1e6
+    row['req_s'] = run['bytes'] / DEMO_LARGE_SIZE / run['seconds']  # responses' worth per second
+    row['cpu_pct'] = (cpu1 - cpu0) * 100 / run['seconds']
+    row['cpu_us_req'] = (cpu1 - cpu0) * 1e6 * DEMO_LARGE_SIZE / run['bytes'] if run['bytes'] else None
+    row['cpu_us_mb'] = (cpu1 - cpu0) * 1e6 / (run['bytes'] / 1e6) if run['bytes'] else None
+    return row
+
+
+def _bench_ktls_note():
+    """What the server will find: the same probe tarweb.py runs at start-up (-q hides its warning)."""
+    try:
+        tw, _ = _bench_import_tarweb()
+        suites, why = tw.ktls_probe()
+    except (AttributeError, OSError, ImportError) as exc:
+        return None, 'kernel TLS: could not probe (%s)' % exc
+    if suites:
+        return True, ('kernel TLS available (%s): after the handshake the kernel encrypts records'
+                      % ', '.join(_BENCH_SUITE_NAMES.get(s, hex(s)) for s in sorted(suites)))
+    return False, ('kernel TLS unavailable (%s): W4/W5 measure the userspace record-layer fallback '
+                   '(records sealed and opened in pure Python), not kTLS' % why)
+
+
+def _bench_w3_runs(tar_path, seconds, server_cpu, client_cpu):
+    """W3 on one server per certificate, a new connection and full handshake per request → status."""
+    status, rows = 0, []
+    print('\nW3: ab -c16 -t%d -f TLS1.3 (HTTP/1.0, a new TLS 1.3 connection and full handshake '
+          'per request, never resumed)' % seconds)
+    for cert_name, kind in _BENCH_CERTS:
+        label = 'W3 %s c=16' % cert_name
+        if kind != 'p256' and kind not in CERTS:
+            print('(%s skipped: no openssl to make the key)' % label)
+            continue
+        context = _bench_client_context(_bench_cert_files(kind)[2])
+        session_status, row = _bench_session(
+            tar_path, _bench_tls_args(kind), server_cpu,
+            functools.partial(_bench_w3, label=label, conns=16, seconds=seconds, cpu=client_cpu,
+                              context=context),
+            listen=(), context=context, names=('small.html',))
+        status = status or session_status
+        if row:
+            rows.append(row)
+            print('  negotiated: %s, %s' % (row['tls'], row['temp_key']))
+    if rows:
+        _bench_print_w3(rows)
+        _bench_w3_notes(rows)
+        problems = _bench_w3_problems(rows)
+        for problem in problems:
+            print('!! ' + problem)
+        status = status or (1 if problems else 0)
+    return status
+
+
+def _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls):
+    """W4 and W5 on one ECDSA P-256 server → status."""
+    print('\nW4/W5: wrk -t1 over HTTPS, keep-alive (ECDSA P-256)%s'
+          % ('' if ktls else ': userspace TLS record layer, no kTLS'))
+
+    def w4_w5(server):
+        rows = [_bench_workload(server, 'W4 HTTPS /small.html c=50', '/small.html',
                                 DEMO_SMALL_SIZE, 50, seconds, client_cpu),
-                _bench_workload(server, 'W2 GET /large.bin c=4', '/large.bin',
-                                DEMO_LARGE_SIZE, 4, seconds, client_cpu),
-            ]
-            _bench_print_table(rows)
-            if rows[0]['cpu_pct'] < 80:
-                print('note: the server used only %.0f %% of its CPU in W1, so wrk or other load on this '
-                      'machine set the pace; compare runs with care' % rows[0]['cpu_pct'])
-            for r in rows:
-                if r['errors']:
-                    print('!! %s: %s' % (r['label'], '; '.join(r['errors'])))
-                    status = 1
-            before, after, stats = _bench_idle(server, _BENCH_IDLE_CONNECTIONS)
-            print('\n%d idle keep-alive connections (server says active=%s): RssAnon %.1f -> %.1f MiB '
-                  '(%+.1f KiB per connection), VmRSS %.1f -> %.1f MiB'
-                  % (_BENCH_IDLE_CONNECTIONS, stats.get('active', '?') if stats else '?',
-                     before['RssAnon'], after['RssAnon'],
-                     (after['RssAnon'] - before['RssAnon']) * 1024 / _BENCH_IDLE_CONNECTIONS,
-                     before['VmRSS'], after['VmRSS']))
-            if stats is None:
-                print('!! no stats line on SIGUSR1: enters/req and the active count are unavailable')
-            _bench_strace(server, client_cpu)
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            print('!! benchmark failed: %s' % exc)
-            if server is not None and server.proc.poll() is not None:
-                print('!! server exited with %s; stderr: %s' % (server.proc.returncode, server.stderr_tail()))
-            status = 1
-        finally:
-            was_running = server is not None and server.proc.poll() is None
-            exit_status = server.stop() if server is not None else None
-        if was_running and exit_status != 0:
-            print('!! server exit status after SIGTERM: %s; stderr: %s' % (exit_status, server.stderr_tail()))
-            status = 1
+                _bench_w5(server, 'W5 HTTPS /large.bin c=4', 4, seconds, client_cpu)]
+        time.sleep(_BENCH_TLS_SETTLE)
+        return rows, _bench_stats(server)
+    status, result = _bench_session(tar_path, _bench_tls_args('p256'), server_cpu, w4_w5, listen=(),
+                                    context=_bench_client_context(_bench_cert_files('p256')[2]))
+    if not result:
+        return status
+    rows, stats = result
+    _bench_print_table(rows)
+    print('W5: MB/s counts every byte wrk read (partial responses too); req/s = responses\' '
+          'worth of bytes per second; server %s us CPU per MB' % _bench_fmt(rows[1]['cpu_us_mb'], ',.0f'))
+    if not ktls:
+        print('(no kTLS: every W4/W5 byte is sealed in Python; compare with W1/W2 for the '
+              'cost of the fallback)')
+    status = _bench_row_errors(rows) or status
+    if stats and stats.get('tls_failures'):
+        print('!! W4/W5 server counted %d failed handshakes' % stats['tls_failures'])
+        status = 1
+    if stats and stats.get('active'):
+        print('!! W4/W5: %d connections still active %.0f s after wrk ended: slots leak'
+              % (stats['active'], _BENCH_TLS_SETTLE))
+        status = 1
+    return status
+
+
+def bench_tls(quick=False):
+    """W3 (new TLS 1.3 connection per request, ECDSA P-256 and RSA-2048), W4 (HTTPS keep-alive
+    1 KiB, 50 connections), W5 (HTTPS 10 MiB, 4 connections). Needs ab and wrk."""
+    if _bench_no_tools('wrk', 'ab'):
+        return 1
+    seconds = 3 if quick else 10
+    server_cpu, client_cpu, pin_note = _bench_cpus()
+    openssl_version = subprocess.run(['openssl', 'version'], stdout=subprocess.PIPE, text=True).stdout.strip() \
+        if shutil.which('openssl') else 'openssl not installed'
+    ab_version = re.search(r'Version (\S+)', subprocess.run(['ab', '-V'], stdout=subprocess.PIPE,
+                                                            text=True).stdout)
+    print('\nTLS load tests: ab %s, %s; %s; %d s per workload after 1 s warm-up'
+          % (ab_version.group(1) if ab_version else '?', openssl_version, pin_note, seconds))
+    ktls, ktls_note = _bench_ktls_note()
+    print(ktls_note)
+    status = _bench_openssl_files()
+    with tempfile.TemporaryDirectory(prefix='tarweb-tls-bench-') as tmp:
+        tar_path = os.path.join(tmp, 'site.tar')
+        make_demo_site(tar_path)
+        status = _bench_w3_runs(tar_path, seconds, server_cpu, client_cpu) or status
+        status = _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls) or status
     return status
 
 
 def bench(quick=False):
     """Every benchmark section; returns the exit status (non-zero if any section failed)."""
-    status = bench_http(quick)
-    # A later bench_crypto(quick) joins here; it needs neither wrk nor a running server.
+    try:
+        status = bench_http(quick)
+        status = bench_crypto(quick) or status   # needs neither wrk nor a running server
+        status = bench_tls(quick) or status
+    finally:
+        tearDownModule()   # the scratch folder of the openssl keys and certificates
     return status
 
 
