@@ -977,7 +977,8 @@ def _x25519_clamp(k):
 
 
 def _x25519_ladder(k, u):
-    """The Montgomery ladder of RFC 7748 §5: the u-coordinate of [k]u, as an int mod p."""
+    """The Montgomery ladder of RFC 7748 §5: the u-coordinate of [k]u as a projective pair
+    (x, z) with u = x/z, not reduced (|x|, |z| < 2^256); z = 0 mod p means u = 0."""
     p, m = _C25519_P, _C25519_M255
     x1 = u
     x2, z2, x3, z3 = 1, 0, u, 1
@@ -1022,7 +1023,7 @@ def _x25519_ladder(k, u):
         z2 = (z2 & m) + 19 * (z2 >> 255)
         z2 = (z2 & m) + 19 * (z2 >> 255)
     # The RFC ends with a conditional swap on bit 0 of k, which clamping has cleared: no swap.
-    return x2 * _c25519_inverse(z2) % p
+    return x2, z2
 
 
 def x25519(k, u):
@@ -1033,8 +1034,8 @@ def x25519(k, u):
     """
     if len(k) != 32 or len(u) != 32:
         raise ValueError('X25519 scalar and u-coordinate must be 32 bytes each')
-    u_int = int.from_bytes(u, 'little') & _C25519_M255
-    return _x25519_ladder(_x25519_clamp(k), u_int).to_bytes(32, 'little')
+    x, z = _x25519_ladder(_x25519_clamp(k), int.from_bytes(u, 'little') & _C25519_M255)
+    return (x * _c25519_inverse(z) % _C25519_P).to_bytes(32, 'little')
 
 
 def _x25519_base_public(priv):
@@ -1053,9 +1054,35 @@ def x25519_keypair():
 
 def x25519_shared(priv, peer_pub):
     """The X25519 shared secret; ValueError for a malformed or low-order peer key (RFC 7748 §6.1)."""
+    _x25519_check_peer(peer_pub)
+    return _x25519_check_shared(x25519(priv, peer_pub))
+
+
+def x25519_ephemeral_shared(peer_pub):
+    """(public key, shared secret) for a fresh ephemeral key and peer_pub: x25519_keypair() and
+    x25519_shared() in one, sharing a single modular inversion (Montgomery's trick: invert
+    a * b, then 1/a = b/(ab) and 1/b = a/(ab)).  ValueError as x25519_shared."""
+    _x25519_check_peer(peer_pub)
+    p = _C25519_P
+    scalar = _x25519_clamp(secrets.token_bytes(32))
+    _x, y, z, _t = _ed25519_base_mult(scalar.to_bytes(32, 'little'))
+    x2, z2 = _x25519_ladder(scalar, int.from_bytes(peer_pub, 'little') & _C25519_M255)
+    # Our public u = (z + y) / (z - y) (see _x25519_base_public); z - y is never 0 mod p, as the
+    # clamped scalar is no multiple of the base point's order.  z2 = 0 (a low-order peer key)
+    # zeroes the product, whose "inverse" is then 0: the shared secret comes out all zero.
+    denominator = z - y
+    inverse = _c25519_inverse(denominator * z2)
+    public = (z + y) * z2 % p * inverse % p
+    shared = x2 * denominator % p * inverse % p
+    return public.to_bytes(32, 'little'), _x25519_check_shared(shared.to_bytes(32, 'little'))
+
+
+def _x25519_check_peer(peer_pub):
     if len(peer_pub) != 32:
         raise ValueError('X25519 public key must be 32 bytes, got %d' % len(peer_pub))
-    shared = x25519(priv, peer_pub)
+
+
+def _x25519_check_shared(shared):
     if hmac.compare_digest(shared, bytes(32)):
         raise ValueError('X25519 shared secret is all zero (low-order peer public key)')
     return shared
@@ -1711,16 +1738,22 @@ def ecdsa_verify(curve, pub, msg, der_sig):
 # ChaCha20-Poly1305 (RFC 8439), in pure Python.
 #
 # Pure Python pays per interpreter operation, not per bit, so both ciphers work on
-# many blocks at once inside big integers or bytes objects:
+# many blocks at once inside big integers or bytes objects, and both have a second
+# path for the short records that dominate a TLS handshake and small responses:
 #
-# - ChaCha20 keeps each of the 16 state words of N blocks in one big int, one
-#   64-bit lane per block (the value in the low 32 bits, the high 32 bits spare so
-#   carries never reach the next lane), and runs the 20 rounds once for all N.
+# - ChaCha20 keeps 32-bit words in 64-bit lanes of big ints (the high half spare so
+#   carries never reach the next lane).  For a few blocks the four rows of the
+#   state are four ints, so one quarter round does a whole column or diagonal
+#   round; for many blocks each of the 16 state words gets its own int, one lane
+#   per block.  Either way the 20 rounds run once for all N blocks.
 # - AES-CTR stores N counter blocks "byte-sliced": one bytes object per state byte
 #   position, holding that byte of every block.  SubBytes (with the round key
 #   folded into the table) is then one bytes.translate per position, ShiftRows is
 #   only a choice of which position to read, and MixColumns is a handful of XORs
-#   and shifts on one big int holding all 16 positions.
+#   and shifts on one big int holding all 16 positions.  Up to a few blocks,
+#   T-tables encrypt one block at a time instead.
+# - GHASH uses per-key tables that start small (cheap to build) and grow once a
+#   key has hashed enough data to repay the bigger ones.
 #
 # Tags are compared with hmac.compare_digest, and `open` never returns or
 # computes any plaintext before the tag has been checked.
@@ -1780,20 +1813,24 @@ _AES_SHIFT_INDEX = tuple(r + 4 * ((c + r) % 4) for r in range(4) for c in range(
 _AES_RCON = (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0x1b, 0x36)
 
 
+def _aes_sub_word(word):
+    """SubWord: the S-box on each byte of a 32-bit word."""
+    return int.from_bytes(word.to_bytes(4, 'big').translate(_AES_SBOX), 'big')
+
+
 def _aes_expand_key(key):
     """FIPS 197 KeyExpansion -> list of Nr+1 round keys of 16 bytes."""
     nk = len(key) // 4
     nr = nk + 6
-    words = [key[4 * i:4 * i + 4] for i in range(nk)]
+    words = list(struct.unpack('>%dI' % nk, key))
     for i in range(nk, 4 * (nr + 1)):
         t = words[i - 1]
         if i % nk == 0:
-            t = (t[1:] + t[:1]).translate(_AES_SBOX)            # SubWord(RotWord(t))
-            t = bytes((t[0] ^ _AES_RCON[i // nk - 1],)) + t[1:]
+            t = _aes_sub_word(((t << 8) | (t >> 24)) & 0xffffffff) ^ (_AES_RCON[i // nk - 1] << 24)
         elif nk > 6 and i % nk == 4:
-            t = t.translate(_AES_SBOX)
-        words.append(bytes(a ^ b for a, b in zip(words[i - nk], t)))
-    return [b''.join(words[4 * r:4 * r + 4]) for r in range(nr + 1)]
+            t = _aes_sub_word(t)
+        words.append(words[i - nk] ^ t)
+    return [struct.pack('>4I', *words[4 * r:4 * r + 4]) for r in range(nr + 1)]
 
 
 class _AESSchedule:
@@ -1838,41 +1875,135 @@ class _AESSchedule:
         return bytes(out)
 
 
-def aes_encrypt_block(key, block16):
-    """Encrypt one 16-byte block with AES-128 or AES-256 (FIPS 197 Cipher)."""
-    if len(block16) != 16:
-        raise ValueError('AES block must be 16 bytes, got %d' % len(block16))
-    block16 = bytes(block16)
-    return _AESSchedule(key).encrypt_planes(bytes(block16[i] for i in _AES_PLANE_INDEX), 1)
+# One block at a time, for the hash key H, the tag mask and the keystream of short records, where
+# the byte-sliced cipher's fixed cost per call (some 50 us) would dominate: "T-tables" fold
+# SubBytes, ShiftRows and MixColumns of each state byte into one table look-up of its 128-bit
+# contribution to the round output, so a round is 16 look-ups, 16 XORs and the round key.
+
+# Column r of the MixColumns matrix (FIPS 197 eq. 5.6): the multiples of a row-r input byte
+# that land in rows 0..3 of its output column.
+_AES_MIX_COLUMNS = ((2, 1, 1, 3), (3, 2, 1, 1), (1, 3, 2, 1), (1, 1, 3, 2))
+# ShiftRows for state bytes in FIPS 197 order (byte r + 4c is row r, column c): output byte
+# r + 4c is input byte r + 4((c + r) mod 4).
+_AES_SHIFT_ROWS = tuple(r + 4 * ((c + r) % 4) for c in range(4) for r in range(4))
+_aes_t_tables = None
 
 
-# ------------------------------------------------------------ GCM (SP 800-38D)
+def _aes_gf_mul(a, k):
+    """a * k in GF(2^8) for the MixColumns factors k = 1, 2, 3."""
+    doubled = ((a << 1) ^ 0x11b) if a & 0x80 else a << 1
+    return (a, doubled, doubled ^ a)[k - 1]
 
-_GCM_R = 0xe1 << 120        # x^128 = x^7 + x^2 + x + 1, in GCM's reflected bit order
 
-
-def _gcm_tables(h):
-    """16 tables of 256 entries: tables[i][b] = (byte b at block position i) * H.
-
-    A GCM block is a big-endian 128-bit int whose most significant bit is the
-    coefficient of x^0, so multiplying by x is a right shift with reduction."""
+def _aes_build_t_tables():
+    """tables[q][x]: the round output, as a big-endian 128-bit int, of state byte q = x alone."""
     tables = []
-    v = h
-    for _ in range(16):
-        powers = []                         # x^(8i+k) * H for the bit 0x80 >> k
-        for _ in range(8):
-            powers.append(v)
-            v = (v >> 1) ^ (_GCM_R if v & 1 else 0)
-        table = [0]
-        for k in range(7, -1, -1):          # doubling: add bit 1 << (7-k) on top of all smaller bytes
-            pk = powers[k]
-            table += [t ^ pk for t in table]
-        tables.append(table)
+    for q in range(16):
+        row, column = q % 4, q // 4
+        out_column = (column - row) % 4           # where ShiftRows moves it
+        shift = 32 * (3 - out_column)
+        factors = _AES_MIX_COLUMNS[row]
+        tables.append([int.from_bytes(bytes(_aes_gf_mul(_AES_SBOX[x], k) for k in factors), 'big')
+                       << shift for x in range(256)])
     return tables
 
 
+def _aes_round_key_ints(key):
+    """The FIPS 197 round keys of key as 128-bit big-endian ints (ValueError on a bad key size)."""
+    if len(key) not in (16, 32):
+        raise ValueError('AES key must be 16 or 32 bytes, got %d' % len(key))
+    return [int.from_bytes(rk, 'big') for rk in _aes_expand_key(bytes(key))]
+
+
+def _aes_encrypt_int(round_keys, block):
+    """Encrypt one block given as a 128-bit big-endian int; returns an int."""
+    global _aes_t_tables
+    if _aes_t_tables is None:
+        _aes_t_tables = _aes_build_t_tables()
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15 = _aes_t_tables
+    s = block ^ round_keys[0]
+    for i in range(1, len(round_keys) - 1):
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = s.to_bytes(16, 'big')
+        s = (t0[b0] ^ t1[b1] ^ t2[b2] ^ t3[b3] ^ t4[b4] ^ t5[b5] ^ t6[b6] ^ t7[b7] ^ t8[b8]
+             ^ t9[b9] ^ t10[b10] ^ t11[b11] ^ t12[b12] ^ t13[b13] ^ t14[b14] ^ t15[b15] ^ round_keys[i])
+    # Last round: no MixColumns, so ShiftRows is a byte permutation and SubBytes a translate.
+    state = s.to_bytes(16, 'big')
+    shifted = bytes([state[i] for i in _AES_SHIFT_ROWS]).translate(_AES_SBOX)
+    return int.from_bytes(shifted, 'big') ^ round_keys[-1]
+
+
+def aes_encrypt_block(key, block16):
+    """Encrypt one 16-byte block with AES-128 or AES-256 (FIPS 197 Cipher)."""
+    round_keys = _aes_round_key_ints(key)
+    if len(block16) != 16:
+        raise ValueError('AES block must be 16 bytes, got %d' % len(block16))
+    return _aes_encrypt_int(round_keys, int.from_bytes(block16, 'big')).to_bytes(16, 'big')
+
+
+# ------------------------------------------------------------ GCM (SP 800-38D)
+#
+# GHASH multiplies by H through per-key tables of H times every value of one block position.
+# Tables per nibble position (32 of 16 entries) take ~45 us to build and hash a block in
+# ~1.3 us; tables per byte position (16 of 256) hash in ~0.8 us but take another ~140 us to
+# build from the nibble ones.  A key starts with nibble tables and builds the byte tables once
+# it has hashed _GCM_BYTE_TABLES_AFTER blocks, about where they would have paid for themselves:
+# handshake keys and short connections never pay for them, a bulk transfer soon does.
+
+_GCM_R = 0xe1 << 120        # x^128 = x^7 + x^2 + x + 1, in GCM's reflected bit order
+_GCM_BYTE_TABLES_AFTER = 256
+_GCM_HIGH_NIBBLES = bytes(b >> 4 for b in range(256))
+_GCM_LOW_NIBBLES = bytes(b & 15 for b in range(256))
+# First bit (power of x) of nibble positions 0..31: high nibbles of bytes 0..15, then low nibbles.
+_GCM_NIBBLE_STARTS = tuple(range(0, 128, 8)) + tuple(range(4, 128, 8))
+# Below this many blocks (J0 included) the T-table cipher beats the byte-sliced one.
+_AES_SLICED_MIN_BLOCKS = 8
+
+
+def _gcm_nibble_tables(h):
+    """32 tables of 16 entries: tables[i][v] = (nibble v at nibble position i) * H, where
+    positions 0..15 are the high nibbles of bytes 0..15 and 16..31 their low nibbles.
+
+    A GCM block is a big-endian 128-bit int whose most significant bit is the
+    coefficient of x^0, so multiplying by x is a right shift with reduction."""
+    powers = []                             # x^k * H for k = 0 .. 127
+    v = h
+    for _ in range(128):
+        powers.append(v)
+        v = (v >> 1) ^ (_GCM_R if v & 1 else 0)
+    # The nibble starting at bit k has bit values 8, 4, 2, 1 for x^k .. x^(k+3); its table is
+    # every XOR of one of (0, 4, 8, 12) times H with one of (0, 1, 2, 3) times H.  One flat
+    # comprehension for all 512 entries: 32 small ones cost twice as much.
+    halves = [((0, p4, p8, p8 ^ p4), (0, p1, p2, p2 ^ p1))
+              for p8, p4, p2, p1 in [powers[k:k + 4] for k in _GCM_NIBBLE_STARTS]]
+    flat = [hi ^ lo for his, los in halves for hi in his for lo in los]
+    return [flat[i:i + 16] for i in range(0, 512, 16)]
+
+
+def _gcm_byte_tables(nibble_tables):
+    """16 tables of 256 entries for byte positions, each the XOR of its two nibble tables."""
+    return [[hi ^ lo for hi in nibble_tables[i] for lo in nibble_tables[16 + i]] for i in range(16)]
+
+
+def _gcm_ghash_nibbles(tables, data):
+    """GHASH over data (a multiple of 16 bytes) with nibble tables: Y = (Y ^ X_i) * H per block."""
+    (t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15,
+     u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15) = tables
+    y = 0
+    for i in range(0, len(data), 16):
+        block = (y ^ int.from_bytes(data[i:i + 16], 'big')).to_bytes(16, 'big')
+        h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15 = \
+            block.translate(_GCM_HIGH_NIBBLES)
+        l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13, l14, l15 = \
+            block.translate(_GCM_LOW_NIBBLES)
+        y = (t0[h0] ^ t1[h1] ^ t2[h2] ^ t3[h3] ^ t4[h4] ^ t5[h5] ^ t6[h6] ^ t7[h7]
+             ^ t8[h8] ^ t9[h9] ^ t10[h10] ^ t11[h11] ^ t12[h12] ^ t13[h13] ^ t14[h14] ^ t15[h15]
+             ^ u0[l0] ^ u1[l1] ^ u2[l2] ^ u3[l3] ^ u4[l4] ^ u5[l5] ^ u6[l6] ^ u7[l7]
+             ^ u8[l8] ^ u9[l9] ^ u10[l10] ^ u11[l11] ^ u12[l12] ^ u13[l13] ^ u14[l14] ^ u15[l15])
+    return y
+
+
 def _gcm_ghash(tables, data):
-    """GHASH over data (a multiple of 16 bytes): Y = (Y ^ X_i) * H per block."""
+    """GHASH over data (a multiple of 16 bytes) with byte tables: Y = (Y ^ X_i) * H per block."""
     t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15 = tables
     y = 0
     for i in range(0, len(data), 16):
@@ -1891,23 +2022,39 @@ class AESGCM:
     """AES-128-GCM / AES-256-GCM with 12-byte nonces and 16-byte tags."""
 
     def __init__(self, key):
-        self._aes = _AESSchedule(key)
-        h = self._aes.encrypt_planes(bytes(16), 1)
-        self._tables = _gcm_tables(int.from_bytes(h, 'big'))
+        self._round_keys = _aes_round_key_ints(key)
+        self._key = bytes(key)
+        self._sliced = None                 # the byte-sliced _AESSchedule, built for a long record
+        self._nibble_tables = _gcm_nibble_tables(_aes_encrypt_int(self._round_keys, 0))
+        self._byte_tables = None
+        self._hashed_blocks = 0
 
     def _keystream(self, nonce, nblocks):
         """E(K, J0) followed by nblocks of CTR keystream (counters 2, 3, ...)."""
         if nblocks > (1 << 32) - 2:        # SP 800-38D: at most 2^39 - 256 bits of plaintext
             raise ValueError('AES-GCM message too long')
         n = nblocks + 1
+        if n < _AES_SLICED_MIN_BLOCKS:
+            j0 = int.from_bytes(nonce, 'big') << 32 | 1
+            return b''.join([_aes_encrypt_int(self._round_keys, j0 + i).to_bytes(16, 'big')
+                             for i in range(n)])
+        if self._sliced is None:
+            self._sliced = _AESSchedule(self._key)
         counters = struct.pack('>%dI' % n, *range(1, n + 1))    # J0 = nonce || 1
         planes = [nonce[i:i + 1] * n if i < 12 else counters[i - 12::4] for i in _AES_PLANE_INDEX]
-        return self._aes.encrypt_planes(b''.join(planes), n)
+        return self._sliced.encrypt_planes(b''.join(planes), n)
+
+    def _ghash(self, data):
+        if self._byte_tables is None:
+            self._hashed_blocks += len(data) // 16
+            if self._hashed_blocks < _GCM_BYTE_TABLES_AFTER:
+                return _gcm_ghash_nibbles(self._nibble_tables, data)
+            self._byte_tables = _gcm_byte_tables(self._nibble_tables)
+        return _gcm_ghash(self._byte_tables, data)
 
     def _tag(self, aad, ciphertext, mask):
         lengths = struct.pack('>QQ', 8 * len(aad), 8 * len(ciphertext))
-        s = _gcm_ghash(self._tables, b''.join(
-            (aad, _aead_pad16(aad), ciphertext, _aead_pad16(ciphertext), lengths)))
+        s = self._ghash(b''.join((aad, _aead_pad16(aad), ciphertext, _aead_pad16(ciphertext), lengths)))
         return (s ^ int.from_bytes(mask, 'big')).to_bytes(16, 'big')
 
     def seal(self, nonce, plaintext, aad):
@@ -1934,15 +2081,29 @@ class AESGCM:
 
 
 # --------------------------------------------------------- ChaCha20 (RFC 8439)
+#
+# Two layouts, both with one 64-bit lane per 32-bit word (the value in the low half, the high
+# half spare so that carries never reach the next lane):
+#
+# - Row layout, for a few blocks: four big ints, one per row of the 4x4 state, lane c*n + j
+#   holding column c of block j.  A column round is then ONE quarter round on the four rows,
+#   and a diagonal round is the same after rotating rows b, c, d by 1, 2, 3 columns.  About
+#   800 big-int operations whatever n is, so a short TLS record costs little more than its
+#   Poly1305 key block.
+# - Word layout, for many blocks: sixteen big ints, one per state word, lane j for block j.
+#   Eight quarter rounds per double round, but each operation covers all n blocks and there
+#   are no column rotations, so it does less work per block once n is large.
 
 _CHACHA_CONSTANTS = (0x61707865, 0x3320646e, 0x79622d32, 0x6b206574)
-# Column rounds then diagonal rounds (RFC 8439 section 2.3).
+# Column rounds then diagonal rounds (RFC 8439 section 2.3), by state word index.
 _CHACHA_QUARTERS = ((0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15),
                     (0, 5, 10, 15), (1, 6, 11, 12), (2, 7, 8, 13), (3, 4, 9, 14))
+# Measured crossover of the two layouts (CPython 3.11): the row layout wins up to here.
+_CHACHA_ROW_LAYOUT_MAX_BLOCKS = 36
 
 
 def _chacha_quarter(a, b, c, d, m):
-    """RFC 8439 quarter round on every 64-bit lane at once.  Lanes hold clean
+    """RFC 8439 quarter round on every 64-bit lane at once (word layout).  Lanes hold clean
     32-bit values; (x << n | x >> 32-n) & m is a 32-bit rotation because the
     bits pushed out either way land in a spare upper half and are masked off."""
     a = (a + b) & m
@@ -1964,12 +2125,106 @@ def _chacha20_blocks(key, nonce, counter, nblocks):
     """Keystream blocks counter .. counter+nblocks-1 (64 bytes each)."""
     if counter + nblocks > 1 << 32:
         raise ValueError('ChaCha20 block counter would overflow')
-    n = nblocks
+    state = struct.pack('<4I32sI12s', *_CHACHA_CONSTANTS, bytes(key), counter, bytes(nonce))
+    if nblocks <= _CHACHA_ROW_LAYOUT_MAX_BLOCKS:
+        return _chacha20_row_layout(state, nblocks)
+    return _chacha20_word_layout(state, nblocks)
+
+
+_chacha_row_geometry_cache = {}
+
+
+def _chacha_row_geometry(n):
+    """Per block count n (built once): the lane mask, the column shift s = 64n, masks of the
+    low 1, 2, 3 columns, and the counter offsets 0 .. n-1 in the lanes of column 0."""
+    geometry = _chacha_row_geometry_cache.get(n)
+    if geometry is None:
+        s = 64 * n
+        geometry = _chacha_row_geometry_cache[n] = (
+            int.from_bytes(b'\xff\xff\xff\xff\x00\x00\x00\x00' * (4 * n), 'little'), s,
+            (1 << s) - 1, (1 << 2 * s) - 1, (1 << 3 * s) - 1,
+            int.from_bytes(struct.pack('<%dQ' % n, *range(n)), 'little'))
+    return geometry
+
+
+def _chacha20_row_layout(state, n):
+    """n keystream blocks from the 64-byte initial state, one big int per state row.
+
+    Rows b and d are kept clean (32-bit lanes), as a rotation needs.  Rows a and c are only
+    ever added to and XORed into a value that is masked before its rotation, so they are left
+    unmasked: after the 40 additions of 20 rounds they stay below 2^38, inside their lanes.
+    """
+    m, s, low1, low2, low3, counter_steps = _chacha_row_geometry(n)
+    s2, s3 = 2 * s, 3 * s
+    # Each state word as an 8-byte lane, repeated for the n blocks: its column of the row.
+    lanes = struct.pack('<16Q', *struct.unpack('<16I', state))
+    if n > 1:
+        lanes = b''.join([lanes[i:i + 8] * n for i in range(0, 128, 8)])
+    size = 32 * n
+    a0, b0, c0, d0 = [int.from_bytes(lanes[i:i + size], 'little') for i in range(0, 4 * size, size)]
+    d0 += counter_steps
+    a, b, c, d = a0, b0, c0, d0
+    for _ in range(10):
+        # Column round: the quarter round on (a_i, b_i, c_i, d_i) for the four columns i.
+        a += b
+        d = (d ^ a) & m
+        d = ((d << 16) | (d >> 16)) & m
+        c += d
+        b = (b ^ c) & m
+        b = ((b << 12) | (b >> 20)) & m
+        a += b
+        d = (d ^ a) & m
+        d = ((d << 8) | (d >> 24)) & m
+        c += d
+        b = (b ^ c) & m
+        b = ((b << 7) | (b >> 25)) & m
+        # Diagonalise: lane i of b, c, d takes column i+1, i+2, i+3 (mod 4).
+        b = (b >> s) | ((b & low1) << s3)
+        c = (c >> s2) | ((c & low2) << s2)
+        d = (d >> s3) | ((d & low3) << s)
+        # Diagonal round: the quarter round on (a_i, b_i+1, c_i+2, d_i+3).
+        a += b
+        d = (d ^ a) & m
+        d = ((d << 16) | (d >> 16)) & m
+        c += d
+        b = (b ^ c) & m
+        b = ((b << 12) | (b >> 20)) & m
+        a += b
+        d = (d ^ a) & m
+        d = ((d << 8) | (d >> 24)) & m
+        c += d
+        b = (b ^ c) & m
+        b = ((b << 7) | (b >> 25)) & m
+        # Back to columns.
+        b = (b >> s3) | ((b & low3) << s)
+        c = (c >> s2) | ((c & low2) << s2)
+        d = (d >> s) | ((d & low1) << s3)
+    return _chacha_gather_rows(((a + a0) & m, (b + b0) & m, (c + c0) & m, (d + d0) & m), n)
+
+
+def _chacha_gather_rows(rows, n):
+    """Serialize the row layout into n blocks of 64 bytes.
+
+    x | x >> (s - 32) puts column c+1 into the high half of column c's lane, so columns 0 and 2
+    then hold the 8-byte word pairs (0, 1) and (2, 3) of each block, copied into place through
+    8-byte memoryviews (a plain copy, so the native byte order does not matter).
+    """
+    out = bytearray(64 * n)
+    slots = memoryview(out).cast('Q')
+    shift = 64 * n - 32
+    for r, x in enumerate(rows):
+        pairs = memoryview((x | (x >> shift)).to_bytes(32 * n, 'little')).cast('Q')
+        slots[2 * r::8] = pairs[:n]
+        slots[2 * r + 1::8] = pairs[2 * n:3 * n]
+    return bytes(out)
+
+
+def _chacha20_word_layout(state, n):
+    """n keystream blocks from the 64-byte initial state, one big int per state word."""
     ones = int.from_bytes(b'\x01\x00\x00\x00\x00\x00\x00\x00' * n, 'little')    # 1 in every lane
     m = ones * 0xffffffff
-    words = _CHACHA_CONSTANTS + struct.unpack('<8I', key) + (0,) + struct.unpack('<3I', nonce)
-    init = [w * ones for w in words]
-    init[12] = int.from_bytes(struct.pack('<%dQ' % n, *range(counter, counter + n)), 'little')
+    init = [w * ones for w in struct.unpack('<16I', state)]
+    init[12] += int.from_bytes(struct.pack('<%dQ' % n, *range(n)), 'little')
     x = list(init)
     for _ in range(10):
         for a, b, c, d in _CHACHA_QUARTERS:
@@ -1996,25 +2251,32 @@ def _poly1305_mac(key32, msg):
     p = _POLY1305_P
     r = int.from_bytes(key32[:16], 'little') & 0x0ffffffc0ffffffc0ffffffc0fffffff
     s = int.from_bytes(key32[16:32], 'little')
-    # Four blocks per step: acc = (acc + c1)*r^4 + c2*r^3 + c3*r^2 + c4*r, where
-    # each c_i = m_i + 2^128; the 2^128 parts are the constant `pads`.
-    r2 = r * r % p
-    r3 = r2 * r % p
-    r4 = r3 * r % p
-    pads = (r4 + r3 + r2 + r) << 128
-    acc = 0
     full = len(msg) - len(msg) % 16
     quad = full - full % 64
-    for i in range(0, quad, 64):
-        acc = ((acc + int.from_bytes(msg[i:i + 16], 'little')) * r4
-               + int.from_bytes(msg[i + 16:i + 32], 'little') * r3
-               + int.from_bytes(msg[i + 32:i + 48], 'little') * r2
-               + int.from_bytes(msg[i + 48:i + 64], 'little') * r + pads) % p
+    acc = _poly1305_quads(msg, quad, r) if quad else 0
     for i in range(quad, full, 16):
         acc = (acc + int.from_bytes(msg[i:i + 16], 'little') + (1 << 128)) * r % p
     if full < len(msg):                     # final partial block gets a 0x01 byte appended
         acc = (acc + int.from_bytes(msg[full:] + b'\x01', 'little')) * r % p
     return ((acc + s) & ((1 << 128) - 1)).to_bytes(16, 'little')
+
+
+def _poly1305_quads(msg, end, r):
+    """The Poly1305 accumulator after msg[:end] (a multiple of 64 bytes), four blocks per step:
+    acc = (acc + c1)*r^4 + c2*r^3 + c3*r^2 + c4*r, one reduction instead of four.  Each
+    c_i = m_i + 2^128; the 2^128 parts are the constant `pads`."""
+    p = _POLY1305_P
+    r2 = r * r % p
+    r3 = r2 * r % p
+    r4 = r3 * r % p
+    pads = (r4 + r3 + r2 + r) << 128
+    acc = 0
+    for i in range(0, end, 64):
+        acc = ((acc + int.from_bytes(msg[i:i + 16], 'little')) * r4
+               + int.from_bytes(msg[i + 16:i + 32], 'little') * r3
+               + int.from_bytes(msg[i + 32:i + 48], 'little') * r2
+               + int.from_bytes(msg[i + 48:i + 64], 'little') * r + pads) % p
+    return acc
 
 
 class ChaCha20Poly1305:
@@ -2663,40 +2925,82 @@ def _tls_hash_len(hash_name):
     return length
 
 
+# Named constructors and block sizes of the suites' hashes, for _tls_hmac.
+_TLS_HMAC_HASHES = {'sha256': (hashlib.sha256, 64), 'sha384': (hashlib.sha384, 128)}
+_TLS_HMAC_IPAD = bytes(b ^ 0x36 for b in range(256))
+_TLS_HMAC_OPAD = bytes(b ^ 0x5c for b in range(256))
+
+
+def _tls_hmac(hash_name, key, msg):
+    """HMAC (RFC 2104).  Written out for the suites' hashes because hmac.digest() looks the hash
+    up by name in OpenSSL on every call, which costs more than the two hash computations; a
+    handshake makes some twenty of these."""
+    hash_and_block = _TLS_HMAC_HASHES.get(hash_name)
+    if hash_and_block is None or len(key) > hash_and_block[1]:
+        return hmac.digest(key, msg, hash_name)   # other hashes, and keys that must be hashed first
+    new, block_size = hash_and_block
+    padded = bytes(key).ljust(block_size, b'\x00')
+    inner = new(padded.translate(_TLS_HMAC_IPAD) + msg).digest()
+    return new(padded.translate(_TLS_HMAC_OPAD) + inner).digest()
+
+
 def hkdf_extract(hash_name, salt, ikm):
     """HKDF-Extract: PRK = HMAC-Hash(salt, IKM); an empty salt means HashLen zero bytes."""
     if not salt:
         salt = bytes(_tls_hash_len(hash_name))
-    return hmac.digest(salt, ikm, hash_name)
+    return _tls_hmac(hash_name, salt, ikm)
 
 
 def hkdf_expand(hash_name, prk, info, length):
     """HKDF-Expand: T(i) = HMAC-Hash(PRK, T(i-1) | info | i), output truncated to length."""
-    if length > 255 * _tls_hash_len(hash_name):
+    hash_len = _tls_hash_len(hash_name)
+    if length <= hash_len:
+        # Every expansion in TLS 1.3 fits in one block: T(1) alone, no loop.
+        return _tls_hmac(hash_name, prk, info + b'\x01')[:length]
+    if length > 255 * hash_len:
         raise ValueError('HKDF-Expand: length %d is more than 255 hash blocks' % length)
     blocks = []
     block = b''
     produced = 0
     counter = 1
     while produced < length:
-        block = hmac.digest(prk, block + info + bytes([counter]), hash_name)
+        block = _tls_hmac(hash_name, prk, block + info + bytes([counter]))
         blocks.append(block)
         produced += len(block)
         counter += 1
     return b''.join(blocks)[:length]
 
 
+# (label, length) -> the HkdfLabel bytes before the context: a handshake uses the same dozen.
+_TLS_HKDF_LABEL_HEADS = {}
+
+
 def hkdf_expand_label(hash_name, secret, label, context, length):
     """HKDF-Expand-Label (RFC 8446 §7.1): info is the HkdfLabel struct with the 'tls13 ' prefix."""
-    full_label = b'tls13 ' + label
-    info = (struct.pack('>HB', length, len(full_label)) + full_label
-            + bytes([len(context)]) + context)
-    return hkdf_expand(hash_name, secret, info, length)
+    label = bytes(label)
+    head = _TLS_HKDF_LABEL_HEADS.get((label, length))
+    if head is None:
+        full_label = b'tls13 ' + label
+        head = struct.pack('>HB', length, len(full_label)) + full_label
+        if len(_TLS_HKDF_LABEL_HEADS) < 64:   # the protocol's labels only, whoever calls us
+            _TLS_HKDF_LABEL_HEADS[label, length] = head
+    return hkdf_expand(hash_name, secret, head + bytes((len(context),)) + context, length)
 
 
 def derive_secret(hash_name, secret, label, transcript_hash):
     """Derive-Secret (RFC 8446 §7.1), taking the transcript hash already computed."""
     return hkdf_expand_label(hash_name, secret, label, transcript_hash, _tls_hash_len(hash_name))
+
+
+# Hash of the empty string per hash name: the context of the "derived" secrets.
+_TLS_EMPTY_HASHES = {}
+
+
+def _tls_empty_hash(hash_name):
+    empty = _TLS_EMPTY_HASHES.get(hash_name)
+    if empty is None:
+        empty = _TLS_EMPTY_HASHES[hash_name] = hashlib.new(hash_name).digest()
+    return empty
 
 
 _TLS_DERIVED_FROM_EARLY = {}
@@ -2708,8 +3012,7 @@ def _tls13_derived_from_early(hash_name):
     if derived is None:
         zeros = bytes(_tls_hash_len(hash_name))
         early_secret = hkdf_extract(hash_name, zeros, zeros)
-        empty_hash = hashlib.new(hash_name).digest()
-        derived = derive_secret(hash_name, early_secret, b'derived', empty_hash)
+        derived = derive_secret(hash_name, early_secret, b'derived', _tls_empty_hash(hash_name))
         _TLS_DERIVED_FROM_EARLY[hash_name] = derived
     return derived
 
@@ -2724,8 +3027,7 @@ def _tls13_handshake_secrets(hash_name, shared_secret, hello_hash):
 
 def _tls13_application_secrets(hash_name, handshake_secret, server_finished_hash):
     """Master Secret and the first client/server application traffic secrets (CH..server Finished)."""
-    empty_hash = hashlib.new(hash_name).digest()
-    salt = derive_secret(hash_name, handshake_secret, b'derived', empty_hash)
+    salt = derive_secret(hash_name, handshake_secret, b'derived', _tls_empty_hash(hash_name))
     master_secret = hkdf_extract(hash_name, salt, bytes(_tls_hash_len(hash_name)))
     client = derive_secret(hash_name, master_secret, b'c ap traffic', server_finished_hash)
     server = derive_secret(hash_name, master_secret, b's ap traffic', server_finished_hash)
@@ -2736,7 +3038,7 @@ def _tls13_finished_mac(hash_name, base_secret, transcript_hash):
     """Finished verify_data (RFC 8446 §4.4.4): HMAC(finished_key, transcript hash)."""
     finished_key = hkdf_expand_label(hash_name, base_secret, b'finished', b'',
                                      _tls_hash_len(hash_name))
-    return hmac.digest(finished_key, transcript_hash, hash_name)
+    return _tls_hmac(hash_name, finished_key, transcript_hash)
 
 
 def _tls13_next_traffic_secret(hash_name, secret):
@@ -2870,14 +3172,28 @@ class _TLSReader:
         return chunk
 
     def uint(self, size):
-        return int.from_bytes(self.take(size), 'big')
+        end = self.pos + size
+        if end > len(self.data):
+            self._fail('truncated')
+        value = int.from_bytes(self.data[self.pos:end], 'big')
+        self.pos = end
+        return value
 
     def vector(self, len_size, min_len, max_len):
         """A <min..max> vector whose length prefix is len_size bytes."""
-        length = self.uint(len_size)
+        # Written out rather than built on uint() and take(): a ClientHello has dozens.
+        data = self.data
+        start = self.pos + len_size
+        if start > len(data):
+            self._fail('truncated')
+        length = int.from_bytes(data[self.pos:start], 'big')
         if length < min_len or length > max_len:
             self._fail('vector length %d outside %d..%d' % (length, min_len, max_len))
-        return self.take(length)
+        end = start + length
+        if end > len(data):
+            self._fail('truncated')
+        self.pos = end
+        return data[start:end]
 
     def at_end(self):
         return self.pos == len(self.data)
@@ -2892,9 +3208,14 @@ def _tls_uint16_list(data, len_size, min_len, max_len, what):
     reader = _TLSReader(data, what)
     body = reader.vector(len_size, min_len, max_len)
     reader.expect_end()
+    return _tls_uint16_values(body, what)
+
+
+def _tls_uint16_values(body, what):
+    """The big-endian uint16 values packed in body."""
     if len(body) % 2:
         raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, '%s: odd length' % what)
-    return [int.from_bytes(body[i:i + 2], 'big') for i in range(0, len(body), 2)]
+    return list(struct.unpack('>%dH' % (len(body) // 2), body))
 
 
 def _tls_vec8(data):
@@ -3200,6 +3521,30 @@ class RecordLayer:
 # ClientHello parsing (§4.1.2, §4.2)
 # ---------------------------------------------------------------------------------------------
 
+_TLS_EXTENSION_HEADER = struct.Struct('>HH')
+
+
+def _tls_parse_extensions(block, extensions):
+    """Fill extensions (type -> extension_data) from a ClientHello's extension block; return the
+    last type.  A plain loop over struct headers: a browser's hello carries some twenty."""
+    end = len(block)
+    pos = 0
+    ext_type = None
+    while pos < end:
+        if pos + 4 > end:
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'ClientHello extensions: truncated')
+        ext_type, length = _TLS_EXTENSION_HEADER.unpack_from(block, pos)
+        start = pos + 4
+        pos = start + length
+        if pos > end:
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'ClientHello extensions: truncated')
+        if ext_type in extensions:
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
+                            'ClientHello: duplicate extension %d' % ext_type)
+        extensions[ext_type] = block[start:pos]
+    return ext_type
+
+
 class _TLSClientHello:
     """The fields of a ClientHello; extensions maps type -> raw extension_data."""
 
@@ -3209,24 +3554,15 @@ class _TLSClientHello:
         self.legacy_version = reader.uint(2)
         self.random = reader.take(32)
         self.session_id = reader.vector(1, 0, 32)
-        suites = reader.vector(2, 2, 0xfffe)
-        if len(suites) % 2:
-            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'ClientHello: odd cipher_suites length')
-        self.cipher_suites = [int.from_bytes(suites[i:i + 2], 'big') for i in range(0, len(suites), 2)]
+        self.cipher_suites = _tls_uint16_values(reader.vector(2, 2, 0xfffe),
+                                                'ClientHello cipher_suites')
         self.compression_methods = reader.vector(1, 1, 255)
         self.extensions = {}
         if reader.at_end():
             return   # a pre-TLS 1.2 hello without extensions: rejected as protocol_version later
-        ext_reader = _TLSReader(reader.vector(2, 0, 0xffff), 'ClientHello extensions')
+        block = reader.vector(2, 0, 0xffff)
         reader.expect_end()
-        last_type = None
-        while not ext_reader.at_end():
-            ext_type = ext_reader.uint(2)
-            if ext_type in self.extensions:
-                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
-                                'ClientHello: duplicate extension %d' % ext_type)
-            self.extensions[ext_type] = ext_reader.vector(2, 0, 0xffff)
-            last_type = ext_type
+        last_type = _tls_parse_extensions(block, self.extensions)
         if _TLS_EXT_PRE_SHARED_KEY in self.extensions and last_type != _TLS_EXT_PRE_SHARED_KEY:
             raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
                             'ClientHello: pre_shared_key is not the last extension')
@@ -3353,8 +3689,7 @@ def _tls_key_exchange(group, peer_share):
     """(our key_share, shared secret) for the negotiated group; bad peer points: illegal_parameter."""
     try:
         if group == TLS_GROUP_X25519:
-            private, public = x25519_keypair()
-            return public, x25519_shared(private, peer_share)
+            return x25519_ephemeral_shared(peer_share)
         private, public = ec_keypair(SECP256R1)
         return public, ecdh_shared(SECP256R1, private, peer_share)
     except ValueError as exc:
@@ -3459,10 +3794,14 @@ class TLSServer:
         self.alert = alert
         if alert is None:
             return
-        # Alerts are protected once we have sent ServerHello, plaintext before (§5, §6).
+        # Alerts are protected once we have sent ServerHello, plaintext before (§5, §6); once
+        # our Finished is out, under our application traffic key (§4.4.4, §7.1).
         body = bytes([2, alert])
         if self._tx is None:
             out.append(_tls_plaintext_records(_TLS_CT_ALERT, body))
+        elif self._app_secrets is not None:
+            suite = self.cipher_suite
+            out.append(_TLSRecordCipher(suite, self._app_secrets[1]).seal(_TLS_CT_ALERT, body))
         else:
             out.append(self._tx.seal(_TLS_CT_ALERT, body))
 

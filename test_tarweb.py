@@ -2,6 +2,7 @@
 
     python3 -m unittest test_tarweb [-v]        the tests (pytest test_tarweb.py works too)
     python3 -m unittest test_tarweb.TestHKDF    one class: it builds only the fixtures it needs
+    make test-ktls                              the kTLS subset (KTLS_TESTS), inside ../shared/ktls-vm
     python3 test_tarweb.py bench [--quick]      benchmark: HTTP and HTTPS load (wrk, ab), crypto (section 5)
     python3 test_tarweb.py demo-site OUT.tar    write the demo site tar
 
@@ -10,9 +11,12 @@ The HTTP tests and the benchmark run the real server as a subprocess on loopback
 this file. Tests that need `openssl` or `curl` fail, never skip, when the tool is missing, naming
 the package to install (CI installs them). Each class builds the fixtures it needs (archives,
 keys, certificates) on first use, in one scratch folder that tearDownModule removes.
+Environment: TARWEB (the server), TARWEB_TEST_TIMEOUT_SCALE (multiplies the timeouts of servers and
+tools; make test-ktls sets 10 for the emulated VM), TARWEB_EXPECT_KTLS ('1': the kernel has kTLS and
+the server must use it, as make test-ktls sets; unset or '0': no record may go through the kernel).
 
 Contents, in the layer order of tarweb.py:
-  0. Shared helpers: the server under test, external tools, scratch files, hex
+  0. Shared helpers: the server under test, timeout scale, external tools, scratch files, hex
   1. Archive and HTTP/1.1 server
      fixture archive, server process, raw HTTP client; archive rules and tar formats; hostile
      requests; connections; ranges, conditionals, precompressed variants; response headers;
@@ -22,7 +26,10 @@ Contents, in the layer order of tarweb.py:
      2.4 PEM, DER, RSA-PSS, private keys, certificates
   3. TLS 1.3: key schedule, server state machine, record layer (a hand-driven client, Python's ssl
      over MemoryBIO, openssl s_client over loopback)
-  4. HTTPS server (to come)
+  4. HTTPS server: tarweb.py with TLS on loopback; site, certificates (section 3's), clients (Python's
+     ssl with http.client, curl, s_client, section 3's hand-driven client over TCP); interoperability
+     and certificate types; HTTP over TLS, record buffering, few slots; hostile input, handshake
+     deadline; plain and TLS listeners; TLS start-up errors; kernel TLS (KTLSTest, make test-ktls)
   5. Demo site and benchmark harness: shared helpers; HTTP (W1, W2, idle connections, strace);
      pure-Python crypto and server handshakes; TLS load (W3 handshakes, W4/W5 HTTPS)
   6. Command line: bench, demo-site, or the tests
@@ -86,6 +93,14 @@ TARWEB = os.environ.get("TARWEB") or os.path.join(os.path.dirname(os.path.abspat
                                                   "tarweb.py")
 PY = sys.executable
 URL_RE = re.compile(r"(https?)://(\[[^\]]+\]|[^\s/:]+):(\d+)/")
+# TARWEB_TEST_TIMEOUT_SCALE multiplies the timeouts of the servers and tools the tests run (make
+# test-ktls sets 10: the kTLS VM emulates its CPU).
+SCALE = float(os.environ.get("TARWEB_TEST_TIMEOUT_SCALE", "1") or "1")
+
+
+def T(seconds):
+    """A timeout scaled for slow machines (TARWEB_TEST_TIMEOUT_SCALE)."""
+    return seconds * SCALE
 
 
 def need_tool(name):
@@ -97,10 +112,10 @@ def need_tool(name):
 
 def run_tool(args, data=None, check=True, timeout=120):
     """Run an external tool (args[0]) with data on stdin; its CompletedProcess (stdout and stderr
-    as bytes). check: a non-zero exit fails the test with the tool's stderr."""
+    as bytes). check: a non-zero exit fails the test with the tool's stderr. timeout: before T()."""
     need_tool(args[0])
     proc = subprocess.run(args, input=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          timeout=timeout)
+                          timeout=T(timeout))
     if check and proc.returncode != 0:
         raise AssertionError("%s failed: %s" % (" ".join(args), proc.stderr.decode("utf-8", "replace")))
     return proc
@@ -403,20 +418,21 @@ class ServerProc:
             threading.Thread(target=self._pump, args=(self.proc.stderr, self.err, self.err_all), daemon=True)]
         for t in self._threads:
             t.start()
-        self.urls = []
-        deadline = time.monotonic() + 15
-        while not self.urls:
+        self.listeners = []   # (scheme, host, port) in the order of the start line
+        deadline = time.monotonic() + T(15)
+        while not self.listeners:
             try:
                 line = self.out.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
                 self.stop()
-                raise RuntimeError("server printed no URL within 15 s; stderr: %r" % self.stderr_text())
+                raise RuntimeError("server printed no URL within %g s; stderr: %r" % (T(15), self.stderr_text()))
             if line is None:
                 self.stop()
                 raise RuntimeError("server exited (%s) before listening; stderr: %r"
                                    % (self.proc.returncode, self.stderr_text()))
             self.start_line = line
-            self.urls = [(h.strip("[]"), int(p)) for _s, h, p in URL_RE.findall(line)]
+            self.listeners = [(s, h.strip("[]"), int(p)) for s, h, p in URL_RE.findall(line)]
+        self.urls = [(h, p) for _s, h, p in self.listeners]
         self.addr = self.urls[0]
         self.started = time.monotonic()
 
@@ -428,9 +444,17 @@ class ServerProc:
             q.put(line)
         q.put(None)
 
+    def addr_of(self, scheme):
+        """(host, port) of the first listener the start line announced as scheme:// ('http', 'https')."""
+        return [(h, p) for s, h, p in self.listeners if s == scheme][0]
+
     def stderr_text(self):
         time.sleep(0.05)
         return "\n".join(self.err_all)
+
+    def count_stderr(self, text):
+        """How many stderr lines so far contain text."""
+        return sum(text in line for line in list(self.err_all))
 
     def stderr_tail(self, n=10):
         """The last n stderr lines other than stats, on one line."""
@@ -441,11 +465,11 @@ class ServerProc:
         """SIGUSR1 -> dict of the stats line."""
         # Signalling right after the start line is tested on its own (TestSignals); here keep a
         # possible start-up race from killing the server under unrelated tests.
-        time.sleep(max(0.0, self.started + 0.3 - time.monotonic()))
+        time.sleep(max(0.0, self.started + T(0.3) - time.monotonic()))
         while not self.err.empty():
             self.err.get_nowait()
         self.proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + T(timeout)
         while time.monotonic() < deadline:
             try:
                 line = self.err.get(timeout=max(0.01, deadline - time.monotonic()))
@@ -459,12 +483,19 @@ class ServerProc:
         raise AssertionError("no stats line on stderr after SIGUSR1; stderr: %r" % self.stderr_text())
 
     def wait_idle(self, timeout=3.0):
-        """Poll stats until active=0; return the last stats."""
-        deadline = time.monotonic() + timeout
+        """Poll stats until no connection is active and every slot is free; return the last stats."""
+        deadline = time.monotonic() + T(timeout)
         st = self.stats()
-        while st.get("active") != 0 and time.monotonic() < deadline:
+        while (st.get("active") != 0 or st.get("free") != st.get("max")) and time.monotonic() < deadline:
             time.sleep(0.1)
             st = self.stats()
+        return st
+
+    def assert_idle(self, timeout=5.0):
+        """wait_idle, failing when a connection slot never comes free (it leaked)."""
+        st = self.wait_idle(timeout)
+        if st["active"] != 0 or st["free"] != st["max"]:
+            raise AssertionError("connection slots leaked: %r" % st)
         return st
 
     def cpu_seconds(self):
@@ -489,12 +520,12 @@ class ServerProc:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=T(10))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         for t in self._threads:
-            t.join(timeout=2)
+            t.join(timeout=T(2))
         self.proc.stdout.close()
         self.proc.stderr.close()
         return self.proc.returncode
@@ -534,10 +565,11 @@ class Response:
 
 
 class Conn:
-    """One client connection; reads responses using Content-Length framing."""
+    """One client connection; reads responses using Content-Length framing. sock: a connected socket
+    (a TLS one, say) to use instead of a new one to addr."""
 
-    def __init__(self, addr, timeout=5.0):
-        self.sock = socket.create_connection(addr, timeout=timeout)
+    def __init__(self, addr, timeout=5.0, sock=None):
+        self.sock = sock if sock is not None else socket.create_connection(addr, timeout=timeout)
         self.timeout = timeout
         self.buf = b""
         self.eof = False
@@ -1857,23 +1889,31 @@ class TestSignals(ArchiveCase):
                 self.assertEqual(get1(addr, "/small.txt").body, MAIN["small.txt"][0])
 
 
-class TestStartupErrors(ArchiveCase):
+class StartupErrorChecks:
+    """Mixin: run the server to its start-up error and check that error (sections 1 and 4)."""
 
     def run_server(self, *args, py=PY, **kw):
         try:
             return subprocess.run([py, TARWEB, "--listen", "127.0.0.1:0"] + list(args), capture_output=True,
-                                  timeout=10, **kw)
+                                  timeout=T(10), **kw)
         except subprocess.TimeoutExpired as e:
-            self.fail("server did not fail at start-up (still running after 10 s); stdout: %r" % e.stdout)
+            self.fail("server did not fail at start-up (still running after %g s); stdout: %r" % (T(10), e.stdout))
 
     def assertStartupError(self, p, code=1):
+        """The one 'tarweb.py: error: ' line of p's stderr (a usage error, code 2, prints the usage
+        lines first), no traceback, exit status code."""
         err = p.stderr.decode("utf-8", "replace")
         self.assertNotIn("Traceback", err)
         self.assertEqual(p.returncode, code, err)
         lines = [l for l in err.splitlines() if l.strip()]
+        if code == 2:
+            lines = [l for l in lines if not l.startswith(("usage:", " "))]
         self.assertEqual(len(lines), 1, err)
         self.assertTrue(lines[0].startswith("tarweb.py: error: "), err)
         return lines[0]
+
+
+class TestStartupErrors(StartupErrorChecks, ArchiveCase):
 
     def test_missing_file(self):
         line = self.assertStartupError(self.run_server(http_file("nope.tar")))
@@ -3977,21 +4017,31 @@ CONFIGS = {}  # kind -> TLSConfig; both filled by tls_configs()
 tls_file = functools.partial(work_file, 'tls')
 
 
+TLS_SUBJECT_ALT_NAME = 'subjectAltName=DNS:localhost,IP:127.0.0.1'
+
+
+def openssl_self_signed(kind, newkey):
+    """CERTS[kind]: a self-signed leaf for localhost and 127.0.0.1, its key from openssl req -newkey."""
+    run_tool(['openssl', 'req', '-x509', '-newkey'] + newkey + [
+        '-nodes', '-keyout', tls_file(kind + '.key'), '-out', tls_file(kind + '.crt'),
+        '-days', '2', '-subj', '/CN=localhost', '-addext', TLS_SUBJECT_ALT_NAME])
+    CERTS[kind] = (kind + '.key', kind + '.crt', kind + '.crt')
+
+
 def make_openssl_certs():
-    """Self-signed RSA-2048, P-256 and Ed25519 leaves, and a P-256 leaf under an intermediate CA."""
-    subj_alt = ['-addext', 'subjectAltName=DNS:localhost']
+    """Self-signed RSA-2048, P-256 and Ed25519 leaves, and a P-256 leaf under an intermediate CA, all
+    for localhost and 127.0.0.1; made once per run."""
+    if 'chain' in CERTS:
+        return
     for kind, newkey in (('rsa', ['rsa:2048']), ('p256', ['ec', '-pkeyopt', 'ec_paramgen_curve:P-256']),
                          ('ed25519', ['ed25519'])):
-        run_tool(['openssl', 'req', '-x509', '-newkey'] + newkey + [
-            '-nodes', '-keyout', tls_file(kind + '.key'), '-out', tls_file(kind + '.crt'),
-            '-days', '2', '-subj', '/CN=localhost'] + subj_alt)
-        CERTS[kind] = (kind + '.key', kind + '.crt', kind + '.crt')
+        openssl_self_signed(kind, newkey)
     ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes']
     run_tool(['openssl', 'req', '-x509'] + ec + ['-keyout', tls_file('root.key'),
                                                  '-out', tls_file('root.crt'), '-days', '2',
                                                  '-subj', '/CN=Test Root'])
     tls_file('ca.ext', b'basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n')
-    tls_file('leaf.ext', b'basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost\n'
+    tls_file('leaf.ext', b'basicConstraints=CA:FALSE\n' + TLS_SUBJECT_ALT_NAME.encode() + b'\n'
                          b'extendedKeyUsage=serverAuth\n')
     for name, issuer, ext, subject in (('inter', 'root', 'ca.ext', '/CN=Test Intermediate'),
                                        ('leaf', 'inter', 'leaf.ext', '/CN=localhost')):
@@ -4123,12 +4173,17 @@ class MiniClient:
     """Builds ClientHellos from keyword options and runs the client side of the handshake."""
 
     def __init__(self, server_config=None, **options):
-        self.server = TLSServer(server_config or tls_config())
+        self.server = self.in_process_server(server_config)
         self.options = options
         self.privates = {}
         self.random = os.urandom(32)
         self.session_id = options.get('session_id', b'\x42' * 32)
         self.transcript = b''
+        self.s_ap = None  # the server's application traffic secret, once its Finished is in
+
+    def in_process_server(self, config):
+        """The TLSServer this client talks to (section 4's NetClient talks to tarweb.py instead)."""
+        return TLSServer(config or tls_config())
 
     def key_share(self, group):
         if group == X25519:
@@ -4280,9 +4335,11 @@ class MiniClient:
         return RecordLayer(self.suite, self.s_ap, self.c_ap)
 
     def decrypt_alert(self, data):
-        """The alert code in an encrypted alert record under the server handshake key."""
+        """The alert code in an encrypted alert record: under the server's application traffic
+        key once its Finished is out (RFC 8446 §4.4.4), else its handshake key."""
         (content_type, header, body), = parse_records(data)
-        inner_type, content = self.rx.open(header, body)
+        cipher = tarweb._TLSRecordCipher(self.suite, self.s_ap) if self.s_ap else self.rx
+        inner_type, content = cipher.open(header, body)
         assert inner_type == 21 and content[0] == 2
         return content[1]
 
@@ -5028,10 +5085,15 @@ def keylog_secrets(name):
     return found
 
 
-def s_client(port, *args, data=b'ping\n'):
-    cmd = ['openssl', 's_client', '-connect', '127.0.0.1:%d' % port, '-tls1_3', '-servername',
-           'localhost', '-verify_return_error', '-verify_hostname', 'localhost', '-ign_eof'] + list(args)
-    proc = subprocess.run(cmd, input=data, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+def s_client(port, *args, data=b'ping\n', sni=True):
+    """(exit status, output) of openssl s_client to 127.0.0.1:port (TLS 1.3, verifying the name
+    localhost; args: -CAfile and more) sending data, then waiting for the server to close.
+    sni=False: no server_name extension."""
+    need_tool('openssl')
+    cmd = ['openssl', 's_client', '-connect', '127.0.0.1:%d' % port, '-tls1_3']
+    cmd += ['-servername', 'localhost'] if sni else ['-noservername']
+    cmd += ['-verify_return_error', '-verify_hostname', 'localhost', '-ign_eof'] + list(args)
+    proc = subprocess.run(cmd, input=data, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=T(30))
     return proc.returncode, proc.stdout.decode('latin-1')
 
 
@@ -5145,8 +5207,1400 @@ class TestOpenSSLClient(TLSCertsCase):
 
 
 # =============================================================================================
-# 4. HTTPS server (to come)
+# 4. HTTPS server: the real tarweb.py serving TLS on 127.0.0.1 (section 1's ServerProc), real
+#    clients (Python's ssl with http.client, curl, openssl s_client) verifying section 3's
+#    certificates, section 3's hand-driven client over TCP for the bytes no real client sends,
+#    and kernel TLS (KTLSTest: `make test-ktls` runs it inside ../shared/ktls-vm)
 # =============================================================================================
+
+# TARWEB_EXPECT_KTLS=1: the kernel has kTLS and the server must use it; unset or 0: no record may go
+# through the kernel, the userspace fallback carries everything.
+EXPECT_KTLS = os.environ.get('TARWEB_EXPECT_KTLS', '0') == '1'
+NO_KTLS_LINE = 'kernel TLS unavailable'
+SUITES = ('TLS_AES_128_GCM_SHA256', 'TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256')
+
+# TLS alert codes (RFC 8446 §6)
+UNEXPECTED_MESSAGE, RECORD_OVERFLOW, HANDSHAKE_FAILURE, ILLEGAL_PARAMETER = 10, 22, 40, 47
+DECODE_ERROR, DECRYPT_ERROR, PROTOCOL_VERSION, NO_APPLICATION_PROTOCOL = 50, 51, 70, 120
+
+SMALL = b'small file served over TLS\n'
+INDEX = b'<html><body>tarweb TLS index</body></html>\n'
+https_file = functools.partial(work_file, 'https')
+_HTTPS_SITES = {}   # big -> (tar path, {URL path: bytes}), filled by https_site()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: the site, the certificates, one server per class
+# ---------------------------------------------------------------------------------------------
+
+def https_site(big=False):
+    """(tar path, {URL path: bytes}) of the HTTPS test site, built on first use: /index.html (also
+    served as /), /small.txt, /range.bin (RANGE_BIN) and a 2 MiB /mid.bin; big=True adds a 10 MiB
+    /big.bin (the kTLS subset, run in a slow VM, uses the small site)."""
+    if big not in _HTTPS_SITES:
+        members = [('index.html', 'file', INDEX), ('small.txt', 'file', SMALL), ('range.bin', 'file', RANGE_BIN),
+                   ('mid.bin', 'file', hashlib.shake_256(b'tarweb tls mid').digest(2 * 1024 * 1024))]
+        if big:
+            members.append(('big.bin', 'file', hashlib.shake_256(b'tarweb tls big').digest(10 * 1024 * 1024)))
+        path = https_file('site-big.tar' if big else 'site-small.tar')
+        files = {'/' + name: data for name, (data, _mtime) in build_tar(path, members).items()}
+        files['/'] = INDEX
+        _HTTPS_SITES[big] = (path, files)
+    return _HTTPS_SITES[big]
+
+
+def https_cert(kind='p256'):
+    """Section 3's openssl certificate CERTS[kind] ('rsa' (2048 bits), 'p256', 'ed25519', 'chain'; or
+    'rsa4096', made here on first use): .key and .chain (paths), .ca (the name of the file that
+    verifies it, in the tls scratch folder: tls_file(ca), ssl_client_context(ca))."""
+    make_openssl_certs()
+    if kind == 'rsa4096' and kind not in CERTS:
+        openssl_self_signed(kind, ['rsa:4096'])
+    key, chain, ca = CERTS[kind]
+    return types.SimpleNamespace(key=tls_file(key), chain=tls_file(chain), ca=ca)
+
+
+def https_args(kind='p256', *extra):
+    """tarweb.py options serving HTTPS with https_cert(kind) on its --listen addresses, then extra."""
+    cert = https_cert(kind)
+    return ['--tls-cert', cert.chain, '--tls-key', cert.key] + list(extra)
+
+
+class HTTPSServerCase(ServerCase):
+    """One tarweb.py for the whole class serving https_site(BIG) over HTTPS, with server_options()
+    (default: the P-256 certificate) on --listen LISTEN. self.ca verifies it."""
+    BIG = False
+    LISTEN = ('127.0.0.1:0',)
+
+    @classmethod
+    def server_options(cls):
+        return https_args()
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tar, cls.files = https_site(cls.BIG)
+        cls.ca = https_cert().ca
+        cls.srv = ServerProc(cls.tar, *cls.server_options(), listen=cls.LISTEN)
+        cls.addr = cls.srv.addr_of('https')
+
+    def connect(self, **options):
+        """A Conn over a verified TLS connection to the server (options: for https_conn)."""
+        return https_conn(self.addr, ssl_client_context(self.ca), **options)
+
+    def assert_healthy(self):
+        """A normal HTTPS request still works."""
+        self.assertEqual(https_get(self.addr, '/small.txt', self.ca)[2], SMALL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------------------------
+
+def request_bytes(path, method='GET', headers=()):
+    """One request (section 1's _req) for path, headers: (name, value) pairs."""
+    return _req(('%s %s HTTP/1.1' % (method, path)).encode('latin-1'),
+                *[('%s: %s' % h).encode('latin-1') for h in headers])
+
+
+def https_conn(addr, context, server_hostname='localhost', timeout=10, **wrap_options):
+    """A Conn (section 1) over TLS to addr with an ssl context, the handshake done; timeout before T()."""
+    raw = socket.create_connection(addr, timeout=T(timeout))
+    try:
+        tls = context.wrap_socket(raw, server_hostname=server_hostname, **wrap_options)
+    except BaseException:
+        raw.close()
+        raise
+    return Conn(addr, T(timeout), sock=tls)
+
+
+def https_get(addr, path, ca, server_hostname='localhost', headers=()):
+    """(status, {lower-case header name: value}, body) of one request by http.client on a fresh
+    TLS connection, verified with the certificate file named ca (tls scratch folder)."""
+    conn = http.client.HTTPConnection(server_hostname, addr[1], timeout=T(30))
+    conn.sock = https_conn(addr, ssl_client_context(ca), server_hostname).sock   # http.client over it
+    try:
+        conn.request('GET', path, headers=dict(headers))
+        resp = conn.getresponse()
+        return resp.status, dict((k.lower(), v) for k, v in resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def https_s_client(addr, ca, *args, sni=True):
+    """Section 3's s_client against tarweb.py at addr, verifying with the certificate file named ca:
+    GET /small.txt with Connection: close."""
+    return s_client(addr[1], '-CAfile', tls_file(ca), *args, sni=sni,
+                    data=request_bytes('/small.txt', headers=[('Connection', 'close')]))
+
+
+def curl(addr, path, ca, *args, timeout=60):
+    """(exit status, stdout bytes, stderr text) of curl --tlsv1.3 getting https://localhost:PORT/path
+    from addr, verifying with the certificate file named ca; timeout before T()."""
+    cmd = ['curl', '--noproxy', '*', '--tlsv1.3', '-sS', '--cacert', tls_file(ca), '--max-time', str(T(timeout)),
+           '--resolve', 'localhost:%d:%s' % (addr[1], addr[0]),
+           'https://localhost:%d%s' % (addr[1], path)] + list(args)
+    proc = run_tool(cmd, check=False, timeout=timeout + 10)
+    return proc.returncode, proc.stdout, proc.stderr.decode('latin-1')
+
+
+def read_until_close(sock, timeout=5):
+    """Everything the peer sends until it closes: (data, closed). closed=False on timeout."""
+    data = b''
+    deadline = time.monotonic() + T(timeout)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return data, False
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            return data, False
+        except ConnectionResetError:
+            return data, True
+        if not chunk:
+            return data, True
+        data += chunk
+
+
+def raw_exchange(addr, *chunks, timeout=5, pause=0.0, half_close=False):
+    """Send chunks (pause seconds apart) on a plain TCP socket, then (half_close) shut down our
+    sending side; (reply bytes, closed)."""
+    s = socket.create_connection(addr, timeout=T(timeout))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        for i, chunk in enumerate(chunks):
+            if i and pause:
+                time.sleep(pause)
+            try:
+                s.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        return read_until_close(s, timeout)
+    finally:
+        s.close()
+
+
+def whole_records(data):
+    """True when data is a sequence of complete TLS records."""
+    pos = 0
+    while pos + 5 <= len(data):
+        pos += 5 + int.from_bytes(data[pos + 3:pos + 5], 'big')
+    return pos == len(data)
+
+
+class NetClient(MiniClient):
+    """Section 3's hand-driven client speaking to the real server over TCP: every byte it sends
+    can be made wrong on purpose. Without addr it only builds ClientHellos."""
+
+    def __init__(self, addr=None, **options):
+        super().__init__(**options)
+        self.inbuf = b''
+        self.sock = None
+        if addr is not None:
+            self.sock = socket.create_connection(addr, timeout=T(10))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def in_process_server(self, config):
+        return None   # the server is tarweb.py
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def check_certificate_verify(self, message):
+        pass   # real clients (ssl, curl, s_client) check the server's signature in other tests
+
+    def read_flight(self, timeout=10):
+        """Read until the whole server flight (ServerHello .. Finished) is in and verifies."""
+        deadline = time.monotonic() + T(timeout)
+        last = None
+        while True:
+            if self.inbuf and whole_records(self.inbuf):
+                if self.inbuf[0] == 21:
+                    raise AssertionError('server sent an alert: %r' % self.inbuf)
+                trial = copy.copy(self)
+                try:
+                    trial.finish_server_flight(self.inbuf)
+                except Exception as exc:   # incomplete flight: read more
+                    last = exc
+                else:
+                    self.__dict__.update(trial.__dict__)
+                    self.inbuf = b''
+                    return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError('no complete server flight: %r (%r)' % (last, self.inbuf[:100]))
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError('server closed during its flight: %r' % self.inbuf[:100])
+            self.inbuf += chunk
+
+    def connect(self, **overrides):
+        self.start(**overrides)
+        self.read_flight()
+        return self
+
+    def read_all(self, timeout=5):
+        data, closed = read_until_close(self.sock, timeout)
+        return self.inbuf + data, closed
+
+    def finish_with_request(self, path, split=None, timeout=5):
+        """After the server flight: the Finished and, sealed under the application key, a request
+        for path with Connection: close (split: only that many bytes of its record at first, the
+        rest 0.2 s later). Closes; (plaintext, events, layer) of all the server sent until it closed."""
+        layer = self.peer_record_layer()
+        record = layer.seal(request_bytes(path, headers=[('Connection', 'close')]))
+        split = len(record) if split is None else split
+        self.send(self.finished_record() + record[:split])
+        if split < len(record):
+            time.sleep(T(0.2))
+            self.send(record[split:])
+        data, _closed = self.read_all(timeout)
+        self.close()
+        plain, events, _ = layer.open(data)
+        return plain, events, layer
+
+    def close(self):
+        self.sock.close()
+
+
+class LayerConn(Conn):
+    """A Conn on a NetClient's socket that reads the responses through the client's side of the
+    application traffic (layer, a RecordLayer); .events: the layer's events so far."""
+
+    def __init__(self, client, layer, timeout=10):
+        super().__init__(None, T(timeout), sock=client.sock)
+        self.layer, self.events = layer, []
+
+    def _fill(self, timeout):
+        start = len(self.buf)
+        if not super()._fill(timeout):
+            return False
+        plain, events, _ = self.layer.open(self.buf[start:])
+        self.buf = self.buf[:start] + plain
+        self.events += events
+        return True
+
+
+def decrypt_server_record(client, data, secret):
+    """(inner content type, content) of the first record of data under a server traffic secret."""
+    (_ctype, header, body), = parse_records(data)[:1]
+    return tarweb._TLSRecordCipher(client.suite, secret).open(header, body)
+
+
+class CorruptingProxy:
+    """A one-connection TCP relay between a client and the server that flips one bit in the
+    client's n-th protected record (content type 23; 0 = its Finished)."""
+
+    def __init__(self, upstream, corrupt_index):
+        self.upstream, self.corrupt_index = upstream, corrupt_index
+        self.pending, self.seen = b'', 0   # client bytes short of a whole record; protected records
+        self.lsock = socket.create_server(('127.0.0.1', 0))
+        self.addr = self.lsock.getsockname()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        self.lsock.settimeout(T(20))
+        try:
+            client, _ = self.lsock.accept()
+        except OSError:
+            return
+        finally:
+            self.lsock.close()
+        server = socket.create_connection(self.upstream)
+        back = threading.Thread(target=self.relay, args=(server, client), daemon=True)
+        back.start()
+        self.relay(client, server, self.corrupt)
+        back.join(T(20))
+        client.close()
+        server.close()
+
+    @staticmethod
+    def relay(src, dst, transform=bytes):
+        """Copy src to dst, each read through transform, until src closes; then end dst's sending side."""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(transform(data))
+        except OSError:
+            pass
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def corrupt(self, data):
+        """The whole client records that data completes, the corrupt_index-th protected one altered."""
+        self.pending += data
+        out = b''
+        while len(self.pending) >= 5 + int.from_bytes(self.pending[3:5], 'big'):
+            n = 5 + int.from_bytes(self.pending[3:5], 'big')
+            record, self.pending = bytearray(self.pending[:n]), self.pending[n:]
+            if record[0] == 23:
+                if self.seen == self.corrupt_index:
+                    record[-1] ^= 0x01   # a bit of the AEAD tag
+                self.seen += 1
+            out += record
+        return out
+
+
+def reply_through_corrupting_proxy(addr, ca, corrupt_index, timeout=10):
+    """A verified client's request for /small.txt sent through a CorruptingProxy(addr, corrupt_index):
+    the bytes of its first read (b'': closed), or the ssl.SSLError that read raised."""
+    proxy = CorruptingProxy(addr, corrupt_index)
+    c = https_conn(proxy.addr, ssl_client_context(ca), timeout=timeout)
+    try:
+        c.sock.sendall(request_bytes('/small.txt'))
+        try:
+            return c.sock.recv(100)
+        except ssl.SSLError as exc:
+            return exc
+    finally:
+        c.close()
+
+
+def ktls_counters():
+    """{name: int} from /proc/net/tls_stat, or None when the kernel has no TLS module."""
+    try:
+        with open('/proc/net/tls_stat') as f:
+            return {k: int(v) for k, v in (line.split() for line in f if line.strip())}
+    except FileNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Interoperability: Python's ssl, openssl s_client and curl; every certificate type
+# ---------------------------------------------------------------------------------------------
+
+class InteropPythonSSLTest(HTTPSServerCase):
+    """Python's ssl (OpenSSL) as a verifying client, with http.client on top."""
+
+    def test_verified_request_by_hostname_and_by_ip(self):
+        for host in ('localhost', '127.0.0.1'):
+            status, headers, body = https_get(self.addr, '/small.txt', self.ca, host)
+            self.assertEqual((status, body), (200, SMALL), host)
+            self.assertEqual(headers['content-length'], str(len(SMALL)))
+
+    def test_negotiated_parameters(self):
+        with self.connect() as c:
+            self.assertEqual(c.sock.version(), 'TLSv1.3')
+            self.assertEqual(c.sock.selected_alpn_protocol(), 'http/1.1')
+            self.assertIn(c.sock.cipher()[0], SUITES)
+            c.sock.sendall(request_bytes('/'))
+            self.assertEqual(c.read_response().body, INDEX)
+
+    def test_https_url_line(self):
+        self.assertEqual([scheme for scheme, _h, _p in self.srv.listeners], ['https'])
+        self.assertIn('https://127.0.0.1:%d/' % self.addr[1], self.srv.start_line)
+
+    def test_without_alpn(self):
+        with https_conn(self.addr, ssl_client_context(self.ca, alpn=())) as c:
+            self.assertIsNone(c.sock.selected_alpn_protocol())
+            c.sock.sendall(request_bytes('/small.txt'))
+            self.assertEqual(c.read_response().body, SMALL)
+
+    def test_h2_only_alpn_refused(self):
+        with self.assertRaises(ssl.SSLError) as cm:
+            https_conn(self.addr, ssl_client_context(self.ca, alpn=('h2',))).close()
+        self.assertIn('alert no application protocol', str(cm.exception))
+        self.assert_healthy()
+
+    def test_tls12_only_client_refused(self):
+        context = ssl_client_context(self.ca)
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
+        with self.assertRaises(ssl.SSLError) as cm:
+            https_conn(self.addr, context).close()
+        self.assertEqual(cm.exception.reason, 'TLSV1_ALERT_PROTOCOL_VERSION', cm.exception)
+        self.assert_healthy()
+
+    def test_client_rejecting_the_certificate_leaves_no_slot(self):
+        before = self.srv.stats()
+        wrong_ca = https_cert('ed25519').ca   # another self-signed leaf: verification fails
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            https_conn(self.addr, ssl_client_context(wrong_ca)).close()
+        self.assert_healthy()
+        after = self.srv.assert_idle()
+        self.assertEqual(after['tls_failures'] - before['tls_failures'], 1, (before, after))
+
+    def test_concurrent_connections(self):
+        results = queue.Queue()
+
+        def one(i):
+            try:
+                results.put(https_get(self.addr, '/range.bin', self.ca)[2] == RANGE_BIN)
+            except Exception as exc:
+                results.put(repr(exc))
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(T(60))
+        self.assertEqual([results.get_nowait() for _ in range(16)], [True] * 16)
+        self.srv.assert_idle()
+
+
+class InteropOpenSSLTest(HTTPSServerCase):
+    """openssl s_client: every cipher suite, group and ALPN case; curl too."""
+
+    def s_client(self, *args, **kw):
+        return https_s_client(self.addr, self.ca, *args, **kw)
+
+    def assert_served(self, out):
+        self.assertIn('Verify return code: 0 (ok)', out)
+        self.assertIn(SMALL.decode(), out)
+        self.assertIn('HTTP/1.1 200 OK', out)
+
+    def assert_s_client_served(self, expected, *args):
+        """s_client with args succeeds, says expected and is served; its output."""
+        rc, out = self.s_client(*args)
+        self.assertEqual(rc, 0, out)
+        self.assertIn(expected, out)
+        self.assert_served(out)
+        return out
+
+    def test_every_cipher_suite(self):
+        for suite in SUITES:
+            with self.subTest(suite=suite):
+                self.assert_s_client_served('New, TLSv1.3, Cipher is %s' % suite, '-ciphersuites', suite)
+
+    def test_every_cipher_suite_with_curl(self):
+        for suite in SUITES:
+            with self.subTest(suite=suite):
+                rc, body, err = curl(self.addr, '/small.txt', self.ca, '-v', '--tls13-ciphers', suite)
+                self.assertEqual((rc, body), (0, SMALL), err)
+                self.assertIn('SSL connection using TLSv1.3 / %s' % suite, err)
+
+    def test_group_x25519(self):
+        self.assert_s_client_served('Server Temp Key: X25519', '-groups', 'X25519')
+
+    def test_group_p256(self):
+        self.assert_s_client_served('Server Temp Key: ECDH, prime256v1', '-groups', 'P-256')
+
+    def test_hello_retry_request(self):
+        # s_client shares only its first group (P-384, which the server lacks): the server must
+        # ask again (HelloRetryRequest) for X25519.
+        out = self.assert_s_client_served('Server Temp Key: X25519', '-groups', 'P-384:X25519', '-msg')
+        self.assertEqual(len(re.findall(r'>>> TLS 1.3, Handshake \[length \w+\], ClientHello', out)), 2, out)
+        self.assertEqual(len(re.findall(r'<<< TLS 1.3, Handshake \[length \w+\], ServerHello', out)), 2, out)
+
+    def test_no_common_group(self):
+        rc, out = self.s_client('-groups', 'P-384')
+        self.assertNotEqual(rc, 0, out)
+        self.assertIn('SSL alert number %d' % HANDSHAKE_FAILURE, out)
+        self.assert_healthy()
+
+    def test_alpn_http11(self):
+        self.assert_s_client_served('ALPN protocol: http/1.1', '-alpn', 'http/1.1')
+
+    def test_alpn_h2_and_http11_picks_http11(self):
+        rc, out = self.s_client('-alpn', 'h2,http/1.1')
+        self.assertIn('ALPN protocol: http/1.1', out)
+        self.assert_served(out)
+
+    def test_alpn_absent(self):
+        self.assert_s_client_served('No ALPN negotiated')
+
+    def test_alpn_h2_only_fails(self):
+        before = self.srv.stats()
+        rc, out = self.s_client('-alpn', 'h2')
+        self.assertNotEqual(rc, 0, out)
+        self.assertIn('SSL alert number %d' % NO_APPLICATION_PROTOCOL, out)
+        self.assert_healthy()
+        after = self.srv.assert_idle()
+        self.assertEqual(after['tls_failures'] - before['tls_failures'], 1)
+
+    def test_curl_default_alpn_gets_http11(self):
+        rc, body, err = curl(self.addr, '/small.txt', self.ca, '-v')
+        self.assertEqual((rc, body), (0, SMALL), err)
+        self.assertIn('ALPN: server accepted http/1.1', err)
+        self.assertIn('SSL certificate verify ok', err)
+
+    def test_curl_head_and_several_urls_on_one_connection(self):
+        rc, body, err = curl(self.addr, '/small.txt', self.ca, '-v',
+                             'https://localhost:%d/range.bin' % self.addr[1])
+        self.assertEqual((rc, body), (0, SMALL + RANGE_BIN), err)
+        self.assertIn('Re-using existing connection', err)
+        rc, head, err = curl(self.addr, '/small.txt', self.ca, '-I')
+        self.assertEqual(rc, 0, err)
+        self.assertIn(b'HTTP/1.1 200', head)
+        self.assertIn(b'content-length: %d' % len(SMALL), head.lower())
+
+
+class CertTypeTest(unittest.TestCase):
+    """A server per certificate type; s_client, curl and Python's ssl all verify it."""
+    KINDS = ('rsa', 'rsa4096', 'p256', 'ed25519', 'chain')
+    SIGNATURE = {'rsa': 'RSA-PSS', 'rsa4096': 'RSA-PSS', 'p256': 'ECDSA', 'ed25519': 'Ed25519',
+                 'chain': 'ECDSA'}
+    KEY_BITS = {'rsa': 2048, 'rsa4096': 4096, 'p256': 256, 'ed25519': 256, 'chain': 256}
+    N_CERTS = {'rsa': 1, 'rsa4096': 1, 'p256': 1, 'ed25519': 1, 'chain': 2}
+
+    @classmethod
+    def setUpClass(cls):
+        tar = https_site()[0]
+        cls.servers = {}
+        try:
+            for kind in cls.KINDS:
+                cls.servers[kind] = ServerProc(tar, *https_args(kind))
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for srv in cls.servers.values():
+            srv.stop()
+
+    def check_kind(self, kind):
+        srv, ca = self.servers[kind], https_cert(kind).ca
+        addr = srv.addr_of('https')
+        rc, out = https_s_client(addr, ca, '-showcerts')
+        self.assertEqual(rc, 0, out)
+        self.assertIn('Verify return code: 0 (ok)', out)
+        self.assertIn('peer signature type: %s' % self.SIGNATURE[kind].lower(), out.lower())
+        self.assertIn('Server public key is %d bit' % self.KEY_BITS[kind], out)
+        self.assertEqual(out.count('-----BEGIN CERTIFICATE-----'), self.N_CERTS[kind], out)
+        self.assertIn(SMALL.decode(), out)
+        rc, body, err = curl(addr, '/small.txt', ca)
+        self.assertEqual((rc, body), (0, SMALL), err)
+        self.assertEqual(https_get(addr, '/small.txt', ca)[2], SMALL)
+        self.assertEqual(https_get(addr, '/small.txt', ca, '127.0.0.1')[2], SMALL)
+
+    def test_rsa2048(self):
+        self.check_kind('rsa')
+
+    def test_rsa4096(self):
+        self.check_kind('rsa4096')
+
+    def test_ecdsa_p256(self):
+        self.check_kind('p256')
+
+    def test_ed25519(self):
+        self.check_kind('ed25519')
+
+    def test_chain_with_intermediate(self):
+        self.check_kind('chain')
+        # Without the intermediate in the server's chain the client could not reach the root.
+        rc, out = https_s_client(self.servers['chain'].addr_of('https'), https_cert('chain').ca, '-showcerts')
+        self.assertIn('i:CN = Test Intermediate', out)
+        self.assertIn('i:CN = Test Root', out)
+
+
+class SelfSignedTest(HTTPSServerCase):
+    """--tls-self-signed: a certificate for localhost/127.0.0.1 made at start."""
+
+    @classmethod
+    def server_options(cls):
+        return ['--tls-self-signed']
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.pem = ssl.get_server_certificate(cls.addr)
+        cls.ca = 'selfsigned-%d.pem' % cls.addr[1]
+        tls_file(cls.ca, cls.pem.encode())
+
+    def test_certificate_names(self):
+        text = run_tool(['openssl', 'x509', '-in', tls_file(self.ca), '-noout', '-text']).stdout.decode()
+        self.assertIn('DNS:localhost', text)
+        self.assertIn('IP Address:127.0.0.1', text)
+        self.assertIn('TLS Web Server Authentication', text)
+
+    def test_python_ssl_verifies_it(self):
+        for host in ('localhost', '127.0.0.1'):
+            self.assertEqual(https_get(self.addr, '/small.txt', self.ca, host)[2], SMALL)
+
+    def test_curl_and_s_client_verify_it(self):
+        rc, body, err = curl(self.addr, '/small.txt', self.ca)
+        self.assertEqual((rc, body), (0, SMALL), err)
+        rc, out = https_s_client(self.addr, self.ca)
+        self.assertEqual(rc, 0, out)
+        self.assertIn('Verify return code: 0 (ok)', out)
+        self.assertIn(SMALL.decode(), out)
+
+    def test_a_new_certificate_per_start(self):
+        with ServerProc(self.tar, *self.server_options()) as srv:
+            self.assertNotEqual(ssl.get_server_certificate(srv.addr_of('https')), self.pem)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP over TLS
+# ---------------------------------------------------------------------------------------------
+
+class HTTPSTest(HTTPSServerCase):
+    BIG = True
+
+    def test_10mib_download_python(self):
+        status, headers, body = https_get(self.addr, '/big.bin', self.ca)
+        self.assertEqual(status, 200)
+        self.assertEqual(len(body), 10 * 1024 * 1024)
+        self.assertEqual(hashlib.sha256(body).hexdigest(),
+                         hashlib.sha256(self.files['/big.bin']).hexdigest())
+
+    def test_10mib_download_curl(self):
+        rc, body, err = curl(self.addr, '/big.bin', self.ca)
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(hashlib.sha256(body).hexdigest(),
+                         hashlib.sha256(self.files['/big.bin']).hexdigest())
+
+    def test_keep_alive(self):
+        before = self.srv.stats()
+        with self.connect() as c:
+            for path in ('/small.txt', '/range.bin', '/', '/mid.bin', '/small.txt'):
+                c.sock.sendall(request_bytes(path))
+                resp = c.read_response()
+                self.assertEqual((resp.status, resp.body), (200, self.files[path]), path)
+        after = self.srv.assert_idle()
+        self.assertEqual(after['accepted'] - before['accepted'], 1)
+        self.assertEqual(after['requests'] - before['requests'], 5)
+        self.assertEqual(after['handshakes'] - before['handshakes'], 1)
+
+    def test_pipelining(self):
+        with self.connect() as c:
+            c.sock.sendall(request_bytes('/small.txt') + request_bytes('/range.bin') + request_bytes('/'))
+            self.assertEqual([c.read_response().body for _ in range(3)], [SMALL, RANGE_BIN, INDEX])
+
+    def test_pipelined_large_responses(self):
+        with self.connect() as c:
+            c.sock.sendall(request_bytes('/mid.bin') + request_bytes('/small.txt') + request_bytes('/mid.bin'))
+            bodies = [c.read_response().body for _ in range(3)]
+        self.assertEqual([hashlib.sha256(b).hexdigest() for b in bodies],
+                         [hashlib.sha256(b).hexdigest() for b in (self.files['/mid.bin'], SMALL,
+                                                                   self.files['/mid.bin'])])
+
+    def test_client_reset_in_the_middle_of_a_download(self):
+        c = self.connect()
+        c.sock.sendall(request_bytes('/big.bin'))
+        c.sock.recv(100000)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+        c.close()   # RST
+        self.srv.assert_idle(10)
+        self.assert_healthy()
+
+    def test_client_close_notify_in_the_middle_of_a_download(self):
+        c = NetClient(self.addr).connect()
+        layer = c.peer_record_layer()
+        c.send(c.finished_record() + layer.seal(request_bytes('/big.bin')))
+        c.sock.recv(100000)
+        c.send(layer.close_notify())
+        data, closed = read_until_close(c.sock, 10)   # the server stops; the rest may be in flight
+        c.close()
+        self.assertTrue(closed)
+        self.srv.assert_idle(10)
+        self.assert_healthy()
+
+    def test_request_with_body_answered_then_closed(self):
+        with self.connect(suppress_ragged_eofs=False) as c:
+            c.sock.sendall(request_bytes('/small.txt', headers=[('Content-Length', '5')]) + b'hello')
+            resp = c.read_response()
+            self.assertEqual((resp.status, resp.body, resp.get('connection')), (200, SMALL, 'close'))
+            self.assertEqual(c.sock.recv(100), b'')
+
+    def test_early_data_is_skipped(self):
+        # A client attempting 0-RTT: its early records cannot be read by the server (no PSK) and
+        # must be skipped (RFC 8446 §4.2.10); the handshake then completes normally.
+        c = NetClient(self.addr)
+        c.hello = c.client_hello(early_data=True)
+        c.send(plaintext_record(22, c.hello) + b''.join(
+            b'\x17\x03\x03' + struct.pack('>H', 100) + os.urandom(100) for _ in range(3)))
+        c.read_flight()
+        self.assertTrue(c.finish_with_request('/small.txt')[0].endswith(SMALL))
+
+    def test_no_sni(self):
+        rc, out = https_s_client(self.addr, self.ca, sni=False)
+        self.assertEqual(rc, 0, out)
+        self.assertIn(SMALL.decode(), out)
+
+    def test_request_split_into_one_record_per_byte(self):
+        with self.connect() as c:
+            for b in request_bytes('/range.bin'):
+                c.sock.sendall(bytes([b]))   # each sendall is its own TLS record
+            self.assertEqual(c.read_response().body, RANGE_BIN)
+
+    def test_head(self):
+        with self.connect() as c:
+            c.sock.sendall(request_bytes('/range.bin', 'HEAD') + request_bytes('/small.txt'))
+            head = c.read_response(head=True)
+            self.assertEqual((head.status, head.body), (200, b''))
+            self.assertEqual(head.get('content-length'), str(len(RANGE_BIN)))
+            self.assertEqual(c.read_response().body, SMALL)   # nothing extra after the HEAD
+
+    def test_range(self):
+        status, headers, body = https_get(self.addr, '/range.bin', self.ca, headers=[('Range', 'bytes=100-199')])
+        self.assertEqual(status, 206)
+        self.assertEqual(body, RANGE_BIN[100:200])
+        self.assertEqual(headers['content-range'], 'bytes 100-199/1000')
+        status, headers, body = https_get(self.addr, '/big.bin', self.ca, headers=[('Range', 'bytes=-70000')])
+        self.assertEqual((status, body), (206, self.files['/big.bin'][-70000:]))
+
+    def test_if_none_match_304(self):
+        etag = https_get(self.addr, '/small.txt', self.ca)[1]['etag']
+        with self.connect() as c:
+            c.sock.sendall(request_bytes('/small.txt', headers=[('If-None-Match', etag)])
+                           + request_bytes('/small.txt'))
+            resp = c.read_response()
+            self.assertEqual((resp.status, resp.body, resp.get('etag')), (304, b'', etag))
+            self.assertEqual(c.read_response().body, SMALL)
+
+    def test_connection_close_ends_with_close_notify(self):
+        with self.connect(suppress_ragged_eofs=False) as c:
+            c.sock.sendall(request_bytes('/small.txt', headers=[('Connection', 'close')]))
+            self.assertEqual(c.read_response().body, SMALL)
+            # recv returns b'' only after a close_notify; a bare TCP close raises SSLEOFError.
+            self.assertEqual(c.sock.recv(100), b'')
+
+    def test_client_close_notify_answered(self):
+        c = self.connect()
+        c.sock.sendall(request_bytes('/small.txt'))
+        self.assertEqual(c.read_response().body, SMALL)
+        raw = c.sock.unwrap()   # sends close_notify and waits for the server's
+        raw.close()
+        self.srv.assert_idle()
+
+    def test_finished_and_request_in_one_write(self):
+        plain, events, _ = NetClient(self.addr).connect().finish_with_request('/small.txt')
+        self.assertTrue(plain.startswith(b'HTTP/1.1 200 '), plain[:100])
+        self.assertTrue(plain.endswith(SMALL))
+        self.assertEqual(events, ['close'])
+
+    def test_finished_and_half_a_request_record(self):
+        plain, _events, _ = NetClient(self.addr).connect().finish_with_request('/small.txt', split=20)
+        self.assertTrue(plain.endswith(SMALL), plain[:100])
+
+    def test_client_key_update(self):
+        c = NetClient(self.addr).connect()
+        layer = c.peer_record_layer()
+        c.send(c.finished_record() + layer.seal(request_bytes('/small.txt')))
+        reply = b''
+        while not reply.endswith(SMALL):
+            c.sock.settimeout(T(5))
+            data = c.sock.recv(65536)
+            self.assertTrue(data, 'closed before the first response')
+            reply += layer.open(data)[0]
+        # KeyUpdate(update_requested), then a request under the next client key.
+        c.send(layer._tx.seal(22, handshake_message(24, b'\x01')))
+        layer._tx = layer._tx.next_generation()
+        c.send(layer.seal(request_bytes('/range.bin', headers=[('Connection', 'close')])))
+        data, closed = c.read_all()
+        c.close()
+        plain, events, _ = layer.open(data)
+        self.assertTrue(plain.endswith(RANGE_BIN), (plain[:100], events, layer.error))
+        self.assertEqual(events, ['close'])
+        self.srv.assert_idle()
+
+
+class UserspaceRecordBufferTest(HTTPSServerCase):
+    """The userspace record layer buffers a partial record between reads; when it completes,
+    the plaintext may be larger than the bytes of that read. Two slots, so that the
+    neighbour of the connection under test is the other one."""
+
+    @classmethod
+    def server_options(cls):
+        return https_args('p256', '--max-connections', '2', '--tls-listen', '127.0.0.1:0')
+
+    def big_record_after_partial_head(self):
+        """A 6 KiB partial head, then one 16 KiB record (the head's end + pipelined requests)
+        sent in two TCP segments. Returns (client, layer, number of requests)."""
+        c = NetClient(self.addr).connect()
+        layer = c.peer_record_layer()
+        c.send(c.finished_record() + layer.seal(
+            b'GET /small.txt HTTP/1.1\r\nHost: localhost\r\nX-Pad: ' + b'a' * 6000))
+        time.sleep(T(0.3))
+        one = request_bytes('/small.txt')
+        k = (16384 - 104) // len(one)
+        rest = b'a' * 100 + b'\r\n\r\n' + one * k
+        rest += b'\r\n' * ((16384 - len(rest)) // 2)   # empty lines between requests are ignored
+        record = layer.seal(rest)
+        c.send(record[:10000])
+        time.sleep(T(0.3))
+        c.send(record[10000:])
+        return c, layer, 1 + k
+
+    def test_record_completing_after_a_partial_head(self):
+        c, layer, n = self.big_record_after_partial_head()
+        reader = LayerConn(c, layer)
+        try:
+            for i in range(n):   # 16 KiB of plaintext arrived with the read of record[10000:]
+                resp = reader.read_response()
+                self.assertEqual((resp.status, resp.body), (200, SMALL), 'response %d of %d' % (i, n))
+        finally:
+            c.close()
+        self.assertNotIn('Traceback', self.srv.stderr_text())
+        self.srv.assert_idle()
+
+    def test_neighbour_connection_unharmed(self):
+        for victim_first in (True, False):
+            with self.subTest(victim_first=victim_first):
+                self.srv.assert_idle()
+                self.check_neighbour(victim_first)
+
+    def check_neighbour(self, victim_first):
+        """A plain-HTTP connection holding a partial request in the other slot must not see
+        the TLS connection's bytes."""
+        socks = []
+
+        def victim_connects():
+            v = Conn(self.srv.addr_of('http'), timeout=T(5))
+            socks.append(v.sock)
+            v.sock.sendall(b'GET /range.bin HTTP/1.1\r\nHost: localhost\r\n')
+            time.sleep(T(0.2))
+            return v
+        try:
+            victim = victim_connects() if victim_first else None
+            c = NetClient(self.addr).connect()
+            socks.append(c.sock)
+            victim = victim or victim_connects()
+            layer = c.peer_record_layer()
+            c.send(c.finished_record() + layer.seal(
+                b'GET /small.txt HTTP/1.1\r\nHost: localhost\r\nX-Pad: ' + b'a' * 6000))
+            time.sleep(T(0.3))
+            record = layer.seal(b'b' * 16384)
+            c.send(record[:10000])
+            time.sleep(T(0.3))
+            c.send(record[10000:])
+            time.sleep(T(0.3))
+            victim.sock.sendall(b'\r\n')
+            try:
+                resp = victim.read_response()
+            except socket.timeout:
+                self.fail('the plain connection never got its response: its buffer was overwritten?')
+        finally:
+            for sock in socks:
+                sock.close()
+        self.assertEqual((resp.status, resp.body), (200, RANGE_BIN))
+        self.assertNotIn('Traceback', self.srv.stderr_text())
+
+
+class FewSlotsTest(HTTPSServerCase):
+    """More simultaneous TLS clients than slots: the rest wait in the backlog, all are served."""
+
+    @classmethod
+    def server_options(cls):
+        return https_args('p256', '--max-connections', '3')
+
+    def test_more_clients_than_slots(self):
+        results = queue.Queue()
+
+        def one():
+            try:
+                with self.connect(timeout=30) as c:
+                    c.sock.sendall(request_bytes('/mid.bin', headers=[('Connection', 'close')]))
+                    results.put(c.read_response().body == self.files['/mid.bin'])
+            except Exception as exc:
+                results.put(repr(exc))
+        threads = [threading.Thread(target=one) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(T(120))
+        self.assertEqual([results.get_nowait() for _ in range(10)], [True] * 10)
+        self.srv.assert_idle(10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input on the TLS port, the handshake deadline
+# ---------------------------------------------------------------------------------------------
+
+class HostileTest(HTTPSServerCase):
+    """Each bad input: exactly the expected alert (plaintext before ServerHello), the connection
+    closed, tls_failures counting it, no slot left behind, and the server still serving."""
+
+    def setUp(self):
+        self.before = self.srv.stats()
+
+    def assert_survived(self, failures, handshakes=0):
+        """handshakes: those the test itself completed (assert_healthy adds one)."""
+        self.assert_healthy()
+        after = self.srv.assert_idle()
+        self.assertEqual(after['tls_failures'] - self.before['tls_failures'], failures,
+                         (self.before, after))
+        self.assertEqual(after['handshakes'] - self.before['handshakes'], handshakes + 1)
+
+    def assert_alert(self, code, *chunks, pause=0.0):
+        reply, closed = raw_exchange(self.addr, *chunks, pause=pause)
+        self.assertEqual(reply, plaintext_alert(code))
+        self.assertTrue(closed, 'connection left open after a fatal alert')
+        self.assert_survived(1)
+
+    def hello(self, **options):
+        return plaintext_record(22, NetClient().client_hello(**options))
+
+    def test_truncated_client_hello_then_close(self):
+        hello = self.hello()
+        reply, closed = raw_exchange(self.addr, hello[:len(hello) // 2], half_close=True)
+        self.assertEqual((reply, closed), (b'', True))
+        self.assert_survived(0)
+
+    def test_truncated_record_header_then_close(self):
+        reply, closed = raw_exchange(self.addr, b'\x16\x03', half_close=True)
+        self.assertEqual((reply, closed), (b'', True))
+        self.assert_survived(0)
+
+    def test_oversized_record_header(self):
+        self.assert_alert(RECORD_OVERFLOW, b'\x16\x03\x01' + struct.pack('>H', 16384 + 300))
+
+    def test_oversized_plaintext_record(self):
+        # RFC 8446 §5.1: a TLSPlaintext fragment longer than 2^14 -> record_overflow.
+        self.assert_alert(RECORD_OVERFLOW, plaintext_record(22, bytes(16385)))
+
+    def test_garbage(self):
+        self.assert_alert(UNEXPECTED_MESSAGE, b'\x00\xff' + bytes(range(200)))
+
+    def test_plain_http_request(self):
+        self.assert_alert(UNEXPECTED_MESSAGE, b'GET / HTTP/1.1\r\n\r\n')
+
+    def test_application_data_before_hello(self):
+        self.assert_alert(UNEXPECTED_MESSAGE, plaintext_record(23, b'x' * 40))
+
+    def test_change_cipher_spec_before_hello(self):
+        self.assert_alert(UNEXPECTED_MESSAGE, plaintext_record(20, b'\x01') + self.hello())
+
+    def test_wrong_legacy_version(self):
+        self.assert_alert(PROTOCOL_VERSION, self.hello(legacy_version=0x0302))
+
+    def test_no_tls13_in_supported_versions(self):
+        self.assert_alert(PROTOCOL_VERSION, self.hello(versions=(0x0303, 0x0302)))
+
+    def test_no_supported_versions(self):
+        self.assert_alert(PROTOCOL_VERSION, self.hello(versions=None))
+
+    def test_duplicate_extension(self):
+        self.assert_alert(ILLEGAL_PARAMETER, self.hello(duplicate=10))
+
+    def test_x25519_zero_point(self):
+        self.assert_alert(ILLEGAL_PARAMETER, self.hello(shares=[(X25519, bytes(32))]))
+
+    def test_p256_point_not_on_curve(self):
+        self.assert_alert(ILLEGAL_PARAMETER,
+                          self.hello(share_groups=(P256,), shares=[(P256, b'\x04' + bytes(64))]))
+
+    def test_zero_length_handshake_record(self):
+        reply, closed = raw_exchange(self.addr, plaintext_record(22, b''))
+        self.assertIn(reply, (plaintext_alert(UNEXPECTED_MESSAGE), plaintext_alert(DECODE_ERROR)))
+        self.assertTrue(closed)
+        self.assert_survived(1)
+
+    def test_client_alert_instead_of_hello(self):
+        reply, closed = raw_exchange(self.addr, plaintext_record(21, b'\x02\x28'))
+        self.assertEqual(reply, b'')   # never answer an alert with an alert
+        self.assertTrue(closed)
+        self.assert_survived(1)
+
+    def test_hello_trickled_across_records_and_segments(self):
+        # Legitimate: the ClientHello in two records, each sent a few bytes at a time.
+        c = NetClient(self.addr)
+        hello = c.client_hello()
+        c.hello = hello
+        data = plaintext_record(22, hello[:50]) + plaintext_record(22, hello[50:])
+        for i in range(0, len(data), 61):
+            c.send(data[i:i + 61])
+            time.sleep(0.01)
+        c.read_flight()
+        self.assertTrue(c.finish_with_request('/small.txt')[0].endswith(SMALL))
+        self.assert_survived(0, handshakes=1)
+
+    def test_record_version_0301_accepted(self):
+        # legacy_record_version of a ClientHello is ignored (RFC 8446 §5.1); most clients send 0x0301.
+        c = NetClient(self.addr)
+        c.hello = c.client_hello()
+        c.send(plaintext_record(22, c.hello, version=0x0301))
+        c.read_flight()
+        c.send(c.finished_record())
+        c.close()
+        self.assert_survived(0, handshakes=1)
+
+    def test_bad_client_finished(self):
+        c = NetClient(self.addr).connect()
+        wrong = bytearray(c.finished_message())
+        wrong[-1] ^= 1
+        c.send(c.tx.seal(22, bytes(wrong)))
+        data, closed = c.read_all()
+        c.close()
+        self.assertTrue(closed)
+        self.assertTrue(data and data[0] == 23, data)   # an alert, protected
+        # RFC 8446 §4.4.4: records after the server's Finished use its application traffic key.
+        try:
+            inner = decrypt_server_record(c, data, c.s_ap)
+        except Exception:
+            try:   # the handshake key, its sequence number continuing after the server flight
+                (_t, header, body), = parse_records(data)[:1]
+                inner = c.rx.open(header, body)
+            except Exception:
+                inner = None
+            self.fail('alert not protected with the server application traffic key (with the '
+                      'handshake key it opens as %r)' % (inner,))
+        self.assertEqual(inner, (21, bytes([2, DECRYPT_ERROR])))
+        self.assert_survived(1)
+
+    def test_corrupted_finished_record_via_proxy(self):
+        error = reply_through_corrupting_proxy(self.addr, self.ca, 0)
+        self.assertIsInstance(error, ssl.SSLError)
+        self.assertEqual(error.reason, 'SSLV3_ALERT_BAD_RECORD_MAC', error)
+        self.assert_survived(1)
+
+    def test_corrupted_application_record_via_proxy(self):
+        error = reply_through_corrupting_proxy(self.addr, self.ca, 1)
+        self.assertIsInstance(error, ssl.SSLError)
+        self.assertEqual(error.reason, 'SSLV3_ALERT_BAD_RECORD_MAC', error)
+        self.assert_survived(0, handshakes=1)   # the handshake had succeeded
+
+    def test_oversized_application_record(self):
+        c = NetClient(self.addr).connect()
+        layer = c.peer_record_layer()
+        c.send(c.finished_record() + b'\x17\x03\x03' + struct.pack('>H', 16384 + 257))
+        data, closed = c.read_all()
+        c.close()
+        layer.open(data)
+        self.assertTrue(closed)
+        self.assertIn('record_overflow', layer.error or '', data)
+
+
+class HandshakeDeadlineTest(HTTPSServerCase):
+
+    @classmethod
+    def server_options(cls):
+        return https_args('p256', '--handshake-timeout', str(T(1)))
+
+    def time_to_close(self, *chunks):
+        start = time.monotonic()
+        s = socket.create_connection(self.addr, timeout=T(10))
+        for chunk in chunks:
+            s.sendall(chunk)
+        data, closed = read_until_close(s, 6)
+        s.close()
+        return data, closed, time.monotonic() - start
+
+    def test_half_client_hello_closed_while_others_are_served(self):
+        before = self.srv.stats()
+        hello = plaintext_record(22, NetClient().client_hello())
+        result = []
+        stalled = threading.Thread(target=lambda: result.append(self.time_to_close(hello[:len(hello) // 2])))
+        stalled.start()
+        time.sleep(T(0.2))
+        self.assert_healthy()   # served while the other handshake hangs
+        stalled.join(T(10))
+        data, closed, elapsed = result[0]
+        self.assertTrue(closed, 'still open after %.1f s' % elapsed)
+        self.assertIn(data, (b'', ), data)
+        self.assertGreaterEqual(elapsed, T(0.9))
+        self.assertLessEqual(elapsed, T(2.5))
+        after = self.srv.assert_idle()
+        self.assertEqual(after['timeouts'] - before['timeouts'], 1)
+
+    def test_client_silent_after_server_flight_closed(self):
+        start = time.monotonic()
+        c = NetClient(self.addr).connect()   # never sends its Finished
+        data, closed = read_until_close(c.sock, 6)
+        c.close()
+        self.assertTrue(closed)
+        self.assertLessEqual(time.monotonic() - start, T(2.5))
+        self.srv.assert_idle()
+
+    def test_silent_client_closed(self):
+        data, closed, elapsed = self.time_to_close()
+        self.assertTrue(closed)
+        self.assertLessEqual(elapsed, T(2.5))
+
+    def test_deadline_ends_with_the_handshake(self):
+        with self.connect() as c:
+            time.sleep(T(1.6))   # past the handshake deadline, well within the idle timeout
+            c.sock.sendall(request_bytes('/small.txt'))
+            self.assertEqual(c.read_response().body, SMALL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain and TLS listeners together; start-up errors
+# ---------------------------------------------------------------------------------------------
+
+class PlainAndTLSTest(HTTPSServerCase):
+
+    @classmethod
+    def server_options(cls):
+        return https_args('p256', '--tls-listen', '127.0.0.1:0')
+
+    def test_url_line(self):
+        self.assertEqual(sorted(scheme for scheme, _h, _p in self.srv.listeners), ['http', 'https'])
+        self.assertNotEqual(self.srv.addr_of('http'), self.srv.addr_of('https'))
+
+    def test_same_bytes_on_both(self):
+        plain = self.srv.addr_of('http')
+        for path in ('/', '/small.txt', '/range.bin', '/mid.bin'):
+            resp = get1(plain, path)
+            status, headers, tls_body = https_get(self.addr, path, self.ca)
+            self.assertEqual((resp.status, status), (200, 200))
+            self.assertEqual(resp.body, tls_body)
+            self.assertEqual(tls_body, self.files[path])
+            self.assertEqual(resp.get('ETag'), headers['etag'])
+
+    def test_plain_port_is_not_tls(self):
+        with self.assertRaises((ssl.SSLError, ConnectionError, EOFError)):
+            https_conn(self.srv.addr_of('http'), ssl_client_context(self.ca)).close()
+        self.assert_healthy()
+        self.srv.assert_idle()
+
+
+class StartupErrorTest(StartupErrorChecks, unittest.TestCase):
+    """Bad TLS options and key files: one clean error line, no key material printed."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tar = https_site()[0]
+        cls.p256, cls.rsa = https_cert('p256'), https_cert('rsa')
+        cls.other_p256_key = https_cert('chain').key   # P-256 too, not the p256 certificate's
+        pkcs8 = https_file('encrypted-pkcs8.key')
+        run_tool(['openssl', 'pkcs8', '-topk8', '-in', cls.p256.key, '-out', pkcs8, '-v2', 'aes-256-cbc',
+                  '-passout', 'pass:secret'])
+        legacy = https_file('encrypted-legacy.key')
+        run_tool(['openssl', 'rsa', '-in', cls.rsa.key, '-out', legacy, '-aes256', '-traditional',
+                  '-passout', 'pass:secret'])
+        cls.encrypted = {'pkcs8': pkcs8, 'legacy': legacy}
+        cls.garbage = https_file('garbage.key', b'this is not a key\n\x00\xff' * 10)
+        cls.p521 = https_file('p521.key')
+        run_tool(['openssl', 'genpkey', '-algorithm', 'EC', '-pkeyopt', 'ec_paramgen_curve:P-521',
+                  '-out', cls.p521])
+
+    def assert_error(self, args, pattern, status=1, secret_files=()):
+        p = self.run_server(*args, self.tar)
+        line = self.assertStartupError(p, status)
+        self.assertRegex(line, pattern)
+        out, err = p.stdout.decode('utf-8', 'replace'), p.stderr.decode('utf-8', 'replace')
+        self.assertNotIn('https://', out)
+        for path in secret_files:
+            for key_line in read_bytes(path).decode('latin-1').splitlines():
+                if len(key_line) >= 16 and '-----' not in key_line:
+                    self.assertNotIn(key_line, out + err, 'key material printed')
+        self.assertNotIn('PRIVATE KEY-----', out + err)
+
+    def test_key_not_matching_cert(self):
+        self.assert_error(['--tls-cert', self.p256.chain, '--tls-key', self.other_p256_key],
+                          r'(?i)does not match', secret_files=[self.other_p256_key])
+
+    def test_rsa_key_with_ecdsa_cert(self):
+        self.assert_error(['--tls-cert', self.p256.chain, '--tls-key', self.rsa.key],
+                          r'(?i)does not match', secret_files=[self.rsa.key])
+
+    def test_encrypted_pkcs8_key(self):
+        self.assert_error(['--tls-cert', self.p256.chain, '--tls-key', self.encrypted['pkcs8']],
+                          r'(?i)encrypted', secret_files=[self.encrypted['pkcs8']])
+
+    def test_encrypted_legacy_rsa_key(self):
+        self.assert_error(['--tls-cert', self.rsa.chain, '--tls-key', self.encrypted['legacy']],
+                          r'(?i)encrypted', secret_files=[self.encrypted['legacy']])
+
+    def test_garbage_key(self):
+        self.assert_error(['--tls-cert', self.p256.chain, '--tls-key', self.garbage],
+                          re.escape(self.garbage))
+
+    def test_unsupported_curve_key(self):
+        self.assert_error(['--tls-cert', self.p256.chain, '--tls-key', self.p521], re.escape(self.p521),
+                          secret_files=[self.p521])
+
+    def test_certificate_given_as_key(self):
+        self.assert_error(['--tls-cert', self.p256.chain, '--tls-key', self.p256.chain],
+                          re.escape(self.p256.chain))
+
+    def test_key_given_as_certificate(self):
+        self.assert_error(['--tls-cert', self.p256.key, '--tls-key', self.p256.key],
+                          re.escape(self.p256.key), secret_files=[self.p256.key])
+
+    def test_missing_key_file(self):
+        missing = https_file('no-such.key')
+        self.assert_error(['--tls-cert', self.p256.chain, '--tls-key', missing], re.escape(missing))
+
+    def test_missing_cert_file(self):
+        missing = https_file('no-such.crt')
+        self.assert_error(['--tls-cert', missing, '--tls-key', self.p256.key], re.escape(missing))
+
+    def test_only_cert(self):
+        self.assert_error(['--tls-cert', self.p256.chain], r'--tls-key', status=2)
+
+    def test_only_key(self):
+        self.assert_error(['--tls-key', self.p256.key], r'--tls-cert', status=2)
+
+    def test_tls_listen_without_certificate(self):
+        self.assert_error(['--tls-listen', '127.0.0.1:0'], r'--tls-listen', status=2)
+
+    def test_bad_ktls_mode(self):
+        self.assert_error(['--tls-self-signed', '--ktls', 'maybe'], r'--ktls', status=2)
+
+    def test_combined_pem_file_is_clean_either_way(self):
+        # key and certificate in one file (a common deployment habit): served, or one clean error.
+        both = https_file('combined.pem', read_bytes(self.p256.key) + read_bytes(self.p256.chain))
+        try:
+            srv = ServerProc(self.tar, '--tls-cert', both, '--tls-key', both)
+        except RuntimeError as exc:   # it exited before listening
+            self.assertIn('tarweb.py: error: ', str(exc))
+            self.assertNotIn('Traceback', str(exc))
+            return
+        with srv:
+            self.assertEqual(https_get(srv.addr_of('https'), '/small.txt', self.p256.ca)[2], SMALL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel TLS: the kTLS subset (make test-ktls; TARWEB_EXPECT_KTLS above)
+# ---------------------------------------------------------------------------------------------
+
+class KTLSTest(StartupErrorChecks, HTTPSServerCase):
+    """Proof that records go through the kernel (TARWEB_EXPECT_KTLS=1, in the kTLS VM), or that
+    the userspace fallback is announced once and carries everything (otherwise)."""
+
+    @classmethod
+    def server_options(cls):
+        return https_args('p256', '--ktls', 'auto')
+
+    def counters_around(self, traffic):
+        """Run traffic() -> number of TLS connections it made; check /proc/net/tls_stat moved."""
+        before = ktls_counters()
+        n = traffic()
+        self.srv.assert_idle(10)
+        after = ktls_counters()
+        if EXPECT_KTLS:
+            self.assertIsNotNone(before, '/proc/net/tls_stat missing: no kTLS in this kernel')
+            for name in ('TlsTxSw', 'TlsRxSw'):
+                self.assertGreaterEqual(after[name] - before[name], n, (name, before, after))
+            # Every kTLS socket of this traffic is released again (the kernel may take a moment;
+            # one of an earlier test may still be going away, hence <=).
+            deadline = time.monotonic() + T(5)
+            while time.monotonic() < deadline and any(
+                    after[k] > before[k] for k in ('TlsCurrTxSw', 'TlsCurrRxSw')):
+                time.sleep(0.1)
+                after = ktls_counters()
+            for name in ('TlsCurrTxSw', 'TlsCurrRxSw'):
+                self.assertLessEqual(after[name], before[name], (name, before, after))
+        elif before is not None:
+            self.assertEqual((after['TlsTxSw'], after['TlsRxSw']), (before['TlsTxSw'], before['TlsRxSw']))
+
+    def test_ktls_announcement(self):
+        https_get(self.addr, '/small.txt', self.ca)
+        if EXPECT_KTLS:
+            self.assertEqual(self.srv.count_stderr(NO_KTLS_LINE), 0, self.srv.stderr_text())
+        else:
+            self.assertEqual(self.srv.count_stderr(NO_KTLS_LINE), 1, self.srv.stderr_text())
+
+    def test_counters_every_suite(self):
+        def traffic():
+            for suite in SUITES:
+                rc, body, err = curl(self.addr, '/small.txt', self.ca, '--tls13-ciphers', suite)
+                self.assertEqual((rc, body), (0, SMALL), (suite, err))
+            return len(SUITES)
+        self.counters_around(traffic)
+
+    def test_download_keep_alive_pipelining(self):
+        mid = self.files['/mid.bin']
+
+        def traffic():
+            with self.connect(timeout=30) as c:
+                c.sock.sendall(request_bytes('/mid.bin'))
+                self.assertEqual(hashlib.sha256(c.read_response().body).digest(), hashlib.sha256(mid).digest())
+                c.sock.sendall(request_bytes('/small.txt') + request_bytes('/range.bin', 'HEAD')
+                               + request_bytes('/range.bin', headers=[('Range', 'bytes=10-19')]))
+                self.assertEqual(c.read_response().body, SMALL)
+                self.assertEqual(c.read_response(head=True).get('content-length'), '1000')
+                resp = c.read_response()
+                self.assertEqual((resp.status, resp.body), (206, RANGE_BIN[10:20]))
+                etag = resp.get('etag')
+                c.sock.sendall(request_bytes('/range.bin', headers=[('If-None-Match', etag)]))
+                self.assertEqual(c.read_response().status, 304)
+            return 1
+        self.counters_around(traffic)
+
+    def test_close_notify_both_ways(self):
+        def traffic():
+            with self.connect(suppress_ragged_eofs=False) as c:
+                c.sock.sendall(request_bytes('/small.txt', headers=[('Connection', 'close')]))
+                self.assertEqual(c.read_response().body, SMALL)
+                self.assertEqual(c.sock.recv(10), b'')   # the server's close_notify
+            c = self.connect()
+            c.sock.sendall(request_bytes('/small.txt'))
+            self.assertEqual(c.read_response().body, SMALL)
+            c.sock.unwrap().close()   # ours, answered by the server's
+            return 2
+        self.counters_around(traffic)
+
+    def test_request_in_the_finished_write(self):
+        # The request record right behind the client Finished must reach HTTP (with kTLS the
+        # kernel must find it still in the socket).
+        def traffic():
+            plain, events, layer = NetClient(self.addr).connect().finish_with_request('/small.txt', timeout=10)
+            self.assertTrue(plain.endswith(SMALL), (plain[:100], events, layer.error))
+            self.assertEqual(events, ['close'])
+            return 1
+        self.counters_around(traffic)
+
+    def test_request_one_record_per_byte(self):
+        def traffic():
+            with self.connect(timeout=30) as c:
+                for b in request_bytes('/range.bin'):
+                    c.sock.sendall(bytes([b]))   # each its own record: kTLS returns them one by one
+                self.assertEqual(c.read_response().body, RANGE_BIN)
+            return 1
+        self.counters_around(traffic)
+
+    def test_finished_with_half_a_request_record(self):
+        # An incomplete record read along with the Finished cannot go to the kernel: this
+        # connection stays in userspace (TLSServer.leftover) and must still work.
+        plain, events, layer = NetClient(self.addr).connect().finish_with_request('/small.txt', split=20,
+                                                                                  timeout=10)
+        self.assertTrue(plain.endswith(SMALL), (plain[:100], events, layer.error))
+        self.assertEqual(events, ['close'])
+        self.srv.assert_idle(10)
+
+    def test_corrupted_application_record(self):
+        data = reply_through_corrupting_proxy(self.addr, self.ca, 1, timeout=30)
+        if EXPECT_KTLS:   # the kernel fails the record; an alert is welcome but not required
+            self.assertIn(getattr(data, 'reason', data), (b'', 'SSLV3_ALERT_BAD_RECORD_MAC',
+                                                          'UNEXPECTED_EOF_WHILE_READING'), data)
+        else:
+            self.assertEqual(getattr(data, 'reason', data), 'SSLV3_ALERT_BAD_RECORD_MAC')
+        self.srv.assert_idle(10)
+        self.assert_healthy()
+
+    def test_client_key_update(self):
+        # Userspace: answered and the connection goes on. kTLS (no rekeying in the kernels we
+        # run): the connection ends with a close_notify under the old key, nothing else.
+        c = NetClient(self.addr).connect()
+        layer = c.peer_record_layer()
+        c.send(c.finished_record())
+        c.send(layer._tx.seal(22, handshake_message(24, b'\x01')))
+        layer._tx = layer._tx.next_generation()
+        c.send(layer.seal(request_bytes('/small.txt', headers=[('Connection', 'close')])))
+        data, closed = c.read_all(10)
+        c.close()
+        plain, events, _ = layer.open(data)
+        if EXPECT_KTLS:
+            self.assertEqual((plain, events), (b'', ['close']), layer.error)
+        else:
+            self.assertTrue(plain.endswith(SMALL), (plain[:100], events, layer.error))
+        self.srv.assert_idle(10)
+
+    def test_ktls_require(self):
+        if EXPECT_KTLS:
+            with ServerProc(self.tar, *https_args('p256', '--ktls', 'require')) as srv:
+                before = ktls_counters()
+                self.assertEqual(https_get(srv.addr_of('https'), '/small.txt', self.ca)[2], SMALL)
+                srv.assert_idle(10)
+                self.assertGreater(ktls_counters()['TlsTxSw'], before['TlsTxSw'])
+                self.assertEqual(srv.count_stderr(NO_KTLS_LINE), 0)
+        else:
+            p = self.run_server(*https_args('p256', '--ktls', 'require'), self.tar)
+            line = self.assertStartupError(p)
+            self.assertRegex(line, r'^tarweb\.py: error: .*--ktls require.*kernel TLS')
+            self.assertNotIn('https://', p.stdout.decode())
+
+    def test_ktls_off(self):
+        with ServerProc(self.tar, *https_args('p256', '--ktls', 'off')) as srv:
+            before = ktls_counters()
+            self.assertEqual(https_get(srv.addr_of('https'), '/small.txt', self.ca)[2], SMALL)
+            srv.assert_idle(10)
+            after = ktls_counters()
+            if before is not None:
+                self.assertEqual(after['TlsTxSw'], before['TlsTxSw'])
+            self.assertEqual(srv.count_stderr(NO_KTLS_LINE), 0, srv.stderr_text())
 
 
 # =============================================================================================
