@@ -45,6 +45,7 @@ import errno
 import functools
 import gzip
 import hashlib
+import hmac
 import http.client
 import importlib.util
 import io
@@ -81,7 +82,8 @@ from tarweb import (  # noqa: E402
     der_explicit, der_field, der_int, der_null, der_octets, der_oid, der_read, der_seq, der_sequence,
     der_time, der_tlv, der_to_int, der_to_oid, derive_secret, ec_keypair, ec_public_key, ecdh_shared,
     ecdsa_verify, ed25519_verify, hkdf_expand, hkdf_expand_label, hkdf_extract, load_cert_chain,
-    load_private_key, make_self_signed, pem_decode, pem_encode, x25519, x25519_keypair, x25519_shared,
+    load_private_key, make_self_signed, pem_decode, pem_encode, x25519, x25519_ephemeral_shared,
+    x25519_keypair, x25519_shared,
 )
 
 
@@ -2236,6 +2238,20 @@ class TestX25519(unittest.TestCase):
         b_priv, b_pub = x25519_keypair()
         self.assertEqual(x25519_shared(a_priv, b_pub), x25519_shared(b_priv, a_pub))
 
+    def test_ephemeral_shared_agrees_with_keypair_and_shared(self):
+        seen = set()
+        for _ in range(10):
+            peer_priv, peer_pub = x25519_keypair()
+            pub, shared = x25519_ephemeral_shared(peer_pub)
+            self.assertEqual(x25519_shared(peer_priv, pub), shared)
+            seen.add(pub)
+        self.assertEqual(len(seen), 10)
+        # A peer key with the top bit set acts as without it, as in x25519().
+        u = bytearray(ALICE_PUB)
+        u[31] |= 0x80
+        pub, shared = x25519_ephemeral_shared(bytes(u))
+        self.assertEqual(x25519(ALICE_PRIV, pub), shared)
+
     def test_top_bit_and_noncanonical_u(self):
         u = bytearray(ALICE_PUB)
         u[31] |= 0x80
@@ -2256,6 +2272,8 @@ class TestX25519(unittest.TestCase):
                 self.assertEqual(x25519(priv, u.to_bytes(32, 'little')), bytes(32))
                 with self.assertRaises(ValueError):
                     x25519_shared(priv, u.to_bytes(32, 'little'))
+                with self.assertRaises(ValueError):
+                    x25519_ephemeral_shared(u.to_bytes(32, 'little'))
 
     def test_inverse(self):
         # Lazily reduced values can be any multiple of p where the RFC's z^(p-2) gives 0.
@@ -2269,6 +2287,8 @@ class TestX25519(unittest.TestCase):
         for bad in (b'', pub[:31], pub + b'\0'):
             with self.assertRaises(ValueError):
                 x25519_shared(priv, bad)
+            with self.assertRaises(ValueError):
+                x25519_ephemeral_shared(bad)
         with self.assertRaises(ValueError):
             x25519_shared(priv[:31], pub)
         with self.assertRaises(ValueError):
@@ -2402,6 +2422,12 @@ class TestC25519OpenSSL(unittest.TestCase):
         our_priv, our_pub = x25519_keypair()
         theirs = self.derive(a_pem, c25519_file('ours.pem', spki_pem(X25519_SPKI_PREFIX + our_pub)))
         self.assertEqual(x25519_shared(our_priv, a_pub), theirs)
+
+    def test_openssl_agrees_with_ephemeral_shared(self):
+        a_pem, _a_priv, a_pub = self.genpkey('X25519', 'a.pem')
+        our_pub, shared = x25519_ephemeral_shared(a_pub)
+        theirs = self.derive(a_pem, c25519_file('ours.pem', spki_pem(X25519_SPKI_PREFIX + our_pub)))
+        self.assertEqual(shared, theirs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3169,6 +3195,38 @@ class TestGCMVectors(unittest.TestCase):
                 self.assertEqual(g.open(iv, ct + tag, aad), pt)
                 self.assertEqual(ref_gcm_seal(key, iv, pt, aad), ct + tag)
 
+    def test_ghash_nibble_and_byte_tables_agree(self):
+        # GHASH of one block X with H = x (the bit for x^1) is X * x: a one-bit shift, reduced;
+        # this checks the tables' bit order independently of the reference.
+        tables = tarweb._gcm_nibble_tables(1 << 126)
+        x = int.from_bytes(os.urandom(16), 'big')
+        expected = (x >> 1) ^ (0xe1 << 120 if x & 1 else 0)
+        self.assertEqual(tarweb._gcm_ghash_nibbles(tables, x.to_bytes(16, 'big')), expected)
+        tables = tarweb._gcm_nibble_tables(int.from_bytes(os.urandom(16), 'big'))
+        data = os.urandom(16 * 37)
+        self.assertEqual(tarweb._gcm_ghash_nibbles(tables, data),
+                         tarweb._gcm_ghash(tarweb._gcm_byte_tables(tables), data))
+
+    def test_every_length_across_the_cipher_and_table_switches(self):
+        # Around the T-table / byte-sliced switch (7 and 8 blocks with J0) on fresh keys, which
+        # hash with nibble tables; then a key that has hashed enough to build byte tables.
+        for key_len in (16, 32):
+            key, nonce, aad = os.urandom(key_len), os.urandom(12), os.urandom(5)
+
+            def check(aead, n):
+                pt = os.urandom(n)
+                sealed = aead.seal(nonce, pt, aad)
+                self.assertEqual(sealed, ref_seal(AESGCM, key, nonce, pt, aad), n)
+                self.assertEqual(aead.open(nonce, sealed, aad), pt)
+
+            for n in range(80, 130):
+                check(AESGCM(key), n)
+            aead = AESGCM(key)
+            check(aead, 16 * 300)
+            self.assertIsNotNone(aead._byte_tables)
+            for n in range(0, 40):
+                check(aead, n)
+
     def test_bad_key_and_nonce_lengths(self):
         assert_bad_lengths_refused(self, AESGCM, (0, 15, 24, 31, 33), 16)
 
@@ -3208,6 +3266,19 @@ class TestChaChaVectors(unittest.TestCase):
 
     def test_bad_key_and_nonce_lengths(self):
         assert_bad_lengths_refused(self, ChaCha20Poly1305, (0, 16, 31, 33), 32)
+
+    def test_both_layouts_match_reference(self):
+        # Every block count on either side of the crossover, the last counters before the 32-bit
+        # limit, and an all-ones key and nonce (largest values, so the most carries).
+        for key, nonce in ((os.urandom(32), os.urandom(12)), (b'\xff' * 32, b'\xff' * 12)):
+            for n in list(range(1, 21)) + [36, 37, 64]:
+                counter = (1 << 32) - n
+                expected = b''.join(ref_chacha20_block(key, counter + j, nonce) for j in range(n))
+                self.assertEqual(tarweb._chacha20_blocks(key, nonce, counter, n), expected, n)
+                state = struct.pack('<4I32sI12s', 0x61707865, 0x3320646e, 0x79622d32, 0x6b206574,
+                                    key, counter, nonce)
+                self.assertEqual(tarweb._chacha20_row_layout(state, n), expected, n)
+                self.assertEqual(tarweb._chacha20_word_layout(state, n), expected, n)
 
     def test_counter_overflow_refused(self):
         with self.assertRaises(ValueError):
@@ -3922,6 +3993,24 @@ class TestHKDF(unittest.TestCase):
         okm = hkdf_expand('sha256', prk, b'', 42)
         self.assertEqual(okm, unhex('8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d'
                                     '9d201395faa4b61a96c8'))
+
+    def test_rfc5869_case2_long_inputs(self):
+        # 80-byte salt: longer than SHA-256's block, so HMAC must hash the key first.
+        prk = hkdf_extract('sha256', bytes(range(0x60, 0xb0)), bytes(range(0x50)))
+        self.assertEqual(prk, unhex('06a6b88c5853361a06104c9ceb35b45cef760014904671014a193f40c15fc244'))
+        okm = hkdf_expand('sha256', prk, bytes(range(0xb0, 0x100)), 82)
+        self.assertEqual(okm, unhex('b11e398dc80327a1c8e7f78c596a49344f012eda2d4efad8a050cc4c19afa97c'
+                                    '59045a99cac7827271cb41c65e590e09da3275600c2f09b8367793a9aca3db71'
+                                    'cc30c58179ec3e87c14c01d5c1f3434f1d87'))
+
+    def test_hmac_matches_stdlib(self):
+        for hash_name in ('sha256', 'sha384', 'sha512'):
+            for key_len in (0, 1, 32, 48, 64, 65, 128, 129, 200):
+                key, msg = os.urandom(key_len), os.urandom(key_len + 7)
+                self.assertEqual(tarweb._tls_hmac(hash_name, key, msg), hmac.digest(key, msg, hash_name),
+                                 (hash_name, key_len))
+                self.assertEqual(tarweb._tls_hmac(hash_name, bytearray(key), memoryview(msg)),
+                                 hmac.digest(key, msg, hash_name))
 
     def test_expand_limit(self):
         self.assertEqual(len(hkdf_expand('sha384', b'k' * 48, b'', 255 * 48)), 255 * 48)
