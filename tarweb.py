@@ -548,6 +548,8 @@ def _member_name(name, prefix):
 # ---------------------------------------------------------------------------------------------
 
 MAX_REQUEST_LINE = 8192
+RECENT_HEADS = 1024  # request heads whose plain 200 answers are remembered,
+RECENT_HEAD_BYTES = 512  # if no longer than this: at most 0.5 MiB
 TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 VISIBLE_ASCII = bytes(range(0x21, 0x7F))
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -731,6 +733,7 @@ class Site:
         self.archive = archive
         self.cache_control = cache_control
         self.not_found = archive.files.get(b"/404.html")
+        self.recent = {}  # request head -> hot-path answer (see respond)
         for entry in archive.files.values():
             self._prepare(entry)
             for _, variant in entry.variants:
@@ -808,6 +811,9 @@ class Site:
 
     def respond(self, head):
         """Request head -> (status, response head bytes, body offset, body length, keep_alive)."""
+        hit = self.recent.get(head)
+        if hit is not None:
+            return 200, self.prefix_200 + hit[0], hit[1], hit[2], True
         try:
             method, target, version, fields, keep_alive = self.parse(head)
         except HttpError as e:
@@ -827,9 +833,15 @@ class Site:
             return self._missing(method, target, version, path, close)
         if len(fields) > 1 or version == 10 or close:
             return self._full(method, version, fields, entry, close)
-        # The hot path: a plain keep-alive HTTP/1.1 GET or HEAD with no conditions.
-        return 200, self.prefix_200 + entry.head + b"\r\n", entry.offset, \
-            (entry.size if method == b"GET" else 0), True
+        # The hot path: a plain keep-alive HTTP/1.1 GET or HEAD with no conditions. Its answer
+        # depends on nothing but these exact bytes (the archive never changes), so the same
+        # head next time skips the parse (clients repeat theirs); bounded, emptied when full.
+        answer = entry.head + b"\r\n", entry.offset, (entry.size if method == b"GET" else 0)
+        if len(head) <= RECENT_HEAD_BYTES:
+            if len(self.recent) >= RECENT_HEADS:
+                self.recent.clear()
+            self.recent[head] = answer
+        return 200, self.prefix_200 + answer[0], answer[1], answer[2], True
 
     def _missing(self, method, target, version, path, close):
         if path.rstrip(b"/") in self.archive.dirs and not path.endswith(b"/"):
