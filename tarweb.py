@@ -2176,6 +2176,8 @@ def _chacha20_row_layout(state, n):
     a0, b0, c0, d0 = [int.from_bytes(lanes[i:i + size], 'little') for i in range(0, 4 * size, size)]
     d0 += counter_steps
     a, b, c, d = a0, b0, c0, d0
+    # The quarter round is written out for both half-rounds instead of called: at these sizes
+    # the call itself costs more than the arithmetic.
     for _ in range(10):
         # Column round: the quarter round on (a_i, b_i, c_i, d_i) for the four columns i.
         a += b
