@@ -550,8 +550,6 @@ def _member_name(name, prefix):
 MAX_REQUEST_LINE = 8192
 RECENT_HEADS = 1024  # request heads whose plain 200 answers are remembered,
 RECENT_HEAD_BYTES = 512  # if no longer than this: at most 0.5 MiB
-TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-VISIBLE_ASCII = bytes(range(0x21, 0x7F))
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 REQUEST_LINE = rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/(1\.[01])\r?\n"
 VERSION_LINE = re.compile(TOKEN + rb" [\x21-\x7e]+ HTTP/\d\.\d\r?")
@@ -991,7 +989,7 @@ def _x25519_clamp(k):
 def _x25519_ladder(k, u):
     """The Montgomery ladder of RFC 7748 §5: the u-coordinate of [k]u as a projective pair
     (x, z) with u = x/z, not reduced (|x|, |z| < 2^256); z = 0 mod p means u = 0."""
-    p, m = _C25519_P, _C25519_M255
+    m = _C25519_M255
     x1 = u
     x2, z2, x3, z3 = 1, 0, u, 1
     # The RFC swaps when bit t differs from bit t+1, i.e. on bit t of k ^ (k >> 1).  Reading those
