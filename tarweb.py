@@ -732,6 +732,7 @@ class Site:
         self.cache_control = cache_control
         self.not_found = archive.files.get(b"/404.html")
         self.recent = {}  # request head -> hot-path answer (see respond)
+        self.draining = False  # set on shutdown: every response says Connection: close
         for entry in archive.files.values():
             self._prepare(entry)
             for _, variant in entry.variants:
@@ -810,13 +811,13 @@ class Site:
     def respond(self, head):
         """Request head -> (status, response head bytes, body offset, body length, keep_alive)."""
         hit = self.recent.get(head)
-        if hit is not None:
+        if hit is not None and not self.draining:
             return 200, self.prefix_200 + hit[0], hit[1], hit[2], True
         try:
             method, target, version, fields, keep_alive = self.parse(head)
         except HttpError as e:
             return self.error(e.status, e.close, method=head.partition(b" ")[0])
-        close = not keep_alive
+        close = not keep_alive or self.draining
         if method != b"GET" and method != b"HEAD":
             return self.error(405, close, ("Allow: GET, HEAD",))
         if target[0] != 47:  # not '/'
@@ -4510,8 +4511,6 @@ class Server:
 
     def send_response(self, slot, response, request_head):
         status, head, body_off, body_len, keep_alive = response
-        if self.stopping:
-            keep_alive = False
         if self.access_log:
             self.log_access(slot, request_head, status, body_len)
         n = len(head)
@@ -4763,6 +4762,7 @@ class Server:
         """SIGTERM/SIGINT: stop accepting, close idle connections, let the rest finish."""
         self.pause_accepts()
         self.stopping = True
+        self.site.draining = True
         self.stop_deadline = time.monotonic() + grace
         while self.waiting:
             self.ring.prep(IORING_OP_CLOSE, self.waiting.popleft()[0], 0, 0, 0, 0,

@@ -1853,6 +1853,23 @@ class TestSignals(ArchiveCase):
             self.assertIs(c.wait_closed(1), True)
             c.close()
 
+    def test_request_in_flight_at_sigterm_is_answered_with_close(self):
+        """A request half-sent when SIGTERM arrives is still answered, with Connection: close
+        (also a head the server answered before, which it otherwise remembers), then closed."""
+        with ServerProc(MAIN_TAR, "--grace", "5") as srv:
+            c = Conn(srv.addr)
+            self.assertEqual(c.request("GET", "/small.txt").status, 200)
+            c.send(VALID_GET[:10])
+            time.sleep(0.3)
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            c.send(VALID_GET[10:])
+            r = c.read_response()
+            self.assertEqual((r.status, r.get("Connection")), (200, "close"))
+            self.assertIs(c.wait_closed(2), True)
+            c.close()
+            self.assertEqual(srv.proc.wait(timeout=8), 0)
+
     def test_sigint_exits_zero(self):
         with ServerProc(MAIN_TAR) as srv:
             self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
