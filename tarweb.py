@@ -415,13 +415,13 @@ VARIANT_SUFFIXES = ((".br", "br"), (".zst", "zstd"), (".gz", "gzip"))
 
 class Entry:
     """A servable file: where its bytes are in the tar, and (filled by layer 4) its head."""
-    __slots__ = ("name", "offset", "size", "mtime", "encoding", "variants", "head")
+    __slots__ = ("name", "offset", "size", "mtime", "encoding", "variants", "ctype", "head")
 
     def __init__(self, name, offset, size, mtime, encoding=None):
         self.name, self.offset, self.size, self.mtime = name, offset, size, mtime
         self.encoding = encoding  # Content-Encoding when this is a precompressed variant
         self.variants = ()        # (encoding, Entry) pairs, smallest first
-        self.head = b""
+        self.ctype, self.head = "", b""
 
 
 class Archive:
@@ -741,11 +741,16 @@ class Site:
 
     def _prepare(self, entry, ctype=None):
         """Precompute the 200 head lines of an entry (everything but status, Date, Connection)."""
-        lines = [f"Content-Type: {ctype or content_type(entry.name)}",
-                 f"Content-Length: {entry.size}"] + self._validators(entry)
+        entry.ctype = ctype or content_type(entry.name)
+        entry.head = ("\r\n".join(self._entity_lines(entry, entry.size)) + "\r\n").encode("latin-1")
+
+    def _entity_lines(self, entry, length):
+        """The header lines describing an entry's representation, for a body of `length`."""
+        lines = [f"Content-Type: {entry.ctype}", f"Content-Length: {length}"]
+        lines += self._validators(entry)
         if entry.encoding:
             lines.append(f"Content-Encoding: {entry.encoding}")
-        entry.head = ("\r\n".join(lines) + "\r\nAccept-Ranges: bytes\r\n").encode("latin-1")
+        return lines + ["Accept-Ranges: bytes"]
 
     def _validators(self, entry):
         lines = [f"Last-Modified: {http_date(entry.mtime)}", f"ETag: {etag_of(entry)}"]
@@ -897,15 +902,10 @@ class Site:
 
     def _partial(self, entry, span, close, ka10):
         start, end = span
-        lines = self.headers_for_partial(entry, start, end)
+        lines = self._entity_lines(entry, end - start)
+        lines.append(f"Content-Range: bytes {start}-{end - 1}/{entry.size}")
         head = self.status_head(206, lines, close, ka10)
         return 206, head, entry.offset + start, end - start, not close
-
-    def headers_for_partial(self, entry, start, end):
-        lines = [line for line in entry.head.decode("latin-1").split("\r\n")
-                 if line and not line.startswith("Content-Length:")]
-        return lines + [f"Content-Length: {end - start}",
-                        f"Content-Range: bytes {start}-{end - 1}/{entry.size}"]
 
 
 def _origin_form(target):
@@ -4182,7 +4182,7 @@ def bytes_address(data):
 
 class Slot:
     """A connection's preallocated state. Buffers are fixed regions of the Server's arrays."""
-    __slots__ = ("index", "gen", "fd", "rbase", "raddr", "haddr", "iov_addr", "msg_addr",
+    __slots__ = ("index", "gen", "fd", "rbase", "raddr", "haddr", "msg_addr",
                  "riov_addr", "rmsg_addr", "cmsg_addr",
                  "rstart", "rlen", "deadline", "partial", "recv_busy", "send_busy", "send_linked",
                  "send_ud", "closing", "lingering", "body_pos", "body_end", "keep_alive",
@@ -4246,11 +4246,11 @@ class Server:
             s = Slot(i)
             s.rbase, s.raddr = i * self.rbuf_size, raddr + i * self.rbuf_size
             s.haddr = haddr + i * HBUF_SIZE
-            s.iov_addr, s.msg_addr = iaddr + i * iovec2.size, maddr + i * msghdr.size
+            s.msg_addr = maddr + i * msghdr.size
             s.rmsg_addr = rmaddr + i * RECV_AREA
             s.riov_addr, s.cmsg_addr = s.rmsg_addr + msghdr.size, s.rmsg_addr + RECV_CMSG_OFF
             # The send msghdr never changes: it always points at this slot's two iovecs.
-            msghdr.pack_into(self.msgs, i * msghdr.size, 0, 0, s.iov_addr, 2, 0, 0, 0)
+            msghdr.pack_into(self.msgs, i * msghdr.size, 0, 0, iaddr + i * iovec2.size, 2, 0, 0, 0)
             self.slots.append(s)
         self.free = list(reversed(self.slots))
         self.active = 0
