@@ -3294,8 +3294,34 @@ class TestChaChaVectors(unittest.TestCase):
                 self.assertEqual(tarweb._chacha20_blocks(key, nonce, counter, n), expected, n)
                 state = struct.pack('<4I32sI12s', 0x61707865, 0x3320646e, 0x79622d32, 0x6b206574,
                                     key, counter, nonce)
-                self.assertEqual(tarweb._chacha20_row_layout(state, n), expected, n)
+                self.assertEqual(tarweb._chacha20_row_layout([(state, n)]), expected, n)
                 self.assertEqual(tarweb._chacha20_word_layout(state, n), expected, n)
+
+    def test_keystreams_of_several_jobs_in_one_pass(self):
+        # Different keys, nonces and lengths in one row-layout pass (and over the crossover,
+        # where each job gets its own pass): each must equal its own keystream.
+        for sizes in ((1,), (16, 2), (3, 1, 5), (20, 17), (2, 40)):
+            jobs = [(os.urandom(32), os.urandom(12), n) for n in sizes]
+            expected = [b''.join(ref_chacha20_block(key, j, nonce) for j in range(n))
+                        for key, nonce, n in jobs]
+            self.assertEqual(tarweb._chacha20_keystreams(jobs), expected, sizes)
+
+    def test_prefetched_keystreams_serve_one_call_each(self):
+        key, other_key = os.urandom(32), os.urandom(32)
+        nonces = [os.urandom(12) for _ in range(3)]
+        aad, message = b'header', os.urandom(100)
+        fresh = ChaCha20Poly1305(key)
+        expected = [fresh.seal(nonce, message, aad) for nonce in nonces]
+        aead, other = ChaCha20Poly1305(key), ChaCha20Poly1305(other_key)
+        sealed_other = ChaCha20Poly1305(other_key).seal(nonces[0], message, aad)
+        tarweb.chacha20_poly1305_prefetch([(aead, nonces[0], 100), (aead, nonces[1], 10),
+                                           (other, nonces[0], 100)])
+        # Long enough (nonce 0), too short: made afresh (nonce 1), not made ahead (nonce 2).
+        self.assertEqual([aead.seal(nonce, message, aad) for nonce in nonces], expected)
+        self.assertEqual(aead._ready, {})
+        self.assertEqual(other.open(nonces[0], sealed_other, aad), message)
+        # Taken by the first call: a second seal under nonce 0 computes the same keystream again.
+        self.assertEqual(aead.seal(nonces[0], message, aad), expected[0])
 
     def test_counter_overflow_refused(self):
         with self.assertRaises(ValueError):
@@ -3591,12 +3617,19 @@ class TestRSA(PKIKeysCase):
         key = load_key('rsa2048_pkcs8')
         self.assertNotEqual(key.sign(0x0804, b'same'), key.sign(0x0804, b'same'))
 
-    def test_blinding_uses_a_fresh_random_r_per_signature(self):
+    def test_blinding_value_changes_per_signature_and_r_is_renewed(self):
         rsa = load_key('rsa2048_pkcs1').key
+        uses = tarweb._RSA_BLINDING_USES
+        seen = []
         with mock.patch.object(tarweb.secrets, 'randbelow', wraps=secrets.randbelow) as randbelow:
-            rsa.sign_pss(b'one', 'sha256')
-            rsa.sign_pss(b'two', 'sha256')
+            for i in range(uses + 1):
+                rsa.sign_pss(b'message %d' % i, 'sha256')
+                seen.append(rsa._blinding)
+        # A fresh r for the first signature and again after `uses` signatures; never a pair twice.
         self.assertEqual(randbelow.call_args_list, [mock.call(rsa.n - 2)] * 2)
+        self.assertEqual(len(set(seen)), uses + 1)
+        for r_e, r_inv in seen:   # each stored pair is still (r^e, r^-1) for some r
+            self.assertEqual(r_e * pow(r_inv, rsa.e, rsa.n) % rsa.n, 1)
 
     def test_corrupted_crt_parameter_never_leaves(self):
         for attribute in ('dp', 'dq', 'qinv'):
@@ -6073,6 +6106,26 @@ class HTTPSTest(HTTPSServerCase):
         self.assertTrue(plain.startswith(b'HTTP/1.1 200 '), plain[:100])
         self.assertTrue(plain.endswith(SMALL))
         self.assertEqual(events, ['close'])
+
+    def test_last_response_ends_with_a_single_close_notify(self):
+        # The close_notify is sealed with the connection's last response (userspace TLS) or sent
+        # by the kernel after it (kTLS): either way exactly once, as the server's last record.
+        c = NetClient(self.addr).connect()
+        layer = c.peer_record_layer()
+        c.send(c.finished_record() + layer.seal(request_bytes('/small.txt',
+                                                              headers=[('Connection', 'close')])))
+        data, closed = c.read_all()
+        c.close()
+        self.assertTrue(closed and whole_records(data), data[-50:])
+        plain, events, _ = layer.open(data)
+        self.assertTrue(plain.endswith(SMALL), plain[:100])
+        self.assertEqual(events, ['close'])
+        records = 0
+        pos = 0
+        while pos < len(data):
+            pos += 5 + int.from_bytes(data[pos + 3:pos + 5], 'big')
+            records += 1
+        self.assertEqual(layer.rx_seq, records)   # the close_notify came last: all were opened
 
     def test_finished_and_half_a_request_record(self):
         plain, _events, _ = NetClient(self.addr).connect().finish_with_request('/small.txt', split=20)
