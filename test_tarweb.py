@@ -2121,6 +2121,7 @@ class SteadyStateSyscallsTest(unittest.TestCase):
             finally:
                 server.terminate()
                 server.wait(timeout=30)
+                server.stdout.close()
         calls = {m.group(2): int(m.group(1)) for m in re.finditer(
             r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$", summary, re.M)}
         calls.pop("total", None)
