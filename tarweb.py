@@ -2640,7 +2640,8 @@ class RSAKey:
         """(r^e, r^-1) mod n for one signature; the stored pair moves on to (r^2e, r^-2)."""
         n = self.n
         if not self._blinding_left:
-            r = secrets.randbelow(n - 2) + 2  # not invertible only if it shares a factor with n: negligible
+            # r is not invertible only if it shares a factor with n: negligible.
+            r = secrets.randbelow(n - 2) + 2
             self._blinding = (pow(r, self.e, n), pow(r, -1, n))
             self._blinding_left = _RSA_BLINDING_USES
         pair = self._blinding
@@ -3423,7 +3424,7 @@ class _TLSRecordCipher:
 
     def keystream_requests(self, lengths):
         """Requests for chacha20_poly1305_prefetch: the next records, of these inner-plaintext
-        lengths.  None for AES-GCM, which makes its keystream record by record."""
+        lengths.  None (an empty list) for AES-GCM, which makes its keystream record by record."""
         if self._aead_class is not ChaCha20Poly1305:
             return []
         aead = self._cipher()
@@ -4673,8 +4674,7 @@ class Server:
         last = slot.body_pos == slot.body_end
         data = slot.pending_out + slot.tls.seal(plain, close=last and not slot.keep_alive)
         slot.pending_out = b""
-        linked = slot.body_pos == slot.body_end and slot.keep_alive and slot.rlen == 0 \
-            and not slot.spill
+        linked = last and slot.keep_alive and slot.rlen == 0 and not slot.spill
         self.send_bytes(slot, data, linked)
         if linked:
             self.post_recv(slot)
