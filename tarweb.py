@@ -2366,10 +2366,10 @@ class ChaCha20Poly1305:
 
 def chacha20_poly1305_prefetch(requests):
     """Make the keystreams of coming seal/open calls in one ChaCha20 pass: requests are
-    (ChaCha20Poly1305, nonce, plaintext length) with distinct nonces per key.  Each keystream
-    is kept by its AEAD until the call with that nonce takes it; one already made is kept."""
-    requests = [(aead, bytes(nonce), n) for aead, nonce, n in requests
-                if bytes(nonce) not in aead._ready]
+    (ChaCha20Poly1305, 12-byte bytes nonce, plaintext length), distinct nonces per key.  Each keystream
+    is kept by its AEAD until the call with that nonce takes it; one already made is kept.  A
+    call that turns out longer than its request simply makes its own keystream."""
+    requests = [(aead, nonce, n) for aead, nonce, n in requests if nonce not in aead._ready]
     if not requests:
         return
     jobs = [(aead._key, nonce, 1 + (n + 63) // 64) for aead, nonce, n in requests]
@@ -3418,8 +3418,9 @@ class _TLSRecordCipher:
         records = [(content_type, data[i:i + _TLS_MAX_PLAINTEXT])
                    for i in range(0, len(data), _TLS_MAX_PLAINTEXT)]
         records += then
-        if len(records) > 1:
-            _tls_prefetch(self.keystream_requests([len(content) + 1 for _, content in records]))
+        if len(records) > 1:   # their keystreams in one ChaCha20 pass (see _chacha20_keystreams)
+            chacha20_poly1305_prefetch(
+                self.keystream_requests([len(content) + 1 for _, content in records]))
         return b''.join([self.seal(kind, content) for kind, content in records])
 
     def keystream_requests(self, lengths):
@@ -3447,14 +3448,6 @@ class _TLSRecordCipher:
 def _tls_record_lengths(n):
     """Inner-plaintext lengths of the records that carry n bytes of content."""
     return [min(_TLS_MAX_PLAINTEXT, n - i) + 1 for i in range(0, n, _TLS_MAX_PLAINTEXT)]
-
-
-def _tls_prefetch(requests):
-    """ChaCha20 keystreams of several coming records in one pass (one pass costs about the same
-    for 2 blocks as for 20; see _chacha20_keystreams).  A record that turns out longer than
-    its request simply makes its own."""
-    if len(requests) > 1:
-        chacha20_poly1305_prefetch(requests)
 
 
 class _TLSHandshakeBuffer:
@@ -4156,8 +4149,8 @@ class TLSServer:
         # The client's Finished will come as one record of known size (unpadded, as clients
         # send it): its keystream is made in the same pass as the flight's.
         flight = b''.join(flight)
-        _tls_prefetch(tx.keystream_requests(_tls_record_lengths(len(flight)))
-                      + rx.keystream_requests([4 + len(self._client_finished) + 1]))
+        chacha20_poly1305_prefetch(tx.keystream_requests(_tls_record_lengths(len(flight)))
+                                   + rx.keystream_requests([4 + len(self._client_finished) + 1]))
         out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, server_hello) + self._compat_ccs(hello)
                    + tx.seal_records(_TLS_CT_HANDSHAKE, flight))
         self._tx, self._rx = tx, rx
