@@ -52,6 +52,19 @@ class StartupError(Exception):
     """A problem that stops start-up; its text is printed as one line."""
 
 
+# Bytes that may go into a log line as they are: printable ASCII except the quote and backslash.
+_LOG_UNSAFE = re.compile(rb"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+
+def log_escape(data):
+    """Bytes (or text) from the wire or the archive -> text that is safe in a log line: every
+    control byte, non-ASCII byte, quote and backslash becomes \\xHH, as nginx escapes its
+    access log, so no terminal escape, forged line or bidi trick gets through."""
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogateescape")
+    return _LOG_UNSAFE.sub(lambda m: b"\\x%02X" % m.group()[0], data).decode("ascii")
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Kernel ABI (include/uapi/linux/io_uring.h)
 # ---------------------------------------------------------------------------------------------
