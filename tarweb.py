@@ -42,7 +42,7 @@ import sys
 import tarfile
 import time
 import traceback
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 __version__ = "0.1.0"
 SERVER = "tarweb.py/" + __version__
@@ -137,13 +137,15 @@ IORING_OP_TIMEOUT = 11
 IORING_OP_ACCEPT = 13
 IORING_OP_ASYNC_CANCEL = 14
 IORING_OP_CLOSE = 19
+IORING_OP_STATX = 21
 IORING_OP_SEND = 26
 IORING_OP_RECV = 27
 IORING_OP_SHUTDOWN = 34
 REQUIRED_OPS = {"SENDMSG": IORING_OP_SENDMSG, "RECVMSG": IORING_OP_RECVMSG,
                 "SEND": IORING_OP_SEND, "TIMEOUT": IORING_OP_TIMEOUT,
                 "ACCEPT": IORING_OP_ACCEPT, "ASYNC_CANCEL": IORING_OP_ASYNC_CANCEL,
-                "CLOSE": IORING_OP_CLOSE, "RECV": IORING_OP_RECV, "SHUTDOWN": IORING_OP_SHUTDOWN}
+                "CLOSE": IORING_OP_CLOSE, "RECV": IORING_OP_RECV, "SHUTDOWN": IORING_OP_SHUTDOWN,
+                "STATX": IORING_OP_STATX}
 
 # sqe.flags
 IOSQE_IO_LINK = 1 << 2
@@ -164,6 +166,12 @@ SHUT_RD, SHUT_WR = 0, 1
 kernel_timespec = struct.Struct("<qq")
 iovec2 = struct.Struct("<QQQQ")
 msghdr = struct.Struct("<QQQQQQQ")
+# statx(2) of an open descriptor: AT_EMPTY_PATH with an empty path. struct statx (256 bytes):
+# stx_size u64 at byte 40, stx_mtime {s64 tv_sec, u32 tv_nsec, s32} at byte 112.
+AT_EMPTY_PATH = 0x1000
+STATX_MTIME, STATX_SIZE = 0x40, 0x200
+STATX_BUF_SIZE = 256
+statx_size_mtime = struct.Struct("<40xQ64xqI")
 # struct cmsghdr {size_t cmsg_len; int cmsg_level; int cmsg_type;} followed by the data.
 cmsghdr = struct.Struct("<Qii")
 CMSG_SPACE_1 = 24           # CMSG_SPACE(1): header plus one byte, padded to 8
@@ -524,12 +532,13 @@ class Archive:
             entry.variants = tuple(sorted(found, key=lambda ev: ev[1].size))
 
     def _map(self, path):
-        """mmap the tar read-only and return its address, for the kernel to send from."""
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            addr = _libc.mmap(None, self.size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        finally:
-            os.close(fd)
+        """mmap the tar read-only and return its address, for the kernel to send from. The
+        descriptor stays open: userspace reads use pread on it (a read of the mapping past a
+        shrunken file's end is SIGBUS), and its size and mtime show a change in place."""
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        st = os.fstat(self.fd)
+        self.identity = (st.st_size, st.st_mtime_ns)
+        addr = _libc.mmap(None, self.size, mmap.PROT_READ, mmap.MAP_SHARED, self.fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             raise StartupError(f"{self.path}: mmap failed: {os.strerror(ctypes.get_errno())}")
         return addr
@@ -572,13 +581,17 @@ FIELD_BLOCK = rb"(?:" + TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r?\n)*"
 REQUEST_HEAD = re.compile(REQUEST_LINE + rb"(" + FIELD_BLOCK + rb")")
 FIELD_PAIRS = re.compile(rb"(" + TOKEN + rb"):[ \t]*([^\r\n]*)\r?\n")  # on a checked block
 PERCENT_OK = re.compile(rb"(?:[^%]|%[0-9A-Fa-f]{2})*")
+WIRE_NUMBER_MAX = 10 ** 18  # larger than any file; a bigger number from the wire counts as this
+PATH_SAFE = "/:@!$&'()*+,;="  # RFC 3986 pchar beyond the unreserved ones, and '/'
+STRAY_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 BYTE_RANGE = re.compile(rb"bytes=[ \t]*(\d*)-(\d*)[ \t]*")
 TEXT_TYPES = ("application/javascript", "application/json", "application/xml", "image/svg+xml",
               "application/manifest+json")
 REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304: "Not Modified",
            400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            414: "URI Too Long", 416: "Range Not Satisfiable",
-           431: "Request Header Fields Too Large", 505: "HTTP Version Not Supported"}
+           431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           505: "HTTP Version Not Supported"}
 # Fields whose values the responder looks at; all others are checked for syntax and skipped.
 INTERESTING = frozenset((b"host", b"connection", b"content-length", b"transfer-encoding",
                          b"range", b"if-range", b"if-none-match", b"if-modified-since",
@@ -643,6 +656,17 @@ def normalise_path(target):
     return b"/" + b"/".join(out) + (b"/" if trailing else b"")
 
 
+def redirect_location(path, query):
+    """Location for a decoded path (archive bytes) and the request's query: percent-encoded to
+    RFC 3986 path and query characters, so neither CR, LF nor a backslash (which browsers
+    read as '/', making '/\\host' an open redirect) ever reaches the header."""
+    location = quote_from_bytes(path, safe=PATH_SAFE)
+    if query:
+        query = STRAY_PERCENT.sub(b"%25", query)  # keep the client's escapes, fix stray '%'
+        location += "?" + quote_from_bytes(query, safe=PATH_SAFE + "?%")
+    return location
+
+
 def weak_match(header, etag):
     """If-None-Match: weak comparison against a comma-separated list or '*'."""
     tag = etag.encode()
@@ -651,6 +675,13 @@ def weak_match(header, etag):
         if item == b"*" or item == tag or (item.startswith(b"W/") and item[2:] == tag):
             return True
     return False
+
+
+def wire_number(digits):
+    """A decimal number from the wire, capped at WIRE_NUMBER_MAX: more digits than any file
+    size needs never reach int(), which refuses over 4300 and slows down well before."""
+    digits = digits.lstrip(b"0")
+    return int(digits or b"0") if len(digits) <= 18 else WIRE_NUMBER_MAX
 
 
 def parse_range(value, size):
@@ -662,12 +693,12 @@ def parse_range(value, size):
     if not first:
         if not last:
             return None
-        n = int(last)
+        n = wire_number(last)
         if n == 0 or size == 0:
             return "unsatisfiable"
         return max(0, size - n), size
-    start = int(first)
-    end = int(last) + 1 if last else size
+    start = wire_number(first)
+    end = wire_number(last) + 1 if last else size
     if last and end <= start:
         return None
     if start >= size:
@@ -717,9 +748,9 @@ def framing(version, fields):
     if version == 11 and b"host" not in fields:
         raise HttpError(400)
     length = fields.get(b"content-length")
-    if length is not None and not length.isdigit():
-        raise HttpError(400)
-    if b"transfer-encoding" in fields or length is not None and int(length) > 0:
+    if length is not None and (not length.isdigit() or wire_number(length) == WIRE_NUMBER_MAX):
+        raise HttpError(400)  # not a number, or a body larger than anyone could send
+    if b"transfer-encoding" in fields or length is not None and length.strip(b"0"):
         return False
     conn = fields.get(b"connection")
     if conn is None:
@@ -746,6 +777,7 @@ class Site:
         self.not_found = archive.files.get(b"/404.html")
         self.recent = {}  # request head -> hot-path answer (see respond)
         self.draining = False  # set on shutdown: every response says Connection: close
+        self.stale = False     # set when the tar changed on disk: every file answer is a 500
         for entry in archive.files.values():
             self._prepare(entry)
             for _, variant in entry.variants:
@@ -772,6 +804,11 @@ class Site:
         if entry.variants or entry.encoding:
             lines.append("Vary: Accept-Encoding")
         return lines
+
+    def mark_stale(self):
+        """The tar changed under the index: stop serving from it (remembered answers too)."""
+        self.stale = True
+        self.recent.clear()
 
     def tick(self, now):
         """Refresh the cached Date line; called once a second, not per request."""
@@ -845,6 +882,8 @@ class Site:
         path = normalise_path(target)
         if path is None:
             return self.error(400, close, method=method)
+        if self.stale:
+            return self.error(500, True, method=method)
         entry = self.archive.lookup(path)
         if entry is None:
             return self._missing(method, target, version, path, close)
@@ -862,9 +901,8 @@ class Site:
 
     def _missing(self, method, target, version, path, close):
         if path.rstrip(b"/") in self.archive.dirs and not path.endswith(b"/"):
-            query = target.partition(b"?")[2]
-            location = path + b"/" + (b"?" + query if query else b"")
-            return self.error(301, close, ("Location: " + location.decode("latin-1"),), method)
+            location = redirect_location(path + b"/", target.partition(b"?")[2])
+            return self.error(301, close, ("Location: " + location,), method)
         nf = self.not_found
         if nf is None:
             return self.error(404, close, method=method)
@@ -4278,7 +4316,7 @@ class TLSContext:
 
 # user_data: bits 0-31 slot (or listener) index, 32-39 operation, 40-63 slot generation, so a
 # completion that arrives after its slot was freed and reused is recognised and dropped.
-OP_ACCEPT, OP_TIMER, OP_IGNORE, OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER = range(7)
+OP_ACCEPT, OP_TIMER, OP_IGNORE, OP_STATX, OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER = range(8)
 UD_RECV, UD_SEND, UD_SEND_LINKED, UD_LINGER = (op << 32 for op in (
     OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER))
 GEN_MASK = (1 << 24) - 1
@@ -4295,6 +4333,41 @@ MAX_WAITING = 64             # accepted sockets that may wait for a slot
 TLS_RECORD_MAX = 5 + 16384 + 256  # one whole TLS record must fit the read buffer
 CONTENT_TYPE_APPLICATION_DATA = 23
 CONTENT_TYPE_ALERT = 21
+
+
+class AccessLog:
+    """Common Log Format lines, buffered and written once a second or when 64 KiB wait. A write
+    that fails (disk full, a reader gone) drops the waiting lines and counts them; each kind of
+    failure is reported once: the access log never stops the serving."""
+
+    def __init__(self, fd, name, log):
+        self.fd, self.name, self.log = fd, name, log
+        self.lines = []
+        self.size = 0
+        self.dropped = 0         # lines lost to failed writes, for the stats line
+        self.failures = set()    # errno values already reported
+
+    def write(self, peer, request_line, status, body_len):
+        stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
+        line = f'{peer} - - [{stamp}] "{log_escape(request_line)}" {status} {body_len}\n'
+        self.lines.append(line)
+        self.size += len(line)
+        if self.size >= 65536:
+            self.flush()
+
+    def flush(self):
+        data = "".join(self.lines).encode("ascii")  # log_escape left nothing else
+        self.lines.clear()
+        self.size = 0
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as e:
+            self.dropped += data.count(b"\n")
+            if e.errno not in self.failures:
+                self.failures.add(e.errno)
+                self.log.warn(f"access log {self.name}: {e.strerror}; dropping its lines while "
+                              f"that lasts (counted as log_dropped in the stats line)")
 
 
 def bytes_address(data):
@@ -4332,6 +4405,8 @@ class Server:
             self.rbuf_size = max(self.rbuf_size, TLS_RECORD_MAX)
         self._allocate(n)
         self.tar_addr = site.archive.address
+        self.statx_buf = bytearray(STATX_BUF_SIZE)
+        self.statx_busy = False
         self.accept_armed = [False] * len(self.listeners)
         self.waiting = collections.deque()  # accepted while every slot was busy
         self.multishot = True
@@ -4672,7 +4747,13 @@ class Server:
         """Userspace TLS: copy the head and a piece of the body into records we encrypt."""
         body = min(slot.body_end - slot.body_pos, USERTLS_CHUNK)
         h = slot.index * HBUF_SIZE
-        plain = self.hbuf[h:h + head_len] + ctypes.string_at(slot.body_pos, body)
+        offset = slot.body_pos - self.tar_addr
+        # pread, not the mapping: a tar truncated in place makes the mapping's end SIGBUS.
+        data = os.pread(self.site.archive.fd, body, offset)
+        if len(data) < body:
+            self.start_close(slot)  # the tar shrank: the rest of this body is gone
+            return
+        plain = self.hbuf[h:h + head_len] + data
         slot.body_pos += body
         slot.deadline = self.now + self.opts.idle_timeout
         # The last piece of a connection's last response carries our close_notify too (one
@@ -4841,13 +4922,34 @@ class Server:
                 self.start_close(slot)
         if self.access_log:
             self.access_log.flush()
+        self.check_archive()
         self.arm_timer()
+
+    def check_archive(self):
+        """Once a second, statx the tar through the ring (no syscall of our own): a file
+        rewritten in place (`cp new.tar site.tar`) no longer matches the index."""
+        if self.statx_busy or self.site.stale:
+            return
+        self.statx_busy = True
+        self.ring.prep(IORING_OP_STATX, self.site.archive.fd, bytes_address(b""),
+                       STATX_SIZE | STATX_MTIME, buffer_address(self.statx_buf), AT_EMPTY_PATH,
+                       OP_STATX << 32)
+
+    def on_statx(self, res):
+        self.statx_busy = False
+        if res < 0:
+            return  # checked again next second
+        size, sec, nsec = statx_size_mtime.unpack_from(self.statx_buf)
+        archive = self.site.archive
+        if (size, sec * 10**9 + nsec) != archive.identity:
+            self.site.mark_stale()
+            self.log.warn(f"{archive.path} changed on disk while being served (now {size} "
+                          f"bytes, was {archive.identity[0]}): answering 500 from now on; "
+                          f"publish a new tar by renaming it over the old one, then restart")
 
     def log_access(self, slot, request_head, status, body_len):
         line = b"-" if request_head is None else request_head.split(b"\n", 1)[0].rstrip(b"\r")
-        stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime())
-        req = line.decode("latin-1").replace("\\", "\\\\").replace('"', '\\"')
-        self.access_log.write(f'{slot.peer} - - [{stamp}] "{req}" {status} {body_len}\n')
+        self.access_log.write(slot.peer, line, status, body_len)
 
     def run(self):
         for i in range(len(self.listeners)):
@@ -4878,6 +4980,8 @@ class Server:
                     self.on_accept(user_data & 0xFFFFFFFF, res, flags)
                 elif op == OP_TIMER:
                     self.on_timer()
+                elif op == OP_STATX:
+                    self.on_statx(res)
             if self.stop_requested and not self.stopping:
                 self.begin_stop(self.opts.grace)
             if self.stopping and self.drained():
@@ -4914,6 +5018,8 @@ class Server:
                 f"timeouts={self.timeouts} enters={self.ring.enters}")
         if self.tls is not None:
             line += f" handshakes={self.handshakes} tls_failures={self.tls_failures}"
+        if self.access_log:
+            line += f" log_dropped={self.access_log.dropped}"
         return line
 
 
@@ -5096,15 +5202,16 @@ def load_tls_identity(opts):
     return key, chain
 
 
-def open_access_log(name):
+def open_access_log(name, log):
     if name is None:
         return None
     if name == "-":
-        return sys.stdout
+        return AccessLog(sys.stdout.fileno(), "on standard output", log)
     try:
-        return open(name, "a", encoding="utf-8")
+        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise StartupError(f"cannot open access log {name}: {e.strerror}")
+    return AccessLog(fd, name, log)
 
 
 def raise_fd_limit(n, log):
@@ -5131,7 +5238,7 @@ def release_startup_memory():
 def serve(opts, log):
     """Start-up in the order that fails fastest, then run until SIGTERM/SIGINT."""
     identity = load_tls_identity(opts) if opts.tls else None  # key files first, never logged
-    opts.access_log_file = open_access_log(opts.access_log)
+    opts.access_log_file = open_access_log(opts.access_log, log)
     archive = Archive(opts.tar, opts.prefix)
     site = Site(archive, opts.cache_control)
     tls = TLSContext(identity[0], identity[1], opts.ktls, log) if identity else None

@@ -1589,6 +1589,118 @@ class TestHeaders(ServerCase):
         self.assertEqual({p.strip() for p in r.get("Allow").split(",")}, {"GET", "HEAD"})
 
 
+class TestHugeNumbers(ServerCase):
+    """Numbers from the wire longer than CPython's int() digit limit (4300) or any file size."""
+    NINES = "9" * 5000
+
+    def tearDown(self):
+        self.assertEqual(self.srv.count_stderr("internal error"), 0, self.srv.stderr_tail())
+
+    def test_content_length_of_5000_digits_is_400(self):
+        with Conn(self.addr) as c:
+            r = c.request("GET", "/small.txt", [("Content-Length", self.NINES)])
+            self.assertEqual((r.status, r.get("Connection")), (400, "close"), r)
+            self.assertIs(c.wait_closed(3), True)
+
+    def test_range_numbers_of_5000_digits(self):
+        size = len(RANGE_BIN)
+        rows = [("bytes=0-" + self.NINES, 206, "bytes 0-%d/%d" % (size - 1, size), RANGE_BIN),
+                ("bytes=-" + self.NINES, 206, "bytes 0-%d/%d" % (size - 1, size), RANGE_BIN),
+                ("bytes=" + self.NINES + "-", 416, "bytes */%d" % size, None),
+                ("bytes=" + "0" * 3000 + "5-" + "0" * 3000 + "9", 206, "bytes 5-9/%d" % size,
+                 RANGE_BIN[5:10])]
+        for rng, status, crange, body in rows:
+            with self.subTest(range=rng[:20]):
+                r = self.get("/range.bin", [("Range", rng)])
+                self.assertEqual((r.status, r.get("Content-Range")), (status, crange), r)
+                if body is not None:
+                    self.assertEqual(r.body, body)
+
+
+def _dir_members(names):
+    return [(name, "dir", None) for name in names] + [("ok.txt", "file", b"ok\n")]
+
+
+class TestLocationEncoding(unittest.TestCase):
+    """301 redirects for directories whose names carry CR, LF, backslashes and other bytes that
+    must not reach a header raw: Location is percent-encoded (RFC 3986 path characters)."""
+    DIRS = [("crlf\r\nX-Injected: yes", "/crlf%0D%0AX-Injected:%20yes",
+             "/crlf%0D%0AX-Injected:%20yes/"),
+            ("lf\nX-Injected: yes", "/lf%0AX-Injected:%20yes", "/lf%0AX-Injected:%20yes/"),
+            ("\\evil.example", "/%5Cevil.example", "/%5Cevil.example/"),
+            ("sp ace", "/sp%20ace", "/sp%20ace/"),
+            ("100%", "/100%25", "/100%25/"),
+            ("q\"uote<>", "/q%22uote%3C%3E", "/q%22uote%3C%3E/"),
+            ("caf\u00e9", "/caf%C3%A9", "/caf%C3%A9/"),
+            ("a:b@c!$&'()*+,;=", "/a:b@c!$&'()*+,;=", "/a:b@c!$&'()*+,;=/")]
+
+    @classmethod
+    def setUpClass(cls):
+        tar = work_file("location", "site.tar")
+        build_tar(tar, _dir_members([name for name, _, _ in cls.DIRS]))
+        cls.srv = ServerProc(tar)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.srv.stop()
+
+    def test_location_is_percent_encoded(self):
+        for name, target, location in self.DIRS:
+            with self.subTest(name=name):
+                with Conn(self.srv.addr) as c:
+                    c.send(("GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % target).encode())
+                    r = c.read_response()
+                self.assertEqual((r.status, r.get("Location")), (301, location), r)
+                self.assertIsNone(r.get("X-Injected"), r)
+
+    def test_query_is_percent_encoded_too(self):
+        with Conn(self.srv.addr) as c:
+            c.send(b"GET /sp%20ace?a=\"b\"&c=%0D%0A HTTP/1.1\r\nHost: t\r\n\r\n")
+            r = c.read_response()
+        self.assertEqual((r.status, r.get("Location")), (301, "/sp%20ace/?a=%22b%22&c=%0D%0A"), r)
+
+
+class TestAccessLogSafety(ArchiveCase):
+    """Request bytes reach the access log escaped as nginx does (\\xHH); a log that cannot be
+    written costs log lines, never the server."""
+
+    def test_control_bytes_are_escaped(self):
+        log = work_file("accesslog", "escaped.log")
+        with ServerProc(MAIN_TAR, "--access-log", log) as srv:
+            for line in (b"GET /\x1b[31mred\x07 HTTP/1.1", b"GET /a\rforged 200 0 HTTP/1.1",
+                         b"GET /\xff\"q\\ HTTP/1.1"):
+                with Conn(srv.addr) as c:
+                    c.send(line + b"\r\nHost: t\r\n\r\n")
+                    self.assertIsNotNone(c.read_response())
+            with Conn(srv.addr) as c:
+                self.assertEqual(c.request("GET", "/small.txt").status, 200)
+            srv.stop()
+        data = read_bytes(log)
+        lines = data.split(b"\n")
+        self.assertEqual((len(lines), lines[-1]), (5, b""), data)
+        for line in lines[:-1]:
+            self.assertRegex(line.decode("ascii"), CLF_RE)
+            self.assertFalse(any(b < 0x20 or b > 0x7e for b in line), line)
+        self.assertIn(b'"GET /\\x1B[31mred\\x07 HTTP/1.1" 400', data)
+        self.assertIn(b'"GET /a\\x0Dforged 200 0 HTTP/1.1" 400', data)
+        self.assertIn(b'"GET /\\xFF\\x22q\\x5C HTTP/1.1" 400', data)
+
+    def test_disk_full_drops_lines_and_keeps_serving(self):
+        with ServerProc(MAIN_TAR, "--access-log", "/dev/full") as srv:
+            deadline = time.monotonic() + T(2.5)   # the log is flushed once a second
+            n = 0
+            while time.monotonic() < deadline:
+                self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+                n += 1
+                time.sleep(0.02)
+            self.assertIsNone(srv.proc.poll(), "server died: %s" % srv.stderr_tail())
+            st = srv.stats()
+            self.assertGreaterEqual(st.get("log_dropped", 0), 1, st)
+            self.assertEqual(srv.count_stderr("access log"), 1, srv.stderr_tail())
+            self.assertIn("No space left on device", srv.stderr_text())
+            self.assertNotIn("Traceback", srv.stderr_text())
+
+
 class TestCacheControlAndAccessLog(ServerCase):
     ARGS = ("--cache-control", "public, max-age=60", "--access-log", "-")
 
@@ -6502,6 +6614,39 @@ class PlainAndTLSTest(HTTPSServerCase):
             https_conn(self.srv.addr_of('http'), ssl_client_context(self.ca)).close()
         self.assert_healthy()
         self.srv.assert_idle()
+
+
+class TarRewrittenInPlaceTest(unittest.TestCase):
+    """`cp new.tar site.tar` while serving truncates the mapped file: the server survives (no
+    SIGBUS from reading the shrunken mapping in userspace TLS), and once it has noticed (within
+    a second) answers 500 instead of serving bytes of a tar its index does not describe."""
+
+    def test_truncated_while_serving(self):
+        tar = work_file('inplace', 'site.tar')
+        big = os.urandom(2 << 20)
+        build_tar(tar, [('a.txt', 'file', b'first\n'), ('z.bin', 'file', big)])
+        small = work_file('inplace', 'small.tar')
+        build_tar(small, [('a.txt', 'file', b'new\n')])
+        ca = https_cert().ca
+        with ServerProc(tar, *https_args('p256', '--tls-listen', '127.0.0.1:0')) as srv:
+            plain, tls = srv.addr_of('http'), srv.addr_of('https')
+            self.assertEqual(get1(plain, '/z.bin').body, big)
+            self.assertEqual(https_get(tls, '/z.bin', ca)[2], big)
+            with open(tar, 'wb') as f:   # what cp does: truncate, then write
+                f.write(read_bytes(small))
+            # Before the server can have noticed: a response may be cut short, nothing more.
+            for fetch in (lambda: https_get(tls, '/z.bin', ca), lambda: get1(plain, '/z.bin')):
+                try:
+                    fetch()
+                except (OSError, AssertionError, http.client.HTTPException):
+                    pass
+            self.assertIsNone(srv.proc.poll(), 'server died: %s' % srv.stderr_tail())
+            time.sleep(T(1.5))
+            for path in ('/z.bin', '/a.txt'):
+                self.assertEqual(get1(plain, path).status, 500, path)
+                self.assertEqual(https_get(tls, path, ca)[0], 500, path)
+            self.assertEqual(srv.count_stderr('changed on disk'), 1, srv.stderr_tail())
+            srv.assert_idle()
 
 
 class StartupErrorTest(StartupErrorChecks, unittest.TestCase):
