@@ -582,6 +582,7 @@ REQUEST_HEAD = re.compile(REQUEST_LINE + rb"(" + FIELD_BLOCK + rb")")
 FIELD_PAIRS = re.compile(rb"(" + TOKEN + rb"):[ \t]*([^\r\n]*)\r?\n")  # on a checked block
 PERCENT_OK = re.compile(rb"(?:[^%]|%[0-9A-Fa-f]{2})*")
 WIRE_NUMBER_MAX = 10 ** 18  # larger than any file; a bigger number from the wire counts as this
+HEADER_VALUE = re.compile(r"[\x20-\x7e]*")  # what this server writes into a header line
 PATH_SAFE = "/:@!$&'()*+,;="  # RFC 3986 pchar beyond the unreserved ones, and '/'
 STRAY_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 BYTE_RANGE = re.compile(rb"bytes=[ \t]*(\d*)-(\d*)[ \t]*")
@@ -4988,7 +4989,7 @@ class Server:
                 return
 
     def begin_stop(self, grace):
-        """SIGTERM/SIGINT: stop accepting, close idle connections, let the rest finish."""
+        """SIGTERM/SIGINT/SIGHUP: stop accepting, close idle connections, let the rest finish."""
         self.pause_accepts()
         self.stopping = True
         self.site.draining = True
@@ -4997,18 +4998,25 @@ class Server:
             self.ring.prep(IORING_OP_CLOSE, self.waiting.popleft()[0], 0, 0, 0, 0,
                            OP_IGNORE << 32, IOSQE_CQE_SKIP_SUCCESS)
         for slot in self.slots:
-            if slot.fd >= 0 and not slot.closing and slot.recv_busy and slot.mode != HANDSHAKE \
-                    and not slot.lingering and slot.rlen == 0:
+            if slot.fd < 0 or slot.closing or slot.lingering:
+                continue
+            slot.keep_alive = False  # a response under way ends the connection when done
+            if slot.recv_busy and slot.mode != HANDSHAKE and slot.rlen == 0:
                 # Waiting for a request (perhaps behind a linked send still under way): shut
                 # the read side, so the recv ends with 0 once any response is out, and closes.
                 self.ring.prep(IORING_OP_SHUTDOWN, slot.fd, 0, SHUT_RD, 0, 0, OP_IGNORE << 32,
                                IOSQE_CQE_SKIP_SUCCESS)
 
     def drained(self):
-        if self.active == 0:
+        """Stopping waits for requests and responses in flight, not for connections that are
+        only closing: a lingering one has handed its last bytes to the kernel, which still
+        delivers them after we exit."""
+        busy = sum(1 for s in self.slots if s.fd >= 0 and not s.closing and not s.lingering)
+        if busy == 0:
             return True
         if time.monotonic() > self.stop_deadline:
-            self.log.warn(f"grace period over, dropping {self.active} connection(s)")
+            self.log.warn(f"grace period over, dropping {busy} connection(s) with a request or "
+                          f"response in flight")
             return True
         return False
 
@@ -5159,6 +5167,9 @@ def parse_args(argv):
         p.error("--tls-cert and --tls-key go together")
     if opts.tls_self_signed and opts.tls_cert:
         p.error("--tls-self-signed replaces --tls-cert/--tls-key: give one or the other")
+    if opts.cache_control is not None and not HEADER_VALUE.fullmatch(opts.cache_control):
+        p.error("--cache-control: give visible ASCII characters and spaces only (it becomes a "
+                "header line)")
     opts.tls = bool(opts.tls_cert or opts.tls_self_signed)
     if opts.tls_listen and not opts.tls:
         p.error("--tls-listen needs --tls-cert and --tls-key (or --tls-self-signed)")
@@ -5250,6 +5261,7 @@ def serve(opts, log):
     # They are in place before the URL line, which tells the world the server is up.
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    signal.signal(signal.SIGHUP, lambda *_: stop.append(1))  # no reload yet: drain and exit
     signal.signal(signal.SIGUSR1, lambda *_: print("tarweb.py: " + server.stats_line(),
                                                    file=sys.stderr, flush=True))
     release_startup_memory()

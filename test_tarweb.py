@@ -1621,9 +1621,10 @@ def _dir_members(names):
     return [(name, "dir", None) for name in names] + [("ok.txt", "file", b"ok\n")]
 
 
-class TestLocationEncoding(unittest.TestCase):
-    """301 redirects for directories whose names carry CR, LF, backslashes and other bytes that
-    must not reach a header raw: Location is percent-encoded (RFC 3986 path characters)."""
+class TestHeaderInjection(unittest.TestCase):
+    """No archive or request bytes reach a response header raw (options: TestOptionInjection).
+    301 redirects for directories whose names carry CR, LF, backslashes and other bytes:
+    Location is percent-encoded (RFC 3986 path characters)."""
     DIRS = [("crlf\r\nX-Injected: yes", "/crlf%0D%0AX-Injected:%20yes",
              "/crlf%0D%0AX-Injected:%20yes/"),
             ("lf\nX-Injected: yes", "/lf%0AX-Injected:%20yes", "/lf%0AX-Injected:%20yes/"),
@@ -1982,6 +1983,57 @@ class TestSignals(ArchiveCase):
             c.close()
             self.assertEqual(srv.proc.wait(timeout=8), 0)
 
+    def _slow_download_then_signal(self, srv, sig):
+        """Start reading big.bin slowly, send sig after 1 MiB; return (seconds from the body's
+        end until the server closed the connection, until the server exited)."""
+        c = Conn(srv.addr, timeout=T(30))
+        c.send(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        state = {"n": 0}
+
+        def sink(piece):
+            state["n"] += len(piece)
+            if "sent" not in state and state["n"] >= (1 << 20):
+                state["sent"] = True
+                srv.proc.send_signal(sig)
+            time.sleep(0.0005)  # slow enough that the signal lands mid-body
+        r = c.read_response(sink=sink)
+        done = time.monotonic()
+        self.assertEqual((r.status, state["n"]), (200, BIG_SIZE))
+        self.assertIs(c.wait_closed(T(3)), True, "connection kept open after its last response")
+        closed = time.monotonic() - done
+        c.close()
+        self.assertEqual(srv.proc.wait(timeout=T(8)), 0)
+        return closed, time.monotonic() - done
+
+    def test_response_completing_during_shutdown_closes_and_exit_follows(self):
+        """A body in flight at SIGTERM is finished; then the connection is closed (not kept
+        alive) and the server exits at once, without waiting out the grace period."""
+        with ServerProc(MAIN_TAR, "--grace", "10") as srv:
+            closed, exited = self._slow_download_then_signal(srv, signal.SIGTERM)
+            self.assertLess(closed, T(1), "connection kept alive after its response")
+            self.assertLess(exited, T(1.5), "waited for a connection whose response was done")
+            self.assertEqual(srv.count_stderr("dropping"), 0, srv.stderr_tail())
+
+    def test_lingering_connection_does_not_hold_up_exit(self):
+        """A connection whose response (Connection: close) is complete but whose client keeps
+        the socket open does not delay the exit."""
+        with ServerProc(MAIN_TAR, "--grace", "10") as srv:
+            c = Conn(srv.addr)
+            r = c.request("GET", "/small.txt", [("Connection", "close")])
+            self.assertEqual((r.status, r.get("Connection")), (200, "close"))
+            t0 = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            self.assertEqual(srv.proc.wait(timeout=T(8)), 0)
+            self.assertLess(time.monotonic() - t0, T(1))
+            self.assertEqual(srv.count_stderr("dropping"), 0, srv.stderr_tail())
+            c.close()
+
+    def test_sighup_drains_like_sigterm(self):
+        """SIGHUP (until it means reload) stops the server gracefully: no download is cut."""
+        with ServerProc(MAIN_TAR, "--grace", "10") as srv:
+            closed, exited = self._slow_download_then_signal(srv, signal.SIGHUP)
+            self.assertLess(exited, T(1.5))
+
     def test_sigint_exits_zero(self):
         with ServerProc(MAIN_TAR) as srv:
             self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
@@ -2042,6 +2094,18 @@ class StartupErrorChecks:
         self.assertEqual(len(lines), 1, err)
         self.assertTrue(lines[0].startswith("tarweb.py: error: "), err)
         return lines[0]
+
+
+class TestOptionInjection(StartupErrorChecks, unittest.TestCase):
+    """Options that become header lines are refused when they hold anything but visible ASCII
+    and spaces."""
+
+    def test_cache_control_with_control_bytes_is_refused(self):
+        for value in ("max-age=60\r\nX-Injected: yes", "a\nb", "a\x7fb", "caf\u00e9"):
+            with self.subTest(value=value):
+                line = self.assertStartupError(self.run_server("--cache-control", value, "x.tar"),
+                                               code=2)
+                self.assertIn("--cache-control", line)
 
 
 class TestStartupErrors(StartupErrorChecks, ArchiveCase):
