@@ -4801,7 +4801,7 @@ class Server:
         out = hs.receive(data)
         if hs.failed:
             self.tls_failures += 1
-            self.log.info(f"TLS handshake failed: {hs.error}")
+            self.log.info(f"TLS handshake failed: {log_escape(hs.error)}")
             if out:
                 self.send_fatal_alert(slot, out)
             else:
