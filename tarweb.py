@@ -615,8 +615,9 @@ REQUEST_HEAD = re.compile(REQUEST_LINE + rb"(" + FIELD_BLOCK + rb")")
 FIELD_PAIRS = re.compile(rb"(" + TOKEN + rb"):[ \t]*([^\r\n]*)\r?\n")  # on a checked block
 PERCENT_OK = re.compile(rb"(?:[^%]|%[0-9A-Fa-f]{2})*")
 BYTE_RANGE = re.compile(rb"bytes=[ \t]*(\d*)-(\d*)[ \t]*")
-TEXT_TYPES = ("application/javascript", "application/json", "application/xml", "image/svg+xml",
-              "application/manifest+json")
+TEXT_TYPES = ("application/json", "application/xml", "image/svg+xml", "application/manifest+json",
+              "application/ld+json", "application/xhtml+xml", "application/rss+xml",
+              "application/atom+xml")
 REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304: "Not Modified",
            400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            414: "URI Too Long", 416: "Range Not Satisfiable",
@@ -627,18 +628,57 @@ INTERESTING = frozenset((b"host", b"connection", b"content-length", b"transfer-e
                          b"accept-encoding"))
 SINGLETONS = frozenset((b"host", b"content-length", b"transfer-encoding"))
 
-_mime = mimetypes.MimeTypes()  # built-in table only: the same answer on every host
+# The web's types by lower-case extension (IANA registrations; WHATWG's where browsers differ,
+# as image/x-icon and text/javascript): the same answer on every host and Python version.
+WEB_TYPES = {
+    b"html": "text/html", b"htm": "text/html", b"css": "text/css", b"js": "text/javascript",
+    b"mjs": "text/javascript", b"cjs": "text/javascript", b"json": "application/json",
+    b"map": "application/json", b"jsonld": "application/ld+json",
+    b"webmanifest": "application/manifest+json", b"manifest": "application/manifest+json",
+    b"xml": "application/xml", b"xsl": "application/xml", b"xhtml": "application/xhtml+xml",
+    b"rss": "application/rss+xml", b"atom": "application/atom+xml", b"txt": "text/plain",
+    b"md": "text/markdown", b"markdown": "text/markdown", b"csv": "text/csv",
+    b"tsv": "text/tab-separated-values", b"vtt": "text/vtt", b"ics": "text/calendar",
+    b"wgsl": "text/wgsl", b"svg": "image/svg+xml", b"png": "image/png", b"jpg": "image/jpeg",
+    b"jpeg": "image/jpeg", b"gif": "image/gif", b"webp": "image/webp", b"avif": "image/avif",
+    b"apng": "image/apng", b"jxl": "image/jxl", b"ico": "image/x-icon", b"bmp": "image/bmp",
+    b"tif": "image/tiff", b"tiff": "image/tiff", b"heic": "image/heic", b"woff": "font/woff",
+    b"woff2": "font/woff2", b"ttf": "font/ttf", b"otf": "font/otf",
+    b"eot": "application/vnd.ms-fontobject", b"mp4": "video/mp4", b"m4v": "video/mp4",
+    b"webm": "video/webm", b"ogv": "video/ogg", b"mov": "video/quicktime", b"ogg": "audio/ogg",
+    b"oga": "audio/ogg", b"opus": "audio/ogg", b"mp3": "audio/mpeg", b"wav": "audio/wav",
+    b"flac": "audio/flac", b"m4a": "audio/mp4", b"aac": "audio/aac", b"weba": "audio/webm",
+    b"mid": "audio/midi", b"midi": "audio/midi", b"m3u8": "application/vnd.apple.mpegurl",
+    b"mpd": "application/dash+xml", b"wasm": "application/wasm", b"pdf": "application/pdf",
+    b"epub": "application/epub+zip", b"zip": "application/zip", b"gz": "application/gzip",
+    b"tgz": "application/gzip", b"zst": "application/zstd", b"tar": "application/x-tar",
+    b"bz2": "application/x-bzip2", b"xz": "application/x-xz",
+    b"7z": "application/x-7z-compressed",
+}
+_mime = mimetypes.MimeTypes()  # built-in table only (never the host's files), for the rest
+
+
+def _with_charset(ctype):
+    return ctype + "; charset=utf-8" if ctype.startswith("text/") or ctype in TEXT_TYPES else ctype
+
+
+_WEB_CTYPES = {ext: _with_charset(t) for ext, t in WEB_TYPES.items()}  # shared by every Entry
 
 
 def content_type(name):
+    """The Content-Type of a member name (bytes): WEB_TYPES by its extension, else Python's
+    built-in table; a compressed file with no type of its own is application/octet-stream."""
+    _, dot, ext = name.rpartition(b"/")[2].rpartition(b".")
+    return (_WEB_CTYPES.get(ext.lower()) if dot else None) or _builtin_type(name)
+
+
+def _builtin_type(name):
     ctype, encoding = _mime.guess_type(name.decode("utf-8", "replace"))
     if encoding == "gzip":
-        return "application/gzip"
+        return "application/gzip"  # .svgz
     if ctype is None or encoding is not None:
         return "application/octet-stream"
-    if ctype.startswith("text/") or ctype in TEXT_TYPES:
-        return ctype + "; charset=utf-8"
-    return ctype
+    return _with_charset(ctype)
 
 
 def http_date(t):

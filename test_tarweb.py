@@ -2240,6 +2240,88 @@ add_row_tests(TestHostileArchive, "error_", BAD_STRUCTURE,
               doc=lambda row: "%s: one-line start-up error" % row[0])
 
 
+# ---------------------------------------------------------------------------------------------
+# Content types: tarweb.py's own table, the same on every host and interpreter
+# ---------------------------------------------------------------------------------------------
+
+U8 = "; charset=utf-8"
+# (extension, Content-Type) for every entry of tarweb.WEB_TYPES
+WEB_TYPE_ROWS = [
+    ("html", "text/html" + U8), ("htm", "text/html" + U8), ("css", "text/css" + U8),
+    ("js", "text/javascript" + U8), ("mjs", "text/javascript" + U8),
+    ("cjs", "text/javascript" + U8), ("json", "application/json" + U8),
+    ("map", "application/json" + U8), ("jsonld", "application/ld+json" + U8),
+    ("webmanifest", "application/manifest+json" + U8),
+    ("manifest", "application/manifest+json" + U8), ("xml", "application/xml" + U8),
+    ("xsl", "application/xml" + U8), ("xhtml", "application/xhtml+xml" + U8),
+    ("rss", "application/rss+xml" + U8), ("atom", "application/atom+xml" + U8),
+    ("txt", "text/plain" + U8), ("md", "text/markdown" + U8), ("markdown", "text/markdown" + U8),
+    ("csv", "text/csv" + U8), ("tsv", "text/tab-separated-values" + U8),
+    ("vtt", "text/vtt" + U8), ("ics", "text/calendar" + U8), ("svg", "image/svg+xml" + U8),
+    ("png", "image/png"), ("jpg", "image/jpeg"), ("jpeg", "image/jpeg"), ("gif", "image/gif"),
+    ("webp", "image/webp"), ("avif", "image/avif"), ("apng", "image/apng"), ("jxl", "image/jxl"),
+    ("ico", "image/x-icon"), ("bmp", "image/bmp"), ("tif", "image/tiff"), ("tiff", "image/tiff"),
+    ("heic", "image/heic"), ("woff", "font/woff"), ("woff2", "font/woff2"), ("ttf", "font/ttf"),
+    ("otf", "font/otf"), ("eot", "application/vnd.ms-fontobject"), ("mp4", "video/mp4"),
+    ("m4v", "video/mp4"), ("webm", "video/webm"), ("ogv", "video/ogg"), ("mov", "video/quicktime"),
+    ("ogg", "audio/ogg"), ("oga", "audio/ogg"), ("opus", "audio/ogg"), ("mp3", "audio/mpeg"),
+    ("wav", "audio/wav"), ("flac", "audio/flac"), ("m4a", "audio/mp4"), ("aac", "audio/aac"),
+    ("weba", "audio/webm"), ("mid", "audio/midi"), ("midi", "audio/midi"),
+    ("m3u8", "application/vnd.apple.mpegurl"), ("mpd", "application/dash+xml"),
+    ("wasm", "application/wasm"), ("pdf", "application/pdf"), ("epub", "application/epub+zip"),
+    ("zip", "application/zip"), ("gz", "application/gzip"), ("tgz", "application/gzip"),
+    ("zst", "application/zstd"), ("tar", "application/x-tar"), ("bz2", "application/x-bzip2"),
+    ("xz", "application/x-xz"), ("7z", "application/x-7z-compressed"),
+    ("wgsl", "text/wgsl" + U8),
+]
+# Names outside the table: Python's built-in table, or octet-stream; never the host's files
+OTHER_TYPE_ROWS = [
+    ("unknown_extension", b"/blob.qqzz", "application/octet-stream"),
+    ("no_extension", b"/README", "application/octet-stream"),
+    ("dot_file", b"/.htaccess", "application/octet-stream"),
+    ("upper_case", b"/PHOTO.JPG", "image/jpeg"),
+    ("tar_gz", b"/site.tar.gz", "application/gzip"),
+    ("brotli_alone", b"/app.js.br", "application/octet-stream"),
+    ("dot_in_directory", b"/v1.2/notes", "application/octet-stream"),
+    ("builtin_fallback_doc", b"/report.doc", "application/msword"),
+    ("builtin_fallback_text", b"/run.py", "text/x-python; charset=utf-8"),
+    ("builtin_fallback_compress", b"/old.Z", "application/octet-stream"),
+]
+
+
+class TestContentTypes(unittest.TestCase):
+    """tarweb.content_type directly (one test per table entry), then once through a server."""
+
+    def test_every_table_entry_has_a_row(self):
+        self.assertEqual(sorted(tarweb.WEB_TYPES), sorted(ext.encode() for ext, _ in WEB_TYPE_ROWS))
+
+    def run_ext(self, ext, want):
+        for name in ("/file." + ext, "/dir.d/FILE." + ext.upper()):
+            self.assertEqual(tarweb.content_type(name.encode()), want, name)
+
+    def test_end_to_end(self):
+        """Every table entry through the server: the head a browser sees, variants included."""
+        members = [("f." + ext, "file", b"x") for ext, _ in WEB_TYPE_ROWS]
+        members += [("page.webp", "file", b"RIFF" * 100), ("page.webp.gz", "file", b"\x1f\x8b")]
+        path = work_file("content-types", "types.tar")
+        build_tar(path, members)
+        with ServerProc(path) as srv, Conn(srv.addr) as c:
+            for ext, want in WEB_TYPE_ROWS:
+                self.assertEqual(c.request("HEAD", "/f." + ext).get("Content-Type"), want, ext)
+            r = c.request("GET", "/page.webp", [("Accept-Encoding", "gzip")])
+            self.assertEqual((r.get("Content-Encoding"), r.get("Content-Type")),
+                             ("gzip", "image/webp"))
+            r = c.request("GET", "/page.webp.gz")
+            self.assertEqual((r.get("Content-Encoding"), r.get("Content-Type")),
+                             (None, "application/gzip"))
+
+
+add_row_tests(TestContentTypes, "ext_", WEB_TYPE_ROWS, lambda self, row: self.run_ext(*row),
+              doc=lambda row: ".%s -> %s" % row)
+add_row_tests(TestContentTypes, "other_", OTHER_TYPE_ROWS,
+              lambda self, row: self.assertEqual(tarweb.content_type(row[1]), row[2]))
+
+
 def _deny_io_uring_setup(err):
     """A preexec_fn that installs a seccomp filter making io_uring_setup fail with errno err in
     the child only, the way a container runtime's profile (EPERM) or an old kernel (ENOSYS)
