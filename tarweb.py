@@ -505,14 +505,14 @@ class Archive:
                 self.files[name] = Entry(name, t.offset, t.size, t.mtime)
 
     def _check_member(self, path, m, next_header):
-        """Before tarfile moves on to next_header: a negative size would move it backwards."""
+        """Before tarfile moves on to next_header: a negative size would move it backwards,
+        and a member's data (with its padding) must end inside the file."""
         if m.size < 0:
             raise StartupError(f"{path}: '{_shown(m.name)}' has a negative size "
                                f"({m.size}); re-create the tar")
-        end = m.offset_data + m.size if m.isreg() and not m.issparse() else next_header
-        if end > self.size:
+        if next_header > self.size:
             raise StartupError(f"{path}: truncated: '{_shown(m.name)}' ends at byte "
-                               f"{end} but the file has {self.size}")
+                               f"{next_header} but the file has {self.size}")
 
     @staticmethod
     def _check_end(path, end, tail):

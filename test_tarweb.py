@@ -2077,6 +2077,8 @@ BAD_STRUCTURE = [
         OK_MEMBER, ("neg.txt", b"", None, {"size": "-1024"})]), ("neg.txt", "negative size")),
     ("gnu_base256_size_minus_100", lambda: raw_header("ok.txt", tarfile.REGTYPE, 0)
         + raw_header("neg.txt", tarfile.REGTYPE, -100) + bytes(1024), ("neg.txt", "negative size")),
+    ("cut_in_padding", lambda: (raw_header("a.txt", tarfile.REGTYPE, 100) + b"a" * 100),
+     ("a.txt", "truncated")),
     ("gnu_longname_1tib", lambda: raw_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, TIB)
         + b"n" * 512 + raw_header("x.txt", tarfile.REGTYPE, 0) + bytes(1024)),
     ("gnu_longlink_1tib", lambda: raw_header("././@LongLink", tarfile.GNUTYPE_LONGLINK, TIB)
