@@ -23,6 +23,7 @@ Contents, in layers (a lower layer never calls a higher one):
 import argparse
 import base64
 import binascii
+import bisect
 import collections
 import ctypes
 import email.utils
@@ -432,6 +433,10 @@ class IoUring:
 COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
                     (b"\x28\xb5\x2f\xfd", "zstd"))
 VARIANT_SUFFIXES = ((".br", "br"), (".zst", "zstd"), (".gz", "gzip"))
+# The mtimes a Last-Modified can carry: an HTTP-date's year has four digits, and Python's
+# datetime (email.utils.formatdate) stops at year 1.
+FIRST_MTIME, LAST_MTIME = -62135596800, 253402300799  # 0001-01-01, 9999-12-31T23:59:59 UTC
+MAX_URL_PATH = 8192  # no request line (layer 4's MAX_REQUEST_LINE) can name a longer path
 
 
 class Entry:
@@ -446,15 +451,27 @@ class Entry:
 
 
 class Archive:
-    """Index of a tar file mmap'd read-only: URL path (bytes) -> Entry, plus directories."""
+    """Index of a tar file mmap'd read-only: URL path (bytes) -> Entry, plus directories.
 
-    def __init__(self, path, prefix=""):
+    What a tar may hold, for hosts that pack user-supplied content: damage to the archive's
+    structure (an unreadable or cut-off header, a negative size, data past the end of the file)
+    stops start-up with one line, because nothing after it can be located with confidence; an
+    intact member that cannot be served (sparse, an mtime no HTTP-date can carry, a name longer
+    than a request line) is skipped, with one warning line per kind of problem. Memory and time
+    are linear in the tar's size."""
+
+    def __init__(self, path, prefix, log):
         self.path = path
         self.files = {}          # '/a/b.html' (UTF-8 bytes) -> Entry
-        self.dirs = set()        # '/a', '/a/b' (UTF-8 bytes, no trailing slash)
+        self.dirs = set()        # directory members: '/a', '/a/b' (UTF-8 bytes, no trailing slash)
+        self.skipped = {}        # why -> [how many, first member name]
         self.size = self._check_file(path)
-        members = self._read_members(path)
-        self._index(members, prefix.lstrip("/"))
+        self._read_members(path, _path_parts(prefix))
+        self.names = sorted(self.files)  # every file's parents are directories too: see is_dir
+        self._attach_variants()
+        for why, (count, first) in self.skipped.items():
+            more = f" and {count - 1} more" if count > 1 else ""
+            log.warn(f"{path}: skipped '{_shown(first)}'{more}: {why}")
         self.address = self._map(path)
 
     @staticmethod
@@ -475,52 +492,64 @@ class Archive:
             raise StartupError(f"{path}: not a tar file (only {size} bytes)")
         return size
 
-    def _read_members(self, path):
+    def _read_members(self, path, prefix):
+        """Index member by member. tarfile reads from an mmap, so a header that claims a
+        terabyte of data yields at most the rest of the file instead of a MemoryError."""
+        links = []
         try:
-            with tarfile.open(path, mode="r:") as tf:
-                members = tf.getmembers()
-                end = tf.offset  # where the header after the last member starts
-        except (tarfile.TarError, EOFError, OSError, UnicodeError) as e:
-            raise StartupError(f"{path}: not a readable tar file ({e})")
-        self._check_end(path, end)
-        for m in members:
-            if m.isreg() and m.offset_data + m.size > self.size:
-                raise StartupError(f"{path}: truncated: '{m.name}' ends at byte "
-                                   f"{m.offset_data + m.size} but the file has {self.size}")
-        return members
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+                with tarfile.open(fileobj=mm, mode="r:") as tf:
+                    for m in iter(tf.next, None):
+                        tf.members.clear()  # tarfile would keep every TarInfo: 100k are 50 MiB
+                        self._check_member(path, m, tf.offset)
+                        self._add(m, prefix, links)
+                    end = tf.offset  # where the header after the last member starts
+                self._check_end(path, end, mm[end:end + 512])
+        except (tarfile.TarError, EOFError, OSError, ValueError, OverflowError, MemoryError) as e:
+            raise StartupError(f"{path}: not a readable tar file ({e or type(e).__name__})")
+        for name, target in links:  # a hard link serves its target's bytes
+            t = self.files.get(target)
+            if t is not None:
+                self.files[name] = Entry(name, t.offset, t.size, t.mtime)
 
-    def _check_end(self, path, end):
+    def _check_member(self, path, m, next_header):
+        """Before tarfile moves on to next_header: a negative size would move it backwards,
+        and a member's data (with its padding) must end inside the file."""
+        if m.size < 0:
+            raise StartupError(f"{path}: '{_shown(m.name)}' has a negative size "
+                               f"({m.size}); re-create the tar")
+        if next_header > self.size:
+            raise StartupError(f"{path}: truncated: '{_shown(m.name)}' ends at byte "
+                               f"{next_header} but the file has {self.size}")
+
+    @staticmethod
+    def _check_end(path, end, tail):
         """tarfile stops quietly at a cut-off header: after the last member there must be
         nothing, or the end-of-archive zero blocks."""
-        with open(path, "rb") as f:
-            f.seek(end)
-            tail = f.read(512)
         if tail and (len(tail) < 512 or tail.count(0) != 512):
             raise StartupError(f"{path}: truncated or corrupt after byte {end} (a damaged "
                                f"header); re-create the tar")
 
-    def _index(self, members, prefix):
-        links = []
-        for m in members:
-            name = _member_name(m.name, prefix)
-            if name is None:
-                continue
-            if m.isreg() and not m.issparse():
-                self.files[name] = Entry(name, m.offset_data, m.size, int(m.mtime))
-            elif m.islnk():
-                links.append((name, _member_name(m.linkname, prefix)))
-            elif m.isdir() and name != b"/":
-                self.dirs.add(name.rstrip(b"/"))
-        for name, target in links:  # a hard link serves its target's bytes
-            if target in self.files:
-                t = self.files[target]
-                self.files[name] = Entry(name, t.offset, t.size, t.mtime)
-        for name in self.files:
-            parent = name.rsplit(b"/", 1)[0]
-            while parent and parent not in self.dirs:
-                self.dirs.add(parent)
-                parent = parent.rsplit(b"/", 1)[0]
-        self._attach_variants()
+    def _add(self, m, prefix, links):
+        name = _member_name(m.name, prefix)
+        if name is None:
+            return
+        if len(name) > MAX_URL_PATH:
+            self._skip(name, m, f"names longer than {MAX_URL_PATH} bytes cannot be requested")
+        elif m.isreg() and m.issparse():
+            self._skip(name, m, "sparse members (holes are not stored in the tar) are not served")
+        elif m.isreg() and not FIRST_MTIME <= m.mtime <= LAST_MTIME:
+            self._skip(name, m, "an mtime outside the years 1-9999 cannot be a Last-Modified")
+        elif m.isreg():
+            self.files[name] = Entry(name, m.offset_data, m.size, int(m.mtime))
+        elif m.islnk():
+            links.append((name, _member_name(m.linkname, prefix)))
+        elif m.isdir() and name != b"/":
+            self.dirs.add(name)
+
+    def _skip(self, name, m, why):
+        self.files.pop(name, None)  # a later member replaces an earlier one, even when skipped
+        self.skipped.setdefault(why, [0, m.name])[0] += 1
 
     def _attach_variants(self):
         for name, entry in self.files.items():
@@ -549,20 +578,33 @@ class Archive:
             return self.files.get(path + b"index.html")
         return self.files.get(path)
 
+    def is_dir(self, path):
+        """Is path (no trailing slash) a directory member, or a parent of some file? Bisecting
+        the sorted names keeps memory linear: a set of every parent of a deep name is not."""
+        if path in self.dirs:
+            return True
+        under = path + b"/"
+        i = bisect.bisect_left(self.names, under)
+        return i < len(self.names) and self.names[i].startswith(under)
+
+
+def _shown(name):
+    """A member name for a log line: escaped, and cut short (names can be megabytes long)."""
+    return log_escape(name[:200]) + ("..." if len(name) > 200 else "")
+
+
+def _path_parts(name):
+    """'./site//a/./b' -> ['site', 'a', 'b']: the components a tar reader extracts."""
+    return [p for p in name.split("/") if p not in ("", ".")]
+
 
 def _member_name(name, prefix):
-    """'./site/a b.html' -> b'/a b.html' after stripping prefix; None if outside prefix."""
-    name = name.lstrip("/")
-    while name.startswith("./"):
-        name = name[2:]
-    if prefix:
-        if not name.startswith(prefix):
-            return None
-        name = name[len(prefix):]
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
+    """'./site/a b.html' -> b'/a b.html' for the prefix ['site']; None outside the prefix, which
+    matches whole components (not 'site-private/' nor 'sitemap.xml'), or for a '..' component."""
+    parts = _path_parts(name)
+    if parts[:len(prefix)] != prefix or ".." in parts:
         return None
-    return ("/" + "/".join(parts)).encode("utf-8", "surrogateescape")
+    return ("/" + "/".join(parts[len(prefix):])).encode("utf-8", "surrogateescape")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,8 +628,9 @@ HEADER_VALUE = re.compile(r"[\x20-\x7e]*")  # what this server writes into a hea
 PATH_SAFE = "/:@!$&'()*+,;="  # RFC 3986 pchar beyond the unreserved ones, and '/'
 STRAY_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 BYTE_RANGE = re.compile(rb"bytes=[ \t]*(\d*)-(\d*)[ \t]*")
-TEXT_TYPES = ("application/javascript", "application/json", "application/xml", "image/svg+xml",
-              "application/manifest+json")
+TEXT_TYPES = ("application/json", "application/xml", "image/svg+xml", "application/manifest+json",
+              "application/ld+json", "application/xhtml+xml", "application/rss+xml",
+              "application/atom+xml")
 REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304: "Not Modified",
            400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            414: "URI Too Long", 416: "Range Not Satisfiable",
@@ -599,18 +642,57 @@ INTERESTING = frozenset((b"host", b"connection", b"content-length", b"transfer-e
                          b"accept-encoding"))
 SINGLETONS = frozenset((b"host", b"content-length", b"transfer-encoding"))
 
-_mime = mimetypes.MimeTypes()  # built-in table only: the same answer on every host
+# The web's types by lower-case extension (IANA registrations; WHATWG's where browsers differ,
+# as image/x-icon and text/javascript): the same answer on every host and Python version.
+WEB_TYPES = {
+    b"html": "text/html", b"htm": "text/html", b"css": "text/css", b"js": "text/javascript",
+    b"mjs": "text/javascript", b"cjs": "text/javascript", b"json": "application/json",
+    b"map": "application/json", b"jsonld": "application/ld+json",
+    b"webmanifest": "application/manifest+json", b"manifest": "application/manifest+json",
+    b"xml": "application/xml", b"xsl": "application/xml", b"xhtml": "application/xhtml+xml",
+    b"rss": "application/rss+xml", b"atom": "application/atom+xml", b"txt": "text/plain",
+    b"md": "text/markdown", b"markdown": "text/markdown", b"csv": "text/csv",
+    b"tsv": "text/tab-separated-values", b"vtt": "text/vtt", b"ics": "text/calendar",
+    b"wgsl": "text/wgsl", b"svg": "image/svg+xml", b"png": "image/png", b"jpg": "image/jpeg",
+    b"jpeg": "image/jpeg", b"gif": "image/gif", b"webp": "image/webp", b"avif": "image/avif",
+    b"apng": "image/apng", b"jxl": "image/jxl", b"ico": "image/x-icon", b"bmp": "image/bmp",
+    b"tif": "image/tiff", b"tiff": "image/tiff", b"heic": "image/heic", b"woff": "font/woff",
+    b"woff2": "font/woff2", b"ttf": "font/ttf", b"otf": "font/otf",
+    b"eot": "application/vnd.ms-fontobject", b"mp4": "video/mp4", b"m4v": "video/mp4",
+    b"webm": "video/webm", b"ogv": "video/ogg", b"mov": "video/quicktime", b"ogg": "audio/ogg",
+    b"oga": "audio/ogg", b"opus": "audio/ogg", b"mp3": "audio/mpeg", b"wav": "audio/wav",
+    b"flac": "audio/flac", b"m4a": "audio/mp4", b"aac": "audio/aac", b"weba": "audio/webm",
+    b"mid": "audio/midi", b"midi": "audio/midi", b"m3u8": "application/vnd.apple.mpegurl",
+    b"mpd": "application/dash+xml", b"wasm": "application/wasm", b"pdf": "application/pdf",
+    b"epub": "application/epub+zip", b"zip": "application/zip", b"gz": "application/gzip",
+    b"tgz": "application/gzip", b"zst": "application/zstd", b"tar": "application/x-tar",
+    b"bz2": "application/x-bzip2", b"xz": "application/x-xz",
+    b"7z": "application/x-7z-compressed",
+}
+_mime = mimetypes.MimeTypes()  # built-in table only (never the host's files), for the rest
+
+
+def _with_charset(ctype):
+    return ctype + "; charset=utf-8" if ctype.startswith("text/") or ctype in TEXT_TYPES else ctype
+
+
+_WEB_CTYPES = {ext: _with_charset(t) for ext, t in WEB_TYPES.items()}  # shared by every Entry
 
 
 def content_type(name):
+    """The Content-Type of a member name (bytes): WEB_TYPES by its extension, else Python's
+    built-in table; a compressed file with no type of its own is application/octet-stream."""
+    _, dot, ext = name.rpartition(b"/")[2].rpartition(b".")
+    return (_WEB_CTYPES.get(ext.lower()) if dot else None) or _builtin_type(name)
+
+
+def _builtin_type(name):
     ctype, encoding = _mime.guess_type(name.decode("utf-8", "replace"))
     if encoding == "gzip":
-        return "application/gzip"
+        return "application/gzip"  # .svgz
     if ctype is None or encoding is not None:
         return "application/octet-stream"
-    if ctype.startswith("text/") or ctype in TEXT_TYPES:
-        return ctype + "; charset=utf-8"
-    return ctype
+    return _with_charset(ctype)
 
 
 def http_date(t):
@@ -901,7 +983,7 @@ class Site:
         return 200, self.prefix_200 + answer[0], answer[1], answer[2], True
 
     def _missing(self, method, target, version, path, close):
-        if path.rstrip(b"/") in self.archive.dirs and not path.endswith(b"/"):
+        if not path.endswith(b"/") and self.archive.is_dir(path):
             location = redirect_location(path + b"/", target.partition(b"?")[2])
             return self.error(301, close, ("Location: " + location,), method)
         nf = self.not_found
@@ -5250,7 +5332,7 @@ def serve(opts, log):
     """Start-up in the order that fails fastest, then run until SIGTERM/SIGINT."""
     identity = load_tls_identity(opts) if opts.tls else None  # key files first, never logged
     opts.access_log_file = open_access_log(opts.access_log, log)
-    archive = Archive(opts.tar, opts.prefix)
+    archive = Archive(opts.tar, opts.prefix, log)
     site = Site(archive, opts.cache_control)
     tls = TLSContext(identity[0], identity[1], opts.ktls, log) if identity else None
     raise_fd_limit(opts.max_connections, log)

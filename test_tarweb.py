@@ -2198,6 +2198,308 @@ class TestStartupErrors(StartupErrorChecks, ArchiveCase):
             self.assertNotEqual(srv.addr[1], 0)
 
 
+# ---------------------------------------------------------------------------------------------
+# Hostile archives: tars built to hurt the indexer (issue 8)
+# ---------------------------------------------------------------------------------------------
+
+TIB = 1 << 40
+MTIME_YEAR_1 = -62135596800        # 0001-01-01T00:00:00Z
+MTIME_YEAR_9999 = 253402300799     # 9999-12-31T23:59:59Z
+
+
+def hostile_tar(name, members, fmt=tarfile.PAX_FORMAT):
+    """A tar in the hostile-tar folder: members are (name, data, {field: value}, {pax: value}),
+    fields set on the TarInfo after its size (so 'size' may lie), pax records written verbatim."""
+    path = work_file("hostile-tar", name)
+    with tarfile.open(path, "w", format=fmt, encoding="utf-8") as tar:
+        for member, data, fields, pax in members:
+            ti = tarfile.TarInfo(member)
+            ti.size, ti.mtime = len(data), BASE_MTIME
+            for key, value in (fields or {}).items():
+                setattr(ti, key, value)
+            ti.pax_headers = dict(pax or {})
+            tar.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def raw_header(name, kind, size):
+    """One 512-byte header block claiming size bytes of data (base-256 when octal is too short)."""
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.size = kind, size
+    return ti.tobuf(tarfile.GNU_FORMAT)
+
+
+OK_MEMBER = ("ok.txt", b"served\n", None, None)
+
+# (name, tar format, bad member's TarInfo fields, its PAX records): the member cannot be served
+# (its mtime is no HTTP date) and is skipped with a warning; the rest of the site is served.
+BAD_MTIMES = [
+    ("pax_1e20", tarfile.PAX_FORMAT, None, {"mtime": "1e20"}),
+    ("pax_nan", tarfile.PAX_FORMAT, None, {"mtime": "nan"}),
+    ("pax_inf", tarfile.PAX_FORMAT, None, {"mtime": "inf"}),
+    ("pax_minus_inf", tarfile.PAX_FORMAT, None, {"mtime": "-inf"}),
+    ("pax_year_10000", tarfile.PAX_FORMAT, None, {"mtime": str(MTIME_YEAR_9999 + 1)}),
+    ("pax_year_0", tarfile.PAX_FORMAT, None, {"mtime": str(MTIME_YEAR_1 - 1)}),
+    ("gnu_base256_minus_1e15", tarfile.GNU_FORMAT, {"mtime": -10 ** 15}, None),
+    ("gnu_base256_2_80", tarfile.GNU_FORMAT, {"mtime": 2 ** 80}, None),
+]
+
+# (name, a callable returning the tar's path or bytes, words the error line must hold):
+# start-up stops with one line naming the tar.
+BAD_STRUCTURE = [
+    ("pax_size_minus_100", lambda: hostile_tar("neg100.tar", [
+        OK_MEMBER, ("neg.txt", b"", None, {"size": "-100"})]), ("neg.txt", "negative size")),
+    ("pax_size_minus_1024", lambda: hostile_tar("neg1024.tar", [  # moves tarfile backwards
+        OK_MEMBER, ("neg.txt", b"", None, {"size": "-1024"})]), ("neg.txt", "negative size")),
+    ("gnu_base256_size_minus_100", lambda: raw_header("ok.txt", tarfile.REGTYPE, 0)
+        + raw_header("neg.txt", tarfile.REGTYPE, -100) + bytes(1024), ("neg.txt", "negative size")),
+    ("cut_in_padding", lambda: (raw_header("a.txt", tarfile.REGTYPE, 100) + b"a" * 100),
+     ("a.txt", "truncated")),
+    ("gnu_longname_1tib", lambda: raw_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, TIB)
+        + b"n" * 512 + raw_header("x.txt", tarfile.REGTYPE, 0) + bytes(1024)),
+    ("gnu_longlink_1tib", lambda: raw_header("././@LongLink", tarfile.GNUTYPE_LONGLINK, TIB)
+        + b"n" * 512 + raw_header("x.txt", tarfile.REGTYPE, 0) + bytes(1024)),
+    ("pax_x_1tib", lambda: raw_header("pax", tarfile.XHDTYPE, TIB)
+        + b"9 a=bcd\n".ljust(512, b"\0") + raw_header("x.txt", tarfile.REGTYPE, 0) + bytes(1024)),
+    ("pax_g_1tib", lambda: raw_header("pax", tarfile.XGLTYPE, TIB)
+        + b"9 a=bcd\n".ljust(512, b"\0") + raw_header("x.txt", tarfile.REGTYPE, 0) + bytes(1024)),
+    ("pax_sparse_00_bad_size", lambda: hostile_tar("sp00.tar", [
+        OK_MEMBER, ("s.bin", b"", None, {"GNU.sparse.size": "x"})])),
+    ("pax_sparse_01_bad_map", lambda: hostile_tar("sp01.tar", [
+        OK_MEMBER, ("s.bin", b"", None, {"GNU.sparse.map": "0,x"})])),
+    ("pax_sparse_10_bad_map", lambda: hostile_tar("sp10.tar", [
+        OK_MEMBER, ("s.bin", b"x\n".ljust(512, b"\0"), None,
+                    {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"})])),
+    ("pax_sparse_10_map_past_end", lambda: hostile_tar("sp10end.tar", [
+        OK_MEMBER, ("s.bin", b"99\n".ljust(512, b"\0"), None,
+                    {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"})])),
+]
+
+
+class TestHostileArchive(StartupErrorChecks, unittest.TestCase):
+    """Tars built to hurt the indexer: memory stays linear in the tar's size, and every problem
+    is a one-line start-up error or a member skipped with a warning, never a traceback."""
+
+    def serve_checked(self, path, *args):
+        """A ServerProc whose start-up printed no traceback."""
+        srv = ServerProc(path, *args)
+        self.addCleanup(srv.stop)
+        self.assertNotIn("Traceback", srv.stderr_text())
+        return srv
+
+    def assertWarnedOnce(self, srv, *words):
+        """Exactly one warning line, naming every one of words."""
+        deadline = time.monotonic() + T(3)
+        while not srv.count_stderr("tarweb.py: ") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        lines = [l for l in srv.stderr_text().splitlines() if l.startswith("tarweb.py: ")]
+        self.assertEqual(len(lines), 1, lines)
+        for word in words:
+            self.assertIn(word, lines[0])
+
+    def run_bad_mtime(self, fmt, fields, pax):
+        path = hostile_tar("mtime.tar", [OK_MEMBER, ("bad.txt", b"bad\n", fields, pax)], fmt)
+        srv = self.serve_checked(path)
+        self.assertEqual(get1(srv.addr, "/ok.txt").body, b"served\n")
+        self.assertEqual(get1(srv.addr, "/bad.txt", method="HEAD").status, 404)
+        self.assertWarnedOnce(srv, "bad.txt", "mtime")
+
+    def run_bad_structure(self, build, words=()):
+        data = build()
+        path = data if isinstance(data, str) else work_file("hostile-tar", "raw.tar", data)
+        line = self.assertStartupError(self.run_server(path))
+        for word in (os.path.basename(path),) + tuple(words):
+            self.assertIn(word, line)
+
+    def run_prefix(self, prefix):
+        path = hostile_tar("prefix.tar", [
+            ("site/index.html", b"<p>site</p>\n", None, None),
+            ("site/a.txt", b"inside\n", None, None),
+            ("site-private/secret.txt", b"secret\n", None, None),
+            ("sitemap.xml", b"<urlset/>\n", None, None),
+            ("site/sub", b"", {"type": tarfile.DIRTYPE}, None),
+            ("site/out.txt", b"", {"type": tarfile.LNKTYPE, "linkname": "site-private/secret.txt"},
+             None),
+            ("site/in.txt", b"", {"type": tarfile.LNKTYPE, "linkname": "site/a.txt"}, None),
+            ("site/dot.txt", b"", {"type": tarfile.LNKTYPE, "linkname": "./site/a.txt"}, None)])
+        srv = self.serve_checked(path, "--prefix", prefix)
+        for url, status, body in (
+                ("/index.html", 200, b"<p>site</p>\n"), ("/a.txt", 200, b"inside\n"),
+                ("/in.txt", 200, b"inside\n"), ("/dot.txt", 200, b"inside\n"),
+                ("/-private/secret.txt", 404, None), ("/map.xml", 404, None),
+                ("/out.txt", 404, None), ("/site/a.txt", 404, None)):
+            r = get1(srv.addr, url)
+            self.assertEqual(r.status, status, (url, r))
+            self.assertNotIn(b"secret", r.body)
+            if body is not None:
+                self.assertEqual(r.body, body, url)
+        self.assertEqual(get1(srv.addr, "/sub", method="HEAD").get("Location"), "/sub/")
+
+    def run_sparse(self, tar_args):
+        """GNU tar's sparse members (tarfile cannot write them): skipped with one warning, and
+        the members after them served from the right offsets."""
+        folder = work_file("sparse", "-".join(tar_args))
+        os.makedirs(folder, exist_ok=True)
+        write_bytes(os.path.join(folder, "plain.txt"), b"before\n")
+        write_bytes(os.path.join(folder, "after.txt"), b"after the sparse member\n")
+        with open(os.path.join(folder, "holes.bin"), "wb") as f:
+            f.write(b"head" * 1024)
+            f.seek(1 << 20)
+            f.write(b"tail" * 1024)
+            f.truncate(2 << 20)
+        path = folder + ".tar"
+        run_tool(["tar", "--sparse"] + list(tar_args) + ["-cf", path, "-C", folder, "plain.txt",
+                                                        "holes.bin", "after.txt"])
+        with tarfile.open(path) as tf:
+            self.assertTrue(tf.getmember("holes.bin").issparse(), "GNU tar wrote no sparse member")
+        srv = self.serve_checked(path)
+        self.assertEqual(get1(srv.addr, "/plain.txt").body, b"before\n")
+        self.assertEqual(get1(srv.addr, "/after.txt").body, b"after the sparse member\n")
+        self.assertEqual(get1(srv.addr, "/holes.bin", method="HEAD").status, 404)
+        self.assertWarnedOnce(srv, "holes.bin", "sparse")
+
+    def test_mtime_limits_served(self):
+        """The first second of year 1 and the last of year 9999 are HTTP dates."""
+        path = hostile_tar("mtime-limits.tar", [
+            ("first.txt", b"1", {"mtime": MTIME_YEAR_1}, None),
+            ("last.txt", b"2", {"mtime": MTIME_YEAR_9999}, None)], tarfile.GNU_FORMAT)
+        srv = self.serve_checked(path)
+        self.assertEqual(get1(srv.addr, "/first.txt").get("Last-Modified"),
+                         "Mon, 01 Jan 0001 00:00:00 GMT")
+        self.assertEqual(get1(srv.addr, "/last.txt").get("Last-Modified"),
+                         "Fri, 31 Dec 9999 23:59:59 GMT")
+
+    def test_deep_pax_path_linear_memory(self):
+        """A 36 KB name a/a/a/...: its 18,000 parent directories once cost 280 MiB. No request
+        line can name it, so it is skipped with one warning."""
+        deep = "a/" * 18000 + "f.txt"
+        path = hostile_tar("deep.tar", [OK_MEMBER, (deep, b"deep\n", None, None)])
+        srv = self.serve_checked(path)
+        self.assertLess(srv.memory_mb()["VmHWM"], 100, srv.memory_mb())
+        self.assertEqual(get1(srv.addr, "/ok.txt").body, b"served\n")
+        self.assertWarnedOnce(srv, "a/a/a/", "longer than")
+
+    def test_deep_path_within_request_line(self):
+        """A deep name that a request line can hold is served; each parent redirects."""
+        deep = "a/" * 4000 + "f.txt"
+        path = hostile_tar("deep-ok.tar", [OK_MEMBER, (deep, b"deep\n", None, None)])
+        srv = self.serve_checked(path)
+        self.assertEqual(get1(srv.addr, "/" + deep).body, b"deep\n")
+        for parent in ("/a", "/a/a", "/" + "a/" * 3999 + "a"):
+            r = get1(srv.addr, parent, method="HEAD")
+            self.assertEqual((r.status, r.get("Location")), (301, parent + "/"))
+        self.assertEqual(get1(srv.addr, "/b", method="HEAD").status, 404)
+
+    def test_many_dot_slash_prefixes_linear_time(self):
+        """'./' 500,000 times before a name: stripping them one at a time was quadratic."""
+        name = "./" * 500000 + "x.txt"
+        path = hostile_tar("dotslash.tar", [OK_MEMBER, (name, b"x\n", None, None)])
+        started = time.monotonic()
+        srv = self.serve_checked(path)
+        self.assertLess(time.monotonic() - started, T(3))
+        self.assertEqual(get1(srv.addr, "/x.txt").body, b"x\n")
+
+
+add_row_tests(TestHostileArchive, "prefix_", [
+    ("bare", "site"), ("slashes", "/site/"), ("dot_slash", "./site"), ("doubled", "site//"),
+    ("dot_inside", "./site/.")], lambda self, row: self.run_prefix(row[1]),
+    doc=lambda row: "--prefix %r matches whole components only" % row[1])
+add_row_tests(TestHostileArchive, "sparse_", [
+    ("gnu", ("--format=gnu",)),
+    ("pax_0_0", ("--format=pax", "--sparse-version=0.0")),
+    ("pax_0_1", ("--format=pax", "--sparse-version=0.1")),
+    ("pax_1_0", ("--format=pax", "--sparse-version=1.0"))],
+    lambda self, row: self.run_sparse(row[1]))
+add_row_tests(TestHostileArchive, "mtime_", BAD_MTIMES,
+              lambda self, row: self.run_bad_mtime(*row[1:]),
+              doc=lambda row: "mtime %s: member skipped with a warning" % row[0])
+add_row_tests(TestHostileArchive, "error_", BAD_STRUCTURE,
+              lambda self, row: self.run_bad_structure(*row[1:]),
+              doc=lambda row: "%s: one-line start-up error" % row[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Content types: tarweb.py's own table, the same on every host and interpreter
+# ---------------------------------------------------------------------------------------------
+
+U8 = "; charset=utf-8"
+# (extension, Content-Type) for every entry of tarweb.WEB_TYPES
+WEB_TYPE_ROWS = [
+    ("html", "text/html" + U8), ("htm", "text/html" + U8), ("css", "text/css" + U8),
+    ("js", "text/javascript" + U8), ("mjs", "text/javascript" + U8),
+    ("cjs", "text/javascript" + U8), ("json", "application/json" + U8),
+    ("map", "application/json" + U8), ("jsonld", "application/ld+json" + U8),
+    ("webmanifest", "application/manifest+json" + U8),
+    ("manifest", "application/manifest+json" + U8), ("xml", "application/xml" + U8),
+    ("xsl", "application/xml" + U8), ("xhtml", "application/xhtml+xml" + U8),
+    ("rss", "application/rss+xml" + U8), ("atom", "application/atom+xml" + U8),
+    ("txt", "text/plain" + U8), ("md", "text/markdown" + U8), ("markdown", "text/markdown" + U8),
+    ("csv", "text/csv" + U8), ("tsv", "text/tab-separated-values" + U8),
+    ("vtt", "text/vtt" + U8), ("ics", "text/calendar" + U8), ("svg", "image/svg+xml" + U8),
+    ("png", "image/png"), ("jpg", "image/jpeg"), ("jpeg", "image/jpeg"), ("gif", "image/gif"),
+    ("webp", "image/webp"), ("avif", "image/avif"), ("apng", "image/apng"), ("jxl", "image/jxl"),
+    ("ico", "image/x-icon"), ("bmp", "image/bmp"), ("tif", "image/tiff"), ("tiff", "image/tiff"),
+    ("heic", "image/heic"), ("woff", "font/woff"), ("woff2", "font/woff2"), ("ttf", "font/ttf"),
+    ("otf", "font/otf"), ("eot", "application/vnd.ms-fontobject"), ("mp4", "video/mp4"),
+    ("m4v", "video/mp4"), ("webm", "video/webm"), ("ogv", "video/ogg"), ("mov", "video/quicktime"),
+    ("ogg", "audio/ogg"), ("oga", "audio/ogg"), ("opus", "audio/ogg"), ("mp3", "audio/mpeg"),
+    ("wav", "audio/wav"), ("flac", "audio/flac"), ("m4a", "audio/mp4"), ("aac", "audio/aac"),
+    ("weba", "audio/webm"), ("mid", "audio/midi"), ("midi", "audio/midi"),
+    ("m3u8", "application/vnd.apple.mpegurl"), ("mpd", "application/dash+xml"),
+    ("wasm", "application/wasm"), ("pdf", "application/pdf"), ("epub", "application/epub+zip"),
+    ("zip", "application/zip"), ("gz", "application/gzip"), ("tgz", "application/gzip"),
+    ("zst", "application/zstd"), ("tar", "application/x-tar"), ("bz2", "application/x-bzip2"),
+    ("xz", "application/x-xz"), ("7z", "application/x-7z-compressed"),
+    ("wgsl", "text/wgsl" + U8),
+]
+# Names outside the table: Python's built-in table, or octet-stream; never the host's files
+OTHER_TYPE_ROWS = [
+    ("unknown_extension", b"/blob.qqzz", "application/octet-stream"),
+    ("no_extension", b"/README", "application/octet-stream"),
+    ("dot_file", b"/.htaccess", "application/octet-stream"),
+    ("upper_case", b"/PHOTO.JPG", "image/jpeg"),
+    ("tar_gz", b"/site.tar.gz", "application/gzip"),
+    ("brotli_alone", b"/app.js.br", "application/octet-stream"),
+    ("dot_in_directory", b"/v1.2/notes", "application/octet-stream"),
+    ("builtin_fallback_doc", b"/report.doc", "application/msword"),
+    ("builtin_fallback_text", b"/run.py", "text/x-python; charset=utf-8"),
+    ("builtin_fallback_compress", b"/old.Z", "application/octet-stream"),
+]
+
+
+class TestContentTypes(unittest.TestCase):
+    """tarweb.content_type directly (one test per table entry), then once through a server."""
+
+    def test_every_table_entry_has_a_row(self):
+        self.assertEqual(sorted(tarweb.WEB_TYPES), sorted(ext.encode() for ext, _ in WEB_TYPE_ROWS))
+
+    def run_ext(self, ext, want):
+        for name in ("/file." + ext, "/dir.d/FILE." + ext.upper()):
+            self.assertEqual(tarweb.content_type(name.encode()), want, name)
+
+    def test_end_to_end(self):
+        """Every table entry through the server: the head a browser sees, variants included."""
+        members = [("f." + ext, "file", b"x") for ext, _ in WEB_TYPE_ROWS]
+        members += [("page.webp", "file", b"RIFF" * 100), ("page.webp.gz", "file", b"\x1f\x8b")]
+        path = work_file("content-types", "types.tar")
+        build_tar(path, members)
+        with ServerProc(path) as srv, Conn(srv.addr) as c:
+            for ext, want in WEB_TYPE_ROWS:
+                self.assertEqual(c.request("HEAD", "/f." + ext).get("Content-Type"), want, ext)
+            r = c.request("GET", "/page.webp", [("Accept-Encoding", "gzip")])
+            self.assertEqual((r.get("Content-Encoding"), r.get("Content-Type")),
+                             ("gzip", "image/webp"))
+            r = c.request("GET", "/page.webp.gz")
+            self.assertEqual((r.get("Content-Encoding"), r.get("Content-Type")),
+                             (None, "application/gzip"))
+
+
+add_row_tests(TestContentTypes, "ext_", WEB_TYPE_ROWS, lambda self, row: self.run_ext(*row),
+              doc=lambda row: ".%s -> %s" % row)
+add_row_tests(TestContentTypes, "other_", OTHER_TYPE_ROWS,
+              lambda self, row: self.assertEqual(tarweb.content_type(row[1]), row[2]))
+
+
 def _deny_io_uring_setup(err):
     """A preexec_fn that installs a seccomp filter making io_uring_setup fail with errno err in
     the child only, the way a container runtime's profile (EPERM) or an old kernel (ENOSYS)
