@@ -38,6 +38,7 @@ import re
 import secrets
 import signal
 import socket
+import stat
 import struct
 import sys
 import tarfile
@@ -465,39 +466,42 @@ class Archive:
         self.files = {}          # '/a/b.html' (UTF-8 bytes) -> Entry
         self.dirs = set()        # directory members: '/a', '/a/b' (UTF-8 bytes, no trailing slash)
         self.skipped = {}        # why -> [how many, first member name]
-        self.size = self._check_file(path)
+        self.fd = self._open(path)
         self._read_members(path, _path_parts(prefix))
         self.names = sorted(self.files)  # every file's parents are directories too: see is_dir
         self._attach_variants()
         for why, (count, first) in self.skipped.items():
             more = f" and {count - 1} more" if count > 1 else ""
             log.warn(f"{path}: skipped '{_shown(first)}'{more}: {why}")
-        self.address = self._map(path)
+        self.address = self._map()
 
-    @staticmethod
-    def _check_file(path):
+    def _open(self, path):
+        """Open the tar once: indexing, the mapping and the change check (Server.on_statx) all
+        use this descriptor, so a new tar renamed over the path meanwhile cannot mix in. The
+        size and mtime are its identity: a change in place shows in them."""
         try:
-            with open(path, "rb") as f:
-                magic = f.read(8)
-                size = os.fstat(f.fileno()).st_size
-        except IsADirectoryError:
-            raise StartupError(f"{path}: is a directory; give a tar file (tar -cf site.tar -C dir .)")
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            magic = b"" if stat.S_ISDIR(st.st_mode) else os.pread(fd, 8, 0)
         except OSError as e:
             raise StartupError(f"{path}: cannot open the tar file: {e.strerror}")
+        if stat.S_ISDIR(st.st_mode):
+            raise StartupError(f"{path}: is a directory; give a tar file (tar -cf site.tar -C dir .)")
         for sig, kind in COMPRESSED_MAGIC:
             if magic.startswith(sig):
                 raise StartupError(f"{path}: is {kind}-compressed; serve an uncompressed tar "
                                    f"(decompress it first)")
-        if size < 512:
-            raise StartupError(f"{path}: not a tar file (only {size} bytes)")
-        return size
+        if st.st_size < 512:
+            raise StartupError(f"{path}: not a tar file (only {st.st_size} bytes)")
+        self.size, self.identity = st.st_size, (st.st_size, st.st_mtime_ns)
+        return fd
 
     def _read_members(self, path, prefix):
         """Index member by member. tarfile reads from an mmap, so a header that claims a
         terabyte of data yields at most the rest of the file instead of a MemoryError."""
         links = []
         try:
-            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            with mmap.mmap(self.fd, 0, prot=mmap.PROT_READ) as mm:
                 with tarfile.open(fileobj=mm, mode="r:") as tf:
                     for m in iter(tf.next, None):
                         tf.members.clear()  # tarfile would keep every TarInfo: 100k are 50 MiB
@@ -560,13 +564,10 @@ class Archive:
                     found.append((encoding, Entry(v.name, v.offset, v.size, v.mtime, encoding)))
             entry.variants = tuple(sorted(found, key=lambda ev: ev[1].size))
 
-    def _map(self, path):
+    def _map(self):
         """mmap the tar read-only and return its address, for the kernel to send from. The
-        descriptor stays open: userspace reads use pread on it (a read of the mapping past a
-        shrunken file's end is SIGBUS), and its size and mtime show a change in place."""
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        st = os.fstat(self.fd)
-        self.identity = (st.st_size, st.st_mtime_ns)
+        descriptor stays open: userspace reads use pread on it, since reading the mapping past
+        the end of a file that shrank is SIGBUS."""
         addr = _libc.mmap(None, self.size, mmap.PROT_READ, mmap.MAP_SHARED, self.fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             raise StartupError(f"{self.path}: mmap failed: {os.strerror(ctypes.get_errno())}")
