@@ -4871,16 +4871,18 @@ class Server:
         """Clients wait for a slot: close connections that are getting nowhere, as nginx does
         with its idle ("reusable") ones. First those waiting for a request with nothing received
         (fresh, idle keep-alive, TLS handshake not begun), nearest their deadline first (for one
-        kind of wait, the oldest); else those whose request head or handshake has been incomplete
-        longest, for REAP_MIN_AGE at least. Never one whose read was posted in this batch (it has
-        had no chance to complete), nor one with bytes still going out."""
+        kind of wait, the oldest); else those whose request head or TLS set-up has been
+        incomplete longest, for REAP_MIN_AGE at least. Never one whose read was posted in this
+        batch (it has had no chance to complete), nor one with bytes still going out."""
         self.reap_due = False
         o, now = self.opts, self.now
         need = len(self.waiting)
         candidates = []
         for slot in self.slots:
-            if slot.fd < 0 or slot.closing:
-                need -= slot.fd >= 0  # on its way out: its slot goes to a waiting client
+            if slot.fd < 0:
+                continue
+            if slot.closing:
+                need -= 1  # on its way out: its slot goes to a waiting client
                 continue
             if slot.lingering or not slot.recv_busy:
                 continue
@@ -4891,7 +4893,9 @@ class Server:
             else:
                 limit = o.idle_timeout
             since = slot.deadline - limit  # when this wait began
-            if slot.partial:
+            # Begun, not finished: a request head, a handshake, or a TLS connection's first
+            # request (a round trip behind the handshake, which the client has paid for)
+            if slot.partial or slot.mode in (KTLS, USERTLS) and not slot.keep_alive:
                 if since <= now - REAP_MIN_AGE:
                     candidates.append((1, since, slot.index))
             elif not slot.rlen and not slot.spill and slot.deadline < now + limit:
