@@ -153,15 +153,16 @@ REQUIRED_OPS = {"SENDMSG": IORING_OP_SENDMSG, "RECVMSG": IORING_OP_RECVMSG,
 IOSQE_IO_LINK = 1 << 2
 IOSQE_CQE_SKIP_SUCCESS = 1 << 6
 
-# sqe.ioprio for IORING_OP_ACCEPT (5.19+), and cqe.flags
-IORING_ACCEPT_MULTISHOT = 1 << 0
-IORING_CQE_F_MORE = 1 << 1
+# sqe.op_flags (cancel_flags) for IORING_OP_ASYNC_CANCEL (5.19+): every request that matches
+IORING_ASYNC_CANCEL_ALL = 1 << 0
 
 # socket constants the kernel ABI fixes on Linux
 MSG_WAITALL = 0x100
 MSG_NOSIGNAL = 0x4000
 SOCK_CLOEXEC = 0o2000000
 SHUT_RD, SHUT_WR = 0, 1
+SIOCOUTQ = 0x5411           # ioctl: bytes in a TCP socket's send queue, not yet acknowledged
+SOCKADDR_STORAGE = 128      # sizeof(struct sockaddr_storage)
 
 # struct __kernel_timespec {s64 tv_sec; s64 tv_nsec}; struct iovec {void *base; size_t len};
 # struct msghdr {name, namelen(+pad), iov, iovlen, control, controllen, flags(+pad)} = 56 bytes.
@@ -215,6 +216,8 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 
 _libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
                              ctypes.c_uint32]
+_libc.getpeername.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 
 ONE = struct.pack("i", 1)  # an int option's value
@@ -4413,7 +4416,12 @@ USERTLS_CHUNK = 64 * 1024    # sealing in pure Python blocks the loop: smaller p
 LINGER_TIMEOUT = 2.0         # how long a closing connection may keep sending us bytes
 RBUF_EXTRA = 4096            # read buffer room beyond the largest allowed request head
 HBUF_SIZE = 12 * 1024        # response head buffer: fits a 301 with an 8 KiB Location
-MAX_WAITING = 64             # accepted sockets that may wait for a slot
+ACCEPT_DEPTH = 8             # accepts in flight per listener at most (a burst: one enter)
+REAP_MIN_AGE = 1.0           # a request head or handshake this old may lose its slot to a client
+# accept(2) errors that belong to one client (a network error pending on its socket): try again
+ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
+                errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                errno.ENETUNREACH, errno.EINTR, errno.EAGAIN}
 TLS_RECORD_MAX = 5 + 16384 + 256  # one whole TLS record must fit the read buffer
 CONTENT_TYPE_APPLICATION_DATA = 23
 CONTENT_TYPE_ALERT = 21
@@ -4491,14 +4499,19 @@ class Server:
         self.tar_addr = site.archive.address
         self.statx_buf = bytearray(STATX_BUF_SIZE)
         self.statx_busy = False
-        self.accept_armed = [False] * len(self.listeners)
-        self.waiting = collections.deque()  # accepted while every slot was busy
-        self.multishot = True
+        self.listener_fds = [sock.fileno() for sock in self.listeners]
+        self.accepting = [0] * len(self.listeners)          # accepts in flight
+        self.accept_paused = [False] * len(self.listeners)  # after EMFILE and the like
+        # (fd, listener) accepted while every slot was busy: at most one per listener, as a
+        # listener gets no new accept while its client waits here.
+        self.waiting = collections.deque()
+        self.reap_due = False
         self.stopping = False
-        self.stop_requested = ()  # the CLI's signal handlers append to the list put here
+        self.stop_requested = ()  # the CLI's signal handlers append to the lists put here
+        self.stats_requested = ()
         self.stop_deadline = None
         self.accepted = self.requests = self.closed = self.timeouts = 0  # for the stats line
-        self.handshakes = self.tls_failures = 0
+        self.handshakes = self.tls_failures = self.reaped = self.errors = 0
         self.timespec = bytearray(kernel_timespec.pack(1, 0))
         self.now = time.monotonic()
 
@@ -4539,19 +4552,33 @@ class Server:
 
     # -- submission helpers ---------------------------------------------------------------------
 
-    def arm_accept(self, i):
-        if self.accept_armed[i] or self.stopping:
+    def arm_accepts(self):
+        """Keep single-shot accepts in flight, no more than there are free slots: the kernel's
+        backlog holds the other clients (a multishot accept would drain it). While every slot
+        is busy each listener keeps one, whose client may take an idle connection's slot."""
+        if self.stopping:
             return
-        ioprio = IORING_ACCEPT_MULTISHOT if self.multishot else 0
-        self.ring.prep(IORING_OP_ACCEPT, self.listeners[i].fileno(), 0, 0, 0, SOCK_CLOEXEC,
-                       i | (OP_ACCEPT << 32), ioprio=ioprio)
-        self.accept_armed[i] = True
+        spare = len(self.free) - sum(self.accepting)
+        for i, fd in enumerate(self.listener_fds):
+            if self.accept_paused[i] or any(w[1] == i for w in self.waiting):
+                continue
+            while self.accepting[i] < ACCEPT_DEPTH and (spare > 0 or not self.accepting[i]):
+                self.ring.prep(IORING_OP_ACCEPT, fd, 0, 0, 0, SOCK_CLOEXEC, i | (OP_ACCEPT << 32))
+                self.accepting[i] += 1
+                spare -= 1
+
+    def resume_accepts(self):
+        """A slot (and its descriptor) came free, or a second passed: try paused listeners."""
+        for i in range(len(self.accept_paused)):
+            self.accept_paused[i] = False
+        self.arm_accepts()
 
     def pause_accepts(self):
-        for i, armed in enumerate(self.accept_armed):
-            if armed:
-                self.ring.prep(IORING_OP_ASYNC_CANCEL, -1, i | (OP_ACCEPT << 32), 0, 0, 0,
-                               OP_IGNORE << 32)
+        """Stop accepting: cancel every accept in flight."""
+        for i, n in enumerate(self.accepting):
+            if n:
+                self.ring.prep(IORING_OP_ASYNC_CANCEL, -1, i | (OP_ACCEPT << 32), 0, 0,
+                               IORING_ASYNC_CANCEL_ALL, OP_IGNORE << 32)
 
     def arm_timer(self):
         self.ring.prep(IORING_OP_TIMEOUT, -1, buffer_address(self.timespec), 1, 0, 0,
@@ -4628,25 +4655,33 @@ class Server:
 
     # -- connection lifecycle -------------------------------------------------------------------
 
-    def on_accept(self, i, res, flags):
-        if not flags & IORING_CQE_F_MORE:
-            self.accept_armed[i] = False
+    def on_accept(self, i, res):
+        self.accepting[i] -= 1
         if res < 0:
-            if res == -errno.EINVAL and self.multishot:
-                self.multishot = False  # kernel without multishot accept: single-shot ones
-            elif res != -errno.ECANCELED:
-                self.log.warn(f"accept failed: {os.strerror(-res)}")
-        elif self.stopping or not self.free and len(self.waiting) >= MAX_WAITING:
+            self.on_accept_error(i, -res)
+        elif self.stopping:
             self.ring.prep(IORING_OP_CLOSE, res, 0, 0, 0, 0, OP_IGNORE << 32,
                            IOSQE_CQE_SKIP_SUCCESS)
-        elif not self.free:
-            # Multishot accept kept going until our cancel landed: these clients wait for a
-            # slot, as if they were still in the kernel's backlog.
-            self.waiting.append((res, self.listener_tls[i]))
-        else:
+        elif self.free:
             self.open_slot(res, self.listener_tls[i])
-        if not self.accept_armed[i] and self.free:
-            self.arm_accept(i)
+        else:
+            # Every slot is busy: the client waits for one, which an idle connection may give
+            # up (decided once this batch's completions are in: a request may be among them).
+            self.waiting.append((res, i))
+            self.reap_due = True
+        self.arm_accepts()
+
+    def on_accept_error(self, i, err):
+        if err == errno.ECANCELED:
+            return
+        if err in ACCEPT_RETRY:
+            self.log.limited(("accept", err), f"accept failed: {os.strerror(err)}")
+            return
+        # Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), or worse: trying
+        # again at once would spin. The client stays in the backlog.
+        self.accept_paused[i] = True
+        self.log.limited(("accept", err), f"accept failed: {os.strerror(err)}; trying again "
+                         f"when a connection closes, or in a second")
 
     def open_slot(self, fd, tls):
         slot = self.free.pop()
@@ -4656,22 +4691,23 @@ class Server:
         slot.fd = fd
         slot.rstart = slot.rlen = 0
         slot.recv_busy = slot.send_busy = slot.send_linked = False
-        slot.closing = slot.lingering = slot.partial = False
+        slot.closing = slot.lingering = slot.partial = slot.keep_alive = False
         slot.out = slot.tls = None
         slot.pending_out = slot.spill = b""
-        if self.access_log:
-            slot.peer = peer_name(fd)
-        if tls:
-            slot.mode = HANDSHAKE
-            slot.tls = TLSServer(self.tls.config)
-            slot.deadline = self.now + self.opts.handshake_timeout
-            self.recv_exact(slot, 5)
-        else:
-            slot.mode = PLAIN
-            slot.deadline = self.now + self.opts.header_timeout
-            self.post_recv(slot)
-        if not self.free:
-            self.pause_accepts()
+        try:
+            if self.access_log:
+                slot.peer = peer_name(fd)
+            if tls:
+                slot.mode = HANDSHAKE
+                slot.tls = TLSServer(self.tls.config)
+                slot.deadline = self.now + self.opts.handshake_timeout
+                self.recv_exact(slot, 5)
+            else:
+                slot.mode = PLAIN
+                slot.deadline = self.now + self.opts.header_timeout
+                self.post_recv(slot)
+        except Exception:  # the slot owns the descriptor now: closing it closes the socket
+            self.internal_error(slot)
 
     def start_close(self, slot):
         """Close now: cancel what is in flight; the slot is freed when nothing is left."""
@@ -4696,10 +4732,9 @@ class Server:
         self.active -= 1
         self.closed += 1
         if self.waiting:
-            self.open_slot(*self.waiting.popleft())
-        elif len(self.free) == 1:
-            for i in range(len(self.listeners)):
-                self.arm_accept(i)
+            fd, i = self.waiting.popleft()
+            self.open_slot(fd, self.listener_tls[i])
+        self.resume_accepts()
 
     def linger(self, slot):
         """End a connection gracefully: close_notify on TLS, half-close, then read until the
@@ -4879,6 +4914,7 @@ class Server:
         if res < slot.hs_need:
             self.start_close(slot)  # the client closed in the middle of a record
             return
+        slot.partial = True  # the handshake has begun: see reap()
         data = self.rbuf[slot.rbase:slot.rbase + res]
         hs = slot.tls
         out = hs.receive(data)
@@ -4926,6 +4962,7 @@ class Server:
                 return
         slot.tls = hs.record_layer if slot.mode == USERTLS else None
         slot.pending_out = out
+        slot.partial = False  # no request byte yet
         plain = hs.early_plaintext
         self.rbuf[slot.rbase:slot.rbase + len(plain)] = plain
         slot.rstart, slot.rlen = 0, len(plain)
@@ -4993,7 +5030,78 @@ class Server:
         slot.spill = slot.spill[n:]
         slot.rlen += n
 
+    # -- a full house ---------------------------------------------------------------------------
+
+    def reap(self):
+        """Clients wait for a slot: close connections that are getting nowhere, as nginx does
+        with its idle ("reusable") ones. First those waiting for a request with nothing received
+        (fresh, idle keep-alive, TLS handshake not begun), nearest their deadline first (for one
+        kind of wait, the oldest); else those whose request head or TLS set-up has been
+        incomplete longest, for REAP_MIN_AGE at least. Never one whose read was posted in this
+        batch (it has had no chance to complete), nor one with bytes still going out."""
+        self.reap_due = False
+        o, now = self.opts, self.now
+        need = len(self.waiting)
+        candidates = []
+        for slot in self.slots:
+            if slot.fd < 0:
+                continue
+            if slot.closing:
+                need -= 1  # on its way out: its slot goes to a waiting client
+                continue
+            if slot.lingering or not slot.recv_busy:
+                continue
+            if slot.mode == HANDSHAKE:
+                limit = o.handshake_timeout
+            elif slot.partial or slot.mode == PLAIN and not slot.keep_alive:
+                limit = o.header_timeout
+            else:
+                limit = o.idle_timeout
+            since = slot.deadline - limit  # when this wait began
+            # Begun, not finished: a request head, a handshake, or a TLS connection's first
+            # request (a round trip behind the handshake, which the client has paid for)
+            if slot.partial or slot.mode in (KTLS, USERTLS) and not slot.keep_alive:
+                if since <= now - REAP_MIN_AGE:
+                    candidates.append((1, since, slot.index))
+            elif not slot.rlen and not slot.spill and slot.deadline < now + limit:
+                candidates.append((0, since, slot.index))
+        candidates.sort()
+        for _, _, index in candidates:
+            if need <= 0:
+                break
+            slot = self.slots[index]
+            if unsent_bytes(slot.fd) == 0:
+                self.reaped += 1
+                self.start_close(slot)
+                need -= 1
+
+    def internal_error(self, slot):
+        """A bug must cost one connection, not the server: count it, log it, close."""
+        self.errors += 1
+        self.log.bug()
+        if slot is not None and slot.fd >= 0 and not slot.closing:
+            self.start_close(slot)
+
+    def contain(self, handler, *args):
+        """Run a handler that no one connection owns; a bug in it is counted and logged."""
+        try:
+            handler(*args)
+        except Exception:
+            self.internal_error(None)
+
     # -- timers, logs, shutdown -----------------------------------------------------------------
+
+    def tick(self):
+        """The once-a-second timer: deadlines (on_timer, which arms the next tick), then another
+        try for clients waiting for a slot and for listeners an accept error paused."""
+        try:
+            self.on_timer()
+        except Exception:
+            self.internal_error(None)
+            self.arm_timer()  # whatever failed, the next tick must come
+        if self.waiting:
+            self.reap()
+        self.resume_accepts()
 
     def on_timer(self):
         self.site.tick(time.time())
@@ -5036,14 +5144,13 @@ class Server:
         self.access_log.write(slot.peer, line, status, body_len)
 
     def run(self):
-        for i in range(len(self.listeners)):
-            self.arm_accept(i)
+        self.arm_accepts()
         self.arm_timer()
         ring, slots = self.ring, self.slots
         while True:
             ring.enter(True)
             self.now = time.monotonic()
-            for user_data, res, flags in ring.completions():
+            for user_data, res, _ in ring.completions():
                 op = (user_data >> 32) & 0xFF
                 if op >= OP_RECV:  # an operation on a connection's slot
                     slot = slots[user_data & 0xFFFFFFFF]
@@ -5056,16 +5163,19 @@ class Server:
                             self.on_link_broken(slot)
                         else:
                             self.on_send(slot, res, op == OP_SEND_LINKED)
-                    except Exception:  # a bug must cost one connection, not the server
-                        self.log.bug(traceback.format_exc())
-                        if not slot.closing:
-                            self.start_close(slot)
+                    except Exception:
+                        self.internal_error(slot)
                 elif op == OP_ACCEPT:
-                    self.on_accept(user_data & 0xFFFFFFFF, res, flags)
+                    self.contain(self.on_accept, user_data & 0xFFFFFFFF, res)
                 elif op == OP_TIMER:
-                    self.on_timer()
+                    self.contain(self.tick)
                 elif op == OP_STATX:
-                    self.on_statx(res)
+                    self.contain(self.on_statx, res)
+            if self.reap_due:
+                self.contain(self.reap)
+            if self.stats_requested:
+                self.stats_requested.clear()
+                self.log.write(self.stats_line())
             if self.stop_requested and not self.stopping:
                 self.begin_stop(self.opts.grace)
             if self.stopping and self.drained():
@@ -5106,7 +5216,8 @@ class Server:
     def stats_line(self):
         line = (f"stats active={self.active} free={len(self.free)} max={len(self.slots)} "
                 f"accepted={self.accepted} requests={self.requests} closed={self.closed} "
-                f"timeouts={self.timeouts} enters={self.ring.enters}")
+                f"timeouts={self.timeouts} reaped={self.reaped} errors={self.errors} "
+                f"enters={self.ring.enters}")
         if self.tls is not None:
             line += f" handshakes={self.handshakes} tls_failures={self.tls_failures}"
         if self.access_log:
@@ -5114,38 +5225,102 @@ class Server:
         return line
 
 
+_sockaddr = ctypes.create_string_buffer(SOCKADDR_STORAGE)
+_sockaddr_len = ctypes.c_uint32()
+_outq = ctypes.c_int()
+
+
 def peer_name(fd):
-    """Client address for the access log (one getpeername per connection, only when logging)."""
-    s = socket.socket(fileno=os.dup(fd))
-    try:
-        host = s.getpeername()[0]
-    except OSError:
-        host = "-"
-    s.close()
-    return host
+    """Client IP for the access log (one getpeername per connection, only when logging), read
+    into a buffer made once: no descriptor is needed, so none can be lacking."""
+    _sockaddr_len.value = SOCKADDR_STORAGE
+    if _libc.getpeername(fd, _sockaddr, ctypes.byref(_sockaddr_len)) < 0:
+        return "-"
+    raw = _sockaddr.raw
+    family = int.from_bytes(raw[:2], sys.byteorder)
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[4:8])     # sockaddr_in: port, then address
+    if family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24])   # port, flowinfo, then address
+    return "-"
+
+
+def unsent_bytes(fd):
+    """Bytes the socket has not yet had acknowledged by the client; -1 if it cannot tell."""
+    if _libc.ioctl(fd, SIOCOUTQ, ctypes.byref(_outq)) < 0:
+        return -1
+    return _outq.value
 
 
 # ---------------------------------------------------------------------------------------------
 # 8. CLI
 # ---------------------------------------------------------------------------------------------
 
+LOG_INTERVAL = 10.0  # seconds: at most one line per kind of error a client can repeat at will
+
+
+def silence(stream):
+    """The stream's reader is gone: point its descriptor at /dev/null, so that neither later
+    lines nor Python's flush at exit fail again."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError):
+        pass  # at the open-file limit, say: later lines fail the same way, and are dropped too
+
+
+def emit(stream, line):
+    """One line out, flushed. A vanished reader costs the line, never the server."""
+    try:
+        print(line, file=stream, flush=True)
+    except (OSError, ValueError):
+        silence(stream)
+
+
 class Log:
     """Diagnostics on stderr; -q silences warnings, -v adds info lines."""
 
     def __init__(self, level):
         self.level = level
+        self.recent = {}  # kind -> [time of its last line, lines held back since]
+
+    def write(self, msg):
+        emit(sys.stderr, f"tarweb.py: {msg}")
 
     def warn(self, msg):
         if self.level >= 0:
-            print(f"tarweb.py: {msg}", file=sys.stderr, flush=True)
-
-    def bug(self, text):
-        print(f"tarweb.py: internal error, connection dropped:\n{text}", file=sys.stderr,
-              flush=True)
+            self.write(msg)
 
     def info(self, msg):
         if self.level >= 1:
-            print(f"tarweb.py: {msg}", file=sys.stderr, flush=True)
+            self.write(msg)
+
+    def limited(self, kind, msg):
+        """A warning that a client can cause again and again: one line per kind per
+        LOG_INTERVAL, with the number held back before it."""
+        held = self._due(kind)
+        if held is not None:
+            self.warn(msg + (f" ({held} more since the last such line)" if held else ""))
+
+    def bug(self):
+        """The exception being handled, with its traceback, rate-limited per place raised."""
+        exc = sys.exc_info()[1]
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        held = self._due((type(exc), where.filename, where.lineno))
+        if held is not None:
+            more = f" ({held} more since the last one)" if held else ""
+            self.write(f"internal error, connection dropped{more}:\n{traceback.format_exc()}")
+
+    def _due(self, kind):
+        """Lines held back since the last line of this kind, or None: hold this one back too."""
+        now = time.monotonic()
+        last = self.recent.get(kind)
+        if last is not None and now - last[0] < LOG_INTERVAL:
+            last[1] += 1
+            return None
+        self.recent[kind] = [now, 0]
+        return last[1] if last is not None else 0
 
 
 def parse_listen(text):
@@ -5180,7 +5355,9 @@ def make_listener(spec):
         # Accepted sockets inherit TCP_NODELAY from the listener: no per-connection syscall.
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.bind((host, port))
-        s.listen(4096)  # a deep backlog holds clients while every slot is busy
+        # Clients wait here while every slot is busy: the server accepts no more than it has
+        # free slots (see Server.arm_accepts).
+        s.listen(4096)
     except OSError as e:
         s.close()
         hint = "; stop the other server or pick another --listen" \
@@ -5308,17 +5485,25 @@ def open_access_log(name, log):
     return AccessLog(fd, name, log)
 
 
-def raise_fd_limit(n, log):
-    """Each slot is a socket: make sure the process may hold that many descriptors."""
+FD_RESERVE = 32  # descriptors besides the slots': stdio, the ring, the tar, log files, spare
+
+
+def raise_fd_limit(n, listeners, log):
+    """Each slot is a socket: make sure the process may hold that many descriptors. Returns the
+    number of slots to allocate: fewer than n if the hard limit is lower, so that running out
+    of descriptors (EMFILE) is not the normal state of a busy server."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = n + 64
+    need = n + listeners + FD_RESERVE
     if soft < need:
         new = need if hard == resource.RLIM_INFINITY else min(need, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
         if new < need:
-            log.warn(f"open-file limit {hard} is below --max-connections {n}; "
-                     f"raise it with 'ulimit -n {need}'")
+            slots = max(1, new - listeners - FD_RESERVE)
+            log.warn(f"open-file limit {hard} is too low for --max-connections {n}: using "
+                     f"{slots} slots; raise it with 'ulimit -n {need}'")
+            return slots
+    return n
 
 
 def release_startup_memory():
@@ -5336,25 +5521,28 @@ def serve(opts, log):
     archive = Archive(opts.tar, opts.prefix, log)
     site = Site(archive, opts.cache_control)
     tls = TLSContext(identity[0], identity[1], opts.ktls, log) if identity else None
-    raise_fd_limit(opts.max_connections, log)
-    listeners = [(make_listener(spec), is_tls) for spec, is_tls in listener_specs(opts)]
+    specs = listener_specs(opts)
+    opts.max_connections = raise_fd_limit(opts.max_connections, len(specs), log)
+    listeners = [(make_listener(spec), is_tls) for spec, is_tls in specs]
     server = Server(site, listeners, opts, log, tls)
     stop = server.stop_requested = []
-    # Handlers only set a flag: the loop must not be re-entered halfway through writing an SQE.
-    # They are in place before the URL line, which tells the world the server is up.
+    stats = server.stats_requested = []
+    # Handlers only set a flag: the loop must not be re-entered halfway through writing an SQE,
+    # and a write to a stderr that is gone must not raise inside it. The signal interrupts the
+    # loop's wait (EINTR), so the flag is seen at once. They are in place before the URL line,
+    # which tells the world the server is up.
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     signal.signal(signal.SIGHUP, lambda *_: stop.append(1))  # no reload yet: drain and exit
-    signal.signal(signal.SIGUSR1, lambda *_: print("tarweb.py: " + server.stats_line(),
-                                                   file=sys.stderr, flush=True))
+    signal.signal(signal.SIGUSR1, lambda *_: stats.append(1))
     release_startup_memory()
     urls = " ".join(listener_url(sock, is_tls) for sock, is_tls in listeners)
-    print(f"tarweb.py {__version__}: serving {opts.tar} on {urls}", flush=True)
+    emit(sys.stdout, f"tarweb.py {__version__}: serving {opts.tar} on {urls}")
     log.info(f"{len(archive.files)} files, {opts.max_connections} slots, io_uring setup "
              f"flags {server.ring.flags:#x}")
     server.run()
     if opts.access_log_file:
-        opts.access_log_file.flush()
+        opts.access_log_file.flush()  # AccessLog.flush counts a failure; it never raises
 
 
 def main(argv=None):
@@ -5363,7 +5551,7 @@ def main(argv=None):
     try:
         serve(opts, log)
     except StartupError as e:
-        print(f"tarweb.py: error: {e}", file=sys.stderr, flush=True)
+        emit(sys.stderr, f"tarweb.py: error: {e}")
         return 1
     return 0
 

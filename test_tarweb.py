@@ -1742,11 +1742,14 @@ class TestMaxConnections(ServerCase):
     ARGS = ("--max-connections", "2")
 
     def test_third_connection_waits_for_a_slot(self):
+        """Both slots send to readers that have stopped reading: neither gives up its slot."""
         c1, c2 = Conn(self.addr), Conn(self.addr)
         c3 = None
         try:
             for c in (c1, c2):
-                self.assertEqual(c.request("GET", "/small.txt").status, 200)
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                c.send(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+            time.sleep(0.3)
             c3 = Conn(self.addr)  # accepted by the kernel backlog
             c3.send(VALID_GET)
             with self.assertRaises(socket.timeout, msg="3rd connection served while 2 slots busy"):
@@ -1762,6 +1765,25 @@ class TestMaxConnections(ServerCase):
                     c.close()
         st = self.srv.wait_idle()
         self.assertEqual((st["active"], st["free"], st["max"]), (0, 2, 2), st)
+
+    def test_idle_keepalive_gives_its_slot_to_a_new_client(self):
+        """Like nginx's reusable connections: the idle connection that has waited longest is
+        closed (not reset) for a client that finds every slot busy."""
+        before = self.srv.stats()["reaped"]
+        c1, c2 = Conn(self.addr), Conn(self.addr)
+        try:
+            for c in (c1, c2):
+                self.assertEqual(c.request("GET", "/small.txt").status, 200)
+                time.sleep(0.1)
+            t0 = time.monotonic()
+            self.assertBody(get1(self.addr, "/small.txt"), MAIN["small.txt"][0])
+            self.assertLess(time.monotonic() - t0, 1.0)
+            self.assertIs(c1.wait_closed(1), True)
+            self.assertEqual(c2.request("GET", "/small.txt").status, 200)
+        finally:
+            c1.close()
+            c2.close()
+        self.assertEqual(self.srv.assert_idle()["reaped"] - before, 1)
 
 
 class TestTimeouts(ServerCase):
@@ -1911,6 +1933,198 @@ class TestLoad(ServerCase):
                 c.close()
         st = self.srv.wait_idle(5)
         self.assertEqual(st["active"], 0, st)
+
+
+# ---------------------------------------------------------------------------------------------
+# Floods and descriptor limits: no remote crash, no reset of clients waiting for a slot
+# ---------------------------------------------------------------------------------------------
+
+FD_LIMIT_EXEC = ("import os, resource, sys; n = int(sys.argv[1]); "
+                 "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+                 "os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def fd_limited(n):
+    """A ServerProc prefix: the server runs with an open-file limit of n (soft and hard)."""
+    return (PY, "-c", FD_LIMIT_EXEC, str(n))
+
+
+class Flood:
+    """Connections that never finish anything: `idle` ones connect and send nothing (every
+    other one sends `first` if given), `slow` ones send a request head one byte every half
+    second, never ending it. A context manager that closes them all."""
+
+    def __init__(self, addr, idle, slow=0, first=b""):
+        self.socks, self.slow = [], []
+        self.stop = threading.Event()
+        try:
+            for i in range(idle + slow):
+                s = socket.create_connection(addr, timeout=5)
+                self.socks.append(s)
+                if i >= idle:
+                    self.slow.append(s)
+                elif first and i % 2:
+                    s.sendall(first)
+        except BaseException:
+            self.close()
+            raise
+        self.thread = threading.Thread(target=self._drip, daemon=True)
+        self.thread.start()
+
+    def _drip(self):
+        head, i = VALID_GET[:-2], 0
+        while not self.stop.wait(0.5):
+            byte = head[i % len(head):i % len(head) + 1]
+            i += 1
+            for s in list(self.slow):
+                try:
+                    s.send(byte)
+                except OSError:
+                    self.slow.remove(s)
+
+    def close(self):
+        self.stop.set()
+        if getattr(self, "thread", None):
+            self.thread.join()
+        for s in self.socks:
+            s.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def timed_gets(addr, n, gap, timeout, context=None):
+    """n clients, one every gap seconds, each GET /small.txt on a new connection (TLS with an ssl
+    context): [(seconds from connect to the whole response, status or what went wrong)]."""
+    results = []
+
+    def one():
+        t0 = time.monotonic()
+        try:
+            sock = socket.create_connection(addr, timeout=timeout)
+            if context:
+                sock = context.wrap_socket(sock, server_hostname="localhost")
+            with Conn(addr, timeout, sock=sock) as c:
+                r = c.request("GET", "/small.txt")
+                outcome = r.status if r else "closed without a response"
+        except Exception as e:   # recorded, asserted by the caller
+            outcome = repr(e)
+        results.append((round(time.monotonic() - t0, 2), outcome))
+    threads = []
+    for _ in range(n):
+        threads.append(threading.Thread(target=one))
+        threads[-1].start()
+        time.sleep(gap)
+    for th in threads:
+        th.join()
+    return results
+
+
+class TestFloods(ArchiveCase):
+    """A flood of connections that never complete a request, against 64 slots: clients arriving
+    during it wait in the kernel's backlog, none is reset, and each is served within twice the
+    header timeout, as idle and stalled connections give up their slots."""
+
+    def check_flood(self, args, idle, slow, first=b"", context=None, scheme="http"):
+        timeout = 3
+        with ServerProc(MAIN_TAR, "--max-connections", "64", "--header-timeout", str(timeout),
+                        "--handshake-timeout", str(timeout), *args) as srv:
+            addr = srv.addr_of(scheme)
+            with Flood(addr, idle, slow, first):
+                time.sleep(0.5)
+                results = timed_gets(addr, 6, 0.5, T(2 * timeout + 3), context)
+                st = srv.stats()
+            self.assertEqual([r for _t, r in results], [200] * 6, results)
+            self.assertLess(max(t for t, _r in results), T(2 * timeout), results)
+            self.assertGreater(st["reaped"], 0, st)
+            srv.assert_idle(T(2 * timeout))
+            self.assertNotIn("Traceback", srv.stderr_text())
+
+    def test_idle_and_slowloris_flood(self):
+        self.check_flood((), 500, 200)
+
+    def test_stalled_tls_handshakes(self):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.check_flood(("--tls-self-signed",), 300, 0, TLS_HELLO[:40], context, "https")
+
+
+class TestFdLimit(ArchiveCase):
+    """Descriptors run short: slots sized to the limit, accepts that back off, no crash."""
+
+    def test_access_log_flood_under_a_low_limit(self):
+        """An accepted client's address was read through a dup() of its socket: at the limit
+        that raised EMFILE outside any connection's error handling and killed the server."""
+        for _ in range(3):
+            with ServerProc(MAIN_TAR, "--max-connections", "64", "--access-log", "-",
+                            prefix=fd_limited(180)) as srv:
+                with Flood(srv.addr, 400):
+                    time.sleep(0.3)
+                    self.assertIsNone(srv.proc.poll(), srv.stderr_tail())
+                self.assertSmall(get1(srv.addr, "/small.txt"))
+                self.assertNotIn("Traceback", srv.stderr_text())
+
+    def assertSmall(self, resp):
+        self.assertEqual((resp.status, resp.body), (200, MAIN["small.txt"][0]), resp)
+
+    def test_slots_fit_a_low_hard_limit(self):
+        """ulimit -n 64 with the default 1024 slots: fewer slots, said in one line, and 200
+        clients at once (each keeps its connection open) are all served, without running out of
+        descriptors."""
+        with ServerProc(MAIN_TAR, prefix=fd_limited(64)) as srv:
+            conns = []
+            try:
+                for _ in range(200):
+                    conns.append(Conn(srv.addr, timeout=T(10)))
+                    conns[-1].send(VALID_GET)
+                for c in conns:
+                    self.assertSmall(c.read_response())
+            finally:
+                for c in conns:
+                    c.close()
+            self.assertEqual(srv.count_stderr("accept failed"), 0, srv.stderr_tail())
+            self.assertEqual(srv.count_stderr("open-file limit 64 is too low"), 1,
+                             srv.stderr_tail())
+            self.assertLess(srv.assert_idle()["max"], 64 - 8)
+
+    def test_accept_backs_off_when_out_of_descriptors(self):
+        """EMFILE from accept: no spinning, one log line per interval, and clients are served
+        once descriptors are back. While both slots send to stalled readers, the limit of the
+        running server is lowered below the descriptors it holds; accepts submitted after that
+        (the kernel reads the limit then) fail, also once a slot is free."""
+        with ServerProc(MAIN_TAR, "--max-connections", "2") as srv:
+            busy = [Conn(srv.addr), Conn(srv.addr)]
+            for c in busy:
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                c.send(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+            time.sleep(0.3)
+            pid = srv.proc.pid
+            limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+            in_use = len(os.listdir("/proc/%d/fd" % pid))
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use - 2, limits[1]))
+            conns = []
+            try:
+                for _ in range(5):
+                    conns.append(Conn(srv.addr, timeout=T(5)))
+                    conns[-1].send(VALID_GET)
+                busy[0].close()
+                time.sleep(0.5)
+                cpu0 = srv.cpu_seconds()
+                time.sleep(2)
+                self.assertLess(srv.cpu_seconds() - cpu0, 0.5, "spinning on EMFILE")
+                self.assertEqual(srv.count_stderr("accept failed: Too many open files"), 1,
+                                 srv.stderr_tail())
+            finally:
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+                busy[1].close()
+            for c in conns:
+                self.assertSmall(c.read_response(timeout=T(3)))
+                c.close()
+            srv.assert_idle()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2070,6 +2284,72 @@ class TestSignals(ArchiveCase):
             self.assertIn("http://[::1]:%d/" % srv.urls[1][1], srv.start_line)
             for addr in srv.urls:
                 self.assertEqual(get1(addr, "/small.txt").body, MAIN["small.txt"][0])
+
+
+class TestLogFailures(ArchiveCase):
+    """stdout or stderr is a pipe whose reader has gone: lines are lost, the server is not."""
+
+    def start(self, closed, *args):
+        """(process, address, file of the other stream): the server with the stream named
+        `closed` ('stdout' or 'stderr') writing into a pipe that nobody reads any more."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            addr = s.getsockname()
+        other = tempfile.TemporaryFile()
+        r, w = os.pipe()
+        os.close(r)
+        streams = {"stdout": other, "stderr": other}
+        streams[closed] = w
+        proc = subprocess.Popen([PY, TARWEB, "--listen", "%s:%d" % addr] + list(args)
+                                + [MAIN_TAR], stdin=subprocess.DEVNULL, **streams)
+        os.close(w)
+        deadline = time.monotonic() + T(15)
+        while True:
+            try:   # a response: the loop runs, its signal handlers are in place
+                get1(addr, "/small.txt")
+                return proc, addr, other
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    other.seek(0)
+                    self.fail("server not up (%r): %r" % (proc.returncode, other.read()))
+                time.sleep(0.05)
+
+    def stop(self, proc, other):
+        """SIGTERM: exit status 0 and no traceback in the other stream's output."""
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=T(10))
+        finally:
+            proc.kill()
+            other.seek(0)
+            text = other.read().decode("utf-8", "replace")
+            other.close()
+        self.assertEqual(rc, 0, text)
+        self.assertNotIn("Traceback", text)
+        self.assertNotIn("Exception ignored", text)
+        return text
+
+    def test_stats_with_stderr_gone(self):
+        proc, addr, other = self.start("stderr")
+        try:
+            for _ in range(3):
+                proc.send_signal(signal.SIGUSR1)
+                time.sleep(0.2)
+                self.assertIsNone(proc.poll(), "SIGUSR1 killed the server")
+                self.assertEqual(get1(addr, "/small.txt").status, 200)
+        finally:
+            self.assertIn("serving", self.stop(proc, other))
+
+    def test_start_line_and_access_log_with_stdout_gone(self):
+        proc, addr, other = self.start("stdout", "--access-log", "-")
+        try:
+            for _ in range(3):
+                self.assertEqual(get1(addr, "/small.txt").status, 200)
+            self.assertIsNone(proc.poll())
+        finally:
+            self.stop(proc, other)
 
 
 class StartupErrorChecks:
