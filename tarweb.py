@@ -489,7 +489,8 @@ class Archive:
         except OSError as e:
             raise StartupError(f"{path}: cannot open the tar file: {e.strerror}")
         if stat.S_ISDIR(st.st_mode):
-            raise StartupError(f"{path}: is a directory; give a tar file (tar -cf site.tar -C dir .)")
+            raise StartupError(f"{path}: is a directory; give a tar file "
+                               f"(tar -cf site.tar -C dir .)")
         for sig, kind in COMPRESSED_MAGIC:
             if magic.startswith(sig):
                 raise StartupError(f"{path}: is {kind}-compressed; serve an uncompressed tar "
