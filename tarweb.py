@@ -1122,7 +1122,7 @@ def _c25519_inverse(z):
 
 def _x25519_clamp(k):
     """decodeScalar25519: clear the 3 low bits and bit 255, set bit 254."""
-    n = int.from_bytes(k, 'little')
+    n = int.from_bytes(k, "little")
     return (n & (_C25519_M255 - 7)) | (1 << 254)
 
 
@@ -1136,7 +1136,7 @@ def _x25519_ladder(k, u):
     # bits as ASCII digits, 48 - ch is 0 for '0' and -1 (all ones) for '1': the swap mask.
     # Invariant: |x2|, |z2|, |x3|, |z3| < 2^256 (so sums < 2^257, products < 2^514; the
     # single folds give < 2^264, the double folds bring results back under 2^256).
-    for ch in format(k ^ (k >> 1), '0255b').encode():
+    for ch in format(k ^ (k >> 1), "0255b").encode():
         mask = 48 - ch
         d = mask & (x2 ^ x3)
         x2 ^= d
@@ -1183,17 +1183,17 @@ def x25519(k, u):
     reducing here since the ladder computes modulo p anyway.
     """
     if len(k) != 32 or len(u) != 32:
-        raise ValueError('X25519 scalar and u-coordinate must be 32 bytes each')
-    x, z = _x25519_ladder(_x25519_clamp(k), int.from_bytes(u, 'little') & _C25519_M255)
-    return (x * _c25519_inverse(z) % _C25519_P).to_bytes(32, 'little')
+        raise ValueError("X25519 scalar and u-coordinate must be 32 bytes each")
+    x, z = _x25519_ladder(_x25519_clamp(k), int.from_bytes(u, "little") & _C25519_M255)
+    return (x * _c25519_inverse(z) % _C25519_P).to_bytes(32, "little")
 
 
 def _x25519_base_public(priv):
     """X25519(priv, 9) through the fixed-base Edwards table instead of the ladder."""
-    scalar = _x25519_clamp(priv).to_bytes(32, 'little')
+    scalar = _x25519_clamp(priv).to_bytes(32, "little")
     _x, y, z, _t = _ed25519_base_mult(scalar)
     u = (z + y) * _c25519_inverse(z - y) % _C25519_P  # u = (1 + y) / (1 - y) with y = Y/Z
-    return u.to_bytes(32, 'little')
+    return u.to_bytes(32, "little")
 
 
 def x25519_keypair():
@@ -1203,7 +1203,8 @@ def x25519_keypair():
 
 
 def x25519_shared(priv, peer_pub):
-    """The X25519 shared secret; ValueError for a malformed or low-order peer key (RFC 7748 §6.1)."""
+    """The X25519 shared secret; ValueError for a malformed or low-order peer key
+    (RFC 7748 §6.1)."""
     _x25519_check_peer(peer_pub)
     return _x25519_check_shared(x25519(priv, peer_pub))
 
@@ -1215,8 +1216,8 @@ def x25519_ephemeral_shared(peer_pub):
     _x25519_check_peer(peer_pub)
     p = _C25519_P
     scalar = _x25519_clamp(secrets.token_bytes(32))
-    _x, y, z, _t = _ed25519_base_mult(scalar.to_bytes(32, 'little'))
-    x2, z2 = _x25519_ladder(scalar, int.from_bytes(peer_pub, 'little') & _C25519_M255)
+    _x, y, z, _t = _ed25519_base_mult(scalar.to_bytes(32, "little"))
+    x2, z2 = _x25519_ladder(scalar, int.from_bytes(peer_pub, "little") & _C25519_M255)
     # Our public u = (z + y) / (z - y) (see _x25519_base_public); z - y is never 0 mod p, as the
     # clamped scalar is no multiple of the base point's order.  z2 = 0 (a low-order peer key)
     # zeroes the product, whose "inverse" is then 0: the shared secret comes out all zero.
@@ -1224,17 +1225,17 @@ def x25519_ephemeral_shared(peer_pub):
     inverse = _c25519_inverse(denominator * z2)
     public = (z + y) * z2 % p * inverse % p
     shared = x2 * denominator % p * inverse % p
-    return public.to_bytes(32, 'little'), _x25519_check_shared(shared.to_bytes(32, 'little'))
+    return public.to_bytes(32, "little"), _x25519_check_shared(shared.to_bytes(32, "little"))
 
 
 def _x25519_check_peer(peer_pub):
     if len(peer_pub) != 32:
-        raise ValueError('X25519 public key must be 32 bytes, got %d' % len(peer_pub))
+        raise ValueError(f"X25519 public key must be 32 bytes, got {len(peer_pub)}")
 
 
 def _x25519_check_shared(shared):
     if hmac.compare_digest(shared, bytes(32)):
-        raise ValueError('X25519 shared secret is all zero (low-order peer public key)')
+        raise ValueError("X25519 shared secret is all zero (low-order peer public key)")
     return shared
 
 
@@ -1278,7 +1279,7 @@ def _ed25519_scalar_mult(s, p1):
     q = _ED25519_IDENTITY
     for bit in bin(s)[2:]:
         q = _ed25519_point_double(q)
-        if bit == '1':
+        if bit == "1":
             q = _ed25519_point_add(q, p1)
     return q
 
@@ -1294,7 +1295,7 @@ def _ed25519_encode(p1):
     zi = _c25519_inverse(z1)
     x = x1 * zi % _C25519_P
     y = y1 * zi % _C25519_P
-    return (y | (x & 1) << 255).to_bytes(32, 'little')
+    return (y | (x & 1) << 255).to_bytes(32, "little")
 
 
 def _ed25519_decode(data):
@@ -1302,7 +1303,7 @@ def _ed25519_decode(data):
     p = _C25519_P
     if len(data) != 32:
         return None
-    n = int.from_bytes(data, 'little')
+    n = int.from_bytes(data, "little")
     x_0, y = n >> 255, n & _C25519_M255
     if y >= p:
         return None
@@ -1322,7 +1323,7 @@ def _ed25519_decode(data):
 
 
 # The base point: y = 4/5 and x even (RFC 8032 §5.1).
-_ED25519_B = _ed25519_decode((4 * pow(5, -1, _C25519_P) % _C25519_P).to_bytes(32, 'little'))
+_ED25519_B = _ed25519_decode((4 * pow(5, -1, _C25519_P) % _C25519_P).to_bytes(32, "little"))
 
 # rows[i][j] = j * 256^i * B as affine (y + x, y - x, 2*d*x*y); built by _ed25519_base_table().
 _ed25519_base_rows = None
@@ -1404,19 +1405,19 @@ class Ed25519Key:
 
     def __init__(self, seed):
         if len(seed) != 32:
-            raise ValueError('Ed25519 seed must be 32 bytes, got %d' % len(seed))
+            raise ValueError(f"Ed25519 seed must be 32 bytes, got {len(seed)}")
         h = hashlib.sha512(seed).digest()
         self._scalar = _x25519_clamp(h[:32])  # Ed25519 prunes the first half just as X25519 clamps
         self._prefix = h[32:]
-        self.public = _ed25519_encode(_ed25519_base_mult(self._scalar.to_bytes(32, 'little')))
+        self.public = _ed25519_encode(_ed25519_base_mult(self._scalar.to_bytes(32, "little")))
 
     def sign(self, msg):
         """The 64-byte signature R || S of msg (RFC 8032 §5.1.6)."""
-        r = int.from_bytes(hashlib.sha512(self._prefix + msg).digest(), 'little') % _ED25519_L
-        r_enc = _ed25519_encode(_ed25519_base_mult(r.to_bytes(32, 'little')))
-        k = int.from_bytes(hashlib.sha512(r_enc + self.public + msg).digest(), 'little')
+        r = int.from_bytes(hashlib.sha512(self._prefix + msg).digest(), "little") % _ED25519_L
+        r_enc = _ed25519_encode(_ed25519_base_mult(r.to_bytes(32, "little")))
+        k = int.from_bytes(hashlib.sha512(r_enc + self.public + msg).digest(), "little")
         s = (r + k * self._scalar) % _ED25519_L
-        return r_enc + s.to_bytes(32, 'little')
+        return r_enc + s.to_bytes(32, "little")
 
 
 def ed25519_verify(pub, msg, sig):
@@ -1428,10 +1429,10 @@ def ed25519_verify(pub, msg, sig):
         return False
     a_pt = _ed25519_decode(pub)
     r_pt = _ed25519_decode(sig[:32])
-    s = int.from_bytes(sig[32:], 'little')
+    s = int.from_bytes(sig[32:], "little")
     if a_pt is None or r_pt is None or s >= _ED25519_L:
         return False
-    k = int.from_bytes(hashlib.sha512(sig[:32] + pub + msg).digest(), 'little') % _ED25519_L
+    k = int.from_bytes(hashlib.sha512(sig[:32] + pub + msg).digest(), "little") % _ED25519_L
     diff = _ed25519_point_add(_ed25519_base_mult(sig[32:]), _ed25519_point_neg(r_pt))
     diff = _ed25519_point_add(diff, _ed25519_point_neg(_ed25519_scalar_mult(k, a_pt)))
     return _ed25519_is_identity(diff)  # [S]B - R - [k]A
@@ -1473,27 +1474,27 @@ class _EcpCurve:
 
 
 SECP256R1 = _EcpCurve(
-    'secp256r1',
+    "secp256r1",
     p=0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF,
     b=0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B,
     gx=0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
     gy=0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5,
     n=0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
-    hash_name='sha256')
+    hash_name="sha256")
 
 SECP384R1 = _EcpCurve(
-    'secp384r1',
-    p=int('FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFE'
-          'FFFFFFFF0000000000000000FFFFFFFF', 16),
-    b=int('B3312FA7E23EE7E4988E056BE3F82D19181D9C6EFE8141120314088F5013875A'
-          'C656398D8A2ED19D2A85C8EDD3EC2AEF', 16),
-    gx=int('AA87CA22BE8B05378EB1C71EF320AD746E1D3B628BA79B9859F741E082542A38'
-           '5502F25DBF55296C3A545E3872760AB7', 16),
-    gy=int('3617DE4A96262C6F5D9E98BF9292DC29F8F41DBD289A147CE9DA3113B5F0B8C0'
-           '0A60B1CE1D7E819D7A431D7C90EA0E5F', 16),
-    n=int('FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF'
-          '581A0DB248B0A77AECEC196ACCC52973', 16),
-    hash_name='sha384')
+    "secp384r1",
+    p=int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFE"
+          "FFFFFFFF0000000000000000FFFFFFFF", 16),
+    b=int("B3312FA7E23EE7E4988E056BE3F82D19181D9C6EFE8141120314088F5013875A"
+          "C656398D8A2ED19D2A85C8EDD3EC2AEF", 16),
+    gx=int("AA87CA22BE8B05378EB1C71EF320AD746E1D3B628BA79B9859F741E082542A38"
+           "5502F25DBF55296C3A545E3872760AB7", 16),
+    gy=int("3617DE4A96262C6F5D9E98BF9292DC29F8F41DBD289A147CE9DA3113B5F0B8C0"
+           "0A60B1CE1D7E819D7A431D7C90EA0E5F", 16),
+    n=int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
+          "581A0DB248B0A77AECEC196ACCC52973", 16),
+    hash_name="sha384")
 
 
 # ---------------------------------------------------------------- point arithmetic
@@ -1696,31 +1697,31 @@ def _ecp_mul_point(curve, k, px, py):
 
 def _ecp_check_scalar(curve, d):
     if not 1 <= d < curve.n:
-        raise ValueError('%s private key out of range [1, n-1]' % curve.name)
+        raise ValueError(f"{curve.name} private key out of range [1, n-1]")
 
 
 def _ecp_encode_point(curve, x, y):
     """SEC 1 uncompressed encoding 0x04 || X || Y."""
     size = curve.byte_len
-    return b'\x04' + x.to_bytes(size, 'big') + y.to_bytes(size, 'big')
+    return b"\x04" + x.to_bytes(size, "big") + y.to_bytes(size, "big")
 
 
 def _ecp_decode_point(curve, data):
     """Affine (x, y) from an uncompressed point; ValueError unless valid and on the curve."""
     size = curve.byte_len
     if len(data) == 1 and data[0] == 0:
-        raise ValueError('%s point is the point at infinity' % curve.name)
+        raise ValueError(f"{curve.name} point is the point at infinity")
     if len(data) != 1 + 2 * size:
-        raise ValueError('%s point must be %d bytes, got %d' % (curve.name, 1 + 2 * size, len(data)))
+        raise ValueError(f"{curve.name} point must be {1 + 2 * size} bytes, got {len(data)}")
     if data[0] != 4:
-        raise ValueError('%s point is not in uncompressed form (0x04)' % curve.name)
+        raise ValueError(f"{curve.name} point is not in uncompressed form (0x04)")
     p = curve.p
-    x = int.from_bytes(data[1:1 + size], 'big')
-    y = int.from_bytes(data[1 + size:], 'big')
+    x = int.from_bytes(data[1:1 + size], "big")
+    y = int.from_bytes(data[1 + size:], "big")
     if x >= p or y >= p:
-        raise ValueError('%s point coordinate is not below p' % curve.name)
+        raise ValueError(f"{curve.name} point coordinate is not below p")
     if (y * y - x * x * x + 3 * x - curve.b) % p:
-        raise ValueError('%s point is not on the curve' % curve.name)
+        raise ValueError(f"{curve.name} point is not on the curve")
     return x, y
 
 
@@ -1750,14 +1751,14 @@ def ecdh_shared(curve, d, peer_pub):
     p = curve.p
     x, _, z = _ecp_mul_point(curve, d, px, py)
     zinv = pow(z, -1, p)
-    return (x * zinv * zinv % p).to_bytes(curve.byte_len, 'big')
+    return (x * zinv * zinv % p).to_bytes(curve.byte_len, "big")
 
 
 # ---------------------------------------------------------------- ECDSA
 
 def _ecdsa_bits2int(data, qlen):
     """RFC 6979 bits2int (= FIPS 186-4 leftmost-bits rule): the first qlen bits as an integer."""
-    value = int.from_bytes(data, 'big')
+    value = int.from_bytes(data, "big")
     extra = len(data) * 8 - qlen
     return value >> extra if extra > 0 else value
 
@@ -1768,35 +1769,36 @@ def _ecdsa_rfc6979_nonces(curve, d, h1):
     qlen = n.bit_length()
     rlen = (qlen + 7) // 8
     name = curve.hash_name
-    seed = d.to_bytes(rlen, 'big') + (_ecdsa_bits2int(h1, qlen) % n).to_bytes(rlen, 'big')
-    v = b'\x01' * len(h1)
-    key = b'\x00' * len(h1)
-    key = hmac.digest(key, v + b'\x00' + seed, name)
+    seed = d.to_bytes(rlen, "big") + (_ecdsa_bits2int(h1, qlen) % n).to_bytes(rlen, "big")
+    v = b"\x01" * len(h1)
+    key = b"\x00" * len(h1)
+    key = hmac.digest(key, v + b"\x00" + seed, name)
     v = hmac.digest(key, v, name)
-    key = hmac.digest(key, v + b'\x01' + seed, name)
+    key = hmac.digest(key, v + b"\x01" + seed, name)
     v = hmac.digest(key, v, name)
     while True:
-        t = b''
+        t = b""
         while len(t) < rlen:
             v = hmac.digest(key, v, name)
             t += v
         k = _ecdsa_bits2int(t, qlen)
         if 1 <= k < n:
             yield k
-        key = hmac.digest(key, v + b'\x00', name)
+        key = hmac.digest(key, v + b"\x00", name)
         v = hmac.digest(key, v, name)
 
 
 def _ecdsa_der_integer(value):
     """DER INTEGER for value > 0: minimal big-endian bytes, plus a 0 byte if the top bit is set."""
-    raw = value.to_bytes(value.bit_length() // 8 + 1, 'big')
-    return b'\x02' + bytes((len(raw),)) + raw
+    raw = value.to_bytes(value.bit_length() // 8 + 1, "big")
+    return b"\x02" + bytes((len(raw),)) + raw
 
 
 def _ecdsa_der_encode(r, s):
-    """DER SEQUENCE { INTEGER r, INTEGER s }; at most 2 * (2 + 49) bytes, so short lengths suffice."""
+    """DER SEQUENCE { INTEGER r, INTEGER s }; at most 2 * (2 + 49) bytes, so short lengths
+    suffice."""
     body = _ecdsa_der_integer(r) + _ecdsa_der_integer(s)
-    return b'\x30' + bytes((len(body),)) + body
+    return b"\x30" + bytes((len(body),)) + body
 
 
 def _ecdsa_der_decode(sig):
@@ -1814,7 +1816,7 @@ def _ecdsa_der_decode(sig):
             return None
         if body[0] & 0x80 or (length > 1 and body[0] == 0 and not body[1] & 0x80):
             return None  # negative, or not minimal
-        values.append(int.from_bytes(body, 'big'))
+        values.append(int.from_bytes(body, "big"))
         pos += 2 + length
     if pos != len(sig):
         return None
@@ -1915,7 +1917,7 @@ class AEADError(ValueError):
 def _aead_xor(data, keystream):
     """XOR two equal-length byte strings, as big integers so the loop runs in C."""
     n = len(data)
-    return (int.from_bytes(data, 'big') ^ int.from_bytes(keystream, 'big')).to_bytes(n, 'big')
+    return (int.from_bytes(data, "big") ^ int.from_bytes(keystream, "big")).to_bytes(n, "big")
 
 
 # ---------------------------------------------------------------- AES (FIPS 197)
@@ -1940,12 +1942,12 @@ def _aes_make_sbox():
 
 
 _AES_SBOX = _aes_make_sbox()
-_AES_BYTES_ONES = int.from_bytes(b'\x01' * 256, 'big')
+_AES_BYTES_ONES = int.from_bytes(b"\x01" * 256, "big")
 
 
 def _aes_xor_table(table, k):
     """The 256-byte table with every byte XORed with k."""
-    return (int.from_bytes(table, 'big') ^ (k * _AES_BYTES_ONES)).to_bytes(256, 'big')
+    return (int.from_bytes(table, "big") ^ (k * _AES_BYTES_ONES)).to_bytes(256, "big")
 
 
 # _AES_SUB_XOR[k] is the translate table x -> S(x ^ k): AddRoundKey folded into SubBytes.
@@ -1965,14 +1967,14 @@ _AES_RCON = (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0x1b, 0x36)
 
 def _aes_sub_word(word):
     """SubWord: the S-box on each byte of a 32-bit word."""
-    return int.from_bytes(word.to_bytes(4, 'big').translate(_AES_SBOX), 'big')
+    return int.from_bytes(word.to_bytes(4, "big").translate(_AES_SBOX), "big")
 
 
 def _aes_expand_key(key):
     """FIPS 197 KeyExpansion -> list of Nr+1 round keys of 16 bytes."""
     nk = len(key) // 4
     nr = nk + 6
-    words = list(struct.unpack('>%dI' % nk, key))
+    words = list(struct.unpack(f">{nk}I", key))
     for i in range(nk, 4 * (nr + 1)):
         t = words[i - 1]
         if i % nk == 0:
@@ -1980,7 +1982,7 @@ def _aes_expand_key(key):
         elif nk > 6 and i % nk == 4:
             t = _aes_sub_word(t)
         words.append(words[i - nk] ^ t)
-    return [struct.pack('>4I', *words[4 * r:4 * r + 4]) for r in range(nr + 1)]
+    return [struct.pack(">4I", *words[4 * r:4 * r + 4]) for r in range(nr + 1)]
 
 
 class _AESSchedule:
@@ -1993,7 +1995,7 @@ class _AESSchedule:
 
     def __init__(self, key):
         if len(key) not in (16, 32):
-            raise ValueError('AES key must be 16 or 32 bytes, got %d' % len(key))
+            raise ValueError(f"AES key must be 16 or 32 bytes, got {len(key)}")
         round_keys = _aes_expand_key(bytes(key))
         self.rounds = [[_AES_SUB_XOR[rk[i]] for i in _AES_SHIFT_INDEX] for rk in round_keys[:-2]]
         last_in, last_out = round_keys[-2], round_keys[-1]
@@ -2005,10 +2007,10 @@ class _AESSchedule:
         `state`); return the ciphertext blocks in ordinary order (16*n bytes)."""
         low3 = (1 << (96 * n)) - 1          # rows 1..3, which move up one row
         low2 = (1 << (64 * n)) - 1          # rows 2..3, which move up two rows
-        top_bits = int.from_bytes(b'\x80' * (16 * n), 'big')
+        top_bits = int.from_bytes(b"\x80" * (16 * n), "big")
         for tables in self.rounds:
-            s = int.from_bytes(b''.join(
-                [state[q * n:q * n + n].translate(t) for q, t in zip(_AES_SHIFT_SRC, tables)]), 'big')
+            s = int.from_bytes(b"".join([state[q * n:q * n + n].translate(t)
+                                         for q, t in zip(_AES_SHIFT_SRC, tables)]), "big")
             # MixColumns on every column of every block at once, with rows
             # a0..a3 of the big int: out_r = 2*(a_r ^ a_r+1) ^ (a0^a1^a2^a3) ^ a_r,
             # which equals the FIPS 197 2*a_r ^ 3*a_r+1 ^ a_r+2 ^ a_r+3.
@@ -2018,7 +2020,7 @@ class _AESSchedule:
             # bit, and XOR 0x1b into the bytes whose top bit was set.
             top = u & top_bits
             s ^= total ^ ((u ^ top) << 1) ^ ((top >> 7) * 0x1b)
-            state = s.to_bytes(16 * n, 'big')
+            state = s.to_bytes(16 * n, "big")
         out = bytearray(16 * n)
         for q, t, j in zip(_AES_SHIFT_SRC, self.final, _AES_PLANE_INDEX):
             out[j::16] = state[q * n:q * n + n].translate(t)
@@ -2053,7 +2055,7 @@ def _aes_build_t_tables():
         out_column = (column - row) % 4           # where ShiftRows moves it
         shift = 32 * (3 - out_column)
         factors = _AES_MIX_COLUMNS[row]
-        tables.append([int.from_bytes(bytes(_aes_gf_mul(_AES_SBOX[x], k) for k in factors), 'big')
+        tables.append([int.from_bytes(bytes(_aes_gf_mul(_AES_SBOX[x], k) for k in factors), "big")
                        << shift for x in range(256)])
     return tables
 
@@ -2061,8 +2063,8 @@ def _aes_build_t_tables():
 def _aes_round_key_ints(key):
     """The FIPS 197 round keys of key as 128-bit big-endian ints (ValueError on a bad key size)."""
     if len(key) not in (16, 32):
-        raise ValueError('AES key must be 16 or 32 bytes, got %d' % len(key))
-    return [int.from_bytes(rk, 'big') for rk in _aes_expand_key(bytes(key))]
+        raise ValueError(f"AES key must be 16 or 32 bytes, got {len(key)}")
+    return [int.from_bytes(rk, "big") for rk in _aes_expand_key(bytes(key))]
 
 
 def _aes_encrypt_int(round_keys, block):
@@ -2073,21 +2075,22 @@ def _aes_encrypt_int(round_keys, block):
     t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15 = _aes_t_tables
     s = block ^ round_keys[0]
     for i in range(1, len(round_keys) - 1):
-        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = s.to_bytes(16, 'big')
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = s.to_bytes(16, "big")
         s = (t0[b0] ^ t1[b1] ^ t2[b2] ^ t3[b3] ^ t4[b4] ^ t5[b5] ^ t6[b6] ^ t7[b7] ^ t8[b8]
-             ^ t9[b9] ^ t10[b10] ^ t11[b11] ^ t12[b12] ^ t13[b13] ^ t14[b14] ^ t15[b15] ^ round_keys[i])
+             ^ t9[b9] ^ t10[b10] ^ t11[b11] ^ t12[b12] ^ t13[b13] ^ t14[b14] ^ t15[b15]
+             ^ round_keys[i])
     # Last round: no MixColumns, so ShiftRows is a byte permutation and SubBytes a translate.
-    state = s.to_bytes(16, 'big')
+    state = s.to_bytes(16, "big")
     shifted = bytes([state[i] for i in _AES_SHIFT_ROWS]).translate(_AES_SBOX)
-    return int.from_bytes(shifted, 'big') ^ round_keys[-1]
+    return int.from_bytes(shifted, "big") ^ round_keys[-1]
 
 
 def aes_encrypt_block(key, block16):
     """Encrypt one 16-byte block with AES-128 or AES-256 (FIPS 197 Cipher)."""
     round_keys = _aes_round_key_ints(key)
     if len(block16) != 16:
-        raise ValueError('AES block must be 16 bytes, got %d' % len(block16))
-    return _aes_encrypt_int(round_keys, int.from_bytes(block16, 'big')).to_bytes(16, 'big')
+        raise ValueError(f"AES block must be 16 bytes, got {len(block16)}")
+    return _aes_encrypt_int(round_keys, int.from_bytes(block16, "big")).to_bytes(16, "big")
 
 
 # ------------------------------------------------------------ GCM (SP 800-38D)
@@ -2140,7 +2143,7 @@ def _gcm_ghash_nibbles(tables, data):
      u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15) = tables
     y = 0
     for i in range(0, len(data), 16):
-        block = (y ^ int.from_bytes(data[i:i + 16], 'big')).to_bytes(16, 'big')
+        block = (y ^ int.from_bytes(data[i:i + 16], "big")).to_bytes(16, "big")
         h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15 = \
             block.translate(_GCM_HIGH_NIBBLES)
         l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11, l12, l13, l14, l15 = \
@@ -2158,14 +2161,14 @@ def _gcm_ghash(tables, data):
     y = 0
     for i in range(0, len(data), 16):
         (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14,
-         b15) = (y ^ int.from_bytes(data[i:i + 16], 'big')).to_bytes(16, 'big')
+         b15) = (y ^ int.from_bytes(data[i:i + 16], "big")).to_bytes(16, "big")
         y = (t0[b0] ^ t1[b1] ^ t2[b2] ^ t3[b3] ^ t4[b4] ^ t5[b5] ^ t6[b6] ^ t7[b7]
              ^ t8[b8] ^ t9[b9] ^ t10[b10] ^ t11[b11] ^ t12[b12] ^ t13[b13] ^ t14[b14] ^ t15[b15])
     return y
 
 
 def _aead_pad16(data):
-    return b'\x00' * (-len(data) % 16)
+    return b"\x00" * (-len(data) % 16)
 
 
 class AESGCM:
@@ -2182,17 +2185,17 @@ class AESGCM:
     def _keystream(self, nonce, nblocks):
         """E(K, J0) followed by nblocks of CTR keystream (counters 2, 3, ...)."""
         if nblocks > (1 << 32) - 2:        # SP 800-38D: at most 2^39 - 256 bits of plaintext
-            raise ValueError('AES-GCM message too long')
+            raise ValueError("AES-GCM message too long")
         n = nblocks + 1
         if n < _AES_SLICED_MIN_BLOCKS:
-            j0 = int.from_bytes(nonce, 'big') << 32 | 1
-            return b''.join([_aes_encrypt_int(self._round_keys, j0 + i).to_bytes(16, 'big')
+            j0 = int.from_bytes(nonce, "big") << 32 | 1
+            return b"".join([_aes_encrypt_int(self._round_keys, j0 + i).to_bytes(16, "big")
                              for i in range(n)])
         if self._sliced is None:
             self._sliced = _AESSchedule(self._key)
-        counters = struct.pack('>%dI' % n, *range(1, n + 1))    # J0 = nonce || 1
+        counters = struct.pack(f">{n}I", *range(1, n + 1))    # J0 = nonce || 1
         planes = [nonce[i:i + 1] * n if i < 12 else counters[i - 12::4] for i in _AES_PLANE_INDEX]
-        return self._sliced.encrypt_planes(b''.join(planes), n)
+        return self._sliced.encrypt_planes(b"".join(planes), n)
 
     def _ghash(self, data):
         if self._byte_tables is None:
@@ -2203,13 +2206,14 @@ class AESGCM:
         return _gcm_ghash(self._byte_tables, data)
 
     def _tag(self, aad, ciphertext, mask):
-        lengths = struct.pack('>QQ', 8 * len(aad), 8 * len(ciphertext))
-        s = self._ghash(b''.join((aad, _aead_pad16(aad), ciphertext, _aead_pad16(ciphertext), lengths)))
-        return (s ^ int.from_bytes(mask, 'big')).to_bytes(16, 'big')
+        lengths = struct.pack(">QQ", 8 * len(aad), 8 * len(ciphertext))
+        s = self._ghash(b"".join((aad, _aead_pad16(aad), ciphertext, _aead_pad16(ciphertext),
+                                  lengths)))
+        return (s ^ int.from_bytes(mask, "big")).to_bytes(16, "big")
 
     def seal(self, nonce, plaintext, aad):
         if len(nonce) != 12:
-            raise ValueError('AES-GCM nonce must be 12 bytes, got %d' % len(nonce))
+            raise ValueError(f"AES-GCM nonce must be 12 bytes, got {len(nonce)}")
         nonce, plaintext, aad = bytes(nonce), bytes(plaintext), bytes(aad)
         n = len(plaintext)
         ks = self._keystream(nonce, (n + 15) // 16)
@@ -2218,15 +2222,15 @@ class AESGCM:
 
     def open(self, nonce, data, aad):
         if len(nonce) != 12:
-            raise AEADError('AES-GCM nonce must be 12 bytes, got %d' % len(nonce))
+            raise AEADError(f"AES-GCM nonce must be 12 bytes, got {len(nonce)}")
         if len(data) < 16:
-            raise AEADError('AES-GCM input shorter than the tag')
+            raise AEADError("AES-GCM input shorter than the tag")
         nonce, data, aad = bytes(nonce), bytes(data), bytes(aad)
         ciphertext, tag = data[:-16], data[-16:]
         n = len(ciphertext)
         ks = self._keystream(nonce, (n + 15) // 16)
         if not hmac.compare_digest(self._tag(aad, ciphertext, ks[:16]), tag):
-            raise AEADError('AES-GCM authentication failed')
+            raise AEADError("AES-GCM authentication failed")
         return _aead_xor(ciphertext, ks[16:16 + n])
 
 
@@ -2274,8 +2278,8 @@ def _chacha_quarter(a, b, c, d, m):
 def _chacha20_state(key, nonce, counter, nblocks):
     """The 64-byte initial state (RFC 8439 2.3) of nblocks blocks from counter on."""
     if counter + nblocks > 1 << 32:
-        raise ValueError('ChaCha20 block counter would overflow')
-    return struct.pack('<4I32sI12s', *_CHACHA_CONSTANTS, bytes(key), counter, bytes(nonce))
+        raise ValueError("ChaCha20 block counter would overflow")
+    return struct.pack("<4I32sI12s", *_CHACHA_CONSTANTS, bytes(key), counter, bytes(nonce))
 
 
 def _chacha20_blocks(key, nonce, counter, nblocks):
@@ -2314,9 +2318,9 @@ def _chacha_row_geometry(n):
     if geometry is None:
         s = 64 * n
         geometry = _chacha_row_geometry_cache[n] = (
-            int.from_bytes(b'\xff\xff\xff\xff\x00\x00\x00\x00' * (4 * n), 'little'), s,
+            int.from_bytes(b"\xff\xff\xff\xff\x00\x00\x00\x00" * (4 * n), "little"), s,
             (1 << s) - 1, (1 << 2 * s) - 1, (1 << 3 * s) - 1,
-            int.from_bytes(struct.pack('<%dQ' % n, *range(n)), 'little'))
+            int.from_bytes(struct.pack(f"<{n}Q", *range(n)), "little"))
     return geometry
 
 
@@ -2332,13 +2336,13 @@ def _chacha20_row_layout(jobs):
     m, s, low1, low2, low3, counter_steps = _chacha_row_geometry(n)
     s2, s3 = 2 * s, 3 * s
     # Each state word as an 8-byte lane, repeated for its job's blocks: its column of the row.
-    words = [(struct.pack('<16Q', *struct.unpack('<16I', state)), count) for state, count in jobs]
-    lanes = b''.join([word[i:i + 8] * count for i in range(0, 128, 8) for word, count in words])
+    words = [(struct.pack("<16Q", *struct.unpack("<16I", state)), count) for state, count in jobs]
+    lanes = b"".join([word[i:i + 8] * count for i in range(0, 128, 8) for word, count in words])
     size = 32 * n
-    a0, b0, c0, d0 = [int.from_bytes(lanes[i:i + size], 'little') for i in range(0, 4 * size, size)]
+    a0, b0, c0, d0 = [int.from_bytes(lanes[i:i + size], "little") for i in range(0, 4 * size, size)]
     if len(jobs) > 1:   # each job counts its blocks from its own counter
-        counter_steps = int.from_bytes(struct.pack('<%dQ' % n, *[
-            j for _, count in jobs for j in range(count)]), 'little')
+        counter_steps = int.from_bytes(struct.pack(f"<{n}Q", *[
+            j for _, count in jobs for j in range(count)]), "little")
     d0 += counter_steps
     a, b, c, d = a0, b0, c0, d0
     # The quarter round is written out for both half-rounds instead of called: at these sizes
@@ -2389,10 +2393,10 @@ def _chacha_gather_rows(rows, n):
     8-byte memoryviews (a plain copy, so the native byte order does not matter).
     """
     out = bytearray(64 * n)
-    slots = memoryview(out).cast('Q')
+    slots = memoryview(out).cast("Q")
     shift = 64 * n - 32
     for r, x in enumerate(rows):
-        pairs = memoryview((x | (x >> shift)).to_bytes(32 * n, 'little')).cast('Q')
+        pairs = memoryview((x | (x >> shift)).to_bytes(32 * n, "little")).cast("Q")
         slots[2 * r::8] = pairs[:n]
         slots[2 * r + 1::8] = pairs[2 * n:3 * n]
     return bytes(out)
@@ -2400,10 +2404,10 @@ def _chacha_gather_rows(rows, n):
 
 def _chacha20_word_layout(state, n):
     """n keystream blocks from the 64-byte initial state, one big int per state word."""
-    ones = int.from_bytes(b'\x01\x00\x00\x00\x00\x00\x00\x00' * n, 'little')    # 1 in every lane
+    ones = int.from_bytes(b"\x01\x00\x00\x00\x00\x00\x00\x00" * n, "little")    # 1 in every lane
     m = ones * 0xffffffff
-    init = [w * ones for w in struct.unpack('<16I', state)]
-    init[12] += int.from_bytes(struct.pack('<%dQ' % n, *range(n)), 'little')
+    init = [w * ones for w in struct.unpack("<16I", state)]
+    init[12] += int.from_bytes(struct.pack(f"<{n}Q", *range(n)), "little")
     x = list(init)
     for _ in range(10):
         for a, b, c, d in _CHACHA_QUARTERS:
@@ -2412,11 +2416,11 @@ def _chacha20_word_layout(state, n):
     # those 8-byte lanes into their slots of each 64-byte block via 8-byte
     # memoryviews (a plain copy, so the native byte order does not matter).
     out = bytearray(64 * n)
-    slots = memoryview(out).cast('Q')
+    slots = memoryview(out).cast("Q")
     for k in range(8):
         lo = (x[2 * k] + init[2 * k]) & m
         hi = (x[2 * k + 1] + init[2 * k + 1]) & m
-        slots[k::8] = memoryview((lo | (hi << 32)).to_bytes(8 * n, 'little')).cast('Q')
+        slots[k::8] = memoryview((lo | (hi << 32)).to_bytes(8 * n, "little")).cast("Q")
     return bytes(out)
 
 
@@ -2428,16 +2432,16 @@ _POLY1305_P = (1 << 130) - 5
 def _poly1305_mac(key32, msg):
     """Poly1305 tag of msg under the one-time key (r || s)."""
     p = _POLY1305_P
-    r = int.from_bytes(key32[:16], 'little') & 0x0ffffffc0ffffffc0ffffffc0fffffff
-    s = int.from_bytes(key32[16:32], 'little')
+    r = int.from_bytes(key32[:16], "little") & 0x0ffffffc0ffffffc0ffffffc0fffffff
+    s = int.from_bytes(key32[16:32], "little")
     full = len(msg) - len(msg) % 16
     quad = full - full % 64
     acc = _poly1305_quads(msg, quad, r) if quad else 0
     for i in range(quad, full, 16):
-        acc = (acc + int.from_bytes(msg[i:i + 16], 'little') + (1 << 128)) * r % p
+        acc = (acc + int.from_bytes(msg[i:i + 16], "little") + (1 << 128)) * r % p
     if full < len(msg):                     # final partial block gets a 0x01 byte appended
-        acc = (acc + int.from_bytes(msg[full:] + b'\x01', 'little')) * r % p
-    return ((acc + s) & ((1 << 128) - 1)).to_bytes(16, 'little')
+        acc = (acc + int.from_bytes(msg[full:] + b"\x01", "little")) * r % p
+    return ((acc + s) & ((1 << 128) - 1)).to_bytes(16, "little")
 
 
 def _poly1305_quads(msg, end, r):
@@ -2451,10 +2455,10 @@ def _poly1305_quads(msg, end, r):
     pads = (r4 + r3 + r2 + r) << 128
     acc = 0
     for i in range(0, end, 64):
-        acc = ((acc + int.from_bytes(msg[i:i + 16], 'little')) * r4
-               + int.from_bytes(msg[i + 16:i + 32], 'little') * r3
-               + int.from_bytes(msg[i + 32:i + 48], 'little') * r2
-               + int.from_bytes(msg[i + 48:i + 64], 'little') * r + pads) % p
+        acc = ((acc + int.from_bytes(msg[i:i + 16], "little")) * r4
+               + int.from_bytes(msg[i + 16:i + 32], "little") * r3
+               + int.from_bytes(msg[i + 32:i + 48], "little") * r2
+               + int.from_bytes(msg[i + 48:i + 64], "little") * r + pads) % p
     return acc
 
 
@@ -2463,7 +2467,7 @@ class ChaCha20Poly1305:
 
     def __init__(self, key):
         if len(key) != 32:
-            raise ValueError('ChaCha20-Poly1305 key must be 32 bytes, got %d' % len(key))
+            raise ValueError(f"ChaCha20-Poly1305 key must be 32 bytes, got {len(key)}")
         self._key = bytes(key)
         self._ready = {}   # nonce -> keystream made ahead by chacha20_poly1305_prefetch
 
@@ -2476,13 +2480,13 @@ class ChaCha20Poly1305:
         return ks
 
     def _tag(self, otk, aad, ciphertext):
-        lengths = struct.pack('<QQ', len(aad), len(ciphertext))
-        return _poly1305_mac(otk, b''.join(
+        lengths = struct.pack("<QQ", len(aad), len(ciphertext))
+        return _poly1305_mac(otk, b"".join(
             (aad, _aead_pad16(aad), ciphertext, _aead_pad16(ciphertext), lengths)))
 
     def seal(self, nonce, plaintext, aad):
         if len(nonce) != 12:
-            raise ValueError('ChaCha20-Poly1305 nonce must be 12 bytes, got %d' % len(nonce))
+            raise ValueError(f"ChaCha20-Poly1305 nonce must be 12 bytes, got {len(nonce)}")
         nonce, plaintext, aad = bytes(nonce), bytes(plaintext), bytes(aad)
         n = len(plaintext)
         ks = self._keystream(nonce, n)    # block 0 -> Poly1305 key
@@ -2491,23 +2495,23 @@ class ChaCha20Poly1305:
 
     def open(self, nonce, data, aad):
         if len(nonce) != 12:
-            raise AEADError('ChaCha20-Poly1305 nonce must be 12 bytes, got %d' % len(nonce))
+            raise AEADError(f"ChaCha20-Poly1305 nonce must be 12 bytes, got {len(nonce)}")
         if len(data) < 16:
-            raise AEADError('ChaCha20-Poly1305 input shorter than the tag')
+            raise AEADError("ChaCha20-Poly1305 input shorter than the tag")
         nonce, data, aad = bytes(nonce), bytes(data), bytes(aad)
         ciphertext, tag = data[:-16], data[-16:]
         n = len(ciphertext)
         ks = self._keystream(nonce, n)
         if not hmac.compare_digest(self._tag(ks[:32], aad, ciphertext), tag):
-            raise AEADError('ChaCha20-Poly1305 authentication failed')
+            raise AEADError("ChaCha20-Poly1305 authentication failed")
         return _aead_xor(ciphertext, ks[64:64 + n])
 
 
 def chacha20_poly1305_prefetch(requests):
     """Make the keystreams of coming seal/open calls in one ChaCha20 pass: requests are
-    (ChaCha20Poly1305, 12-byte bytes nonce, plaintext length), distinct nonces per key.  Each keystream
-    is kept by its AEAD until the call with that nonce takes it; one already made is kept.  A
-    call that turns out longer than its request simply makes its own keystream."""
+    (ChaCha20Poly1305, 12-byte bytes nonce, plaintext length), distinct nonces per key.  Each
+    keystream is kept by its AEAD until the call with that nonce takes it; one already made is
+    kept.  A call that turns out longer than its request simply makes its own keystream."""
     requests = [(aead, nonce, n) for aead, nonce, n in requests if nonce not in aead._ready]
     if not requests:
         return
@@ -2526,9 +2530,9 @@ def chacha20_poly1305_prefetch(requests):
 
 def _pem_base64(label, lines):
     try:
-        return base64.b64decode(''.join(lines), validate=True)
+        return base64.b64decode("".join(lines), validate=True)
     except binascii.Error as exc:
-        raise ValueError('PEM block %r has invalid base64 (%s)' % (label, exc)) from None
+        raise ValueError(f"PEM block {label!r} has invalid base64 ({exc})") from None
 
 
 def _pem_blocks(data):
@@ -2537,23 +2541,23 @@ def _pem_blocks(data):
     blocks = []
     label = None
     # latin-1 never fails, so explanatory text around the blocks may be in any encoding.
-    for line in data.decode('latin-1').splitlines():
+    for line in data.decode("latin-1").splitlines():
         line = line.strip()
         if label is None:
-            if line.startswith('-----BEGIN ') and line.endswith('-----'):
+            if line.startswith("-----BEGIN ") and line.endswith("-----"):
                 label, headers, body = line[11:-5], {}, []
-        elif line.startswith('-----END '):
-            if line != '-----END %s-----' % label:
-                raise ValueError('PEM block %r ends with %r' % (label, line))
+        elif line.startswith("-----END "):
+            if line != f"-----END {label}-----":
+                raise ValueError(f"PEM block {label!r} ends with {line!r}")
             blocks.append((label, headers, _pem_base64(label, body)))
             label = None
-        elif ':' in line and not body:  # base64 never contains ':'
-            name, _, value = line.partition(':')
+        elif ":" in line and not body:  # base64 never contains ':'
+            name, _, value = line.partition(":")
             headers[name.strip()] = value.strip()
         elif line:
             body.append(line)
     if label is not None:
-        raise ValueError('PEM block %r has no END line' % label)
+        raise ValueError(f"PEM block {label!r} has no END line")
     return blocks
 
 
@@ -2563,9 +2567,9 @@ def pem_decode(data):
 
 
 def pem_encode(label, der):
-    text = base64.b64encode(der).decode('ascii')
+    text = base64.b64encode(der).decode("ascii")
     lines = [text[i:i + 64] for i in range(0, len(text), 64)]
-    return ('-----BEGIN %s-----\n%s\n-----END %s-----\n' % (label, '\n'.join(lines), label)).encode()
+    return (f"-----BEGIN {label}-----\n" + "\n".join(lines) + f"\n-----END {label}-----\n").encode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2574,22 +2578,22 @@ def pem_encode(label, der):
 def der_read(data, pos=0):
     """The element starting at data[pos]: (tag, value, position after it)."""
     if pos + 2 > len(data):
-        raise ValueError('malformed DER: truncated element')
+        raise ValueError("malformed DER: truncated element")
     tag, length = data[pos], data[pos + 1]
     if tag & 0x1f == 0x1f:
-        raise ValueError('malformed DER: multi-byte tags are not supported')
+        raise ValueError("malformed DER: multi-byte tags are not supported")
     pos += 2
     if length & 0x80:
         count = length & 0x7f
         if count == 0 or count > 4:  # 0 is BER's indefinite length; >4 bytes is absurd here
-            raise ValueError('malformed DER: unsupported length encoding')
+            raise ValueError("malformed DER: unsupported length encoding")
         if pos + count > len(data):
-            raise ValueError('malformed DER: truncated length')
-        length = int.from_bytes(data[pos:pos + count], 'big')
+            raise ValueError("malformed DER: truncated length")
+        length = int.from_bytes(data[pos:pos + count], "big")
         pos += count
     end = pos + length
     if end > len(data):
-        raise ValueError('malformed DER: element longer than its container')
+        raise ValueError("malformed DER: element longer than its container")
     return tag, bytes(data[pos:end]), end
 
 
@@ -2597,9 +2601,9 @@ def der_decode(data, tag):
     """The value of the one element that makes up all of data, which must have this tag."""
     got, value, end = der_read(data)
     if got != tag:
-        raise ValueError('malformed DER: expected tag 0x%02x, found 0x%02x' % (tag, got))
+        raise ValueError(f"malformed DER: expected tag {tag:#04x}, found {got:#04x}")
     if end != len(data):
-        raise ValueError('malformed DER: %d bytes of trailing data' % (len(data) - end))
+        raise ValueError(f"malformed DER: {len(data) - end} bytes of trailing data")
     return value
 
 
@@ -2617,27 +2621,27 @@ def der_sequence(data, min_fields, what):
     """The fields of the SEQUENCE that is all of data; at least min_fields of them."""
     items = der_children(der_decode(data, 0x30))
     if len(items) < min_fields:
-        raise ValueError('malformed %s: %d fields, expected at least %d' % (what, len(items), min_fields))
+        raise ValueError(f"malformed {what}: {len(items)} fields, expected at least {min_fields}")
     return items
 
 
 def der_field(item, tag, what):
     """The value of one (tag, value) field, checking its tag."""
     if item[0] != tag:
-        raise ValueError('malformed %s: expected tag 0x%02x, found 0x%02x' % (what, tag, item[0]))
+        raise ValueError(f"malformed {what}: expected tag {tag:#04x}, found {item[0]:#04x}")
     return item[1]
 
 
 def der_to_int(value):
     if not value:
-        raise ValueError('malformed DER: empty INTEGER')
-    return int.from_bytes(value, 'big', signed=True)
+        raise ValueError("malformed DER: empty INTEGER")
+    return int.from_bytes(value, "big", signed=True)
 
 
 def der_to_oid(value):
     """Dotted text of an OBJECT IDENTIFIER value: base-128 arcs, the first holding 40*a + b."""
     if not value or value[-1] & 0x80:
-        raise ValueError('malformed DER: bad OBJECT IDENTIFIER')
+        raise ValueError("malformed DER: bad OBJECT IDENTIFIER")
     arcs = []
     acc = 0
     for byte in value:
@@ -2646,7 +2650,7 @@ def der_to_oid(value):
             arcs.append(acc)
             acc = 0
     first = min(arcs[0] // 40, 2)
-    return '.'.join(str(arc) for arc in [first, arcs[0] - 40 * first] + arcs[1:])
+    return ".".join(str(arc) for arc in [first, arcs[0] - 40 * first] + arcs[1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2656,26 +2660,26 @@ def der_tlv(tag, value):
     length = len(value)
     if length < 0x80:
         return bytes((tag, length)) + value
-    size = length.to_bytes((length.bit_length() + 7) // 8, 'big')
+    size = length.to_bytes((length.bit_length() + 7) // 8, "big")
     return bytes((tag, 0x80 | len(size))) + size + value
 
 
 def der_seq(*items):
-    return der_tlv(0x30, b''.join(items))
+    return der_tlv(0x30, b"".join(items))
 
 
 def der_set(*items):
     # DER orders the members of a SET OF by their encodings.
-    return der_tlv(0x31, b''.join(sorted(items)))
+    return der_tlv(0x31, b"".join(sorted(items)))
 
 
 def der_int(n):
     """A non-negative INTEGER; the extra byte keeps the sign bit clear."""
-    return der_tlv(0x02, n.to_bytes(n.bit_length() // 8 + 1, 'big'))
+    return der_tlv(0x02, n.to_bytes(n.bit_length() // 8 + 1, "big"))
 
 
 def der_oid(dotted):
-    arcs = [int(arc) for arc in dotted.split('.')]
+    arcs = [int(arc) for arc in dotted.split(".")]
     body = bytearray()
     for arc in [40 * arcs[0] + arcs[1]] + arcs[2:]:
         chunk = [arc & 0x7f]
@@ -2688,11 +2692,11 @@ def der_oid(dotted):
 
 
 def der_null():
-    return b'\x05\x00'
+    return b"\x05\x00"
 
 
 def der_bool(value):
-    return der_tlv(0x01, b'\xff' if value else b'\x00')
+    return der_tlv(0x01, b"\xff" if value else b"\x00")
 
 
 def der_octets(data):
@@ -2704,15 +2708,15 @@ def der_bits(data, unused_bits=0):
 
 
 def der_utf8(text):
-    return der_tlv(0x0c, text.encode('utf-8'))
+    return der_tlv(0x0c, text.encode("utf-8"))
 
 
 def der_time(epoch_seconds):
     """RFC 5280 4.1.2.5: UTCTime for the years 1950-2049, GeneralizedTime otherwise."""
     t = time.gmtime(epoch_seconds)
     if 1950 <= t.tm_year < 2050:
-        return der_tlv(0x17, time.strftime('%y%m%d%H%M%SZ', t).encode())
-    return der_tlv(0x18, time.strftime('%Y%m%d%H%M%SZ', t).encode())
+        return der_tlv(0x17, time.strftime("%y%m%d%H%M%SZ", t).encode())
+    return der_tlv(0x18, time.strftime("%Y%m%d%H%M%SZ", t).encode())
 
 
 def der_explicit(number, inner):
@@ -2723,7 +2727,7 @@ def der_explicit(number, inner):
 # ---------------------------------------------------------------------------------------------
 # RSA (RFC 8017)
 
-_RSA_PSS_HASHES = ('sha256', 'sha384', 'sha512')
+_RSA_PSS_HASHES = ("sha256", "sha384", "sha512")
 
 
 def _rsa_mgf1(hash_name, seed, length):
@@ -2731,7 +2735,7 @@ def _rsa_mgf1(hash_name, seed, length):
     out = bytearray()
     counter = 0
     while len(out) < length:
-        out += hashlib.new(hash_name, seed + counter.to_bytes(4, 'big')).digest()
+        out += hashlib.new(hash_name, seed + counter.to_bytes(4, "big")).digest()
         counter += 1
     return bytes(out[:length])
 
@@ -2741,14 +2745,14 @@ def _rsa_pss_encode(m_hash, em_bits, hash_name, salt):
     h_len = len(m_hash)
     em_len = (em_bits + 7) // 8
     if em_len < h_len + len(salt) + 2:
-        raise ValueError('RSA key too small for PSS with %s' % hash_name)
-    h = hashlib.new(hash_name, b'\0' * 8 + m_hash + salt).digest()
-    db = b'\0' * (em_len - len(salt) - h_len - 2) + b'\x01' + salt
+        raise ValueError(f"RSA key too small for PSS with {hash_name}")
+    h = hashlib.new(hash_name, b"\0" * 8 + m_hash + salt).digest()
+    db = b"\0" * (em_len - len(salt) - h_len - 2) + b"\x01" + salt
     mask = _rsa_mgf1(hash_name, h, len(db))
-    masked = int.from_bytes(db, 'big') ^ int.from_bytes(mask, 'big')
+    masked = int.from_bytes(db, "big") ^ int.from_bytes(mask, "big")
     # Clear the top 8*emLen - emBits bits so the encoded integer is below the modulus.
     masked &= (1 << (8 * len(db) - (8 * em_len - em_bits))) - 1
-    return masked.to_bytes(len(db), 'big') + h + b'\xbc'
+    return masked.to_bytes(len(db), "big") + h + b"\xbc"
 
 
 # A blinding pair (r^e, r^-1 mod n) serves this many signatures, squared after each one (Kocher's
@@ -2763,9 +2767,9 @@ class RSAKey:
 
     def __init__(self, n, e, d, p, q):
         if p * q != n:
-            raise ValueError('RSA key is inconsistent: p*q is not the modulus')
+            raise ValueError("RSA key is inconsistent: p*q is not the modulus")
         if (e * d) % (p - 1) != 1 or (e * d) % (q - 1) != 1:
-            raise ValueError('RSA key is inconsistent: d is not the inverse of e')
+            raise ValueError("RSA key is inconsistent: d is not the inverse of e")
         self.n, self.e, self.p, self.q = n, e, p, q
         self.bits = n.bit_length()
         # CRT form (RFC 8017 3.2): two half-size exponentiations are about 3x faster than one.
@@ -2802,58 +2806,58 @@ class RSAKey:
     def sign_pss(self, msg, hash_name):
         """RSASSA-PSS-SIGN with MGF1 of the same hash and a random salt as long as the hash."""
         if hash_name not in _RSA_PSS_HASHES:
-            raise ValueError('unsupported PSS hash %r' % hash_name)
+            raise ValueError(f"unsupported PSS hash {hash_name!r}")
         m_hash = hashlib.new(hash_name, msg).digest()
         em = _rsa_pss_encode(m_hash, self.bits - 1, hash_name, secrets.token_bytes(len(m_hash)))
-        m = int.from_bytes(em, 'big')
+        m = int.from_bytes(em, "big")
         s = self._rsasp1(m)
         # A fault in one CRT half would reveal a factor of n from the signature (the Bellcore
         # attack), so check s^e = m before it leaves: modulo p and modulo q, which together say
         # the same as modulo n (CRT) at a third of the cost of the full-size check.
         e, p, q = self.e, self.p, self.q
         if pow(s % p, e, p) != m % p or pow(s % q, e, q) != m % q:
-            raise RuntimeError('RSA signature failed its self-check; not releasing it')
-        return s.to_bytes((self.bits + 7) // 8, 'big')
+            raise RuntimeError("RSA signature failed its self-check; not releasing it")
+        return s.to_bytes((self.bits + 7) // 8, "big")
 
 
 # ---------------------------------------------------------------------------------------------
 # Private keys
 
-_PKI_OID_RSA = '1.2.840.113549.1.1.1'
-_PKI_OID_EC = '1.2.840.10045.2.1'
-_PKI_OID_ED25519 = '1.3.101.112'
-_PKI_OID_P256 = '1.2.840.10045.3.1.7'
-_PKI_OID_P384 = '1.3.132.0.34'
+_PKI_OID_RSA = "1.2.840.113549.1.1.1"
+_PKI_OID_EC = "1.2.840.10045.2.1"
+_PKI_OID_ED25519 = "1.3.101.112"
+_PKI_OID_P256 = "1.2.840.10045.3.1.7"
+_PKI_OID_P384 = "1.3.132.0.34"
 
 # Names for OIDs we refuse, so the error says what the file holds.
 _PKI_OID_NAMES = {
-    '1.2.840.113549.1.1.10': 'RSASSA-PSS', '1.2.840.10040.4.1': 'DSA', '1.2.840.10046.2.1': 'DH',
-    '1.3.101.110': 'X25519', '1.3.101.111': 'X448', '1.3.101.113': 'Ed448',
-    '1.3.132.0.35': 'secp521r1', '1.3.132.0.10': 'secp256k1', '1.3.132.0.33': 'secp224r1',
-    '1.2.840.10045.3.1.1': 'prime192v1',
+    "1.2.840.113549.1.1.10": "RSASSA-PSS", "1.2.840.10040.4.1": "DSA", "1.2.840.10046.2.1": "DH",
+    "1.3.101.110": "X25519", "1.3.101.111": "X448", "1.3.101.113": "Ed448",
+    "1.3.132.0.35": "secp521r1", "1.3.132.0.10": "secp256k1", "1.3.132.0.33": "secp224r1",
+    "1.2.840.10045.3.1.1": "prime192v1",
 }
 
 _PKI_EC_CURVES = {  # named-curve OID -> (PrivateKey kind, curve)
-    _PKI_OID_P256: ('ecdsa-p256', SECP256R1),
-    _PKI_OID_P384: ('ecdsa-p384', SECP384R1),
+    _PKI_OID_P256: ("ecdsa-p256", SECP256R1),
+    _PKI_OID_P384: ("ecdsa-p384", SECP384R1),
 }
 
 _PKI_KINDS = {  # kind -> (description, TLS 1.3 SignatureSchemes, preferred first)
-    'rsa': ('RSA', [0x0804, 0x0805, 0x0806]),
-    'ecdsa-p256': ('ECDSA P-256', [0x0403]),
-    'ecdsa-p384': ('ECDSA P-384', [0x0503]),
-    'ed25519': ('Ed25519', [0x0807]),
+    "rsa": ("RSA", [0x0804, 0x0805, 0x0806]),
+    "ecdsa-p256": ("ECDSA P-256", [0x0403]),
+    "ecdsa-p384": ("ECDSA P-384", [0x0503]),
+    "ed25519": ("Ed25519", [0x0807]),
 }
 
-_PKI_RSA_SCHEME_HASH = {0x0804: 'sha256', 0x0805: 'sha384', 0x0806: 'sha512'}
+_PKI_RSA_SCHEME_HASH = {0x0804: "sha256", 0x0805: "sha384", 0x0806: "sha512"}
 
-_PKI_SUPPORTED_KEYS = ('supported: PRIVATE KEY (PKCS#8: RSA, EC P-256/P-384, Ed25519), '
-                       'RSA PRIVATE KEY (PKCS#1), EC PRIVATE KEY (SEC1)')
+_PKI_SUPPORTED_KEYS = ("supported: PRIVATE KEY (PKCS#8: RSA, EC P-256/P-384, Ed25519), "
+                       "RSA PRIVATE KEY (PKCS#1), EC PRIVATE KEY (SEC1)")
 
 
 def _pki_oid_name(oid):
     name = _PKI_OID_NAMES.get(oid)
-    return '%s (OID %s)' % (name, oid) if name else 'OID %s' % oid
+    return f"{name} (OID {oid})" if name else f"OID {oid}"
 
 
 class PrivateKey:
@@ -2864,27 +2868,27 @@ class PrivateKey:
         self.key = key  # RSAKey, ECDSAKey or Ed25519Key
         self.description, schemes = _PKI_KINDS[kind]
         self.signature_schemes = list(schemes)
-        if kind == 'rsa':
-            self.description = 'RSA-%d' % key.bits
+        if kind == "rsa":
+            self.description = f"RSA-{key.bits}"
 
     def sign(self, scheme, message):
         """The signature of message under TLS SignatureScheme `scheme`."""
         if scheme not in self.signature_schemes:
-            raise ValueError('a %s key cannot make signature scheme 0x%04x' % (self.description, scheme))
-        if self.kind == 'rsa':
+            raise ValueError(f"a {self.description} key cannot make signature scheme {scheme:#06x}")
+        if self.kind == "rsa":
             return self.key.sign_pss(message, _PKI_RSA_SCHEME_HASH[scheme])
         return self.key.sign(message)
 
     def spki_der(self):
         """SubjectPublicKeyInfo (RFC 5280 4.1.2.7) of the public key."""
-        if self.kind == 'rsa':
+        if self.kind == "rsa":
             algorithm = der_seq(der_oid(_PKI_OID_RSA), der_null())
             public = der_seq(der_int(self.key.n), der_int(self.key.e))
-        elif self.kind == 'ed25519':
+        elif self.kind == "ed25519":
             algorithm = der_seq(der_oid(_PKI_OID_ED25519))
             public = self.key.public
         else:
-            curve_oid = _PKI_OID_P256 if self.kind == 'ecdsa-p256' else _PKI_OID_P384
+            curve_oid = _PKI_OID_P256 if self.kind == "ecdsa-p256" else _PKI_OID_P384
             algorithm = der_seq(der_oid(_PKI_OID_EC), der_oid(curve_oid))
             public = self.key.public
         return der_seq(algorithm, der_bits(public))
@@ -2892,21 +2896,22 @@ class PrivateKey:
 
 def _pki_rsa_private_key(der):
     """RSAPrivateKey (RFC 8017 A.1.2), the 'RSA PRIVATE KEY' PEM body."""
-    fields = der_sequence(der, 9, 'RSA private key')
-    version, n, e, d, p, q = [der_to_int(der_field(f, 0x02, 'RSA private key')) for f in fields[:6]]
+    fields = der_sequence(der, 9, "RSA private key")
+    version, n, e, d, p, q = [der_to_int(der_field(f, 0x02, "RSA private key")) for f in fields[:6]]
     if version != 0:
-        raise ValueError('multi-prime RSA keys are not supported')
+        raise ValueError("multi-prime RSA keys are not supported")
     if not 2048 <= n.bit_length() <= 4096:
-        raise ValueError('RSA key of %d bits is not supported; use 2048 to 4096 bits' % n.bit_length())
-    return PrivateKey('rsa', RSAKey(n, e, d, p, q))
+        raise ValueError(f"RSA key of {n.bit_length()} bits is not supported; use 2048 to 4096 "
+                         f"bits")
+    return PrivateKey("rsa", RSAKey(n, e, d, p, q))
 
 
 def _pki_ec_compress(point):
     """A public point in compressed form (SEC1 2.3.3), so that both forms compare equal."""
-    if point[:1] in (b'\x02', b'\x03'):
+    if point[:1] in (b"\x02", b"\x03"):
         return point
-    if point[:1] != b'\x04' or len(point) % 2 != 1:
-        raise ValueError('unsupported EC point encoding')
+    if point[:1] != b"\x04" or len(point) % 2 != 1:
+        raise ValueError("unsupported EC point encoding")
     half = (len(point) - 1) // 2
     return bytes((2 | point[-1] & 1,)) + point[1:1 + half]
 
@@ -2914,36 +2919,37 @@ def _pki_ec_compress(point):
 def _pki_named_curve(item):
     """The curve OID from an ECParameters (tag, value), refusing spelled-out curves."""
     if item[0] != 0x06:
-        raise ValueError('EC keys with explicit curve parameters are not supported; use a named curve')
+        raise ValueError("EC keys with explicit curve parameters are not supported; use a named "
+                         "curve")
     return der_to_oid(item[1])
 
 
 def _pki_ec_private_key(der, curve_oid=None):
     """ECPrivateKey (RFC 5915), the 'EC PRIVATE KEY' PEM body; PKCS#8 passes the curve."""
-    fields = der_sequence(der, 2, 'EC private key')
-    if der_to_int(der_field(fields[0], 0x02, 'EC private key')) != 1:
-        raise ValueError('malformed EC private key: version is not 1')
-    d = int.from_bytes(der_field(fields[1], 0x04, 'EC private key'), 'big')
+    fields = der_sequence(der, 2, "EC private key")
+    if der_to_int(der_field(fields[0], 0x02, "EC private key")) != 1:
+        raise ValueError("malformed EC private key: version is not 1")
+    d = int.from_bytes(der_field(fields[1], 0x04, "EC private key"), "big")
     public = None
     for tag, value in fields[2:]:
         if tag == 0xa0:
             named = _pki_named_curve(der_read(value)[:2])
             if curve_oid is not None and named != curve_oid:
-                raise ValueError('EC private key names two different curves')
+                raise ValueError("EC private key names two different curves")
             curve_oid = named
         elif tag == 0xa1:
             public = der_decode(value, 0x03)[1:]
     if curve_oid is None:
-        raise ValueError('EC private key does not name its curve')
+        raise ValueError("EC private key does not name its curve")
     if curve_oid not in _PKI_EC_CURVES:
-        raise ValueError('unsupported EC curve %s; supported: P-256 (prime256v1), P-384 (secp384r1)'
-                         % _pki_oid_name(curve_oid))
+        raise ValueError(f"unsupported EC curve {_pki_oid_name(curve_oid)}; supported: P-256 "
+                         f"(prime256v1), P-384 (secp384r1)")
     kind, curve = _PKI_EC_CURVES[curve_oid]
     if not 1 <= d < curve.n:
-        raise ValueError('EC private key is out of range')
+        raise ValueError("EC private key is out of range")
     key = ECDSAKey(curve, d)
     if public is not None and _pki_ec_compress(public) != _pki_ec_compress(key.public):
-        raise ValueError('EC private key is inconsistent: stored public key does not match')
+        raise ValueError("EC private key is inconsistent: stored public key does not match")
     return PrivateKey(kind, key)
 
 
@@ -2951,38 +2957,39 @@ def _pki_ed25519_private_key(inner, extra_fields):
     """RFC 8410 7: CurvePrivateKey is an OCTET STRING holding the 32-byte seed."""
     seed = der_decode(inner, 0x04)
     if len(seed) != 32:
-        raise ValueError('malformed Ed25519 private key: seed is %d bytes, not 32' % len(seed))
+        raise ValueError(f"malformed Ed25519 private key: seed is {len(seed)} bytes, not 32")
     key = Ed25519Key(seed)
     for tag, value in extra_fields:  # RFC 5958 publicKey [1] IMPLICIT BIT STRING
         if tag == 0x81 and value[1:] != key.public:
-            raise ValueError('Ed25519 private key is inconsistent: stored public key does not match')
-    return PrivateKey('ed25519', key)
+            raise ValueError("Ed25519 private key is inconsistent: stored public key does not "
+                             "match")
+    return PrivateKey("ed25519", key)
 
 
 def _pki_pkcs8_private_key(der):
     """OneAsymmetricKey (RFC 5958; PrivateKeyInfo of RFC 5208), the 'PRIVATE KEY' PEM body."""
-    fields = der_sequence(der, 3, 'PKCS#8 private key')
-    algorithm = der_children(der_field(fields[1], 0x30, 'PKCS#8 private key'))
+    fields = der_sequence(der, 3, "PKCS#8 private key")
+    algorithm = der_children(der_field(fields[1], 0x30, "PKCS#8 private key"))
     if not algorithm:
-        raise ValueError('malformed PKCS#8 private key: empty algorithm')
-    oid = der_to_oid(der_field(algorithm[0], 0x06, 'PKCS#8 algorithm'))
-    inner = der_field(fields[2], 0x04, 'PKCS#8 private key')
+        raise ValueError("malformed PKCS#8 private key: empty algorithm")
+    oid = der_to_oid(der_field(algorithm[0], 0x06, "PKCS#8 algorithm"))
+    inner = der_field(fields[2], 0x04, "PKCS#8 private key")
     if oid == _PKI_OID_RSA:
         return _pki_rsa_private_key(inner)
     if oid == _PKI_OID_EC:
         if len(algorithm) < 2:
-            raise ValueError('PKCS#8 EC private key does not name its curve')
+            raise ValueError("PKCS#8 EC private key does not name its curve")
         return _pki_ec_private_key(inner, _pki_named_curve(algorithm[1]))
     if oid == _PKI_OID_ED25519:
         return _pki_ed25519_private_key(inner, fields[3:])
-    raise ValueError('unsupported key algorithm %s; supported: RSA, EC P-256/P-384, Ed25519'
-                     % _pki_oid_name(oid))
+    raise ValueError(f"unsupported key algorithm {_pki_oid_name(oid)}; supported: RSA, "
+                     f"EC P-256/P-384, Ed25519")
 
 
 _PKI_KEY_PARSERS = {
-    'PRIVATE KEY': _pki_pkcs8_private_key,
-    'RSA PRIVATE KEY': _pki_rsa_private_key,
-    'EC PRIVATE KEY': _pki_ec_private_key,
+    "PRIVATE KEY": _pki_pkcs8_private_key,
+    "RSA PRIVATE KEY": _pki_rsa_private_key,
+    "EC PRIVATE KEY": _pki_ec_private_key,
 }
 
 
@@ -2990,24 +2997,24 @@ def load_private_key(pem):
     """The first private key in PEM data; ValueError with one line saying what is wrong."""
     blocks = _pem_blocks(pem)
     if not blocks:
-        raise ValueError('no PEM block found in the key file (convert a DER key with: openssl pkey '
-                         '-inform DER -in key.der -out key.pem); ' + _PKI_SUPPORTED_KEYS)
+        raise ValueError("no PEM block found in the key file (convert a DER key with: openssl pkey "
+                         "-inform DER -in key.der -out key.pem); " + _PKI_SUPPORTED_KEYS)
     for label, headers, der in blocks:
-        if label == 'ENCRYPTED PRIVATE KEY' or 'ENCRYPTED' in headers.get('Proc-Type', ''):
-            raise ValueError('the private key is encrypted; decrypt it first with: '
-                             'openssl pkey -in key.pem -out plain.pem')
+        if label == "ENCRYPTED PRIVATE KEY" or "ENCRYPTED" in headers.get("Proc-Type", ""):
+            raise ValueError("the private key is encrypted; decrypt it first with: "
+                             "openssl pkey -in key.pem -out plain.pem")
         parse = _PKI_KEY_PARSERS.get(label)
         if parse:
             try:
                 return parse(der)
             except ValueError as exc:
-                raise ValueError('cannot load the %s block: %s' % (label, exc)) from None
+                raise ValueError(f"cannot load the {label} block: {exc}") from None
     labels = [label for label, _, _ in blocks]
-    if 'CERTIFICATE' in labels:
-        raise ValueError('found a certificate where a private key was expected (PEM blocks: %s); %s'
-                         % (', '.join(labels), _PKI_SUPPORTED_KEYS))
-    raise ValueError('no private key in the key file (PEM blocks: %s); %s'
-                     % (', '.join(labels), _PKI_SUPPORTED_KEYS))
+    if "CERTIFICATE" in labels:
+        raise ValueError(f"found a certificate where a private key was expected (PEM blocks: "
+                         f"{', '.join(labels)}); {_PKI_SUPPORTED_KEYS}")
+    raise ValueError(f"no private key in the key file (PEM blocks: {', '.join(labels)}); "
+                     f"{_PKI_SUPPORTED_KEYS}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3015,14 +3022,14 @@ def load_private_key(pem):
 
 def _pki_cert_spki(cert_der):
     """The subjectPublicKeyInfo value from Certificate -> tbsCertificate."""
-    cert = der_sequence(cert_der, 3, 'certificate')
-    tbs = der_children(der_field(cert[0], 0x30, 'certificate'))
+    cert = der_sequence(cert_der, 3, "certificate")
+    tbs = der_children(der_field(cert[0], 0x30, "certificate"))
     # The version is [0] EXPLICIT and absent in v1 certificates; then come serialNumber,
     # signature, issuer, validity, subject and subjectPublicKeyInfo.
     index = 6 if tbs and tbs[0][0] == 0xa0 else 5
     if len(tbs) <= index:
-        raise ValueError('malformed certificate: tbsCertificate is too short')
-    return der_field(tbs[index], 0x30, 'subjectPublicKeyInfo')
+        raise ValueError("malformed certificate: tbsCertificate is too short")
+    return der_field(tbs[index], 0x30, "subjectPublicKeyInfo")
 
 
 def _pki_spki_identity(spki_value):
@@ -3030,41 +3037,41 @@ def _pki_spki_identity(spki_value):
     encodings of one key (NULL parameters or not, compressed points) compare equal."""
     fields = der_children(spki_value)
     if len(fields) != 2:
-        raise ValueError('malformed subjectPublicKeyInfo')
-    algorithm = der_children(der_field(fields[0], 0x30, 'subjectPublicKeyInfo'))
-    oid = der_to_oid(der_field(algorithm[0], 0x06, 'subjectPublicKeyInfo')) if algorithm else ''
-    bits = der_field(fields[1], 0x03, 'subjectPublicKeyInfo')
-    if bits[:1] != b'\0':
-        raise ValueError('malformed subjectPublicKeyInfo: key is not whole bytes')
+        raise ValueError("malformed subjectPublicKeyInfo")
+    algorithm = der_children(der_field(fields[0], 0x30, "subjectPublicKeyInfo"))
+    oid = der_to_oid(der_field(algorithm[0], 0x06, "subjectPublicKeyInfo")) if algorithm else ""
+    bits = der_field(fields[1], 0x03, "subjectPublicKeyInfo")
+    if bits[:1] != b"\0":
+        raise ValueError("malformed subjectPublicKeyInfo: key is not whole bytes")
     public = bits[1:]
     if oid == _PKI_OID_RSA:
-        rsa = der_sequence(public, 2, 'RSA public key')
-        n, e = [der_to_int(der_field(f, 0x02, 'RSA public key')) for f in rsa[:2]]
-        return 'RSA-%d' % n.bit_length(), ('rsa', n, e)
+        rsa = der_sequence(public, 2, "RSA public key")
+        n, e = [der_to_int(der_field(f, 0x02, "RSA public key")) for f in rsa[:2]]
+        return f"RSA-{n.bit_length()}", ("rsa", n, e)
     if oid == _PKI_OID_EC and len(algorithm) == 2:
         curve_oid = _pki_named_curve(algorithm[1])
         if curve_oid in _PKI_EC_CURVES:
             description = _PKI_KINDS[_PKI_EC_CURVES[curve_oid][0]][0]
         else:
-            description = 'ECDSA ' + _pki_oid_name(curve_oid)
-        return description, ('ec', curve_oid, _pki_ec_compress(public))
+            description = "ECDSA " + _pki_oid_name(curve_oid)
+        return description, ("ec", curve_oid, _pki_ec_compress(public))
     if oid == _PKI_OID_ED25519:
-        return 'Ed25519', ('ed25519', public)
-    return _pki_oid_name(oid), ('other', oid)
+        return "Ed25519", ("ed25519", public)
+    return _pki_oid_name(oid), ("other", oid)
 
 
 def load_cert_chain(pem):
     """The DER of every CERTIFICATE block in pem, in file order (leaf first)."""
     blocks = pem_decode(pem)
-    certs = [der for label, der in blocks if label == 'CERTIFICATE']
+    certs = [der for label, der in blocks if label == "CERTIFICATE"]
     if not certs:
-        labels = ', '.join(label for label, _ in blocks) or 'none'
-        raise ValueError('no CERTIFICATE block in the certificate file (PEM blocks: %s)' % labels)
+        labels = ", ".join(label for label, _ in blocks) or "none"
+        raise ValueError(f"no CERTIFICATE block in the certificate file (PEM blocks: {labels})")
     for number, cert in enumerate(certs, 1):
         try:
             _pki_spki_identity(_pki_cert_spki(cert))
         except ValueError as exc:
-            raise ValueError('certificate %d in the chain is malformed: %s' % (number, exc)) from None
+            raise ValueError(f"certificate {number} in the chain is malformed: {exc}") from None
     return certs
 
 
@@ -3073,18 +3080,18 @@ def check_key_matches_cert(key, cert_der):
     cert_desc, cert_id = _pki_spki_identity(_pki_cert_spki(cert_der))
     key_id = _pki_spki_identity(der_decode(key.spki_der(), 0x30))[1]
     if cert_id != key_id:
-        raise ValueError('private key does not match the certificate (key: %s, certificate: %s)'
-                         % (key.description, cert_desc))
+        raise ValueError(f"private key does not match the certificate (key: {key.description}, "
+                         f"certificate: {cert_desc})")
 
 
-_PKI_OID_ECDSA_SHA256 = '1.2.840.10045.4.3.2'
-_PKI_OID_COMMON_NAME = '2.5.4.3'
-_PKI_OID_SERVER_AUTH = '1.3.6.1.5.5.7.3.1'
+_PKI_OID_ECDSA_SHA256 = "1.2.840.10045.4.3.2"
+_PKI_OID_COMMON_NAME = "2.5.4.3"
+_PKI_OID_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
 
 
 def _pki_extension(oid, critical, value):
     """Extension ::= SEQUENCE { extnID, critical BOOLEAN DEFAULT FALSE, extnValue OCTET STRING }"""
-    flag = der_bool(True) if critical else b''  # DER leaves out a DEFAULT value
+    flag = der_bool(True) if critical else b""  # DER leaves out a DEFAULT value
     return der_seq(der_oid(oid), flag, der_octets(value))
 
 
@@ -3095,28 +3102,29 @@ def _pki_subject_alt_name(hosts):
         try:
             names.append(der_tlv(0x87, ipaddress.ip_address(host).packed))
         except ValueError:
-            names.append(der_tlv(0x82, host.encode('ascii')))
+            names.append(der_tlv(0x82, host.encode("ascii")))
     return der_seq(*names)
 
 
-def make_self_signed(hosts=('localhost', '127.0.0.1', '::1'), days=365):
+def make_self_signed(hosts=("localhost", "127.0.0.1", "::1"), days=365):
     """A fresh ECDSA P-256 key and a self-signed X.509 v3 certificate for hosts: (PrivateKey, DER).
 
     It is its own CA (basicConstraints cA, keyCertSign) so clients can trust it directly
     with e.g. `curl --cacert` or `openssl verify -CAfile`."""
-    key = PrivateKey('ecdsa-p256', ECDSAKey(SECP256R1, ec_keypair(SECP256R1)[0]))
-    name = der_seq(der_set(der_seq(der_oid(_PKI_OID_COMMON_NAME), der_utf8('tarweb.py self-signed'))))
+    key = PrivateKey("ecdsa-p256", ECDSAKey(SECP256R1, ec_keypair(SECP256R1)[0]))
+    name = der_seq(der_set(der_seq(der_oid(_PKI_OID_COMMON_NAME),
+                                   der_utf8("tarweb.py self-signed"))))
     now = int(time.time())
     validity = der_seq(der_time(now - 86400), der_time(now + days * 86400))  # a day of clock skew
     key_id = hashlib.sha1(key.key.public).digest()  # RFC 5280 4.2.1.2, method (1)
     extensions = der_seq(
-        _pki_extension('2.5.29.19', True, der_seq(der_bool(True))),  # basicConstraints: cA
+        _pki_extension("2.5.29.19", True, der_seq(der_bool(True))),  # basicConstraints: cA
         # keyUsage: digitalSignature (bit 0) and keyCertSign (bit 5) = 1000 01xx, 2 unused bits
-        _pki_extension('2.5.29.15', True, der_bits(b'\x84', 2)),
-        _pki_extension('2.5.29.37', False, der_seq(der_oid(_PKI_OID_SERVER_AUTH))),
-        _pki_extension('2.5.29.17', False, _pki_subject_alt_name(hosts)),
-        _pki_extension('2.5.29.14', False, der_octets(key_id)),
-        _pki_extension('2.5.29.35', False, der_seq(der_tlv(0x80, key_id))),  # keyIdentifier [0]
+        _pki_extension("2.5.29.15", True, der_bits(b"\x84", 2)),
+        _pki_extension("2.5.29.37", False, der_seq(der_oid(_PKI_OID_SERVER_AUTH))),
+        _pki_extension("2.5.29.17", False, _pki_subject_alt_name(hosts)),
+        _pki_extension("2.5.29.14", False, der_octets(key_id)),
+        _pki_extension("2.5.29.35", False, der_seq(der_tlv(0x80, key_id))),  # keyIdentifier [0]
     )
     # 126 random bits plus a set top bit: positive, non-zero and exactly 16 bytes of INTEGER.
     serial = secrets.randbits(126) | 1 << 126
