@@ -1084,6 +1084,7 @@ def find_head_end(buf, start, end):
 # 5. Crypto primitives (pure Python; see README "Security notes")
 # ---------------------------------------------------------------------------------------------
 
+# === 5.1 Curve25519 and X25519 (RFC 7748) =========================================================
 # Curve25519 primitives: X25519 key agreement (RFC 7748) and Ed25519 signatures (RFC 8032).
 #
 # Field arithmetic is on plain Python integers modulo p = 2^255 - 19.  Two speed measures:
@@ -1117,8 +1118,6 @@ def _c25519_inverse(z):
     z %= _C25519_P
     return pow(z, -1, _C25519_P) if z else 0
 
-
-# ---------------------------------------------------------------- X25519 (RFC 7748)
 
 def _x25519_clamp(k):
     """decodeScalar25519: clear the 3 low bits and bit 255, set bit 254."""
@@ -1239,7 +1238,7 @@ def _x25519_check_shared(shared):
     return shared
 
 
-# ---------------------------------------------------------------- Edwards curve (RFC 8032 §5.1)
+# === 5.2 Edwards25519 arithmetic (RFC 8032 §5.1) ==================================================
 # Points are extended coordinates (X, Y, Z, T) with x = X/Z, y = Y/Z, x*y = T/Z.
 
 def _ed25519_point_add(p1, p2):
@@ -1398,7 +1397,7 @@ def _ed25519_base_mult(scalar):
     return x, y, z, t
 
 
-# ---------------------------------------------------------------- Ed25519 (RFC 8032 §5.1.5-7)
+# === 5.3 Ed25519 signatures (RFC 8032 §5.1.5-7) ===================================================
 
 class Ed25519Key:
     """An Ed25519 private key from its 32-byte seed (RFC 8032 §5.1.5)."""
@@ -1438,6 +1437,7 @@ def ed25519_verify(pub, msg, sig):
     return _ed25519_is_identity(diff)  # [S]B - R - [k]A
 
 
+# === 5.4 P-256 and P-384: point arithmetic (FIPS 186-4) ===========================================
 # NIST P-256 and P-384: ECDH and deterministic ECDSA, in pure Python.
 #
 # Written from FIPS 186-4 (curves, ECDSA), SEC 1 v2 (point encoding, ECDH) and
@@ -1497,7 +1497,6 @@ SECP384R1 = _EcpCurve(
     hash_name="sha384")
 
 
-# ---------------------------------------------------------------- point arithmetic
 #
 # Field elements are reduced with one '%' per expression rather than per
 # product: in CPython the division behind '%' costs more than a multiplication.
@@ -1693,7 +1692,7 @@ def _ecp_mul_point(curve, k, px, py):
     return x, y, z
 
 
-# ---------------------------------------------------------------- encodings and checks
+# === 5.5 P-256 and P-384: point encodings and checks (SEC 1) ======================================
 
 def _ecp_check_scalar(curve, d):
     if not 1 <= d < curve.n:
@@ -1725,7 +1724,7 @@ def _ecp_decode_point(curve, data):
     return x, y
 
 
-# ---------------------------------------------------------------- keys and ECDH
+# === 5.6 P-256 and P-384: keys and ECDH (SEC 1 §3.3.1) ============================================
 
 def ec_public_key(curve, d):
     """Uncompressed public point d * G."""
@@ -1754,7 +1753,7 @@ def ecdh_shared(curve, d, peer_pub):
     return (x * zinv * zinv % p).to_bytes(curve.byte_len, "big")
 
 
-# ---------------------------------------------------------------- ECDSA
+# === 5.7 ECDSA (FIPS 186-4, RFC 6979) =============================================================
 
 def _ecdsa_bits2int(data, qlen):
     """RFC 6979 bits2int (= FIPS 186-4 leftmost-bits rule): the first qlen bits as an integer."""
@@ -1886,6 +1885,7 @@ def ecdsa_verify(curve, pub, msg, der_sig):
     return x * zinv * zinv % p % n == r
 
 
+# === 5.8 AEAD ciphers; the AES block cipher (FIPS 197) ============================================
 # AEAD ciphers for TLS 1.3 records: AES-GCM (FIPS 197, NIST SP 800-38D) and
 # ChaCha20-Poly1305 (RFC 8439), in pure Python.
 #
@@ -1919,8 +1919,6 @@ def _aead_xor(data, keystream):
     n = len(data)
     return (int.from_bytes(data, "big") ^ int.from_bytes(keystream, "big")).to_bytes(n, "big")
 
-
-# ---------------------------------------------------------------- AES (FIPS 197)
 
 def _aes_make_sbox():
     """S-box from its definition: inverse in GF(2^8) mod x^8+x^4+x^3+x+1, then the affine map."""
@@ -2093,7 +2091,7 @@ def aes_encrypt_block(key, block16):
     return _aes_encrypt_int(round_keys, int.from_bytes(block16, "big")).to_bytes(16, "big")
 
 
-# ------------------------------------------------------------ GCM (SP 800-38D)
+# === 5.9 AES-GCM (SP 800-38D) =====================================================================
 #
 # GHASH multiplies by H through per-key tables of H times every value of one block position.
 # Tables per nibble position (32 of 16 entries) take ~45 us to build and hash a block in
@@ -2234,7 +2232,7 @@ class AESGCM:
         return _aead_xor(ciphertext, ks[16:16 + n])
 
 
-# --------------------------------------------------------- ChaCha20 (RFC 8439)
+# === 5.10 ChaCha20 (RFC 8439) =====================================================================
 #
 # Two layouts, both with one 64-bit lane per 32-bit word (the value in the low half, the high
 # half spare so that carries never reach the next lane):
@@ -2424,7 +2422,7 @@ def _chacha20_word_layout(state, n):
     return bytes(out)
 
 
-# ---------------------------------------------------------- Poly1305 (RFC 8439)
+# === 5.11 Poly1305 and ChaCha20-Poly1305 (RFC 8439) ===============================================
 
 _POLY1305_P = (1 << 130) - 5
 
@@ -2520,13 +2518,10 @@ def chacha20_poly1305_prefetch(requests):
         aead._ready[nonce] = ks
 
 
-# PEM/DER, RSA-PSS signing, private keys, certificate chains and self-signed certificates.
-#
-# Written from the specifications: X.690 (DER), RFC 7468 (PEM), RFC 8017 (RSA, PSS),
+# === 5.12 PEM (RFC 7468) ==========================================================================
+# PEM/DER, RSA-PSS signing, private keys, certificate chains and self-signed certificates (5.12 to
+# 5.17), written from the specifications: X.690 (DER), RFC 7468 (PEM), RFC 8017 (RSA, PSS),
 # RFC 5208/5958 (PKCS#8), RFC 5915 (SEC1 EC keys), RFC 8410 (Ed25519 keys), RFC 5280 (X.509).
-
-# ---------------------------------------------------------------------------------------------
-# PEM (RFC 7468)
 
 def _pem_base64(label, lines):
     try:
@@ -2572,8 +2567,8 @@ def pem_encode(label, der):
     return (f"-----BEGIN {label}-----\n" + "\n".join(lines) + f"\n-----END {label}-----\n").encode()
 
 
-# ---------------------------------------------------------------------------------------------
-# DER reader (X.690). Values are returned as bytes; callers check tags and field counts.
+# === 5.13 DER reader (X.690) ======================================================================
+# Values are returned as bytes; callers check tags and field counts.
 
 def der_read(data, pos=0):
     """The element starting at data[pos]: (tag, value, position after it)."""
@@ -2653,8 +2648,8 @@ def der_to_oid(value):
     return ".".join(str(arc) for arc in [first, arcs[0] - 40 * first] + arcs[1:])
 
 
-# ---------------------------------------------------------------------------------------------
-# DER writer: just what keys and certificates need.
+# === 5.14 DER writer ==============================================================================
+# Just what keys and certificates need.
 
 def der_tlv(tag, value):
     length = len(value)
@@ -2724,8 +2719,7 @@ def der_explicit(number, inner):
     return der_tlv(0xa0 | number, inner)
 
 
-# ---------------------------------------------------------------------------------------------
-# RSA (RFC 8017)
+# === 5.15 RSA-PSS signatures (RFC 8017) ===========================================================
 
 _RSA_PSS_HASHES = ("sha256", "sha384", "sha512")
 
@@ -2820,8 +2814,7 @@ class RSAKey:
         return s.to_bytes((self.bits + 7) // 8, "big")
 
 
-# ---------------------------------------------------------------------------------------------
-# Private keys
+# === 5.16 Private keys (PKCS#1, SEC 1, PKCS#8, RFC 8410) ==========================================
 
 _PKI_OID_RSA = "1.2.840.113549.1.1.1"
 _PKI_OID_EC = "1.2.840.10045.2.1"
@@ -3017,8 +3010,7 @@ def load_private_key(pem):
                      f"{_PKI_SUPPORTED_KEYS}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Certificates (RFC 5280)
+# === 5.17 Certificates (RFC 5280) =================================================================
 
 def _pki_cert_spki(cert_der):
     """The subjectPublicKeyInfo value from Certificate -> tbsCertificate."""
