@@ -3140,7 +3140,7 @@ def make_self_signed(hosts=('localhost', '127.0.0.1', '::1'), days=365):
 # HKDF (RFC 5869) and the TLS 1.3 key schedule (RFC 8446 §7)
 # ---------------------------------------------------------------------------------------------
 
-_TLS_HASH_LEN = {'sha256': 32, 'sha384': 48}
+_TLS_HASH_LEN = {"sha256": 32, "sha384": 48}
 
 
 def _tls_hash_len(hash_name):
@@ -3151,7 +3151,7 @@ def _tls_hash_len(hash_name):
 
 
 # Named constructors and block sizes of the suites' hashes, for _tls_hmac.
-_TLS_HMAC_HASHES = {'sha256': (hashlib.sha256, 64), 'sha384': (hashlib.sha384, 128)}
+_TLS_HMAC_HASHES = {"sha256": (hashlib.sha256, 64), "sha384": (hashlib.sha384, 128)}
 _TLS_HMAC_IPAD = bytes(b ^ 0x36 for b in range(256))
 _TLS_HMAC_OPAD = bytes(b ^ 0x5c for b in range(256))
 
@@ -3164,7 +3164,7 @@ def _tls_hmac(hash_name, key, msg):
     if hash_and_block is None or len(key) > hash_and_block[1]:
         return hmac.digest(key, msg, hash_name)   # other hashes, and keys that must be hashed first
     new, block_size = hash_and_block
-    padded = bytes(key).ljust(block_size, b'\x00')
+    padded = bytes(key).ljust(block_size, b"\x00")
     inner = new(padded.translate(_TLS_HMAC_IPAD) + msg).digest()
     return new(padded.translate(_TLS_HMAC_OPAD) + inner).digest()
 
@@ -3181,11 +3181,11 @@ def hkdf_expand(hash_name, prk, info, length):
     hash_len = _tls_hash_len(hash_name)
     if length <= hash_len:
         # Every expansion in TLS 1.3 fits in one block: T(1) alone, no loop.
-        return _tls_hmac(hash_name, prk, info + b'\x01')[:length]
+        return _tls_hmac(hash_name, prk, info + b"\x01")[:length]
     if length > 255 * hash_len:
-        raise ValueError('HKDF-Expand: length %d is more than 255 hash blocks' % length)
+        raise ValueError("HKDF-Expand: length %d is more than 255 hash blocks" % length)
     blocks = []
-    block = b''
+    block = b""
     produced = 0
     counter = 1
     while produced < length:
@@ -3193,7 +3193,7 @@ def hkdf_expand(hash_name, prk, info, length):
         blocks.append(block)
         produced += len(block)
         counter += 1
-    return b''.join(blocks)[:length]
+    return b"".join(blocks)[:length]
 
 
 # (label, length) -> the HkdfLabel bytes before the context: a handshake uses the same dozen.
@@ -3205,8 +3205,8 @@ def hkdf_expand_label(hash_name, secret, label, context, length):
     label = bytes(label)
     head = _TLS_HKDF_LABEL_HEADS.get((label, length))
     if head is None:
-        full_label = b'tls13 ' + label
-        head = struct.pack('>HB', length, len(full_label)) + full_label
+        full_label = b"tls13 " + label
+        head = struct.pack(">HB", length, len(full_label)) + full_label
         if len(_TLS_HKDF_LABEL_HEADS) < 64:   # the protocol's labels only, whoever calls us
             _TLS_HKDF_LABEL_HEADS[label, length] = head
     return hkdf_expand(hash_name, secret, head + bytes((len(context),)) + context, length)
@@ -3237,7 +3237,7 @@ def _tls13_derived_from_early(hash_name):
     if derived is None:
         zeros = bytes(_tls_hash_len(hash_name))
         early_secret = hkdf_extract(hash_name, zeros, zeros)
-        derived = derive_secret(hash_name, early_secret, b'derived', _tls_empty_hash(hash_name))
+        derived = derive_secret(hash_name, early_secret, b"derived", _tls_empty_hash(hash_name))
         _TLS_DERIVED_FROM_EARLY[hash_name] = derived
     return derived
 
@@ -3245,30 +3245,30 @@ def _tls13_derived_from_early(hash_name):
 def _tls13_handshake_secrets(hash_name, shared_secret, hello_hash):
     """Handshake Secret and the client/server handshake traffic secrets (transcript CH..SH)."""
     handshake_secret = hkdf_extract(hash_name, _tls13_derived_from_early(hash_name), shared_secret)
-    client = derive_secret(hash_name, handshake_secret, b'c hs traffic', hello_hash)
-    server = derive_secret(hash_name, handshake_secret, b's hs traffic', hello_hash)
+    client = derive_secret(hash_name, handshake_secret, b"c hs traffic", hello_hash)
+    server = derive_secret(hash_name, handshake_secret, b"s hs traffic", hello_hash)
     return handshake_secret, client, server
 
 
 def _tls13_application_secrets(hash_name, handshake_secret, server_finished_hash):
     """Master Secret and the first client/server application traffic secrets (CH..server Finished)."""
-    salt = derive_secret(hash_name, handshake_secret, b'derived', _tls_empty_hash(hash_name))
+    salt = derive_secret(hash_name, handshake_secret, b"derived", _tls_empty_hash(hash_name))
     master_secret = hkdf_extract(hash_name, salt, bytes(_tls_hash_len(hash_name)))
-    client = derive_secret(hash_name, master_secret, b'c ap traffic', server_finished_hash)
-    server = derive_secret(hash_name, master_secret, b's ap traffic', server_finished_hash)
+    client = derive_secret(hash_name, master_secret, b"c ap traffic", server_finished_hash)
+    server = derive_secret(hash_name, master_secret, b"s ap traffic", server_finished_hash)
     return master_secret, client, server
 
 
 def _tls13_finished_mac(hash_name, base_secret, transcript_hash):
     """Finished verify_data (RFC 8446 §4.4.4): HMAC(finished_key, transcript hash)."""
-    finished_key = hkdf_expand_label(hash_name, base_secret, b'finished', b'',
+    finished_key = hkdf_expand_label(hash_name, base_secret, b"finished", b"",
                                      _tls_hash_len(hash_name))
     return _tls_hmac(hash_name, finished_key, transcript_hash)
 
 
 def _tls13_next_traffic_secret(hash_name, secret):
     """application_traffic_secret_N+1 after a KeyUpdate (RFC 8446 §7.2)."""
-    return hkdf_expand_label(hash_name, secret, b'traffic upd', b'', _tls_hash_len(hash_name))
+    return hkdf_expand_label(hash_name, secret, b"traffic upd", b"", _tls_hash_len(hash_name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3316,15 +3316,15 @@ _TLS_ALERT_NO_APPLICATION_PROTOCOL = 120
 _TLS_CLOSE_NOTIFY_BODY = bytes([1, _TLS_ALERT_CLOSE_NOTIFY])   # level warning (§6)
 
 _TLS_ALERT_NAMES = {
-    0: 'close_notify', 10: 'unexpected_message', 20: 'bad_record_mac', 22: 'record_overflow',
-    40: 'handshake_failure', 42: 'bad_certificate', 43: 'unsupported_certificate',
-    44: 'certificate_revoked', 45: 'certificate_expired', 46: 'certificate_unknown',
-    47: 'illegal_parameter', 48: 'unknown_ca', 49: 'access_denied', 50: 'decode_error',
-    51: 'decrypt_error', 70: 'protocol_version', 71: 'insufficient_security',
-    80: 'internal_error', 86: 'inappropriate_fallback', 90: 'user_canceled',
-    109: 'missing_extension', 110: 'unsupported_extension', 112: 'unrecognized_name',
-    113: 'bad_certificate_status_response', 115: 'unknown_psk_identity',
-    116: 'certificate_required', 120: 'no_application_protocol',
+    0: "close_notify", 10: "unexpected_message", 20: "bad_record_mac", 22: "record_overflow",
+    40: "handshake_failure", 42: "bad_certificate", 43: "unsupported_certificate",
+    44: "certificate_revoked", 45: "certificate_expired", 46: "certificate_unknown",
+    47: "illegal_parameter", 48: "unknown_ca", 49: "access_denied", 50: "decode_error",
+    51: "decrypt_error", 70: "protocol_version", 71: "insufficient_security",
+    80: "internal_error", 86: "inappropriate_fallback", 90: "user_canceled",
+    109: "missing_extension", 110: "unsupported_extension", 112: "unrecognized_name",
+    113: "bad_certificate_status_response", 115: "unknown_psk_identity",
+    116: "certificate_required", 120: "no_application_protocol",
 }
 
 TLS_AES_128_GCM_SHA256 = 0x1301
@@ -3333,9 +3333,9 @@ TLS_CHACHA20_POLY1305_SHA256 = 0x1303
 
 # cipher suite -> (transcript/HKDF hash, AEAD key length, AEAD class)
 _TLS_SUITES = {
-    TLS_AES_128_GCM_SHA256: ('sha256', 16, AESGCM),
-    TLS_AES_256_GCM_SHA384: ('sha384', 32, AESGCM),
-    TLS_CHACHA20_POLY1305_SHA256: ('sha256', 32, ChaCha20Poly1305),
+    TLS_AES_128_GCM_SHA256: ("sha256", 16, AESGCM),
+    TLS_AES_256_GCM_SHA384: ("sha384", 32, AESGCM),
+    TLS_CHACHA20_POLY1305_SHA256: ("sha256", 32, ChaCha20Poly1305),
 }
 
 TLS_GROUP_X25519 = 0x001d
@@ -3357,10 +3357,10 @@ _TLS_MAX_HANDSHAKE_MESSAGE = 1 << 16
 _TLS_MAX_EARLY_DATA_SKIP = 1 << 16
 
 # ServerHello.random of a HelloRetryRequest: SHA-256("HelloRetryRequest"), §4.1.3.
-_TLS_HRR_RANDOM = hashlib.sha256(b'HelloRetryRequest').digest()
+_TLS_HRR_RANDOM = hashlib.sha256(b"HelloRetryRequest").digest()
 # §4.4.3: 64 spaces, the context string and a zero byte precede the transcript hash.
-_TLS_CERT_VERIFY_PREFIX = b' ' * 64 + b'TLS 1.3, server CertificateVerify\x00'
-_TLS_CCS_RECORD = b'\x14\x03\x03\x00\x01\x01'
+_TLS_CERT_VERIFY_PREFIX = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00"
+_TLS_CCS_RECORD = b"\x14\x03\x03\x00\x01\x01"
 
 
 class _TLSFatal(Exception):
@@ -3379,7 +3379,7 @@ class _TLSFatal(Exception):
 class _TLSReader:
     """Strict cursor over a byte string: any overrun or length-range violation is decode_error."""
 
-    __slots__ = ('data', 'pos', 'what')
+    __slots__ = ("data", "pos", "what")
 
     def __init__(self, data, what):
         self.data = data
@@ -3387,12 +3387,12 @@ class _TLSReader:
         self.what = what
 
     def _fail(self, detail):
-        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, '%s: %s' % (self.what, detail))
+        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "%s: %s" % (self.what, detail))
 
     def take(self, n):
         end = self.pos + n
         if end > len(self.data):
-            self._fail('truncated')
+            self._fail("truncated")
         chunk = self.data[self.pos:end]
         self.pos = end
         return chunk
@@ -3400,8 +3400,8 @@ class _TLSReader:
     def uint(self, size):
         end = self.pos + size
         if end > len(self.data):
-            self._fail('truncated')
-        value = int.from_bytes(self.data[self.pos:end], 'big')
+            self._fail("truncated")
+        value = int.from_bytes(self.data[self.pos:end], "big")
         self.pos = end
         return value
 
@@ -3411,13 +3411,13 @@ class _TLSReader:
         data = self.data
         start = self.pos + len_size
         if start > len(data):
-            self._fail('truncated')
-        length = int.from_bytes(data[self.pos:start], 'big')
+            self._fail("truncated")
+        length = int.from_bytes(data[self.pos:start], "big")
         if length < min_len or length > max_len:
-            self._fail('vector length %d outside %d..%d' % (length, min_len, max_len))
+            self._fail("vector length %d outside %d..%d" % (length, min_len, max_len))
         end = start + length
         if end > len(data):
-            self._fail('truncated')
+            self._fail("truncated")
         self.pos = end
         return data[start:end]
 
@@ -3426,7 +3426,7 @@ class _TLSReader:
 
     def expect_end(self):
         if self.pos != len(self.data):
-            self._fail('%d trailing bytes' % (len(self.data) - self.pos))
+            self._fail("%d trailing bytes" % (len(self.data) - self.pos))
 
 
 def _tls_uint16_list(data, len_size, min_len, max_len, what):
@@ -3440,8 +3440,8 @@ def _tls_uint16_list(data, len_size, min_len, max_len, what):
 def _tls_uint16_values(body, what):
     """The big-endian uint16 values packed in body."""
     if len(body) % 2:
-        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, '%s: odd length' % what)
-    return list(struct.unpack('>%dH' % (len(body) // 2), body))
+        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "%s: odd length" % what)
+    return list(struct.unpack(">%dH" % (len(body) // 2), body))
 
 
 def _tls_vec8(data):
@@ -3449,15 +3449,15 @@ def _tls_vec8(data):
 
 
 def _tls_vec16(data):
-    return struct.pack('>H', len(data)) + data
+    return struct.pack(">H", len(data)) + data
 
 
 def _tls_vec24(data):
-    return len(data).to_bytes(3, 'big') + data
+    return len(data).to_bytes(3, "big") + data
 
 
 def _tls_extension(ext_type, data):
-    return struct.pack('>HH', ext_type, len(data)) + data
+    return struct.pack(">HH", ext_type, len(data)) + data
 
 
 def _tls_handshake_message(msg_type, body):
@@ -3469,12 +3469,12 @@ def _tls_plaintext_records(content_type, data):
     records = []
     for start in range(0, len(data), _TLS_MAX_PLAINTEXT):
         fragment = data[start:start + _TLS_MAX_PLAINTEXT]
-        records.append(struct.pack('>BHH', content_type, _TLS_LEGACY_VERSION, len(fragment)) + fragment)
-    return b''.join(records)
+        records.append(struct.pack(">BHH", content_type, _TLS_LEGACY_VERSION, len(fragment)) + fragment)
+    return b"".join(records)
 
 
 def _tls_alert_name(code):
-    return '%s(%d)' % (_TLS_ALERT_NAMES.get(code, 'unknown'), code)
+    return "%s(%d)" % (_TLS_ALERT_NAMES.get(code, "unknown"), code)
 
 
 def _tls_next_record(buf, pos):
@@ -3489,12 +3489,12 @@ def _tls_next_record(buf, pos):
     content_type = buf[pos]
     if not _TLS_CT_CHANGE_CIPHER_SPEC <= content_type <= _TLS_CT_APPLICATION_DATA:
         raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                        'not a TLS record (content type %d)' % content_type)
+                        "not a TLS record (content type %d)" % content_type)
     if available < 5:
         return None
     length = (buf[pos + 3] << 8) | buf[pos + 4]
     if length > _TLS_MAX_CIPHERTEXT:
-        raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, 'record of %d bytes' % length)
+        raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, "record of %d bytes" % length)
     end = pos + 5 + length
     if len(buf) < end:
         return None
@@ -3504,7 +3504,7 @@ def _tls_next_record(buf, pos):
 def _tls_check_alert_body(body):
     # §5.1: alerts are never fragmented or coalesced, so an alert record holds exactly 2 bytes.
     if len(body) != 2:
-        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'alert record of %d bytes' % len(body))
+        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "alert record of %d bytes" % len(body))
     return body[1]
 
 
@@ -3519,10 +3519,10 @@ class _TLSRecordCipher:
         hash_name, key_len, aead_class = _TLS_SUITES[cipher_suite]
         self.cipher_suite = cipher_suite
         self.secret = secret
-        self.key = hkdf_expand_label(hash_name, secret, b'key', b'', key_len)
-        self.iv = hkdf_expand_label(hash_name, secret, b'iv', b'', 12)
+        self.key = hkdf_expand_label(hash_name, secret, b"key", b"", key_len)
+        self.iv = hkdf_expand_label(hash_name, secret, b"iv", b"", 12)
         self.seq = seq
-        self._iv_int = int.from_bytes(self.iv, 'big')
+        self._iv_int = int.from_bytes(self.iv, "big")
         self._aead_class = aead_class
         self._aead = None
 
@@ -3540,12 +3540,12 @@ class _TLSRecordCipher:
 
     def _nonce(self):
         # §5.3: the 64-bit sequence number, left-padded to the IV length, XORed with the IV.
-        return (self._iv_int ^ self.seq).to_bytes(12, 'big')
+        return (self._iv_int ^ self.seq).to_bytes(12, "big")
 
     def seal(self, content_type, content):
         """One TLSCiphertext record: content (any bytes-like object) plus its inner type, no padding."""
-        inner = b''.join((content, bytes([content_type])))
-        header = struct.pack('>BHH', _TLS_CT_APPLICATION_DATA, _TLS_LEGACY_VERSION,
+        inner = b"".join((content, bytes([content_type])))
+        header = struct.pack(">BHH", _TLS_CT_APPLICATION_DATA, _TLS_LEGACY_VERSION,
                              len(inner) + _TLS_AEAD_TAG_LEN)
         record = header + self._cipher().seal(self._nonce(), inner, header)
         self.seq += 1
@@ -3560,7 +3560,7 @@ class _TLSRecordCipher:
         if len(records) > 1:   # their keystreams in one ChaCha20 pass (see _chacha20_keystreams)
             chacha20_poly1305_prefetch(
                 self.keystream_requests([len(content) + 1 for _, content in records]))
-        return b''.join([self.seal(kind, content) for kind, content in records])
+        return b"".join([self.seal(kind, content) for kind, content in records])
 
     def keystream_requests(self, lengths):
         """Requests for chacha20_poly1305_prefetch: the next records, of these inner-plaintext
@@ -3568,7 +3568,7 @@ class _TLSRecordCipher:
         if self._aead_class is not ChaCha20Poly1305:
             return []
         aead = self._cipher()
-        return [(aead, (self._iv_int ^ (self.seq + i)).to_bytes(12, 'big'), length)
+        return [(aead, (self._iv_int ^ (self.seq + i)).to_bytes(12, "big"), length)
                 for i, length in enumerate(lengths)]
 
     def open(self, header, body):
@@ -3576,11 +3576,11 @@ class _TLSRecordCipher:
         inner = self._cipher().open(self._nonce(), body, header)
         self.seq += 1
         if len(inner) > _TLS_MAX_INNER_PLAINTEXT:
-            raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, 'inner plaintext of %d bytes' % len(inner))
+            raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, "inner plaintext of %d bytes" % len(inner))
         # §5.4: the real content type is the last non-zero byte; zeros after it are padding.
-        unpadded = inner.rstrip(b'\x00')
+        unpadded = inner.rstrip(b"\x00")
         if not unpadded:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'record without a content type')
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "record without a content type")
         return unpadded[-1], unpadded[:-1]
 
 
@@ -3597,7 +3597,7 @@ class _TLSHandshakeBuffer:
 
     def add(self, fragment):
         if not fragment:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'empty handshake record')
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "empty handshake record")
         self._buf += fragment
 
     def pending(self):
@@ -3608,10 +3608,10 @@ class _TLSHandshakeBuffer:
         """The next complete message, 4-byte header included, or None."""
         if len(self._buf) < 4:
             return None
-        length = int.from_bytes(self._buf[1:4], 'big')
+        length = int.from_bytes(self._buf[1:4], "big")
         if length > _TLS_MAX_HANDSHAKE_MESSAGE:
             raise _TLSFatal(_TLS_ALERT_DECODE_ERROR,
-                            'handshake message type %d of %d bytes' % (self._buf[0], length))
+                            "handshake message type %d of %d bytes" % (self._buf[0], length))
         if len(self._buf) < 4 + length:
             return None
         message = bytes(self._buf[:4 + length])
@@ -3622,7 +3622,7 @@ class _TLSHandshakeBuffer:
         # §5.1: a key change must fall on a record boundary.
         if self._buf:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            'handshake data after %s in the same record' % what)
+                            "handshake data after %s in the same record" % what)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3639,7 +3639,7 @@ class RecordLayer:
 
     def __init__(self, cipher_suite, rx_secret, tx_secret, rx_seq=0, tx_seq=0):
         if cipher_suite not in _TLS_SUITES:
-            raise ValueError('unknown TLS 1.3 cipher suite 0x%04x' % cipher_suite)
+            raise ValueError("unknown TLS 1.3 cipher suite 0x%04x" % cipher_suite)
         self.cipher_suite = cipher_suite
         self._rx = _TLSRecordCipher(cipher_suite, rx_secret, rx_seq)
         self._tx = _TLSRecordCipher(cipher_suite, tx_secret, tx_seq)
@@ -3689,13 +3689,13 @@ class RecordLayer:
         """Our close_notify record, or b'' if it has been sealed already: it ends our side of
         the connection, so it goes out once."""
         if self.close_notify_sealed:
-            return b''
+            return b""
         self.close_notify_sealed = True
         return self._tx.seal(_TLS_CT_ALERT, _TLS_CLOSE_NOTIFY_BODY)
 
     def open(self, data):
         if self.closed or self.failed:
-            return b'', [], b''   # §6.1: data after a closure alert is ignored
+            return b"", [], b""   # §6.1: data after a closure alert is ignored
         self._inbuf += data
         plaintext, events, to_send = [], [], []
         pos = 0
@@ -3709,53 +3709,53 @@ class RecordLayer:
         except _TLSFatal as exc:
             self._fail(exc.alert, exc.message, events, to_send)
         except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
-            self._fail(_TLS_ALERT_INTERNAL_ERROR, 'internal error: %r' % (exc,), events, to_send)
+            self._fail(_TLS_ALERT_INTERNAL_ERROR, "internal error: %r" % (exc,), events, to_send)
         if self._key_update_requested and not self.failed:
             # §4.6.3: answer with update_not_requested under the old key, then switch. One answer
             # covers every request in this batch, so a flood of requests gets few replies.
             self._key_update_requested = False
             to_send.append(self._tx.seal(_TLS_CT_HANDSHAKE,
-                                         _tls_handshake_message(_TLS_HS_KEY_UPDATE, b'\x00')))
+                                         _tls_handshake_message(_TLS_HS_KEY_UPDATE, b"\x00")))
             self._tx = self._tx.next_generation()
         # After a closure or an error nothing more is read, so nothing is kept either.
         del self._inbuf[:len(self._inbuf) if self.closed or self.failed else pos]
-        return b''.join(plaintext), events, b''.join(to_send)
+        return b"".join(plaintext), events, b"".join(to_send)
 
     def _fail(self, alert, message, events, to_send):
         self.failed = True
         self.error = message
-        events.append('error')
+        events.append("error")
         to_send.append(self._tx.seal(_TLS_CT_ALERT, bytes([2, alert])))
 
     def _open_record(self, content_type, header, body, plaintext, events):
         if content_type != _TLS_CT_APPLICATION_DATA:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            'unprotected record of type %d after the handshake' % content_type)
+                            "unprotected record of type %d after the handshake" % content_type)
         try:
             inner_type, content = self._rx.open(header, body)
         except AEADError:
-            raise _TLSFatal(_TLS_ALERT_BAD_RECORD_MAC, 'record failed to decrypt')
+            raise _TLSFatal(_TLS_ALERT_BAD_RECORD_MAC, "record failed to decrypt")
         if inner_type == _TLS_CT_HANDSHAKE:
             self._handshake.add(content)
             self._post_handshake_messages()
             return
         if self._handshake.pending():
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'record inside a fragmented message')
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "record inside a fragmented message")
         if inner_type == _TLS_CT_APPLICATION_DATA:
             plaintext.append(content)
         elif inner_type == _TLS_CT_ALERT:
             self._peer_alert(_tls_check_alert_body(content), events)
         else:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'record of inner type %d' % inner_type)
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "record of inner type %d" % inner_type)
 
     def _peer_alert(self, code, events):
         if code == _TLS_ALERT_CLOSE_NOTIFY:
             self.closed = True
-            events.append('close')
+            events.append("close")
         elif code != _TLS_ALERT_USER_CANCELED:   # user_canceled is followed by close_notify
             self.failed = True
-            self.error = 'peer sent alert %s' % _tls_alert_name(code)
-            events.append('alert')
+            self.error = "peer sent alert %s" % _tls_alert_name(code)
+            events.append("alert")
 
     def _post_handshake_messages(self):
         while True:
@@ -3764,12 +3764,12 @@ class RecordLayer:
                 break
             if message[0] != _TLS_HS_KEY_UPDATE:
                 raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                                'post-handshake message type %d' % message[0])
+                                "post-handshake message type %d" % message[0])
             if len(message) != 5:
-                raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'KeyUpdate of %d bytes' % (len(message) - 4))
+                raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "KeyUpdate of %d bytes" % (len(message) - 4))
             if message[4] > 1:
-                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'KeyUpdate request_update %d' % message[4])
-            self._handshake.check_boundary('KeyUpdate')
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "KeyUpdate request_update %d" % message[4])
+            self._handshake.check_boundary("KeyUpdate")
             self._rx = self._rx.next_generation()
             self._key_update_requested = self._key_update_requested or message[4] == 1
 
@@ -3778,7 +3778,7 @@ class RecordLayer:
 # ClientHello parsing (§4.1.2, §4.2)
 # ---------------------------------------------------------------------------------------------
 
-_TLS_EXTENSION_HEADER = struct.Struct('>HH')
+_TLS_EXTENSION_HEADER = struct.Struct(">HH")
 
 
 def _tls_parse_extensions(block, extensions):
@@ -3789,15 +3789,15 @@ def _tls_parse_extensions(block, extensions):
     ext_type = None
     while pos < end:
         if pos + 4 > end:
-            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'ClientHello extensions: truncated')
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "ClientHello extensions: truncated")
         ext_type, length = _TLS_EXTENSION_HEADER.unpack_from(block, pos)
         start = pos + 4
         pos = start + length
         if pos > end:
-            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'ClientHello extensions: truncated')
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "ClientHello extensions: truncated")
         if ext_type in extensions:
             raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
-                            'ClientHello: duplicate extension %d' % ext_type)
+                            "ClientHello: duplicate extension %d" % ext_type)
         extensions[ext_type] = block[start:pos]
     return ext_type
 
@@ -3807,12 +3807,12 @@ class _TLSClientHello:
 
     def __init__(self, message):
         self.message = message
-        reader = _TLSReader(message[4:], 'ClientHello')
+        reader = _TLSReader(message[4:], "ClientHello")
         self.legacy_version = reader.uint(2)
         self.random = reader.take(32)
         self.session_id = reader.vector(1, 0, 32)
         self.cipher_suites = _tls_uint16_values(reader.vector(2, 2, 0xfffe),
-                                                'ClientHello cipher_suites')
+                                                "ClientHello cipher_suites")
         self.compression_methods = reader.vector(1, 1, 255)
         self.extensions = {}
         if reader.at_end():
@@ -3822,13 +3822,13 @@ class _TLSClientHello:
         last_type = _tls_parse_extensions(block, self.extensions)
         if _TLS_EXT_PRE_SHARED_KEY in self.extensions and last_type != _TLS_EXT_PRE_SHARED_KEY:
             raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
-                            'ClientHello: pre_shared_key is not the last extension')
+                            "ClientHello: pre_shared_key is not the last extension")
 
     def supported_versions(self):
         data = self.extensions.get(_TLS_EXT_SUPPORTED_VERSIONS)
         if data is None:
             return []
-        return _tls_uint16_list(data, 1, 2, 254, 'supported_versions')
+        return _tls_uint16_list(data, 1, 2, 254, "supported_versions")
 
     def uint16_extension(self, ext_type, what):
         """supported_groups / signature_algorithms as a list, None when absent."""
@@ -3842,15 +3842,15 @@ class _TLSClientHello:
         data = self.extensions.get(_TLS_EXT_KEY_SHARE)
         if data is None:
             return None
-        outer = _TLSReader(data, 'key_share')
-        reader = _TLSReader(outer.vector(2, 0, 0xffff), 'key_share')
+        outer = _TLSReader(data, "key_share")
+        reader = _TLSReader(outer.vector(2, 0, 0xffff), "key_share")
         outer.expect_end()
         shares = {}
         while not reader.at_end():
             group = reader.uint(2)
             key_exchange = reader.vector(2, 1, 0xffff)
             if group in shares:
-                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'key_share: two shares for group 0x%04x' % group)
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "key_share: two shares for group 0x%04x" % group)
             shares[group] = key_exchange
         return shares
 
@@ -3858,8 +3858,8 @@ class _TLSClientHello:
         data = self.extensions.get(_TLS_EXT_ALPN)
         if data is None:
             return None
-        outer = _TLSReader(data, 'ALPN')
-        reader = _TLSReader(outer.vector(2, 2, 0xffff), 'ALPN')
+        outer = _TLSReader(data, "ALPN")
+        reader = _TLSReader(outer.vector(2, 2, 0xffff), "ALPN")
         outer.expect_end()
         protocols = []
         while not reader.at_end():
@@ -3871,8 +3871,8 @@ class _TLSClientHello:
         data = self.extensions.get(_TLS_EXT_SERVER_NAME)
         if data is None:
             return None
-        outer = _TLSReader(data, 'server_name')
-        reader = _TLSReader(outer.vector(2, 1, 0xffff), 'server_name')
+        outer = _TLSReader(data, "server_name")
+        reader = _TLSReader(outer.vector(2, 1, 0xffff), "server_name")
         outer.expect_end()
         host = None
         while not reader.at_end():
@@ -3881,25 +3881,25 @@ class _TLSClientHello:
             if name_type != 0:
                 continue
             if host is not None:
-                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'server_name: two host names')
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "server_name: two host names")
             # A DNS name (RFC 6066 §3); anything but printable ASCII would only pollute logs.
             if any(byte < 0x21 or byte > 0x7e for byte in name):
-                raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'server_name: not a printable ASCII name')
-            host = name.decode('ascii').lower()
+                raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "server_name: not a printable ASCII name")
+            host = name.decode("ascii").lower()
         return host
 
     def check_minor_extensions(self):
         """Validate the extensions we only need to tolerate, so malformed ones still fail."""
         modes = self.extensions.get(_TLS_EXT_PSK_KEY_EXCHANGE_MODES)
         if modes is not None:
-            reader = _TLSReader(modes, 'psk_key_exchange_modes')
+            reader = _TLSReader(modes, "psk_key_exchange_modes")
             reader.vector(1, 1, 255)
             reader.expect_end()
         elif _TLS_EXT_PRE_SHARED_KEY in self.extensions:
             raise _TLSFatal(_TLS_ALERT_MISSING_EXTENSION,
-                            'pre_shared_key without psk_key_exchange_modes')
-        if self.extensions.get(_TLS_EXT_EARLY_DATA, b'') != b'':
-            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'early_data extension is not empty')
+                            "pre_shared_key without psk_key_exchange_modes")
+        if self.extensions.get(_TLS_EXT_EARLY_DATA, b"") != b"":
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "early_data extension is not empty")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3913,33 +3913,33 @@ class TLSConfig:
     cipher_preference is the server's order of preference among the three TLS 1.3 suites.
     """
 
-    def __init__(self, key, cert_chain, alpn=(b'http/1.1',),
+    def __init__(self, key, cert_chain, alpn=(b"http/1.1",),
                  cipher_preference=(TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_GCM_SHA256,
                                     TLS_AES_256_GCM_SHA384)):
         if not cert_chain:
-            raise ValueError('TLSConfig: the certificate chain is empty')
+            raise ValueError("TLSConfig: the certificate chain is empty")
         for suite in cipher_preference:
             if suite not in _TLS_SUITES:
-                raise ValueError('TLSConfig: unknown TLS 1.3 cipher suite 0x%04x' % suite)
+                raise ValueError("TLSConfig: unknown TLS 1.3 cipher suite 0x%04x" % suite)
         for protocol in alpn:
             if not 1 <= len(protocol) <= 255:
-                raise ValueError('TLSConfig: ALPN protocol names must be 1..255 bytes')
+                raise ValueError("TLSConfig: ALPN protocol names must be 1..255 bytes")
         if not key.signature_schemes:
-            raise ValueError('TLSConfig: the key offers no signature scheme')
+            raise ValueError("TLSConfig: the key offers no signature scheme")
         self.key = key
         self.cert_chain = [bytes(der) for der in cert_chain]
         self.alpn = tuple(bytes(p) for p in alpn)
         self.cipher_preference = tuple(cipher_preference)
         # The Certificate message (§4.4.2) is the same for every handshake: build it once.
-        entries = b''.join(_tls_vec24(der) + _tls_vec16(b'') for der in self.cert_chain)
+        entries = b"".join(_tls_vec24(der) + _tls_vec16(b"") for der in self.cert_chain)
         self.certificate_message = _tls_handshake_message(_TLS_HS_CERTIFICATE,
-                                                          _tls_vec8(b'') + _tls_vec24(entries))
+                                                          _tls_vec8(b"") + _tls_vec24(entries))
 
 
-_TLS_STATE_CLIENT_HELLO = 'client_hello'
-_TLS_STATE_RETRIED_HELLO = 'client_hello_after_retry'
-_TLS_STATE_CLIENT_FINISHED = 'client_finished'
-_TLS_STATE_DONE = 'done'
+_TLS_STATE_CLIENT_HELLO = "client_hello"
+_TLS_STATE_RETRIED_HELLO = "client_hello_after_retry"
+_TLS_STATE_CLIENT_FINISHED = "client_finished"
+_TLS_STATE_DONE = "done"
 
 
 def _tls_key_exchange(group, peer_share):
@@ -3950,7 +3950,7 @@ def _tls_key_exchange(group, peer_share):
         private, public = ec_keypair(SECP256R1)
         return public, ecdh_shared(SECP256R1, private, peer_share)
     except ValueError as exc:
-        raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'invalid key share: %s' % exc)
+        raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "invalid key share: %s" % exc)
 
 
 class TLSServer:
@@ -3974,7 +3974,7 @@ class TLSServer:
         self.group = None
         self.signature_scheme = None
         self.record_layer = None
-        self.early_plaintext = b''
+        self.early_plaintext = b""
         self.early_events = []
         self._state = _TLS_STATE_CLIENT_HELLO
         self._inbuf = bytearray()
@@ -3993,9 +3993,9 @@ class TLSServer:
     def receive(self, data):
         """Feed bytes read from the peer; returns the bytes to send (possibly empty)."""
         if self.failed:
-            return b''
+            return b""
         if self.done:
-            raise RuntimeError('TLS handshake already complete: use .record_layer')
+            raise RuntimeError("TLS handshake already complete: use .record_layer")
         self._inbuf += data
         out = []
         pos = 0
@@ -4008,15 +4008,15 @@ class TLSServer:
                 self._on_record(content_type, header, body, out)
         except _TLSFatal as exc:
             self._fail(exc.alert, exc.message, out)
-            return b''.join(out)
+            return b"".join(out)
         except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
-            self._fail(_TLS_ALERT_INTERNAL_ERROR, 'internal error: %r' % (exc,), out)
-            return b''.join(out)
+            self._fail(_TLS_ALERT_INTERNAL_ERROR, "internal error: %r" % (exc,), out)
+            return b"".join(out)
         del self._inbuf[:pos]
         if self.done:
             self._start_record_layer(bytes(self._inbuf), out)
             self._inbuf = None
-        return b''.join(out)
+        return b"".join(out)
 
     def traffic_keys(self):
         """(rx_key, rx_iv, tx_key, tx_iv) of the application traffic, current generation."""
@@ -4071,24 +4071,24 @@ class TLSServer:
             self._on_protected_record(content_type, header, body, out)
         elif content_type == _TLS_CT_HANDSHAKE:
             if len(body) > _TLS_MAX_PLAINTEXT:
-                raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, 'plaintext record of %d bytes' % len(body))
+                raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, "plaintext record of %d bytes" % len(body))
             self._on_handshake_data(body, out)
         elif self._state == _TLS_STATE_RETRIED_HELLO and self._skip_early_data(body):
             pass   # refused 0-RTT data sent before the client saw our HelloRetryRequest
         else:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'record of type %d before ServerHello'
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "record of type %d before ServerHello"
                             % content_type)
 
     def _on_change_cipher_spec(self, body):
         # Appendix D.4: a compatibility CCS (exactly 0x01) may arrive after the first
         # ClientHello and before the client Finished; it is dropped. Anything else is fatal.
-        if self._first_hello is None or body != b'\x01' or self._handshake.pending():
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'unexpected change_cipher_spec')
+        if self._first_hello is None or body != b"\x01" or self._handshake.pending():
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "unexpected change_cipher_spec")
 
     def _on_alert(self, code):
         if self._handshake.pending():
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'alert inside a fragmented message')
-        raise _TLSFatal(None, 'peer sent alert %s during the handshake' % _tls_alert_name(code))
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "alert inside a fragmented message")
+        raise _TLSFatal(None, "peer sent alert %s during the handshake" % _tls_alert_name(code))
 
     def _skip_early_data(self, body):
         """True if this record fits the budget for skipping refused early data (§4.2.10)."""
@@ -4100,14 +4100,14 @@ class TLSServer:
     def _on_protected_record(self, content_type, header, body, out):
         if content_type != _TLS_CT_APPLICATION_DATA:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            'unprotected record of type %d after ServerHello' % content_type)
+                            "unprotected record of type %d after ServerHello" % content_type)
         try:
             inner_type, content = self._rx.open(header, body)
         except AEADError:
             # A 0-RTT record under the early traffic key we refused fails here: skip it (§4.2.10).
             if self._skip_early_data(body):
                 return
-            raise _TLSFatal(_TLS_ALERT_BAD_RECORD_MAC, 'handshake record failed to decrypt')
+            raise _TLSFatal(_TLS_ALERT_BAD_RECORD_MAC, "handshake record failed to decrypt")
         self._early_data_budget = 0   # the client's second flight has started
         if inner_type == _TLS_CT_HANDSHAKE:
             self._on_handshake_data(content, out)
@@ -4115,7 +4115,7 @@ class TLSServer:
             self._on_alert(_tls_check_alert_body(content))
         else:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            'protected record of type %d during the handshake' % inner_type)
+                            "protected record of type %d during the handshake" % inner_type)
 
     def _on_handshake_data(self, fragment, out):
         self._handshake.add(fragment)
@@ -4129,7 +4129,7 @@ class TLSServer:
                 self._on_client_hello(message, out)
             else:
                 raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                                'handshake message type %d instead of ClientHello' % message[0])
+                                "handshake message type %d instead of ClientHello" % message[0])
 
     # --- ClientHello ------------------------------------------------------------------------
 
@@ -4137,7 +4137,7 @@ class TLSServer:
         hello = _TLSClientHello(message)
         # A key change follows the ClientHello, and the client cannot send a second hello
         # before it has seen our HelloRetryRequest: nothing may follow in the record.
-        self._handshake.check_boundary('ClientHello')
+        self._handshake.check_boundary("ClientHello")
         if self._state == _TLS_STATE_RETRIED_HELLO:
             self._check_retried_hello(hello)
         params = self._negotiate(hello)
@@ -4150,34 +4150,34 @@ class TLSServer:
         """(suite, group, peer share, scheme) for hello, or None when a HelloRetryRequest is needed."""
         if hello.legacy_version != _TLS_LEGACY_VERSION:
             raise _TLSFatal(_TLS_ALERT_PROTOCOL_VERSION,
-                            'ClientHello legacy_version 0x%04x' % hello.legacy_version)
+                            "ClientHello legacy_version 0x%04x" % hello.legacy_version)
         if _TLS_VERSION_13 not in hello.supported_versions():
-            raise _TLSFatal(_TLS_ALERT_PROTOCOL_VERSION, 'client does not offer TLS 1.3')
-        if hello.compression_methods != b'\x00':
-            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'ClientHello compression methods')
+            raise _TLSFatal(_TLS_ALERT_PROTOCOL_VERSION, "client does not offer TLS 1.3")
+        if hello.compression_methods != b"\x00":
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "ClientHello compression methods")
         hello.check_minor_extensions()
         self.sni = hello.server_name()
         self.alpn = self._choose_alpn(hello.alpn_protocols())
-        groups = hello.uint16_extension(_TLS_EXT_SUPPORTED_GROUPS, 'supported_groups')
-        schemes = hello.uint16_extension(_TLS_EXT_SIGNATURE_ALGORITHMS, 'signature_algorithms')
+        groups = hello.uint16_extension(_TLS_EXT_SUPPORTED_GROUPS, "supported_groups")
+        schemes = hello.uint16_extension(_TLS_EXT_SIGNATURE_ALGORITHMS, "signature_algorithms")
         shares = hello.key_shares()
         # §9.2: without a PSK, signature_algorithms, supported_groups and key_share are all
         # mandatory. A PSK-only hello is well-formed, but we cannot complete it.
-        for present, name in ((schemes, 'signature_algorithms'), (groups, 'supported_groups'),
-                              (shares, 'key_share')):
+        for present, name in ((schemes, "signature_algorithms"), (groups, "supported_groups"),
+                              (shares, "key_share")):
             if present is None:
                 alert = (_TLS_ALERT_HANDSHAKE_FAILURE if _TLS_EXT_PRE_SHARED_KEY in hello.extensions
                          else _TLS_ALERT_MISSING_EXTENSION)
-                raise _TLSFatal(alert, 'ClientHello without %s' % name)
+                raise _TLSFatal(alert, "ClientHello without %s" % name)
         for group in shares:
             if group not in groups:
                 raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
-                                'key_share for group 0x%04x not in supported_groups' % group)
-        suite = self._choose(self.config.cipher_preference, hello.cipher_suites, 'cipher suite')
-        scheme = self._choose(self.config.key.signature_schemes, schemes, 'signature scheme')
+                                "key_share for group 0x%04x not in supported_groups" % group)
+        suite = self._choose(self.config.cipher_preference, hello.cipher_suites, "cipher suite")
+        scheme = self._choose(self.config.key.signature_schemes, schemes, "signature scheme")
         common_groups = [g for g in _TLS_GROUP_PREFERENCE if g in groups]
         if not common_groups:
-            raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, 'no common key exchange group')
+            raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, "no common key exchange group")
         for group in common_groups:
             if group in shares:
                 return suite, group, shares[group], scheme
@@ -4191,7 +4191,7 @@ class TLSServer:
         for item in ours:
             if item in theirs:
                 return item
-        raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, 'no common %s' % what)
+        raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, "no common %s" % what)
 
     def _choose_alpn(self, offered):
         if offered is None or not self.config.alpn:   # alpn=() in the config: ALPN is ignored
@@ -4200,8 +4200,8 @@ class TLSServer:
             if protocol in offered:
                 return protocol
         raise _TLSFatal(_TLS_ALERT_NO_APPLICATION_PROTOCOL,
-                        'no common ALPN protocol (client offered %s)'
-                        % b', '.join(offered).decode('ascii', 'replace'))
+                        "no common ALPN protocol (client offered %s)"
+                        % b", ".join(offered).decode("ascii", "replace"))
 
     def _check_retried_hello(self, hello):
         """§4.1.2: the second ClientHello repeats the first except for key_share and friends."""
@@ -4214,13 +4214,13 @@ class TLSServer:
                          _TLS_EXT_SIGNATURE_ALGORITHMS, _TLS_EXT_ALPN, _TLS_EXT_SUPPORTED_VERSIONS):
             same = same and hello.extensions.get(ext_type) == first.extensions.get(ext_type)
         if not same:
-            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'second ClientHello differs from the first')
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "second ClientHello differs from the first")
         if _TLS_EXT_EARLY_DATA in hello.extensions:
-            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'early_data after HelloRetryRequest')
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "early_data after HelloRetryRequest")
         shares = hello.key_shares()
         if shares is None or list(shares) != [self.group]:
             raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
-                            'second ClientHello must hold one key share, for the group requested')
+                            "second ClientHello must hold one key share, for the group requested")
 
     def _compat_ccs(self, hello):
         # Appendix D.4: a client in middlebox compatibility mode (non-empty session id) expects
@@ -4228,18 +4228,18 @@ class TLSServer:
         if hello.session_id and not self._ccs_sent:
             self._ccs_sent = True
             return _TLS_CCS_RECORD
-        return b''
+        return b""
 
     def _server_hello_message(self, random, hello, suite, extensions):
-        body = (struct.pack('>H', _TLS_LEGACY_VERSION) + random + _tls_vec8(hello.session_id)
-                + struct.pack('>HB', suite, 0) + _tls_vec16(extensions))
+        body = (struct.pack(">H", _TLS_LEGACY_VERSION) + random + _tls_vec8(hello.session_id)
+                + struct.pack(">HB", suite, 0) + _tls_vec16(extensions))
         return _tls_handshake_message(_TLS_HS_SERVER_HELLO, body)
 
     def _send_hello_retry(self, hello, out):
         suite = self.cipher_suite
         hash_name = _TLS_SUITES[suite][0]
-        extensions = (_tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, struct.pack('>H', _TLS_VERSION_13))
-                      + _tls_extension(_TLS_EXT_KEY_SHARE, struct.pack('>H', self.group)))
+        extensions = (_tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, struct.pack(">H", _TLS_VERSION_13))
+                      + _tls_extension(_TLS_EXT_KEY_SHARE, struct.pack(">H", self.group)))
         retry = self._server_hello_message(_TLS_HRR_RANDOM, hello, suite, extensions)
         # §4.4.1: the first ClientHello enters the transcript as a synthetic message_hash.
         first_hash = hashlib.new(hash_name, hello.message).digest()
@@ -4261,8 +4261,8 @@ class TLSServer:
         transcript = hashlib.new(hash_name) if self._transcript is None else self._transcript
         transcript.update(hello.message)
         key_share = _tls_extension(_TLS_EXT_KEY_SHARE,
-                                   struct.pack('>H', group) + _tls_vec16(our_share))
-        versions = _tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, struct.pack('>H', _TLS_VERSION_13))
+                                   struct.pack(">H", group) + _tls_vec16(our_share))
+        versions = _tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, struct.pack(">H", _TLS_VERSION_13))
         server_hello = self._server_hello_message(secrets.token_bytes(32), hello, suite,
                                                   versions + key_share)
         transcript.update(server_hello)
@@ -4274,7 +4274,7 @@ class TLSServer:
             transcript.update(message)
         signature = self.config.key.sign(scheme, _TLS_CERT_VERIFY_PREFIX + transcript.digest())
         flight.append(_tls_handshake_message(_TLS_HS_CERTIFICATE_VERIFY,
-                                             struct.pack('>H', scheme) + _tls_vec16(signature)))
+                                             struct.pack(">H", scheme) + _tls_vec16(signature)))
         transcript.update(flight[-1])
         flight.append(_tls_handshake_message(
             _TLS_HS_FINISHED, _tls13_finished_mac(hash_name, server_hs, transcript.digest())))
@@ -4287,7 +4287,7 @@ class TLSServer:
         self._client_finished = _tls13_finished_mac(hash_name, client_hs, server_finished_hash)
         # The client's Finished will come as one record of known size (unpadded, as clients
         # send it): its keystream is made in the same pass as the flight's.
-        flight = b''.join(flight)
+        flight = b"".join(flight)
         chacha20_poly1305_prefetch(tx.keystream_requests(_tls_record_lengths(len(flight)))
                                    + rx.keystream_requests([4 + len(self._client_finished) + 1]))
         out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, server_hello) + self._compat_ccs(hello)
@@ -4304,7 +4304,7 @@ class TLSServer:
         self._state = _TLS_STATE_CLIENT_FINISHED
 
     def _encrypted_extensions(self):
-        extensions = b''
+        extensions = b""
         if self.alpn is not None:
             extensions += _tls_extension(_TLS_EXT_ALPN, _tls_vec16(_tls_vec8(self.alpn)))
         return _tls_handshake_message(_TLS_HS_ENCRYPTED_EXTENSIONS, _tls_vec16(extensions))
@@ -4314,12 +4314,12 @@ class TLSServer:
     def _on_client_finished(self, message):
         if message[0] != _TLS_HS_FINISHED:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            'handshake message type %d instead of Finished' % message[0])
+                            "handshake message type %d instead of Finished" % message[0])
         if len(message) - 4 != len(self._client_finished):
-            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'Finished of %d bytes' % (len(message) - 4))
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "Finished of %d bytes" % (len(message) - 4))
         if not hmac.compare_digest(message[4:], self._client_finished):
-            raise _TLSFatal(_TLS_ALERT_DECRYPT_ERROR, 'client Finished does not verify')
-        self._handshake.check_boundary('Finished')
+            raise _TLSFatal(_TLS_ALERT_DECRYPT_ERROR, "client Finished does not verify")
+        self._handshake.check_boundary("Finished")
         self.done = True
         self._state = _TLS_STATE_DONE
 
