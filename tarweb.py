@@ -3183,7 +3183,7 @@ def hkdf_expand(hash_name, prk, info, length):
         # Every expansion in TLS 1.3 fits in one block: T(1) alone, no loop.
         return _tls_hmac(hash_name, prk, info + b"\x01")[:length]
     if length > 255 * hash_len:
-        raise ValueError("HKDF-Expand: length %d is more than 255 hash blocks" % length)
+        raise ValueError(f"HKDF-Expand: length {length} is more than 255 hash blocks")
     blocks = []
     block = b""
     produced = 0
@@ -3387,7 +3387,7 @@ class _TLSReader:
         self.what = what
 
     def _fail(self, detail):
-        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "%s: %s" % (self.what, detail))
+        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, f"{self.what}: {detail}")
 
     def take(self, n):
         end = self.pos + n
@@ -3414,7 +3414,7 @@ class _TLSReader:
             self._fail("truncated")
         length = int.from_bytes(data[self.pos:start], "big")
         if length < min_len or length > max_len:
-            self._fail("vector length %d outside %d..%d" % (length, min_len, max_len))
+            self._fail(f"vector length {length} outside {min_len}..{max_len}")
         end = start + length
         if end > len(data):
             self._fail("truncated")
@@ -3426,7 +3426,7 @@ class _TLSReader:
 
     def expect_end(self):
         if self.pos != len(self.data):
-            self._fail("%d trailing bytes" % (len(self.data) - self.pos))
+            self._fail(f"{len(self.data) - self.pos} trailing bytes")
 
 
 def _tls_uint16_list(data, len_size, min_len, max_len, what):
@@ -3440,8 +3440,8 @@ def _tls_uint16_list(data, len_size, min_len, max_len, what):
 def _tls_uint16_values(body, what):
     """The big-endian uint16 values packed in body."""
     if len(body) % 2:
-        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "%s: odd length" % what)
-    return list(struct.unpack(">%dH" % (len(body) // 2), body))
+        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, f"{what}: odd length")
+    return list(struct.unpack(f">{len(body) // 2}H", body))
 
 
 def _tls_vec8(data):
@@ -3474,7 +3474,8 @@ def _tls_plaintext_records(content_type, data):
 
 
 def _tls_alert_name(code):
-    return "%s(%d)" % (_TLS_ALERT_NAMES.get(code, "unknown"), code)
+    name = _TLS_ALERT_NAMES.get(code, "unknown")
+    return f"{name}({code})"
 
 
 def _tls_next_record(buf, pos):
@@ -3489,12 +3490,12 @@ def _tls_next_record(buf, pos):
     content_type = buf[pos]
     if not _TLS_CT_CHANGE_CIPHER_SPEC <= content_type <= _TLS_CT_APPLICATION_DATA:
         raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                        "not a TLS record (content type %d)" % content_type)
+                        f"not a TLS record (content type {content_type})")
     if available < 5:
         return None
     length = (buf[pos + 3] << 8) | buf[pos + 4]
     if length > _TLS_MAX_CIPHERTEXT:
-        raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, "record of %d bytes" % length)
+        raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, f"record of {length} bytes")
     end = pos + 5 + length
     if len(buf) < end:
         return None
@@ -3504,7 +3505,7 @@ def _tls_next_record(buf, pos):
 def _tls_check_alert_body(body):
     # §5.1: alerts are never fragmented or coalesced, so an alert record holds exactly 2 bytes.
     if len(body) != 2:
-        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "alert record of %d bytes" % len(body))
+        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, f"alert record of {len(body)} bytes")
     return body[1]
 
 
@@ -3576,7 +3577,7 @@ class _TLSRecordCipher:
         inner = self._cipher().open(self._nonce(), body, header)
         self.seq += 1
         if len(inner) > _TLS_MAX_INNER_PLAINTEXT:
-            raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, "inner plaintext of %d bytes" % len(inner))
+            raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, f"inner plaintext of {len(inner)} bytes")
         # §5.4: the real content type is the last non-zero byte; zeros after it are padding.
         unpadded = inner.rstrip(b"\x00")
         if not unpadded:
@@ -3611,7 +3612,7 @@ class _TLSHandshakeBuffer:
         length = int.from_bytes(self._buf[1:4], "big")
         if length > _TLS_MAX_HANDSHAKE_MESSAGE:
             raise _TLSFatal(_TLS_ALERT_DECODE_ERROR,
-                            "handshake message type %d of %d bytes" % (self._buf[0], length))
+                            f"handshake message type {self._buf[0]} of {length} bytes")
         if len(self._buf) < 4 + length:
             return None
         message = bytes(self._buf[:4 + length])
@@ -3622,7 +3623,7 @@ class _TLSHandshakeBuffer:
         # §5.1: a key change must fall on a record boundary.
         if self._buf:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            "handshake data after %s in the same record" % what)
+                            f"handshake data after {what} in the same record")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3639,7 +3640,7 @@ class RecordLayer:
 
     def __init__(self, cipher_suite, rx_secret, tx_secret, rx_seq=0, tx_seq=0):
         if cipher_suite not in _TLS_SUITES:
-            raise ValueError("unknown TLS 1.3 cipher suite 0x%04x" % cipher_suite)
+            raise ValueError(f"unknown TLS 1.3 cipher suite 0x{cipher_suite:04x}")
         self.cipher_suite = cipher_suite
         self._rx = _TLSRecordCipher(cipher_suite, rx_secret, rx_seq)
         self._tx = _TLSRecordCipher(cipher_suite, tx_secret, tx_seq)
@@ -3709,7 +3710,7 @@ class RecordLayer:
         except _TLSFatal as exc:
             self._fail(exc.alert, exc.message, events, to_send)
         except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
-            self._fail(_TLS_ALERT_INTERNAL_ERROR, "internal error: %r" % (exc,), events, to_send)
+            self._fail(_TLS_ALERT_INTERNAL_ERROR, f"internal error: {exc!r}", events, to_send)
         if self._key_update_requested and not self.failed:
             # §4.6.3: answer with update_not_requested under the old key, then switch. One answer
             # covers every request in this batch, so a flood of requests gets few replies.
@@ -3730,7 +3731,7 @@ class RecordLayer:
     def _open_record(self, content_type, header, body, plaintext, events):
         if content_type != _TLS_CT_APPLICATION_DATA:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            "unprotected record of type %d after the handshake" % content_type)
+                            f"unprotected record of type {content_type} after the handshake")
         try:
             inner_type, content = self._rx.open(header, body)
         except AEADError:
@@ -3746,7 +3747,7 @@ class RecordLayer:
         elif inner_type == _TLS_CT_ALERT:
             self._peer_alert(_tls_check_alert_body(content), events)
         else:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "record of inner type %d" % inner_type)
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, f"record of inner type {inner_type}")
 
     def _peer_alert(self, code, events):
         if code == _TLS_ALERT_CLOSE_NOTIFY:
@@ -3754,7 +3755,7 @@ class RecordLayer:
             events.append("close")
         elif code != _TLS_ALERT_USER_CANCELED:   # user_canceled is followed by close_notify
             self.failed = True
-            self.error = "peer sent alert %s" % _tls_alert_name(code)
+            self.error = f"peer sent alert {_tls_alert_name(code)}"
             events.append("alert")
 
     def _post_handshake_messages(self):
@@ -3764,11 +3765,11 @@ class RecordLayer:
                 break
             if message[0] != _TLS_HS_KEY_UPDATE:
                 raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                                "post-handshake message type %d" % message[0])
+                                f"post-handshake message type {message[0]}")
             if len(message) != 5:
-                raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "KeyUpdate of %d bytes" % (len(message) - 4))
+                raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, f"KeyUpdate of {len(message) - 4} bytes")
             if message[4] > 1:
-                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "KeyUpdate request_update %d" % message[4])
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, f"KeyUpdate request_update {message[4]}")
             self._handshake.check_boundary("KeyUpdate")
             self._rx = self._rx.next_generation()
             self._key_update_requested = self._key_update_requested or message[4] == 1
@@ -3797,7 +3798,7 @@ def _tls_parse_extensions(block, extensions):
             raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "ClientHello extensions: truncated")
         if ext_type in extensions:
             raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
-                            "ClientHello: duplicate extension %d" % ext_type)
+                            f"ClientHello: duplicate extension {ext_type}")
         extensions[ext_type] = block[start:pos]
     return ext_type
 
@@ -3850,7 +3851,7 @@ class _TLSClientHello:
             group = reader.uint(2)
             key_exchange = reader.vector(2, 1, 0xffff)
             if group in shares:
-                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "key_share: two shares for group 0x%04x" % group)
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, f"key_share: two shares for group 0x{group:04x}")
             shares[group] = key_exchange
         return shares
 
@@ -3920,7 +3921,7 @@ class TLSConfig:
             raise ValueError("TLSConfig: the certificate chain is empty")
         for suite in cipher_preference:
             if suite not in _TLS_SUITES:
-                raise ValueError("TLSConfig: unknown TLS 1.3 cipher suite 0x%04x" % suite)
+                raise ValueError(f"TLSConfig: unknown TLS 1.3 cipher suite 0x{suite:04x}")
         for protocol in alpn:
             if not 1 <= len(protocol) <= 255:
                 raise ValueError("TLSConfig: ALPN protocol names must be 1..255 bytes")
@@ -3950,7 +3951,7 @@ def _tls_key_exchange(group, peer_share):
         private, public = ec_keypair(SECP256R1)
         return public, ecdh_shared(SECP256R1, private, peer_share)
     except ValueError as exc:
-        raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "invalid key share: %s" % exc)
+        raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, f"invalid key share: {exc}")
 
 
 class TLSServer:
@@ -4010,7 +4011,7 @@ class TLSServer:
             self._fail(exc.alert, exc.message, out)
             return b"".join(out)
         except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
-            self._fail(_TLS_ALERT_INTERNAL_ERROR, "internal error: %r" % (exc,), out)
+            self._fail(_TLS_ALERT_INTERNAL_ERROR, f"internal error: {exc!r}", out)
             return b"".join(out)
         del self._inbuf[:pos]
         if self.done:
@@ -4071,13 +4072,13 @@ class TLSServer:
             self._on_protected_record(content_type, header, body, out)
         elif content_type == _TLS_CT_HANDSHAKE:
             if len(body) > _TLS_MAX_PLAINTEXT:
-                raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, "plaintext record of %d bytes" % len(body))
+                raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, f"plaintext record of {len(body)} bytes")
             self._on_handshake_data(body, out)
         elif self._state == _TLS_STATE_RETRIED_HELLO and self._skip_early_data(body):
             pass   # refused 0-RTT data sent before the client saw our HelloRetryRequest
         else:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "record of type %d before ServerHello"
-                            % content_type)
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
+                            f"record of type {content_type} before ServerHello")
 
     def _on_change_cipher_spec(self, body):
         # Appendix D.4: a compatibility CCS (exactly 0x01) may arrive after the first
@@ -4088,7 +4089,7 @@ class TLSServer:
     def _on_alert(self, code):
         if self._handshake.pending():
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "alert inside a fragmented message")
-        raise _TLSFatal(None, "peer sent alert %s during the handshake" % _tls_alert_name(code))
+        raise _TLSFatal(None, f"peer sent alert {_tls_alert_name(code)} during the handshake")
 
     def _skip_early_data(self, body):
         """True if this record fits the budget for skipping refused early data (§4.2.10)."""
@@ -4100,7 +4101,7 @@ class TLSServer:
     def _on_protected_record(self, content_type, header, body, out):
         if content_type != _TLS_CT_APPLICATION_DATA:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            "unprotected record of type %d after ServerHello" % content_type)
+                            f"unprotected record of type {content_type} after ServerHello")
         try:
             inner_type, content = self._rx.open(header, body)
         except AEADError:
@@ -4115,7 +4116,7 @@ class TLSServer:
             self._on_alert(_tls_check_alert_body(content))
         else:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            "protected record of type %d during the handshake" % inner_type)
+                            f"protected record of type {inner_type} during the handshake")
 
     def _on_handshake_data(self, fragment, out):
         self._handshake.add(fragment)
@@ -4129,7 +4130,7 @@ class TLSServer:
                 self._on_client_hello(message, out)
             else:
                 raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                                "handshake message type %d instead of ClientHello" % message[0])
+                                f"handshake message type {message[0]} instead of ClientHello")
 
     # --- ClientHello ------------------------------------------------------------------------
 
@@ -4150,7 +4151,7 @@ class TLSServer:
         """(suite, group, peer share, scheme) for hello, or None when a HelloRetryRequest is needed."""
         if hello.legacy_version != _TLS_LEGACY_VERSION:
             raise _TLSFatal(_TLS_ALERT_PROTOCOL_VERSION,
-                            "ClientHello legacy_version 0x%04x" % hello.legacy_version)
+                            f"ClientHello legacy_version 0x{hello.legacy_version:04x}")
         if _TLS_VERSION_13 not in hello.supported_versions():
             raise _TLSFatal(_TLS_ALERT_PROTOCOL_VERSION, "client does not offer TLS 1.3")
         if hello.compression_methods != b"\x00":
@@ -4168,11 +4169,11 @@ class TLSServer:
             if present is None:
                 alert = (_TLS_ALERT_HANDSHAKE_FAILURE if _TLS_EXT_PRE_SHARED_KEY in hello.extensions
                          else _TLS_ALERT_MISSING_EXTENSION)
-                raise _TLSFatal(alert, "ClientHello without %s" % name)
+                raise _TLSFatal(alert, f"ClientHello without {name}")
         for group in shares:
             if group not in groups:
                 raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
-                                "key_share for group 0x%04x not in supported_groups" % group)
+                                f"key_share for group 0x{group:04x} not in supported_groups")
         suite = self._choose(self.config.cipher_preference, hello.cipher_suites, "cipher suite")
         scheme = self._choose(self.config.key.signature_schemes, schemes, "signature scheme")
         common_groups = [g for g in _TLS_GROUP_PREFERENCE if g in groups]
@@ -4191,7 +4192,7 @@ class TLSServer:
         for item in ours:
             if item in theirs:
                 return item
-        raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, "no common %s" % what)
+        raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, f"no common {what}")
 
     def _choose_alpn(self, offered):
         if offered is None or not self.config.alpn:   # alpn=() in the config: ALPN is ignored
@@ -4199,9 +4200,9 @@ class TLSServer:
         for protocol in self.config.alpn:
             if protocol in offered:
                 return protocol
+        names = b", ".join(offered).decode("ascii", "replace")
         raise _TLSFatal(_TLS_ALERT_NO_APPLICATION_PROTOCOL,
-                        "no common ALPN protocol (client offered %s)"
-                        % b", ".join(offered).decode("ascii", "replace"))
+                        f"no common ALPN protocol (client offered {names})")
 
     def _check_retried_hello(self, hello):
         """§4.1.2: the second ClientHello repeats the first except for key_share and friends."""
@@ -4314,9 +4315,9 @@ class TLSServer:
     def _on_client_finished(self, message):
         if message[0] != _TLS_HS_FINISHED:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            "handshake message type %d instead of Finished" % message[0])
+                            f"handshake message type {message[0]} instead of Finished")
         if len(message) - 4 != len(self._client_finished):
-            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "Finished of %d bytes" % (len(message) - 4))
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, f"Finished of {len(message) - 4} bytes")
         if not hmac.compare_digest(message[4:], self._client_finished):
             raise _TLSFatal(_TLS_ALERT_DECRYPT_ERROR, "client Finished does not verify")
         self._handshake.check_boundary("Finished")
