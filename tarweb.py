@@ -3136,9 +3136,7 @@ def make_self_signed(hosts=('localhost', '127.0.0.1', '::1'), days=365):
 #
 # The server offers no PSK, no session tickets, no client authentication and never accepts 0-RTT.
 
-# ---------------------------------------------------------------------------------------------
-# HKDF (RFC 5869) and the TLS 1.3 key schedule (RFC 8446 §7)
-# ---------------------------------------------------------------------------------------------
+# === 6.1 HKDF and the key schedule (RFC 5869, RFC 8446 §7)
 
 _TLS_HASH_LEN = {"sha256": 32, "sha384": 48}
 
@@ -3179,11 +3177,11 @@ def hkdf_extract(hash_name, salt, ikm):
 def hkdf_expand(hash_name, prk, info, length):
     """HKDF-Expand: T(i) = HMAC-Hash(PRK, T(i-1) | info | i), output truncated to length."""
     hash_len = _tls_hash_len(hash_name)
-    if length <= hash_len:
+    if 0 < length <= hash_len:
         # Every expansion in TLS 1.3 fits in one block: T(1) alone, no loop.
         return _tls_hmac(hash_name, prk, info + b"\x01")[:length]
-    if length > 255 * hash_len:
-        raise ValueError(f"HKDF-Expand: length {length} is more than 255 hash blocks")
+    if not 0 < length <= 255 * hash_len:   # RFC 5869 §2.3: L <= 255 * HashLen
+        raise ValueError(f"HKDF-Expand: length {length} outside 1..{255 * hash_len}")
     blocks = []
     block = b""
     produced = 0
@@ -3271,9 +3269,7 @@ def _tls13_next_traffic_secret(hash_name, secret):
     return hkdf_expand_label(hash_name, secret, b"traffic upd", b"", _tls_hash_len(hash_name))
 
 
-# ---------------------------------------------------------------------------------------------
-# Protocol constants
-# ---------------------------------------------------------------------------------------------
+# === 6.2 Messages and records (RFC 8446 §4, §5.1, §6)
 
 _TLS_CT_CHANGE_CIPHER_SPEC = 20
 _TLS_CT_ALERT = 21
@@ -3371,10 +3367,6 @@ class _TLSFatal(Exception):
         self.alert = alert
         self.message = message
 
-
-# ---------------------------------------------------------------------------------------------
-# Byte-level helpers
-# ---------------------------------------------------------------------------------------------
 
 class _TLSReader:
     """Strict cursor over a byte string: any overrun or length-range violation is decode_error."""
@@ -3509,9 +3501,7 @@ def _tls_check_alert_body(body):
     return body[1]
 
 
-# ---------------------------------------------------------------------------------------------
-# Record protection (§5.2-5.4)
-# ---------------------------------------------------------------------------------------------
+# === 6.3 Record protection and the record loop (§5.2-5.4)
 
 class _TLSRecordCipher:
     """One direction of record protection: traffic secret, AEAD key, IV and sequence number."""
@@ -3626,9 +3616,7 @@ class _TLSHandshakeBuffer:
                             f"handshake data after {what} in the same record")
 
 
-# ---------------------------------------------------------------------------------------------
-# Userspace record layer for application data
-# ---------------------------------------------------------------------------------------------
+# === 6.4 Userspace record layer for application data
 
 class RecordLayer:
     """Application-data record protection after the handshake, both directions.
@@ -3775,9 +3763,7 @@ class RecordLayer:
             self._key_update_requested = self._key_update_requested or message[4] == 1
 
 
-# ---------------------------------------------------------------------------------------------
-# ClientHello parsing (§4.1.2, §4.2)
-# ---------------------------------------------------------------------------------------------
+# === 6.5 ClientHello parsing (§4.1.2, §4.2)
 
 _TLS_EXTENSION_HEADER = struct.Struct(">HH")
 
@@ -3903,9 +3889,7 @@ class _TLSClientHello:
             raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "early_data extension is not empty")
 
 
-# ---------------------------------------------------------------------------------------------
-# Server configuration and handshake state machine
-# ---------------------------------------------------------------------------------------------
+# === 6.6 Server configuration and handshake state machine (§4, Appendix A.2)
 
 class TLSConfig:
     """What every connection shares: key, certificate chain (DER, leaf first), ALPN, suites.
@@ -4333,7 +4317,7 @@ class TLSServer:
             out.append(to_send)
 
 
-# -- kTLS hand-off ------------------------------------------------------------------------------
+# === 6.7 kTLS hand-off (Linux Documentation/networking/tls.rst)
 
 TLS_KEY_SIZES = {0x1301: 16, 0x1302: 32, 0x1303: 32}
 SUITE_NAMES = {0x1301: "TLS_AES_128_GCM_SHA256", 0x1302: "TLS_AES_256_GCM_SHA384",

@@ -4826,6 +4826,13 @@ class TestHKDF(unittest.TestCase):
         with self.assertRaises(ValueError):
             hkdf_expand('sha256', b'k' * 32, b'', 255 * 32 + 1)
 
+    def test_expand_rejects_lengths_below_one(self):
+        # RFC 5869 §2.3: L is a positive length; a slice with -1 would quietly give 31 bytes.
+        for length in (0, -1, -32):
+            with self.assertRaises(ValueError, msg=length):
+                hkdf_expand('sha256', b'k' * 32, b'', length)
+        self.assertEqual(len(hkdf_expand('sha256', b'k' * 32, b'', 1)), 1)
+
 
 class TestRFC8448KeySchedule(unittest.TestCase):
     """Every secret, key and IV of RFC 8448 §3, from its messages and its shared secret."""
