@@ -3278,7 +3278,6 @@ _TLS_CT_APPLICATION_DATA = 23
 
 _TLS_HS_CLIENT_HELLO = 1
 _TLS_HS_SERVER_HELLO = 2
-_TLS_HS_NEW_SESSION_TICKET = 4
 _TLS_HS_ENCRYPTED_EXTENSIONS = 8
 _TLS_HS_CERTIFICATE = 11
 _TLS_HS_CERTIFICATE_VERIFY = 15
@@ -3309,7 +3308,10 @@ _TLS_ALERT_INTERNAL_ERROR = 80
 _TLS_ALERT_USER_CANCELED = 90
 _TLS_ALERT_MISSING_EXTENSION = 109
 _TLS_ALERT_NO_APPLICATION_PROTOCOL = 120
-_TLS_CLOSE_NOTIFY_BODY = bytes([1, _TLS_ALERT_CLOSE_NOTIFY])   # level warning (§6)
+
+_TLS_ALERT_WARNING = 1   # AlertLevel (§6): only close_notify and user_canceled are sent as warnings
+_TLS_ALERT_FATAL = 2
+_TLS_CLOSE_NOTIFY_BODY = bytes([_TLS_ALERT_WARNING, _TLS_ALERT_CLOSE_NOTIFY])
 
 _TLS_ALERT_NAMES = {
     0: "close_notify", 10: "unexpected_message", 20: "bad_record_mac", 22: "record_overflow",
@@ -3327,11 +3329,13 @@ TLS_AES_128_GCM_SHA256 = 0x1301
 TLS_AES_256_GCM_SHA384 = 0x1302
 TLS_CHACHA20_POLY1305_SHA256 = 0x1303
 
-# cipher suite -> (transcript/HKDF hash, AEAD key length, AEAD class)
+# What a cipher suite means (§B.4): transcript and HKDF hash, AEAD key length and class, name.
+_TLSSuite = collections.namedtuple("_TLSSuite", "hash_name key_len aead_class name")
 _TLS_SUITES = {
-    TLS_AES_128_GCM_SHA256: ("sha256", 16, AESGCM),
-    TLS_AES_256_GCM_SHA384: ("sha384", 32, AESGCM),
-    TLS_CHACHA20_POLY1305_SHA256: ("sha256", 32, ChaCha20Poly1305),
+    TLS_AES_128_GCM_SHA256: _TLSSuite("sha256", 16, AESGCM, "TLS_AES_128_GCM_SHA256"),
+    TLS_AES_256_GCM_SHA384: _TLSSuite("sha384", 32, AESGCM, "TLS_AES_256_GCM_SHA384"),
+    TLS_CHACHA20_POLY1305_SHA256: _TLSSuite("sha256", 32, ChaCha20Poly1305,
+                                            "TLS_CHACHA20_POLY1305_SHA256"),
 }
 
 TLS_GROUP_X25519 = 0x001d
@@ -3341,9 +3345,11 @@ _TLS_GROUP_PREFERENCE = (TLS_GROUP_X25519, TLS_GROUP_SECP256R1)
 _TLS_VERSION_13 = 0x0304
 _TLS_LEGACY_VERSION = 0x0303
 
+_TLS_RECORD_HEADER_LEN = 5                   # type, legacy_record_version, length (§5.1)
 _TLS_MAX_PLAINTEXT = 1 << 14                 # §5.1
 _TLS_MAX_INNER_PLAINTEXT = (1 << 14) + 1     # content + inner content type, §5.2
 _TLS_MAX_CIPHERTEXT = (1 << 14) + 256        # §5.2
+_TLS_MAX_RECORD = _TLS_RECORD_HEADER_LEN + _TLS_MAX_CIPHERTEXT   # a whole record, header included
 _TLS_AEAD_TAG_LEN = 16                       # all three suites
 # Largest handshake message we buffer. Real ClientHellos are a few KB even with post-quantum
 # key shares; this bounds memory per connection.
@@ -3483,15 +3489,16 @@ def _tls_next_record(buf, pos):
     if not _TLS_CT_CHANGE_CIPHER_SPEC <= content_type <= _TLS_CT_APPLICATION_DATA:
         raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
                         f"not a TLS record (content type {content_type})")
-    if available < 5:
+    if available < _TLS_RECORD_HEADER_LEN:
         return None
     length = (buf[pos + 3] << 8) | buf[pos + 4]
     if length > _TLS_MAX_CIPHERTEXT:
         raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, f"record of {length} bytes")
-    end = pos + 5 + length
+    start = pos + _TLS_RECORD_HEADER_LEN
+    end = start + length
     if len(buf) < end:
         return None
-    return content_type, bytes(buf[pos:pos + 5]), bytes(buf[pos + 5:end]), end
+    return content_type, bytes(buf[pos:start]), bytes(buf[start:end]), end
 
 
 def _tls_check_alert_body(body):
@@ -3507,7 +3514,7 @@ class _TLSRecordCipher:
     """One direction of record protection: traffic secret, AEAD key, IV and sequence number."""
 
     def __init__(self, cipher_suite, secret, seq=0):
-        hash_name, key_len, aead_class = _TLS_SUITES[cipher_suite]
+        hash_name, key_len, aead_class, _ = _TLS_SUITES[cipher_suite]
         self.cipher_suite = cipher_suite
         self.secret = secret
         self.key = hkdf_expand_label(hash_name, secret, b"key", b"", key_len)
@@ -3519,7 +3526,7 @@ class _TLSRecordCipher:
 
     def next_generation(self):
         """The cipher for the next traffic secret after a KeyUpdate; the sequence restarts at 0."""
-        hash_name = _TLS_SUITES[self.cipher_suite][0]
+        hash_name = _TLS_SUITES[self.cipher_suite].hash_name
         return _TLSRecordCipher(self.cipher_suite, _tls13_next_traffic_secret(hash_name, self.secret))
 
     def _cipher(self):
@@ -3714,7 +3721,7 @@ class RecordLayer:
         self.failed = True
         self.error = message
         events.append("error")
-        to_send.append(self._tx.seal(_TLS_CT_ALERT, bytes([2, alert])))
+        to_send.append(self._tx.seal(_TLS_CT_ALERT, bytes([_TLS_ALERT_FATAL, alert])))
 
     def _open_record(self, content_type, header, body, plaintext, events):
         if content_type != _TLS_CT_APPLICATION_DATA:
@@ -4038,7 +4045,7 @@ class TLSServer:
             return
         # Alerts are protected once we have sent ServerHello, plaintext before (§5, §6); once
         # our Finished is out, under our application traffic key (§4.4.4, §7.1).
-        body = bytes([2, alert])
+        body = bytes([_TLS_ALERT_FATAL, alert])
         if self._tx is None:
             out.append(_tls_plaintext_records(_TLS_CT_ALERT, body))
         elif self._app_secrets is not None:
@@ -4222,7 +4229,7 @@ class TLSServer:
 
     def _send_hello_retry(self, hello, out):
         suite = self.cipher_suite
-        hash_name = _TLS_SUITES[suite][0]
+        hash_name = _TLS_SUITES[suite].hash_name
         extensions = (_tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, struct.pack(">H", _TLS_VERSION_13))
                       + _tls_extension(_TLS_EXT_KEY_SHARE, struct.pack(">H", self.group)))
         retry = self._server_hello_message(_TLS_HRR_RANDOM, hello, suite, extensions)
@@ -4241,7 +4248,7 @@ class TLSServer:
     def _send_server_flight(self, hello, params, out):
         """ServerHello, then EncryptedExtensions, Certificate, CertificateVerify, Finished."""
         suite, group, peer_share, scheme = params
-        hash_name = _TLS_SUITES[suite][0]
+        hash_name = _TLS_SUITES[suite].hash_name
         our_share, shared_secret = _tls_key_exchange(group, peer_share)
         transcript = hashlib.new(hash_name) if self._transcript is None else self._transcript
         transcript.update(hello.message)
@@ -4319,10 +4326,6 @@ class TLSServer:
 
 # === 6.7 kTLS hand-off (Linux Documentation/networking/tls.rst)
 
-TLS_KEY_SIZES = {0x1301: 16, 0x1302: 32, 0x1303: 32}
-SUITE_NAMES = {0x1301: "TLS_AES_128_GCM_SHA256", 0x1302: "TLS_AES_256_GCM_SHA384",
-               0x1303: "TLS_CHACHA20_POLY1305_SHA256"}
-
 
 def ktls_enable(fd, hs):
     """Give a finished handshake's application traffic keys to the kernel (TX and RX)."""
@@ -4336,8 +4339,8 @@ def ktls_probe():
     """The cipher suites this kernel's TLS ULP accepts, tried on a loopback connection, and
     the reason when there are none."""
     suites = set()
-    for suite, key_size in TLS_KEY_SIZES.items():
-        info = ktls_crypto_info(suite, bytes(key_size), bytes(12), 0)
+    for suite, params in _TLS_SUITES.items():
+        info = ktls_crypto_info(suite, bytes(params.key_len), bytes(12), 0)
         try:
             with socket.create_server(("127.0.0.1", 0)) as srv, \
                     socket.create_connection(srv.getsockname()) as conn:
@@ -4373,13 +4376,15 @@ class TLSContext:
         """ChaCha20-Poly1305 first: the handshake's records are encrypted in pure Python, where
         it costs ~5x less than AES-GCM. With kTLS the kernel does the bulk either way; only if
         the kernel lacks ChaCha20 does AES-128-GCM go first, so that kTLS can take over."""
-        if self.ktls_suites and 0x1303 not in self.ktls_suites:
-            return (0x1301, 0x1302, 0x1303)
-        return (0x1303, 0x1301, 0x1302)
+        chacha, aes128, aes256 = (TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_GCM_SHA256,
+                                  TLS_AES_256_GCM_SHA384)
+        if self.ktls_suites and chacha not in self.ktls_suites:
+            return aes128, aes256, chacha
+        return chacha, aes128, aes256
 
     def ktls_failed(self, suite, err, log):
         self.ktls_suites.discard(suite)
-        log.warn(f"kTLS refused {SUITE_NAMES[suite]} ({err.strerror}): such connections now "
+        log.warn(f"kTLS refused {_TLS_SUITES[suite].name} ({err.strerror}): such connections now "
                  f"use the userspace record layer")
 
 
@@ -4408,9 +4413,6 @@ REAP_MIN_AGE = 1.0           # a request head or handshake this old may lose its
 ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
                 errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
                 errno.ENETUNREACH, errno.EINTR, errno.EAGAIN}
-TLS_RECORD_MAX = 5 + 16384 + 256  # one whole TLS record must fit the read buffer
-CONTENT_TYPE_APPLICATION_DATA = 23
-CONTENT_TYPE_ALERT = 21
 
 
 class AccessLog:
@@ -4480,7 +4482,7 @@ class Server:
         self._check_kernel()
         self.rbuf_size = max(opts.max_header_bytes, MAX_REQUEST_LINE) + RBUF_EXTRA
         if tls is not None:
-            self.rbuf_size = max(self.rbuf_size, TLS_RECORD_MAX)
+            self.rbuf_size = max(self.rbuf_size, _TLS_MAX_RECORD)  # a whole record must fit
         self._allocate(n)
         self.tar_addr = site.archive.address
         self.statx_buf = bytearray(STATX_BUF_SIZE)
@@ -4687,7 +4689,7 @@ class Server:
                 slot.mode = HANDSHAKE
                 slot.tls = TLSServer(self.tls.config)
                 slot.deadline = self.now + self.opts.handshake_timeout
-                self.recv_exact(slot, 5)
+                self.recv_exact(slot, _TLS_RECORD_HEADER_LEN)
             else:
                 slot.mode = PLAIN
                 slot.deadline = self.now + self.opts.header_timeout
@@ -4916,10 +4918,11 @@ class Server:
             self.finish_handshake(slot, out)
             return
         # After a header read its body (if any); after a body the next header.
-        need = (data[3] << 8 | data[4]) if slot.hs_need == 5 and res == 5 else 0
+        header = _TLS_RECORD_HEADER_LEN
+        need = (data[3] << 8 | data[4]) if slot.hs_need == header and res == header else 0
         if out:
             self.send_bytes(slot, out, True)
-        self.recv_exact(slot, need or 5)
+        self.recv_exact(slot, need or header)
 
     def finish_handshake(self, slot, out):
         """The client's Finished is verified: hand the keys to the kernel, or keep the record
@@ -4976,15 +4979,15 @@ class Server:
         off = slot.index * RECV_AREA + RECV_CMSG_OFF
         _, level, ctype = cmsghdr.unpack_from(self.rmsgs, off)
         record_type = self.rmsgs[off + cmsghdr.size] if (level, ctype) == (
-            SOL_TLS, TLS_GET_RECORD_TYPE) else CONTENT_TYPE_APPLICATION_DATA
-        if record_type == CONTENT_TYPE_APPLICATION_DATA:
+            SOL_TLS, TLS_GET_RECORD_TYPE) else _TLS_CT_APPLICATION_DATA
+        if record_type == _TLS_CT_APPLICATION_DATA:
             slot.rlen += res
             self.process(slot)
             return
         # An alert (close_notify or fatal) or a post-handshake message such as KeyUpdate, which
         # this kernel cannot rekey for: either way the connection ends, cleanly.
-        if record_type == CONTENT_TYPE_ALERT and res == 2 and \
-                self.rbuf[slot.rbase + slot.rlen + 1] != 0:
+        if record_type == _TLS_CT_ALERT and res == 2 and \
+                self.rbuf[slot.rbase + slot.rlen + 1] != _TLS_ALERT_CLOSE_NOTIFY:
             self.start_close(slot)  # a fatal alert: no close_notify back
         else:
             self.linger(slot)
