@@ -3249,7 +3249,8 @@ def _tls13_handshake_secrets(hash_name, shared_secret, hello_hash):
 
 
 def _tls13_application_secrets(hash_name, handshake_secret, server_finished_hash):
-    """Master Secret and the first client/server application traffic secrets (CH..server Finished)."""
+    """Master Secret and the first client/server application traffic secrets (transcript CH..
+    server Finished)."""
     salt = derive_secret(hash_name, handshake_secret, b"derived", _tls_empty_hash(hash_name))
     master_secret = hkdf_extract(hash_name, salt, bytes(_tls_hash_len(hash_name)))
     client = derive_secret(hash_name, master_secret, b"c ap traffic", server_finished_hash)
@@ -3309,7 +3310,8 @@ _TLS_ALERT_USER_CANCELED = 90
 _TLS_ALERT_MISSING_EXTENSION = 109
 _TLS_ALERT_NO_APPLICATION_PROTOCOL = 120
 
-_TLS_ALERT_WARNING = 1   # AlertLevel (§6): only close_notify and user_canceled are sent as warnings
+# AlertLevel (§6): our close_notify goes as a warning, every other alert we send as fatal.
+_TLS_ALERT_WARNING = 1
 _TLS_ALERT_FATAL = 2
 _TLS_CLOSE_NOTIFY_BODY = bytes([_TLS_ALERT_WARNING, _TLS_ALERT_CLOSE_NOTIFY])
 
@@ -3467,7 +3469,8 @@ def _tls_plaintext_records(content_type, data):
     records = []
     for start in range(0, len(data), _TLS_MAX_PLAINTEXT):
         fragment = data[start:start + _TLS_MAX_PLAINTEXT]
-        records.append(struct.pack(">BHH", content_type, _TLS_LEGACY_VERSION, len(fragment)) + fragment)
+        header = struct.pack(">BHH", content_type, _TLS_LEGACY_VERSION, len(fragment))
+        records.append(header + fragment)
     return b"".join(records)
 
 
@@ -3527,7 +3530,8 @@ class _TLSRecordCipher:
     def next_generation(self):
         """The cipher for the next traffic secret after a KeyUpdate; the sequence restarts at 0."""
         hash_name = _TLS_SUITES[self.cipher_suite].hash_name
-        return _TLSRecordCipher(self.cipher_suite, _tls13_next_traffic_secret(hash_name, self.secret))
+        next_secret = _tls13_next_traffic_secret(hash_name, self.secret)
+        return _TLSRecordCipher(self.cipher_suite, next_secret)
 
     def _cipher(self):
         # Built on first use: AES-GCM precomputes tables per key (about 0.6 ms), wasted on the
@@ -3541,7 +3545,8 @@ class _TLSRecordCipher:
         return (self._iv_int ^ self.seq).to_bytes(12, "big")
 
     def seal(self, content_type, content):
-        """One TLSCiphertext record: content (any bytes-like object) plus its inner type, no padding."""
+        """One TLSCiphertext record: content (any bytes-like object) plus its inner type, no
+        padding."""
         inner = b"".join((content, bytes([content_type])))
         header = struct.pack(">BHH", _TLS_CT_APPLICATION_DATA, _TLS_LEGACY_VERSION,
                              len(inner) + _TLS_AEAD_TAG_LEN)
@@ -3623,23 +3628,51 @@ class _TLSHandshakeBuffer:
                             f"handshake data after {what} in the same record")
 
 
-# === 6.4 Userspace record layer for application data
+class _TLSRecordReader:
+    """The reading side of TLSServer and RecordLayer: one record loop, and one mapping from
+    what stops it to the alert we send, so that both answer the same error the same way.
 
-class RecordLayer:
-    """Application-data record protection after the handshake, both directions.
-
-    open(data) -> (plaintext, events, to_send). events may hold 'close' (peer's close_notify),
-    'alert' (peer's fatal alert) or 'error' (we rejected a record; to_send holds our alert).
-    to_send must be written before anything sealed afterwards (it may hold a KeyUpdate).
+    A subclass keeps the bytes not yet read in _inbuf and defines _reading() (False once it
+    is done, closed or failed), _on_record(content_type, header, body, sink) and
+    _fail(alert, message, sink); sink collects what one call returns.
     """
 
-    def __init__(self, cipher_suite, rx_secret, tx_secret, rx_seq=0, tx_seq=0):
+    def _read_records(self, data, sink):
+        """Hand every complete record of the buffered bytes plus data to _on_record."""
+        self._inbuf += data
+        pos = 0
+        try:
+            while self._reading():
+                record = _tls_next_record(self._inbuf, pos)
+                if record is None:
+                    break
+                content_type, header, body, pos = record
+                self._on_record(content_type, header, body, sink)
+        except _TLSFatal as exc:
+            self._fail(exc.alert, exc.message, sink)
+        except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
+            self._fail(_TLS_ALERT_INTERNAL_ERROR, f"internal error: {exc!r}", sink)
+        del self._inbuf[:pos]
+
+
+# === 6.4 Userspace record layer for application data
+
+class RecordLayer(_TLSRecordReader):
+    """Application-data record protection after the handshake, both directions.
+
+    open(data) -> (plaintext, events, to_send). events may hold "close" (peer's close_notify),
+    "alert" (peer's fatal alert) or "error" (we rejected a record; to_send holds our alert).
+    to_send must be written before anything sealed afterwards (it may hold a KeyUpdate).
+    received: bytes that came before this layer existed; the first open() reads them.
+    """
+
+    def __init__(self, cipher_suite, rx_secret, tx_secret, rx_seq=0, tx_seq=0, received=b""):
         if cipher_suite not in _TLS_SUITES:
             raise ValueError(f"unknown TLS 1.3 cipher suite 0x{cipher_suite:04x}")
         self.cipher_suite = cipher_suite
         self._rx = _TLSRecordCipher(cipher_suite, rx_secret, rx_seq)
         self._tx = _TLSRecordCipher(cipher_suite, tx_secret, tx_seq)
-        self._inbuf = bytearray()
+        self._inbuf = bytearray(received)
         self._handshake = _TLSHandshakeBuffer()
         self._key_update_requested = False
         self.closed = False
@@ -3690,22 +3723,10 @@ class RecordLayer:
         return self._tx.seal(_TLS_CT_ALERT, _TLS_CLOSE_NOTIFY_BODY)
 
     def open(self, data):
-        if self.closed or self.failed:
+        if not self._reading():
             return b"", [], b""   # §6.1: data after a closure alert is ignored
-        self._inbuf += data
-        plaintext, events, to_send = [], [], []
-        pos = 0
-        try:
-            while not (self.closed or self.failed):
-                record = _tls_next_record(self._inbuf, pos)
-                if record is None:
-                    break
-                content_type, header, body, pos = record
-                self._open_record(content_type, header, body, plaintext, events)
-        except _TLSFatal as exc:
-            self._fail(exc.alert, exc.message, events, to_send)
-        except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
-            self._fail(_TLS_ALERT_INTERNAL_ERROR, f"internal error: {exc!r}", events, to_send)
+        plaintext, events, to_send = sink = [], [], []
+        self._read_records(data, sink)
         if self._key_update_requested and not self.failed:
             # §4.6.3: answer with update_not_requested under the old key, then switch. One answer
             # covers every request in this batch, so a flood of requests gets few replies.
@@ -3713,17 +3734,22 @@ class RecordLayer:
             to_send.append(self._tx.seal(_TLS_CT_HANDSHAKE,
                                          _tls_handshake_message(_TLS_HS_KEY_UPDATE, b"\x00")))
             self._tx = self._tx.next_generation()
-        # After a closure or an error nothing more is read, so nothing is kept either.
-        del self._inbuf[:len(self._inbuf) if self.closed or self.failed else pos]
+        if not self._reading():
+            self._inbuf.clear()   # nothing more is read, so nothing is kept either
         return b"".join(plaintext), events, b"".join(to_send)
 
-    def _fail(self, alert, message, events, to_send):
+    def _reading(self):
+        return not (self.closed or self.failed)
+
+    def _fail(self, alert, message, sink):
+        _, events, to_send = sink
         self.failed = True
         self.error = message
         events.append("error")
         to_send.append(self._tx.seal(_TLS_CT_ALERT, bytes([_TLS_ALERT_FATAL, alert])))
 
-    def _open_record(self, content_type, header, body, plaintext, events):
+    def _on_record(self, content_type, header, body, sink):
+        plaintext, events, _ = sink
         if content_type != _TLS_CT_APPLICATION_DATA:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
                             f"unprotected record of type {content_type} after the handshake")
@@ -3764,7 +3790,8 @@ class RecordLayer:
             if len(message) != 5:
                 raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, f"KeyUpdate of {len(message) - 4} bytes")
             if message[4] > 1:
-                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, f"KeyUpdate request_update {message[4]}")
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
+                                f"KeyUpdate request_update {message[4]}")
             self._handshake.check_boundary("KeyUpdate")
             self._rx = self._rx.next_generation()
             self._key_update_requested = self._key_update_requested or message[4] == 1
@@ -3844,7 +3871,8 @@ class _TLSClientHello:
             group = reader.uint(2)
             key_exchange = reader.vector(2, 1, 0xffff)
             if group in shares:
-                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, f"key_share: two shares for group 0x{group:04x}")
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
+                                f"key_share: two shares for group 0x{group:04x}")
             shares[group] = key_exchange
         return shares
 
@@ -3928,14 +3956,18 @@ class TLSConfig:
                                                           _tls_vec8(b"") + _tls_vec24(entries))
 
 
-_TLS_STATE_CLIENT_HELLO = "client_hello"
-_TLS_STATE_RETRIED_HELLO = "client_hello_after_retry"
-_TLS_STATE_CLIENT_FINISHED = "client_finished"
-_TLS_STATE_DONE = "done"
+# The server's states, named as in RFC 8446 Appendix A.2. It waits only in these three: RECVD_CH,
+# NEGOTIATED and WAIT_FLIGHT2 are passed within one ClientHello's processing (a HelloRetryRequest
+# leads from RECVD_CH back to START, the first hello kept); WAIT_EOED needs accepted 0-RTT and
+# WAIT_CERT and WAIT_CV need client authentication, neither of which the server offers.
+_TLS_STATE_START = "START"
+_TLS_STATE_WAIT_FINISHED = "WAIT_FINISHED"
+_TLS_STATE_CONNECTED = "CONNECTED"
 
 
 def _tls_key_exchange(group, peer_share):
-    """(our key_share, shared secret) for the negotiated group; bad peer points: illegal_parameter."""
+    """(our key_share, shared secret) for the negotiated group; bad peer points are
+    illegal_parameter."""
     try:
         if group == TLS_GROUP_X25519:
             return x25519_ephemeral_shared(peer_share)
@@ -3945,12 +3977,12 @@ def _tls_key_exchange(group, peer_share):
         raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, f"invalid key share: {exc}")
 
 
-class TLSServer:
+class TLSServer(_TLSRecordReader):
     """One server-side TLS 1.3 handshake, driven by receive(bytes) -> bytes to send.
 
-    When done: cipher_suite, group, alpn, sni, record_layer (continues the connection),
-    early_plaintext/early_events (application records that came in with the client Finished),
-    traffic_keys(), rx_seq, tx_seq, client_app_secret, server_app_secret.
+    When done: cipher_suite, group, alpn, sni, record_layer (continues the connection; bytes
+    that came after the client Finished wait in it, unread), traffic_keys(), rx_seq, tx_seq,
+    client_app_secret, server_app_secret.
     When failed: error (short text) and alert (the code sent, None if the peer sent one).
     """
 
@@ -3966,9 +3998,7 @@ class TLSServer:
         self.group = None
         self.signature_scheme = None
         self.record_layer = None
-        self.early_plaintext = b""
-        self.early_events = []
-        self._state = _TLS_STATE_CLIENT_HELLO
+        self._state = _TLS_STATE_START
         self._inbuf = bytearray()
         self._handshake = _TLSHandshakeBuffer()
         self._first_hello = None
@@ -3988,26 +4018,10 @@ class TLSServer:
             return b""
         if self.done:
             raise RuntimeError("TLS handshake already complete: use .record_layer")
-        self._inbuf += data
         out = []
-        pos = 0
-        try:
-            while not self.done:
-                record = _tls_next_record(self._inbuf, pos)
-                if record is None:
-                    break
-                content_type, header, body, pos = record
-                self._on_record(content_type, header, body, out)
-        except _TLSFatal as exc:
-            self._fail(exc.alert, exc.message, out)
-            return b"".join(out)
-        except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
-            self._fail(_TLS_ALERT_INTERNAL_ERROR, f"internal error: {exc!r}", out)
-            return b"".join(out)
-        del self._inbuf[:pos]
+        self._read_records(data, out)
         if self.done:
-            self._start_record_layer(bytes(self._inbuf), out)
-            self._inbuf = None
+            self._start_record_layer()
         return b"".join(out)
 
     def traffic_keys(self):
@@ -4030,12 +4044,11 @@ class TLSServer:
     def server_app_secret(self):
         return self.record_layer.tx_secret
 
-    @property
-    def leftover(self):
-        """Bytes of an incomplete application record received along with the client Finished."""
-        return self.record_layer.pending_bytes()
-
     # --- records ----------------------------------------------------------------------------
+
+    def _reading(self):
+        # Records after the client Finished are application data: the record layer's to read.
+        return not (self.done or self.failed)
 
     def _fail(self, alert, message, out):
         self.failed = True
@@ -4059,13 +4072,14 @@ class TLSServer:
             self._on_change_cipher_spec(body)
         elif content_type == _TLS_CT_ALERT:
             self._on_alert(_tls_check_alert_body(body))
-        elif self._state == _TLS_STATE_CLIENT_FINISHED:
+        elif self._state == _TLS_STATE_WAIT_FINISHED:
             self._on_protected_record(content_type, header, body, out)
         elif content_type == _TLS_CT_HANDSHAKE:
             if len(body) > _TLS_MAX_PLAINTEXT:
-                raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, f"plaintext record of {len(body)} bytes")
+                raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW,
+                                f"plaintext record of {len(body)} bytes")
             self._on_handshake_data(body, out)
-        elif self._state == _TLS_STATE_RETRIED_HELLO and self._skip_early_data(body):
+        elif self._first_hello is not None and self._skip_early_data(body):
             pass   # refused 0-RTT data sent before the client saw our HelloRetryRequest
         else:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
@@ -4115,7 +4129,7 @@ class TLSServer:
             message = self._handshake.pop()
             if message is None:
                 break
-            if self._state == _TLS_STATE_CLIENT_FINISHED:
+            if self._state == _TLS_STATE_WAIT_FINISHED:
                 self._on_client_finished(message)
             elif message[0] == _TLS_HS_CLIENT_HELLO:
                 self._on_client_hello(message, out)
@@ -4123,14 +4137,14 @@ class TLSServer:
                 raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
                                 f"handshake message type {message[0]} instead of ClientHello")
 
-    # --- ClientHello ------------------------------------------------------------------------
+    # --- ClientHello: START -> RECVD_CH -> NEGOTIATED ---------------------------------------
 
     def _on_client_hello(self, message, out):
         hello = _TLSClientHello(message)
         # A key change follows the ClientHello, and the client cannot send a second hello
         # before it has seen our HelloRetryRequest: nothing may follow in the record.
         self._handshake.check_boundary("ClientHello")
-        if self._state == _TLS_STATE_RETRIED_HELLO:
+        if self._first_hello is not None:
             self._check_retried_hello(hello)
         params = self._negotiate(hello)
         if params is None:
@@ -4139,7 +4153,8 @@ class TLSServer:
             self._send_server_flight(hello, params, out)
 
     def _negotiate(self, hello):
-        """(suite, group, peer share, scheme) for hello, or None when a HelloRetryRequest is needed."""
+        """(suite, group, peer share, (key, Certificate message, scheme)) for hello, or None
+        when a HelloRetryRequest is needed."""
         if hello.legacy_version != _TLS_LEGACY_VERSION:
             raise _TLSFatal(_TLS_ALERT_PROTOCOL_VERSION,
                             f"ClientHello legacy_version 0x{hello.legacy_version:04x}")
@@ -4166,13 +4181,13 @@ class TLSServer:
                 raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
                                 f"key_share for group 0x{group:04x} not in supported_groups")
         suite = self._choose(self.config.cipher_preference, hello.cipher_suites, "cipher suite")
-        scheme = self._choose(self.config.key.signature_schemes, schemes, "signature scheme")
+        certificate = self._choose_certificate(schemes)
         common_groups = [g for g in _TLS_GROUP_PREFERENCE if g in groups]
         if not common_groups:
             raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, "no common key exchange group")
         for group in common_groups:
             if group in shares:
-                return suite, group, shares[group], scheme
+                return suite, group, shares[group], certificate
         # No share we can use (never the case for a second hello, _check_retried_hello saw to it).
         self.cipher_suite = suite
         self.group = common_groups[0]
@@ -4195,6 +4210,13 @@ class TLSServer:
         raise _TLSFatal(_TLS_ALERT_NO_APPLICATION_PROTOCOL,
                         f"no common ALPN protocol (client offered {names})")
 
+    def _choose_certificate(self, schemes):
+        """(key, Certificate message, signature scheme): the one certificate there is, signed
+        with our first scheme the client accepts. A choice by SNI or for a resumed session
+        would be made here."""
+        scheme = self._choose(self.config.key.signature_schemes, schemes, "signature scheme")
+        return self.config.key, self.config.certificate_message, scheme
+
     def _check_retried_hello(self, hello):
         """§4.1.2: the second ClientHello repeats the first except for key_share and friends."""
         first = self._first_hello
@@ -4206,13 +4228,33 @@ class TLSServer:
                          _TLS_EXT_SIGNATURE_ALGORITHMS, _TLS_EXT_ALPN, _TLS_EXT_SUPPORTED_VERSIONS):
             same = same and hello.extensions.get(ext_type) == first.extensions.get(ext_type)
         if not same:
-            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "second ClientHello differs from the first")
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
+                            "second ClientHello differs from the first")
         if _TLS_EXT_EARLY_DATA in hello.extensions:
             raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "early_data after HelloRetryRequest")
         shares = hello.key_shares()
         if shares is None or list(shares) != [self.group]:
             raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
                             "second ClientHello must hold one key share, for the group requested")
+
+    def _remember_hello(self, hello):
+        """Keep the first ClientHello, for the second to be checked against. 0-RTT offered in
+        it is refused, so its records are skipped within a budget (§4.2.10); once the second
+        hello is in, nothing more is skipped."""
+        if self._first_hello is None:
+            self._first_hello = hello
+            if _TLS_EXT_EARLY_DATA in hello.extensions:
+                self._early_data_budget = _TLS_MAX_EARLY_DATA_SKIP
+        else:
+            self._early_data_budget = 0
+
+    # --- our messages -----------------------------------------------------------------------
+
+    def _write(self, messages, message):
+        """Add one handshake message of ours to messages and to the transcript (§4.4.1), in one
+        step so that neither is forgotten (as Go's crypto/tls writeHandshakeRecord does)."""
+        self._transcript.update(message)
+        messages.append(message)
 
     def _compat_ccs(self, hello):
         # Appendix D.4: a client in middlebox compatibility mode (non-empty session id) expects
@@ -4222,86 +4264,96 @@ class TLSServer:
             return _TLS_CCS_RECORD
         return b""
 
-    def _server_hello_message(self, random, hello, suite, extensions):
+    def _server_hello_message(self, random, hello, suite, key_share):
+        """ServerHello (§4.1.3), or a HelloRetryRequest by its random: TLS 1.3 as the version
+        (§4.2.1) and the key_share extension (§4.2.8)."""
+        version = struct.pack(">H", _TLS_VERSION_13)
+        extensions = (_tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, version)
+                      + _tls_extension(_TLS_EXT_KEY_SHARE, key_share))
         body = (struct.pack(">H", _TLS_LEGACY_VERSION) + random + _tls_vec8(hello.session_id)
                 + struct.pack(">HB", suite, 0) + _tls_vec16(extensions))
         return _tls_handshake_message(_TLS_HS_SERVER_HELLO, body)
 
     def _send_hello_retry(self, hello, out):
-        suite = self.cipher_suite
-        hash_name = _TLS_SUITES[suite].hash_name
-        extensions = (_tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, struct.pack(">H", _TLS_VERSION_13))
-                      + _tls_extension(_TLS_EXT_KEY_SHARE, struct.pack(">H", self.group)))
-        retry = self._server_hello_message(_TLS_HRR_RANDOM, hello, suite, extensions)
+        """RECVD_CH -> START: a HelloRetryRequest (§4.1.4) asks for a share of self.group."""
+        hash_name = _TLS_SUITES[self.cipher_suite].hash_name
         # §4.4.1: the first ClientHello enters the transcript as a synthetic message_hash.
         first_hash = hashlib.new(hash_name, hello.message).digest()
-        transcript = hashlib.new(hash_name)
-        transcript.update(_tls_handshake_message(_TLS_HS_MESSAGE_HASH, first_hash))
-        transcript.update(retry)
-        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, retry) + self._compat_ccs(hello))
-        self._transcript = transcript
-        self._first_hello = hello
-        if _TLS_EXT_EARLY_DATA in hello.extensions:
-            self._early_data_budget = _TLS_MAX_EARLY_DATA_SKIP
-        self._state = _TLS_STATE_RETRIED_HELLO
+        self._transcript = hashlib.new(hash_name)
+        self._transcript.update(_tls_handshake_message(_TLS_HS_MESSAGE_HASH, first_hash))
+        messages = []
+        self._write(messages, self._server_hello_message(
+            _TLS_HRR_RANDOM, hello, self.cipher_suite, struct.pack(">H", self.group)))
+        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, messages[0]) + self._compat_ccs(hello))
+        self._remember_hello(hello)
+        self._state = _TLS_STATE_START
 
     def _send_server_flight(self, hello, params, out):
-        """ServerHello, then EncryptedExtensions, Certificate, CertificateVerify, Finished."""
-        suite, group, peer_share, scheme = params
+        """NEGOTIATED -> WAIT_FINISHED: ServerHello in the clear, then EncryptedExtensions,
+        Certificate, CertificateVerify and Finished under our handshake traffic key (§2).
+        Nothing goes out until all is built: an error on the way is answered in the clear."""
+        suite, group, peer_share, (key, certificate_message, scheme) = params
         hash_name = _TLS_SUITES[suite].hash_name
         our_share, shared_secret = _tls_key_exchange(group, peer_share)
-        transcript = hashlib.new(hash_name) if self._transcript is None else self._transcript
-        transcript.update(hello.message)
-        key_share = _tls_extension(_TLS_EXT_KEY_SHARE,
-                                   struct.pack(">H", group) + _tls_vec16(our_share))
-        versions = _tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, struct.pack(">H", _TLS_VERSION_13))
-        server_hello = self._server_hello_message(secrets.token_bytes(32), hello, suite,
-                                                  versions + key_share)
-        transcript.update(server_hello)
+        if self._transcript is None:   # else it holds the HelloRetryRequest exchange
+            self._transcript = hashlib.new(hash_name)
+        self._transcript.update(hello.message)
+        server_hello, flight = [], []
+        key_share = struct.pack(">H", group) + _tls_vec16(our_share)
+        self._write(server_hello, self._server_hello_message(secrets.token_bytes(32), hello, suite,
+                                                             key_share))
+        # §7.1: the handshake traffic secrets cover ClientHello..ServerHello.
         handshake_secret, client_hs, server_hs = _tls13_handshake_secrets(
-            hash_name, shared_secret, transcript.digest())
-
-        flight = [self._encrypted_extensions(), self.config.certificate_message]
-        for message in flight:
-            transcript.update(message)
-        signature = self.config.key.sign(scheme, _TLS_CERT_VERIFY_PREFIX + transcript.digest())
-        flight.append(_tls_handshake_message(_TLS_HS_CERTIFICATE_VERIFY,
-                                             struct.pack(">H", scheme) + _tls_vec16(signature)))
-        transcript.update(flight[-1])
-        flight.append(_tls_handshake_message(
-            _TLS_HS_FINISHED, _tls13_finished_mac(hash_name, server_hs, transcript.digest())))
-        transcript.update(flight[-1])
-        server_finished_hash = transcript.digest()
-        _, client_app, server_app = _tls13_application_secrets(
-            hash_name, handshake_secret, server_finished_hash)
-
+            hash_name, shared_secret, self._transcript.digest())
+        self._write(flight, self._encrypted_extensions())          # §4.3.1
+        self._write(flight, certificate_message)                    # §4.4.2
+        self._write(flight, self._certificate_verify(key, scheme))  # §4.4.3
+        self._write(flight, self._finished(hash_name, server_hs))   # §4.4.4
         tx, rx = _TLSRecordCipher(suite, server_hs), _TLSRecordCipher(suite, client_hs)
-        self._client_finished = _tls13_finished_mac(hash_name, client_hs, server_finished_hash)
-        # The client's Finished will come as one record of known size (unpadded, as clients
-        # send it): its keystream is made in the same pass as the flight's.
-        flight = b"".join(flight)
-        chacha20_poly1305_prefetch(tx.keystream_requests(_tls_record_lengths(len(flight)))
-                                   + rx.keystream_requests([4 + len(self._client_finished) + 1]))
-        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, server_hello) + self._compat_ccs(hello)
-                   + tx.seal_records(_TLS_CT_HANDSHAKE, flight))
+        self._client_finished, self._app_secrets = self._expect_client_finished(
+            hash_name, handshake_secret, client_hs)
+        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, server_hello[0])
+                   + self._compat_ccs(hello) + self._seal_flight(tx, rx, b"".join(flight)))
         self._tx, self._rx = tx, rx
-        self._app_secrets = client_app, server_app
         self.cipher_suite, self.group, self.signature_scheme = suite, group, scheme
-        if self._first_hello is None:
-            self._first_hello = hello
-            if _TLS_EXT_EARLY_DATA in hello.extensions:
-                self._early_data_budget = _TLS_MAX_EARLY_DATA_SKIP
-        else:
-            self._early_data_budget = 0
-        self._state = _TLS_STATE_CLIENT_FINISHED
+        self._remember_hello(hello)
+        self._state = _TLS_STATE_WAIT_FINISHED
 
     def _encrypted_extensions(self):
+        """EncryptedExtensions (§4.3.1): the ALPN protocol we chose, if any."""
         extensions = b""
         if self.alpn is not None:
             extensions += _tls_extension(_TLS_EXT_ALPN, _tls_vec16(_tls_vec8(self.alpn)))
         return _tls_handshake_message(_TLS_HS_ENCRYPTED_EXTENSIONS, _tls_vec16(extensions))
 
-    # --- client Finished --------------------------------------------------------------------
+    def _certificate_verify(self, key, scheme):
+        """CertificateVerify (§4.4.3): our signature over the transcript so far."""
+        signature = key.sign(scheme, _TLS_CERT_VERIFY_PREFIX + self._transcript.digest())
+        return _tls_handshake_message(_TLS_HS_CERTIFICATE_VERIFY,
+                                      struct.pack(">H", scheme) + _tls_vec16(signature))
+
+    def _finished(self, hash_name, server_hs):
+        """Our Finished (§4.4.4): the MAC of the transcript so far."""
+        verify_data = _tls13_finished_mac(hash_name, server_hs, self._transcript.digest())
+        return _tls_handshake_message(_TLS_HS_FINISHED, verify_data)
+
+    def _expect_client_finished(self, hash_name, handshake_secret, client_hs):
+        """(the client's Finished verify_data, (client, server) application traffic secrets):
+        both cover the transcript up to our Finished (§4.4.4, §7.1)."""
+        server_finished_hash = self._transcript.digest()
+        _, client_app, server_app = _tls13_application_secrets(
+            hash_name, handshake_secret, server_finished_hash)
+        client_finished = _tls13_finished_mac(hash_name, client_hs, server_finished_hash)
+        return client_finished, (client_app, server_app)
+
+    def _seal_flight(self, tx, rx, flight):
+        # The client's Finished will come as one record of known size (unpadded, as clients
+        # send it): its keystream is made in the same pass as the flight's.
+        chacha20_poly1305_prefetch(tx.keystream_requests(_tls_record_lengths(len(flight)))
+                                   + rx.keystream_requests([4 + len(self._client_finished) + 1]))
+        return tx.seal_records(_TLS_CT_HANDSHAKE, flight)
+
+    # --- client Finished: WAIT_FINISHED -> CONNECTED ----------------------------------------
 
     def _on_client_finished(self, message):
         if message[0] != _TLS_HS_FINISHED:
@@ -4313,16 +4365,15 @@ class TLSServer:
             raise _TLSFatal(_TLS_ALERT_DECRYPT_ERROR, "client Finished does not verify")
         self._handshake.check_boundary("Finished")
         self.done = True
-        self._state = _TLS_STATE_DONE
+        self._state = _TLS_STATE_CONNECTED
 
-    def _start_record_layer(self, rest, out):
+    def _start_record_layer(self):
+        # The handshake reads no application record: what came after the client Finished
+        # goes to the record layer unread, for its first open().
         client_app, server_app = self._app_secrets
-        self.record_layer = RecordLayer(self.cipher_suite, client_app, server_app)
-        self._app_secrets = self._rx = self._tx = self._transcript = None
-        if rest:
-            self.early_plaintext, self.early_events, to_send = self.record_layer.open(rest)
-            out.append(to_send)
-
+        self.record_layer = RecordLayer(self.cipher_suite, client_app, server_app,
+                                        received=bytes(self._inbuf))
+        self._app_secrets = self._rx = self._tx = self._transcript = self._inbuf = None
 
 # === 6.7 kTLS hand-off (Linux Documentation/networking/tls.rst)
 
@@ -4926,7 +4977,8 @@ class Server:
 
     def finish_handshake(self, slot, out):
         """The client's Finished is verified: hand the keys to the kernel, or keep the record
-        layer in Python, and start HTTP with whatever application data came along."""
+        layer in Python, and start HTTP. recv_exact read the Finished record and nothing after
+        it, so no application data came along: it is all still in the socket."""
         hs = slot.tls
         self.handshakes += 1
         # We send nothing after the client's Finished (no tickets), so its ACK would wait for
@@ -4939,7 +4991,7 @@ class Server:
         if hs.sni:
             self.log.info(f"TLS {hs.cipher_suite:#06x} for SNI {hs.sni}")
         slot.mode = USERTLS
-        if self.tls.ktls_suites and hs.cipher_suite in self.tls.ktls_suites and not hs.leftover:
+        if self.tls.ktls_suites and hs.cipher_suite in self.tls.ktls_suites:
             try:
                 ktls_enable(slot.fd, hs)
                 slot.mode = KTLS
@@ -4952,16 +5004,12 @@ class Server:
         slot.tls = hs.record_layer if slot.mode == USERTLS else None
         slot.pending_out = out
         slot.partial = False  # no request byte yet
-        plain = hs.early_plaintext
-        self.rbuf[slot.rbase:slot.rbase + len(plain)] = plain
-        slot.rstart, slot.rlen = 0, len(plain)
+        slot.rstart = slot.rlen = 0
         slot.deadline = self.now + self.opts.idle_timeout
         if out and slot.mode == KTLS:
             # Bytes the handshake still owes (never in practice: no tickets, no KeyUpdate yet)
             # cannot pass through the kernel's record layer: drop the connection cleanly.
             self.start_close(slot)
-        elif plain:
-            self.process(slot)
         else:
             self.post_recv(slot)
 
