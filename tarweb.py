@@ -1419,6 +1419,7 @@ class Ed25519Key:
         return r_enc + s.to_bytes(32, 'little')
 
 
+# For tests and tools: the server never verifies signatures.
 def ed25519_verify(pub, msg, sig):
     """True iff sig is a valid Ed25519 signature of msg under pub (RFC 8032 §5.1.7).
 
@@ -1859,6 +1860,7 @@ class ECDSAKey:
                     return _ecdsa_der_encode(r, s)
 
 
+# For tests and tools: the server never verifies signatures.
 def ecdsa_verify(curve, pub, msg, der_sig):
     """True iff der_sig is a valid DER ECDSA signature of msg under the uncompressed point pub."""
     try:
@@ -2082,6 +2084,7 @@ def _aes_encrypt_int(round_keys, block):
     return int.from_bytes(shifted, 'big') ^ round_keys[-1]
 
 
+# For tests and tools: the server encrypts through AESGCM only.
 def aes_encrypt_block(key, block16):
     """Encrypt one 16-byte block with AES-128 or AES-256 (FIPS 197 Cipher)."""
     round_keys = _aes_round_key_ints(key)
@@ -2562,6 +2565,7 @@ def pem_decode(data):
     return [(label, der) for label, _, der in _pem_blocks(data)]
 
 
+# For tests and tools: the server only reads PEM.
 def pem_encode(label, der):
     text = base64.b64encode(der).decode('ascii')
     lines = [text[i:i + 64] for i in range(0, len(text), 64)]
@@ -3199,7 +3203,7 @@ _TLS_HKDF_LABEL_HEADS = {}
 
 
 def hkdf_expand_label(hash_name, secret, label, context, length):
-    """HKDF-Expand-Label (RFC 8446 §7.1): info is the HkdfLabel struct with the 'tls13 ' prefix."""
+    """HKDF-Expand-Label (RFC 8446 §7.1): info is the HkdfLabel struct with the "tls13 " prefix."""
     label = bytes(label)
     head = _TLS_HKDF_LABEL_HEADS.get((label, length))
     if head is None:
@@ -3700,13 +3704,14 @@ class RecordLayer(_TLSRecordReader):
         """(rx_key, rx_iv, tx_key, tx_iv) of the current generation."""
         return self._rx.key, self._rx.iv, self._tx.key, self._tx.iv
 
+    # For tests and tools: the server never looks at an incomplete record.
     def pending_bytes(self):
         """Received bytes of an incomplete record, not yet decrypted."""
         return bytes(self._inbuf)
 
     def seal(self, app_data, close=False):
         """Application data (bytes, bytearray or memoryview, e.g. of an mmap) as records of at
-        most 2^14 bytes each; b'' for empty input.  close=True appends our close_notify,
+        most 2^14 bytes each; b"" for empty input.  close=True appends our close_notify,
         sealed in the same pass, for a connection whose last response this is."""
         then = []
         if close and not self.close_notify_sealed:
@@ -3715,7 +3720,7 @@ class RecordLayer(_TLSRecordReader):
         return self._tx.seal_records(_TLS_CT_APPLICATION_DATA, app_data, then)
 
     def close_notify(self):
-        """Our close_notify record, or b'' if it has been sealed already: it ends our side of
+        """Our close_notify record, or b"" if it has been sealed already: it ends our side of
         the connection, so it goes out once."""
         if self.close_notify_sealed:
             return b""
@@ -4036,6 +4041,7 @@ class TLSServer(_TLSRecordReader):
     def tx_seq(self):
         return self.record_layer.tx_seq
 
+    # For tests and tools, as are server_app_secret and signature_scheme.
     @property
     def client_app_secret(self):
         return self.record_layer.rx_secret

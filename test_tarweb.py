@@ -5826,6 +5826,50 @@ class TestRecordLayerErrors(unittest.TestCase):
         self.assertEqual(self.server.pending_bytes(), b'')
 
 
+class TestSharedRecordLoop(TLSCertsCase):
+    """TLSServer and RecordLayer read through one record loop: the same bad input, or a bug
+    inside either, ends in the same alert."""
+
+    def server_alert(self, data, on_record=None):
+        server = TLSServer(tls_config())
+        if on_record:
+            server._on_record = on_record
+        out = server.receive(data)
+        self.assertTrue(server.failed)
+        self.assertEqual(out[:5], b'\x15\x03\x03\x00\x02')   # in the clear: before ServerHello
+        self.assertEqual(out[5], 2)                            # fatal
+        return out[6]
+
+    def record_layer_alert(self, data, on_record=None):
+        rx, tx = os.urandom(32), os.urandom(32)
+        layer, peer = RecordLayer(0x1301, rx, tx), RecordLayer(0x1301, tx, rx)
+        if on_record:
+            layer._on_record = on_record
+        _, events, to_send = layer.open(data)
+        self.assertEqual(events, ['error'])
+        self.assertEqual(layer.pending_bytes(), b'')   # nothing kept after the error
+        _, peer_events, _ = peer.open(to_send)
+        self.assertEqual(peer_events, ['alert'])
+        return int(peer.error.rsplit('(', 1)[1].rstrip(')'))
+
+    def assert_same_alert(self, data, code):
+        self.assertEqual(self.server_alert(data), code)
+        self.assertEqual(self.record_layer_alert(data), code)
+
+    def test_not_tls(self):
+        self.assert_same_alert(b'GET / HTTP/1.1\r\n', 10)      # unexpected_message
+
+    def test_record_overflow(self):
+        self.assert_same_alert(b'\x17\x03\x03\x48\x01', 22)   # record_overflow
+
+    def test_a_bug_is_internal_error(self):
+        def broken(*args):
+            raise KeyError('bug')
+        for alert in self.server_alert(plaintext_record(23, b'x'), broken), \
+                self.record_layer_alert(plaintext_record(23, b'x'), broken):
+            self.assertEqual(alert, 80)   # internal_error, and no traceback to the peer
+
+
 # ---------------------------------------------------------------------------------------------
 # Python's ssl module as the client, over MemoryBIO
 # ---------------------------------------------------------------------------------------------
