@@ -4304,10 +4304,10 @@ class TLSServer(_TLSRecordReader):
         if self._transcript is None:   # else it holds the HelloRetryRequest exchange
             self._transcript = hashlib.new(hash_name)
         self._transcript.update(hello.message)
-        server_hello, flight = [], []
+        clear, flight = [], []   # messages sent in the clear, and under the handshake key
         key_share = struct.pack(">H", group) + _tls_vec16(our_share)
-        self._write(server_hello, self._server_hello_message(secrets.token_bytes(32), hello, suite,
-                                                             key_share))
+        random = secrets.token_bytes(32)
+        self._write(clear, self._server_hello_message(random, hello, suite, key_share))  # §4.1.3
         # §7.1: the handshake traffic secrets cover ClientHello..ServerHello.
         handshake_secret, client_hs, server_hs = _tls13_handshake_secrets(
             hash_name, shared_secret, self._transcript.digest())
@@ -4316,9 +4316,9 @@ class TLSServer(_TLSRecordReader):
         self._write(flight, self._certificate_verify(key, scheme))  # §4.4.3
         self._write(flight, self._finished(hash_name, server_hs))   # §4.4.4
         tx, rx = _TLSRecordCipher(suite, server_hs), _TLSRecordCipher(suite, client_hs)
-        self._client_finished, self._app_secrets = self._expect_client_finished(
+        self._client_finished, self._app_secrets = self._expect_client_finished(  # §7.1
             hash_name, handshake_secret, client_hs)
-        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, server_hello[0])
+        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, clear[0])
                    + self._compat_ccs(hello) + self._seal_flight(tx, rx, b"".join(flight)))
         self._tx, self._rx = tx, rx
         self.cipher_suite, self.group, self.signature_scheme = suite, group, scheme
