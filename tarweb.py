@@ -1419,6 +1419,7 @@ class Ed25519Key:
         return r_enc + s.to_bytes(32, "little")
 
 
+# For tests and tools: the server never verifies signatures.
 def ed25519_verify(pub, msg, sig):
     """True iff sig is a valid Ed25519 signature of msg under pub (RFC 8032 §5.1.7).
 
@@ -1860,6 +1861,7 @@ class ECDSAKey:
                     return _ecdsa_der_encode(r, s)
 
 
+# For tests and tools: the server never verifies signatures.
 def ecdsa_verify(curve, pub, msg, der_sig):
     """True iff der_sig is a valid DER ECDSA signature of msg under the uncompressed point pub."""
     try:
@@ -2083,6 +2085,7 @@ def _aes_encrypt_int(round_keys, block):
     return int.from_bytes(shifted, "big") ^ round_keys[-1]
 
 
+# For tests and tools: the server encrypts through AESGCM only.
 def aes_encrypt_block(key, block16):
     """Encrypt one 16-byte block with AES-128 or AES-256 (FIPS 197 Cipher)."""
     round_keys = _aes_round_key_ints(key)
@@ -2561,6 +2564,7 @@ def pem_decode(data):
     return [(label, der) for label, _, der in _pem_blocks(data)]
 
 
+# For tests and tools: the server only reads PEM.
 def pem_encode(label, der):
     text = base64.b64encode(der).decode("ascii")
     lines = [text[i:i + 64] for i in range(0, len(text), 64)]
@@ -3136,11 +3140,9 @@ def make_self_signed(hosts=("localhost", "127.0.0.1", "::1"), days=365):
 #
 # The server offers no PSK, no session tickets, no client authentication and never accepts 0-RTT.
 
-# ---------------------------------------------------------------------------------------------
-# HKDF (RFC 5869) and the TLS 1.3 key schedule (RFC 8446 §7)
-# ---------------------------------------------------------------------------------------------
+# === 6.1 HKDF and the key schedule (RFC 5869, RFC 8446 §7)
 
-_TLS_HASH_LEN = {'sha256': 32, 'sha384': 48}
+_TLS_HASH_LEN = {"sha256": 32, "sha384": 48}
 
 
 def _tls_hash_len(hash_name):
@@ -3151,7 +3153,7 @@ def _tls_hash_len(hash_name):
 
 
 # Named constructors and block sizes of the suites' hashes, for _tls_hmac.
-_TLS_HMAC_HASHES = {'sha256': (hashlib.sha256, 64), 'sha384': (hashlib.sha384, 128)}
+_TLS_HMAC_HASHES = {"sha256": (hashlib.sha256, 64), "sha384": (hashlib.sha384, 128)}
 _TLS_HMAC_IPAD = bytes(b ^ 0x36 for b in range(256))
 _TLS_HMAC_OPAD = bytes(b ^ 0x5c for b in range(256))
 
@@ -3164,7 +3166,7 @@ def _tls_hmac(hash_name, key, msg):
     if hash_and_block is None or len(key) > hash_and_block[1]:
         return hmac.digest(key, msg, hash_name)   # other hashes, and keys that must be hashed first
     new, block_size = hash_and_block
-    padded = bytes(key).ljust(block_size, b'\x00')
+    padded = bytes(key).ljust(block_size, b"\x00")
     inner = new(padded.translate(_TLS_HMAC_IPAD) + msg).digest()
     return new(padded.translate(_TLS_HMAC_OPAD) + inner).digest()
 
@@ -3179,13 +3181,13 @@ def hkdf_extract(hash_name, salt, ikm):
 def hkdf_expand(hash_name, prk, info, length):
     """HKDF-Expand: T(i) = HMAC-Hash(PRK, T(i-1) | info | i), output truncated to length."""
     hash_len = _tls_hash_len(hash_name)
-    if length <= hash_len:
+    if 0 < length <= hash_len:
         # Every expansion in TLS 1.3 fits in one block: T(1) alone, no loop.
-        return _tls_hmac(hash_name, prk, info + b'\x01')[:length]
-    if length > 255 * hash_len:
-        raise ValueError('HKDF-Expand: length %d is more than 255 hash blocks' % length)
+        return _tls_hmac(hash_name, prk, info + b"\x01")[:length]
+    if not 0 < length <= 255 * hash_len:   # RFC 5869 §2.3: L <= 255 * HashLen
+        raise ValueError(f"HKDF-Expand: length {length} outside 1..{255 * hash_len}")
     blocks = []
-    block = b''
+    block = b""
     produced = 0
     counter = 1
     while produced < length:
@@ -3193,7 +3195,7 @@ def hkdf_expand(hash_name, prk, info, length):
         blocks.append(block)
         produced += len(block)
         counter += 1
-    return b''.join(blocks)[:length]
+    return b"".join(blocks)[:length]
 
 
 # (label, length) -> the HkdfLabel bytes before the context: a handshake uses the same dozen.
@@ -3201,12 +3203,12 @@ _TLS_HKDF_LABEL_HEADS = {}
 
 
 def hkdf_expand_label(hash_name, secret, label, context, length):
-    """HKDF-Expand-Label (RFC 8446 §7.1): info is the HkdfLabel struct with the 'tls13 ' prefix."""
+    """HKDF-Expand-Label (RFC 8446 §7.1): info is the HkdfLabel struct with the "tls13 " prefix."""
     label = bytes(label)
     head = _TLS_HKDF_LABEL_HEADS.get((label, length))
     if head is None:
-        full_label = b'tls13 ' + label
-        head = struct.pack('>HB', length, len(full_label)) + full_label
+        full_label = b"tls13 " + label
+        head = struct.pack(">HB", length, len(full_label)) + full_label
         if len(_TLS_HKDF_LABEL_HEADS) < 64:   # the protocol's labels only, whoever calls us
             _TLS_HKDF_LABEL_HEADS[label, length] = head
     return hkdf_expand(hash_name, secret, head + bytes((len(context),)) + context, length)
@@ -3237,7 +3239,7 @@ def _tls13_derived_from_early(hash_name):
     if derived is None:
         zeros = bytes(_tls_hash_len(hash_name))
         early_secret = hkdf_extract(hash_name, zeros, zeros)
-        derived = derive_secret(hash_name, early_secret, b'derived', _tls_empty_hash(hash_name))
+        derived = derive_secret(hash_name, early_secret, b"derived", _tls_empty_hash(hash_name))
         _TLS_DERIVED_FROM_EARLY[hash_name] = derived
     return derived
 
@@ -3245,35 +3247,34 @@ def _tls13_derived_from_early(hash_name):
 def _tls13_handshake_secrets(hash_name, shared_secret, hello_hash):
     """Handshake Secret and the client/server handshake traffic secrets (transcript CH..SH)."""
     handshake_secret = hkdf_extract(hash_name, _tls13_derived_from_early(hash_name), shared_secret)
-    client = derive_secret(hash_name, handshake_secret, b'c hs traffic', hello_hash)
-    server = derive_secret(hash_name, handshake_secret, b's hs traffic', hello_hash)
+    client = derive_secret(hash_name, handshake_secret, b"c hs traffic", hello_hash)
+    server = derive_secret(hash_name, handshake_secret, b"s hs traffic", hello_hash)
     return handshake_secret, client, server
 
 
 def _tls13_application_secrets(hash_name, handshake_secret, server_finished_hash):
-    """Master Secret and the first client/server application traffic secrets (CH..server Finished)."""
-    salt = derive_secret(hash_name, handshake_secret, b'derived', _tls_empty_hash(hash_name))
+    """Master Secret and the first client/server application traffic secrets (transcript CH..
+    server Finished)."""
+    salt = derive_secret(hash_name, handshake_secret, b"derived", _tls_empty_hash(hash_name))
     master_secret = hkdf_extract(hash_name, salt, bytes(_tls_hash_len(hash_name)))
-    client = derive_secret(hash_name, master_secret, b'c ap traffic', server_finished_hash)
-    server = derive_secret(hash_name, master_secret, b's ap traffic', server_finished_hash)
+    client = derive_secret(hash_name, master_secret, b"c ap traffic", server_finished_hash)
+    server = derive_secret(hash_name, master_secret, b"s ap traffic", server_finished_hash)
     return master_secret, client, server
 
 
 def _tls13_finished_mac(hash_name, base_secret, transcript_hash):
     """Finished verify_data (RFC 8446 §4.4.4): HMAC(finished_key, transcript hash)."""
-    finished_key = hkdf_expand_label(hash_name, base_secret, b'finished', b'',
+    finished_key = hkdf_expand_label(hash_name, base_secret, b"finished", b"",
                                      _tls_hash_len(hash_name))
     return _tls_hmac(hash_name, finished_key, transcript_hash)
 
 
 def _tls13_next_traffic_secret(hash_name, secret):
     """application_traffic_secret_N+1 after a KeyUpdate (RFC 8446 §7.2)."""
-    return hkdf_expand_label(hash_name, secret, b'traffic upd', b'', _tls_hash_len(hash_name))
+    return hkdf_expand_label(hash_name, secret, b"traffic upd", b"", _tls_hash_len(hash_name))
 
 
-# ---------------------------------------------------------------------------------------------
-# Protocol constants
-# ---------------------------------------------------------------------------------------------
+# === 6.2 Messages and records (RFC 8446 §4, §5.1, §6)
 
 _TLS_CT_CHANGE_CIPHER_SPEC = 20
 _TLS_CT_ALERT = 21
@@ -3282,7 +3283,6 @@ _TLS_CT_APPLICATION_DATA = 23
 
 _TLS_HS_CLIENT_HELLO = 1
 _TLS_HS_SERVER_HELLO = 2
-_TLS_HS_NEW_SESSION_TICKET = 4
 _TLS_HS_ENCRYPTED_EXTENSIONS = 8
 _TLS_HS_CERTIFICATE = 11
 _TLS_HS_CERTIFICATE_VERIFY = 15
@@ -3313,29 +3313,35 @@ _TLS_ALERT_INTERNAL_ERROR = 80
 _TLS_ALERT_USER_CANCELED = 90
 _TLS_ALERT_MISSING_EXTENSION = 109
 _TLS_ALERT_NO_APPLICATION_PROTOCOL = 120
-_TLS_CLOSE_NOTIFY_BODY = bytes([1, _TLS_ALERT_CLOSE_NOTIFY])   # level warning (§6)
+
+# AlertLevel (§6): our close_notify goes as a warning, every other alert we send as fatal.
+_TLS_ALERT_WARNING = 1
+_TLS_ALERT_FATAL = 2
+_TLS_CLOSE_NOTIFY_BODY = bytes([_TLS_ALERT_WARNING, _TLS_ALERT_CLOSE_NOTIFY])
 
 _TLS_ALERT_NAMES = {
-    0: 'close_notify', 10: 'unexpected_message', 20: 'bad_record_mac', 22: 'record_overflow',
-    40: 'handshake_failure', 42: 'bad_certificate', 43: 'unsupported_certificate',
-    44: 'certificate_revoked', 45: 'certificate_expired', 46: 'certificate_unknown',
-    47: 'illegal_parameter', 48: 'unknown_ca', 49: 'access_denied', 50: 'decode_error',
-    51: 'decrypt_error', 70: 'protocol_version', 71: 'insufficient_security',
-    80: 'internal_error', 86: 'inappropriate_fallback', 90: 'user_canceled',
-    109: 'missing_extension', 110: 'unsupported_extension', 112: 'unrecognized_name',
-    113: 'bad_certificate_status_response', 115: 'unknown_psk_identity',
-    116: 'certificate_required', 120: 'no_application_protocol',
+    0: "close_notify", 10: "unexpected_message", 20: "bad_record_mac", 22: "record_overflow",
+    40: "handshake_failure", 42: "bad_certificate", 43: "unsupported_certificate",
+    44: "certificate_revoked", 45: "certificate_expired", 46: "certificate_unknown",
+    47: "illegal_parameter", 48: "unknown_ca", 49: "access_denied", 50: "decode_error",
+    51: "decrypt_error", 70: "protocol_version", 71: "insufficient_security",
+    80: "internal_error", 86: "inappropriate_fallback", 90: "user_canceled",
+    109: "missing_extension", 110: "unsupported_extension", 112: "unrecognized_name",
+    113: "bad_certificate_status_response", 115: "unknown_psk_identity",
+    116: "certificate_required", 120: "no_application_protocol",
 }
 
 TLS_AES_128_GCM_SHA256 = 0x1301
 TLS_AES_256_GCM_SHA384 = 0x1302
 TLS_CHACHA20_POLY1305_SHA256 = 0x1303
 
-# cipher suite -> (transcript/HKDF hash, AEAD key length, AEAD class)
+# What a cipher suite means (§B.4): transcript and HKDF hash, AEAD key length and class, name.
+_TLSSuite = collections.namedtuple("_TLSSuite", "hash_name key_len aead_class name")
 _TLS_SUITES = {
-    TLS_AES_128_GCM_SHA256: ('sha256', 16, AESGCM),
-    TLS_AES_256_GCM_SHA384: ('sha384', 32, AESGCM),
-    TLS_CHACHA20_POLY1305_SHA256: ('sha256', 32, ChaCha20Poly1305),
+    TLS_AES_128_GCM_SHA256: _TLSSuite("sha256", 16, AESGCM, "TLS_AES_128_GCM_SHA256"),
+    TLS_AES_256_GCM_SHA384: _TLSSuite("sha384", 32, AESGCM, "TLS_AES_256_GCM_SHA384"),
+    TLS_CHACHA20_POLY1305_SHA256: _TLSSuite("sha256", 32, ChaCha20Poly1305,
+                                            "TLS_CHACHA20_POLY1305_SHA256"),
 }
 
 TLS_GROUP_X25519 = 0x001d
@@ -3345,9 +3351,11 @@ _TLS_GROUP_PREFERENCE = (TLS_GROUP_X25519, TLS_GROUP_SECP256R1)
 _TLS_VERSION_13 = 0x0304
 _TLS_LEGACY_VERSION = 0x0303
 
+_TLS_RECORD_HEADER_LEN = 5                   # type, legacy_record_version, length (§5.1)
 _TLS_MAX_PLAINTEXT = 1 << 14                 # §5.1
 _TLS_MAX_INNER_PLAINTEXT = (1 << 14) + 1     # content + inner content type, §5.2
 _TLS_MAX_CIPHERTEXT = (1 << 14) + 256        # §5.2
+_TLS_MAX_RECORD = _TLS_RECORD_HEADER_LEN + _TLS_MAX_CIPHERTEXT   # a whole record, header included
 _TLS_AEAD_TAG_LEN = 16                       # all three suites
 # Largest handshake message we buffer. Real ClientHellos are a few KB even with post-quantum
 # key shares; this bounds memory per connection.
@@ -3357,10 +3365,10 @@ _TLS_MAX_HANDSHAKE_MESSAGE = 1 << 16
 _TLS_MAX_EARLY_DATA_SKIP = 1 << 16
 
 # ServerHello.random of a HelloRetryRequest: SHA-256("HelloRetryRequest"), §4.1.3.
-_TLS_HRR_RANDOM = hashlib.sha256(b'HelloRetryRequest').digest()
+_TLS_HRR_RANDOM = hashlib.sha256(b"HelloRetryRequest").digest()
 # §4.4.3: 64 spaces, the context string and a zero byte precede the transcript hash.
-_TLS_CERT_VERIFY_PREFIX = b' ' * 64 + b'TLS 1.3, server CertificateVerify\x00'
-_TLS_CCS_RECORD = b'\x14\x03\x03\x00\x01\x01'
+_TLS_CERT_VERIFY_PREFIX = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00"
+_TLS_CCS_RECORD = b"\x14\x03\x03\x00\x01\x01"
 
 
 class _TLSFatal(Exception):
@@ -3372,14 +3380,10 @@ class _TLSFatal(Exception):
         self.message = message
 
 
-# ---------------------------------------------------------------------------------------------
-# Byte-level helpers
-# ---------------------------------------------------------------------------------------------
-
 class _TLSReader:
     """Strict cursor over a byte string: any overrun or length-range violation is decode_error."""
 
-    __slots__ = ('data', 'pos', 'what')
+    __slots__ = ("data", "pos", "what")
 
     def __init__(self, data, what):
         self.data = data
@@ -3387,12 +3391,12 @@ class _TLSReader:
         self.what = what
 
     def _fail(self, detail):
-        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, '%s: %s' % (self.what, detail))
+        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, f"{self.what}: {detail}")
 
     def take(self, n):
         end = self.pos + n
         if end > len(self.data):
-            self._fail('truncated')
+            self._fail("truncated")
         chunk = self.data[self.pos:end]
         self.pos = end
         return chunk
@@ -3400,8 +3404,8 @@ class _TLSReader:
     def uint(self, size):
         end = self.pos + size
         if end > len(self.data):
-            self._fail('truncated')
-        value = int.from_bytes(self.data[self.pos:end], 'big')
+            self._fail("truncated")
+        value = int.from_bytes(self.data[self.pos:end], "big")
         self.pos = end
         return value
 
@@ -3411,13 +3415,13 @@ class _TLSReader:
         data = self.data
         start = self.pos + len_size
         if start > len(data):
-            self._fail('truncated')
-        length = int.from_bytes(data[self.pos:start], 'big')
+            self._fail("truncated")
+        length = int.from_bytes(data[self.pos:start], "big")
         if length < min_len or length > max_len:
-            self._fail('vector length %d outside %d..%d' % (length, min_len, max_len))
+            self._fail(f"vector length {length} outside {min_len}..{max_len}")
         end = start + length
         if end > len(data):
-            self._fail('truncated')
+            self._fail("truncated")
         self.pos = end
         return data[start:end]
 
@@ -3426,7 +3430,7 @@ class _TLSReader:
 
     def expect_end(self):
         if self.pos != len(self.data):
-            self._fail('%d trailing bytes' % (len(self.data) - self.pos))
+            self._fail(f"{len(self.data) - self.pos} trailing bytes")
 
 
 def _tls_uint16_list(data, len_size, min_len, max_len, what):
@@ -3440,8 +3444,8 @@ def _tls_uint16_list(data, len_size, min_len, max_len, what):
 def _tls_uint16_values(body, what):
     """The big-endian uint16 values packed in body."""
     if len(body) % 2:
-        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, '%s: odd length' % what)
-    return list(struct.unpack('>%dH' % (len(body) // 2), body))
+        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, f"{what}: odd length")
+    return list(struct.unpack(f">{len(body) // 2}H", body))
 
 
 def _tls_vec8(data):
@@ -3449,15 +3453,15 @@ def _tls_vec8(data):
 
 
 def _tls_vec16(data):
-    return struct.pack('>H', len(data)) + data
+    return struct.pack(">H", len(data)) + data
 
 
 def _tls_vec24(data):
-    return len(data).to_bytes(3, 'big') + data
+    return len(data).to_bytes(3, "big") + data
 
 
 def _tls_extension(ext_type, data):
-    return struct.pack('>HH', ext_type, len(data)) + data
+    return struct.pack(">HH", ext_type, len(data)) + data
 
 
 def _tls_handshake_message(msg_type, body):
@@ -3469,12 +3473,14 @@ def _tls_plaintext_records(content_type, data):
     records = []
     for start in range(0, len(data), _TLS_MAX_PLAINTEXT):
         fragment = data[start:start + _TLS_MAX_PLAINTEXT]
-        records.append(struct.pack('>BHH', content_type, _TLS_LEGACY_VERSION, len(fragment)) + fragment)
-    return b''.join(records)
+        header = struct.pack(">BHH", content_type, _TLS_LEGACY_VERSION, len(fragment))
+        records.append(header + fragment)
+    return b"".join(records)
 
 
 def _tls_alert_name(code):
-    return '%s(%d)' % (_TLS_ALERT_NAMES.get(code, 'unknown'), code)
+    name = _TLS_ALERT_NAMES.get(code, "unknown")
+    return f"{name}({code})"
 
 
 def _tls_next_record(buf, pos):
@@ -3489,47 +3495,47 @@ def _tls_next_record(buf, pos):
     content_type = buf[pos]
     if not _TLS_CT_CHANGE_CIPHER_SPEC <= content_type <= _TLS_CT_APPLICATION_DATA:
         raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                        'not a TLS record (content type %d)' % content_type)
-    if available < 5:
+                        f"not a TLS record (content type {content_type})")
+    if available < _TLS_RECORD_HEADER_LEN:
         return None
     length = (buf[pos + 3] << 8) | buf[pos + 4]
     if length > _TLS_MAX_CIPHERTEXT:
-        raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, 'record of %d bytes' % length)
-    end = pos + 5 + length
+        raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, f"record of {length} bytes")
+    start = pos + _TLS_RECORD_HEADER_LEN
+    end = start + length
     if len(buf) < end:
         return None
-    return content_type, bytes(buf[pos:pos + 5]), bytes(buf[pos + 5:end]), end
+    return content_type, bytes(buf[pos:start]), bytes(buf[start:end]), end
 
 
 def _tls_check_alert_body(body):
     # §5.1: alerts are never fragmented or coalesced, so an alert record holds exactly 2 bytes.
     if len(body) != 2:
-        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'alert record of %d bytes' % len(body))
+        raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, f"alert record of {len(body)} bytes")
     return body[1]
 
 
-# ---------------------------------------------------------------------------------------------
-# Record protection (§5.2-5.4)
-# ---------------------------------------------------------------------------------------------
+# === 6.3 Record protection and the record loop (§5.2-5.4)
 
 class _TLSRecordCipher:
     """One direction of record protection: traffic secret, AEAD key, IV and sequence number."""
 
     def __init__(self, cipher_suite, secret, seq=0):
-        hash_name, key_len, aead_class = _TLS_SUITES[cipher_suite]
+        hash_name, key_len, aead_class, _ = _TLS_SUITES[cipher_suite]
         self.cipher_suite = cipher_suite
         self.secret = secret
-        self.key = hkdf_expand_label(hash_name, secret, b'key', b'', key_len)
-        self.iv = hkdf_expand_label(hash_name, secret, b'iv', b'', 12)
+        self.key = hkdf_expand_label(hash_name, secret, b"key", b"", key_len)
+        self.iv = hkdf_expand_label(hash_name, secret, b"iv", b"", 12)
         self.seq = seq
-        self._iv_int = int.from_bytes(self.iv, 'big')
+        self._iv_int = int.from_bytes(self.iv, "big")
         self._aead_class = aead_class
         self._aead = None
 
     def next_generation(self):
         """The cipher for the next traffic secret after a KeyUpdate; the sequence restarts at 0."""
-        hash_name = _TLS_SUITES[self.cipher_suite][0]
-        return _TLSRecordCipher(self.cipher_suite, _tls13_next_traffic_secret(hash_name, self.secret))
+        hash_name = _TLS_SUITES[self.cipher_suite].hash_name
+        next_secret = _tls13_next_traffic_secret(hash_name, self.secret)
+        return _TLSRecordCipher(self.cipher_suite, next_secret)
 
     def _cipher(self):
         # Built on first use: AES-GCM precomputes tables per key (about 0.6 ms), wasted on the
@@ -3540,12 +3546,13 @@ class _TLSRecordCipher:
 
     def _nonce(self):
         # §5.3: the 64-bit sequence number, left-padded to the IV length, XORed with the IV.
-        return (self._iv_int ^ self.seq).to_bytes(12, 'big')
+        return (self._iv_int ^ self.seq).to_bytes(12, "big")
 
     def seal(self, content_type, content):
-        """One TLSCiphertext record: content (any bytes-like object) plus its inner type, no padding."""
-        inner = b''.join((content, bytes([content_type])))
-        header = struct.pack('>BHH', _TLS_CT_APPLICATION_DATA, _TLS_LEGACY_VERSION,
+        """One TLSCiphertext record: content (any bytes-like object) plus its inner type, no
+        padding."""
+        inner = b"".join((content, bytes([content_type])))
+        header = struct.pack(">BHH", _TLS_CT_APPLICATION_DATA, _TLS_LEGACY_VERSION,
                              len(inner) + _TLS_AEAD_TAG_LEN)
         record = header + self._cipher().seal(self._nonce(), inner, header)
         self.seq += 1
@@ -3560,7 +3567,7 @@ class _TLSRecordCipher:
         if len(records) > 1:   # their keystreams in one ChaCha20 pass (see _chacha20_keystreams)
             chacha20_poly1305_prefetch(
                 self.keystream_requests([len(content) + 1 for _, content in records]))
-        return b''.join([self.seal(kind, content) for kind, content in records])
+        return b"".join([self.seal(kind, content) for kind, content in records])
 
     def keystream_requests(self, lengths):
         """Requests for chacha20_poly1305_prefetch: the next records, of these inner-plaintext
@@ -3568,7 +3575,7 @@ class _TLSRecordCipher:
         if self._aead_class is not ChaCha20Poly1305:
             return []
         aead = self._cipher()
-        return [(aead, (self._iv_int ^ (self.seq + i)).to_bytes(12, 'big'), length)
+        return [(aead, (self._iv_int ^ (self.seq + i)).to_bytes(12, "big"), length)
                 for i, length in enumerate(lengths)]
 
     def open(self, header, body):
@@ -3576,11 +3583,11 @@ class _TLSRecordCipher:
         inner = self._cipher().open(self._nonce(), body, header)
         self.seq += 1
         if len(inner) > _TLS_MAX_INNER_PLAINTEXT:
-            raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, 'inner plaintext of %d bytes' % len(inner))
+            raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, f"inner plaintext of {len(inner)} bytes")
         # §5.4: the real content type is the last non-zero byte; zeros after it are padding.
-        unpadded = inner.rstrip(b'\x00')
+        unpadded = inner.rstrip(b"\x00")
         if not unpadded:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'record without a content type')
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "record without a content type")
         return unpadded[-1], unpadded[:-1]
 
 
@@ -3597,7 +3604,7 @@ class _TLSHandshakeBuffer:
 
     def add(self, fragment):
         if not fragment:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'empty handshake record')
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "empty handshake record")
         self._buf += fragment
 
     def pending(self):
@@ -3608,10 +3615,10 @@ class _TLSHandshakeBuffer:
         """The next complete message, 4-byte header included, or None."""
         if len(self._buf) < 4:
             return None
-        length = int.from_bytes(self._buf[1:4], 'big')
+        length = int.from_bytes(self._buf[1:4], "big")
         if length > _TLS_MAX_HANDSHAKE_MESSAGE:
             raise _TLSFatal(_TLS_ALERT_DECODE_ERROR,
-                            'handshake message type %d of %d bytes' % (self._buf[0], length))
+                            f"handshake message type {self._buf[0]} of {length} bytes")
         if len(self._buf) < 4 + length:
             return None
         message = bytes(self._buf[:4 + length])
@@ -3622,28 +3629,54 @@ class _TLSHandshakeBuffer:
         # §5.1: a key change must fall on a record boundary.
         if self._buf:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            'handshake data after %s in the same record' % what)
+                            f"handshake data after {what} in the same record")
 
 
-# ---------------------------------------------------------------------------------------------
-# Userspace record layer for application data
-# ---------------------------------------------------------------------------------------------
+class _TLSRecordReader:
+    """The reading side of TLSServer and RecordLayer: one record loop, and one mapping from
+    what stops it to the alert we send, so that both answer the same error the same way.
 
-class RecordLayer:
-    """Application-data record protection after the handshake, both directions.
-
-    open(data) -> (plaintext, events, to_send). events may hold 'close' (peer's close_notify),
-    'alert' (peer's fatal alert) or 'error' (we rejected a record; to_send holds our alert).
-    to_send must be written before anything sealed afterwards (it may hold a KeyUpdate).
+    A subclass keeps the bytes not yet read in _inbuf and defines _reading() (False once it
+    is done, closed or failed), _on_record(content_type, header, body, sink) and
+    _fail(alert, message, sink); sink collects what one call returns.
     """
 
-    def __init__(self, cipher_suite, rx_secret, tx_secret, rx_seq=0, tx_seq=0):
+    def _read_records(self, data, sink):
+        """Hand every complete record of the buffered bytes plus data to _on_record."""
+        self._inbuf += data
+        pos = 0
+        try:
+            while self._reading():
+                record = _tls_next_record(self._inbuf, pos)
+                if record is None:
+                    break
+                content_type, header, body, pos = record
+                self._on_record(content_type, header, body, sink)
+        except _TLSFatal as exc:
+            self._fail(exc.alert, exc.message, sink)
+        except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
+            self._fail(_TLS_ALERT_INTERNAL_ERROR, f"internal error: {exc!r}", sink)
+        del self._inbuf[:pos]
+
+
+# === 6.4 Userspace record layer for application data
+
+class RecordLayer(_TLSRecordReader):
+    """Application-data record protection after the handshake, both directions.
+
+    open(data) -> (plaintext, events, to_send). events may hold "close" (peer's close_notify),
+    "alert" (peer's fatal alert) or "error" (we rejected a record; to_send holds our alert).
+    to_send must be written before anything sealed afterwards (it may hold a KeyUpdate).
+    received: bytes that came before this layer existed; the first open() reads them.
+    """
+
+    def __init__(self, cipher_suite, rx_secret, tx_secret, rx_seq=0, tx_seq=0, received=b""):
         if cipher_suite not in _TLS_SUITES:
-            raise ValueError('unknown TLS 1.3 cipher suite 0x%04x' % cipher_suite)
+            raise ValueError(f"unknown TLS 1.3 cipher suite 0x{cipher_suite:04x}")
         self.cipher_suite = cipher_suite
         self._rx = _TLSRecordCipher(cipher_suite, rx_secret, rx_seq)
         self._tx = _TLSRecordCipher(cipher_suite, tx_secret, tx_seq)
-        self._inbuf = bytearray()
+        self._inbuf = bytearray(received)
         self._handshake = _TLSHandshakeBuffer()
         self._key_update_requested = False
         self.closed = False
@@ -3671,13 +3704,14 @@ class RecordLayer:
         """(rx_key, rx_iv, tx_key, tx_iv) of the current generation."""
         return self._rx.key, self._rx.iv, self._tx.key, self._tx.iv
 
+    # For tests and tools: the server never looks at an incomplete record.
     def pending_bytes(self):
         """Received bytes of an incomplete record, not yet decrypted."""
         return bytes(self._inbuf)
 
     def seal(self, app_data, close=False):
         """Application data (bytes, bytearray or memoryview, e.g. of an mmap) as records of at
-        most 2^14 bytes each; b'' for empty input.  close=True appends our close_notify,
+        most 2^14 bytes each; b"" for empty input.  close=True appends our close_notify,
         sealed in the same pass, for a connection whose last response this is."""
         then = []
         if close and not self.close_notify_sealed:
@@ -3686,76 +3720,69 @@ class RecordLayer:
         return self._tx.seal_records(_TLS_CT_APPLICATION_DATA, app_data, then)
 
     def close_notify(self):
-        """Our close_notify record, or b'' if it has been sealed already: it ends our side of
+        """Our close_notify record, or b"" if it has been sealed already: it ends our side of
         the connection, so it goes out once."""
         if self.close_notify_sealed:
-            return b''
+            return b""
         self.close_notify_sealed = True
         return self._tx.seal(_TLS_CT_ALERT, _TLS_CLOSE_NOTIFY_BODY)
 
     def open(self, data):
-        if self.closed or self.failed:
-            return b'', [], b''   # §6.1: data after a closure alert is ignored
-        self._inbuf += data
-        plaintext, events, to_send = [], [], []
-        pos = 0
-        try:
-            while not (self.closed or self.failed):
-                record = _tls_next_record(self._inbuf, pos)
-                if record is None:
-                    break
-                content_type, header, body, pos = record
-                self._open_record(content_type, header, body, plaintext, events)
-        except _TLSFatal as exc:
-            self._fail(exc.alert, exc.message, events, to_send)
-        except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
-            self._fail(_TLS_ALERT_INTERNAL_ERROR, 'internal error: %r' % (exc,), events, to_send)
+        if not self._reading():
+            return b"", [], b""   # §6.1: data after a closure alert is ignored
+        plaintext, events, to_send = sink = [], [], []
+        self._read_records(data, sink)
         if self._key_update_requested and not self.failed:
             # §4.6.3: answer with update_not_requested under the old key, then switch. One answer
             # covers every request in this batch, so a flood of requests gets few replies.
             self._key_update_requested = False
             to_send.append(self._tx.seal(_TLS_CT_HANDSHAKE,
-                                         _tls_handshake_message(_TLS_HS_KEY_UPDATE, b'\x00')))
+                                         _tls_handshake_message(_TLS_HS_KEY_UPDATE, b"\x00")))
             self._tx = self._tx.next_generation()
-        # After a closure or an error nothing more is read, so nothing is kept either.
-        del self._inbuf[:len(self._inbuf) if self.closed or self.failed else pos]
-        return b''.join(plaintext), events, b''.join(to_send)
+        if not self._reading():
+            self._inbuf.clear()   # nothing more is read, so nothing is kept either
+        return b"".join(plaintext), events, b"".join(to_send)
 
-    def _fail(self, alert, message, events, to_send):
+    def _reading(self):
+        return not (self.closed or self.failed)
+
+    def _fail(self, alert, message, sink):
+        _, events, to_send = sink
         self.failed = True
         self.error = message
-        events.append('error')
-        to_send.append(self._tx.seal(_TLS_CT_ALERT, bytes([2, alert])))
+        events.append("error")
+        to_send.append(self._tx.seal(_TLS_CT_ALERT, bytes([_TLS_ALERT_FATAL, alert])))
 
-    def _open_record(self, content_type, header, body, plaintext, events):
+    def _on_record(self, content_type, header, body, sink):
+        plaintext, events, _ = sink
         if content_type != _TLS_CT_APPLICATION_DATA:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            'unprotected record of type %d after the handshake' % content_type)
+                            f"unprotected record of type {content_type} after the handshake")
         try:
             inner_type, content = self._rx.open(header, body)
         except AEADError:
-            raise _TLSFatal(_TLS_ALERT_BAD_RECORD_MAC, 'record failed to decrypt')
+            raise _TLSFatal(_TLS_ALERT_BAD_RECORD_MAC, "record failed to decrypt")
         if inner_type == _TLS_CT_HANDSHAKE:
             self._handshake.add(content)
             self._post_handshake_messages()
             return
         if self._handshake.pending():
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'record inside a fragmented message')
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "record inside a fragmented message")
         if inner_type == _TLS_CT_APPLICATION_DATA:
             plaintext.append(content)
         elif inner_type == _TLS_CT_ALERT:
             self._peer_alert(_tls_check_alert_body(content), events)
         else:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'record of inner type %d' % inner_type)
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, f"record of inner type {inner_type}")
 
     def _peer_alert(self, code, events):
         if code == _TLS_ALERT_CLOSE_NOTIFY:
             self.closed = True
-            events.append('close')
+            events.append("close")
         elif code != _TLS_ALERT_USER_CANCELED:   # user_canceled is followed by close_notify
             self.failed = True
-            self.error = 'peer sent alert %s' % _tls_alert_name(code)
-            events.append('alert')
+            self.error = f"peer sent alert {_tls_alert_name(code)}"
+            events.append("alert")
 
     def _post_handshake_messages(self):
         while True:
@@ -3764,21 +3791,20 @@ class RecordLayer:
                 break
             if message[0] != _TLS_HS_KEY_UPDATE:
                 raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                                'post-handshake message type %d' % message[0])
+                                f"post-handshake message type {message[0]}")
             if len(message) != 5:
-                raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'KeyUpdate of %d bytes' % (len(message) - 4))
+                raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, f"KeyUpdate of {len(message) - 4} bytes")
             if message[4] > 1:
-                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'KeyUpdate request_update %d' % message[4])
-            self._handshake.check_boundary('KeyUpdate')
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
+                                f"KeyUpdate request_update {message[4]}")
+            self._handshake.check_boundary("KeyUpdate")
             self._rx = self._rx.next_generation()
             self._key_update_requested = self._key_update_requested or message[4] == 1
 
 
-# ---------------------------------------------------------------------------------------------
-# ClientHello parsing (§4.1.2, §4.2)
-# ---------------------------------------------------------------------------------------------
+# === 6.5 ClientHello parsing (§4.1.2, §4.2)
 
-_TLS_EXTENSION_HEADER = struct.Struct('>HH')
+_TLS_EXTENSION_HEADER = struct.Struct(">HH")
 
 
 def _tls_parse_extensions(block, extensions):
@@ -3789,15 +3815,15 @@ def _tls_parse_extensions(block, extensions):
     ext_type = None
     while pos < end:
         if pos + 4 > end:
-            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'ClientHello extensions: truncated')
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "ClientHello extensions: truncated")
         ext_type, length = _TLS_EXTENSION_HEADER.unpack_from(block, pos)
         start = pos + 4
         pos = start + length
         if pos > end:
-            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'ClientHello extensions: truncated')
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "ClientHello extensions: truncated")
         if ext_type in extensions:
             raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
-                            'ClientHello: duplicate extension %d' % ext_type)
+                            f"ClientHello: duplicate extension {ext_type}")
         extensions[ext_type] = block[start:pos]
     return ext_type
 
@@ -3807,12 +3833,12 @@ class _TLSClientHello:
 
     def __init__(self, message):
         self.message = message
-        reader = _TLSReader(message[4:], 'ClientHello')
+        reader = _TLSReader(message[4:], "ClientHello")
         self.legacy_version = reader.uint(2)
         self.random = reader.take(32)
         self.session_id = reader.vector(1, 0, 32)
         self.cipher_suites = _tls_uint16_values(reader.vector(2, 2, 0xfffe),
-                                                'ClientHello cipher_suites')
+                                                "ClientHello cipher_suites")
         self.compression_methods = reader.vector(1, 1, 255)
         self.extensions = {}
         if reader.at_end():
@@ -3822,13 +3848,13 @@ class _TLSClientHello:
         last_type = _tls_parse_extensions(block, self.extensions)
         if _TLS_EXT_PRE_SHARED_KEY in self.extensions and last_type != _TLS_EXT_PRE_SHARED_KEY:
             raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
-                            'ClientHello: pre_shared_key is not the last extension')
+                            "ClientHello: pre_shared_key is not the last extension")
 
     def supported_versions(self):
         data = self.extensions.get(_TLS_EXT_SUPPORTED_VERSIONS)
         if data is None:
             return []
-        return _tls_uint16_list(data, 1, 2, 254, 'supported_versions')
+        return _tls_uint16_list(data, 1, 2, 254, "supported_versions")
 
     def uint16_extension(self, ext_type, what):
         """supported_groups / signature_algorithms as a list, None when absent."""
@@ -3842,15 +3868,16 @@ class _TLSClientHello:
         data = self.extensions.get(_TLS_EXT_KEY_SHARE)
         if data is None:
             return None
-        outer = _TLSReader(data, 'key_share')
-        reader = _TLSReader(outer.vector(2, 0, 0xffff), 'key_share')
+        outer = _TLSReader(data, "key_share")
+        reader = _TLSReader(outer.vector(2, 0, 0xffff), "key_share")
         outer.expect_end()
         shares = {}
         while not reader.at_end():
             group = reader.uint(2)
             key_exchange = reader.vector(2, 1, 0xffff)
             if group in shares:
-                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'key_share: two shares for group 0x%04x' % group)
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
+                                f"key_share: two shares for group 0x{group:04x}")
             shares[group] = key_exchange
         return shares
 
@@ -3858,8 +3885,8 @@ class _TLSClientHello:
         data = self.extensions.get(_TLS_EXT_ALPN)
         if data is None:
             return None
-        outer = _TLSReader(data, 'ALPN')
-        reader = _TLSReader(outer.vector(2, 2, 0xffff), 'ALPN')
+        outer = _TLSReader(data, "ALPN")
+        reader = _TLSReader(outer.vector(2, 2, 0xffff), "ALPN")
         outer.expect_end()
         protocols = []
         while not reader.at_end():
@@ -3871,8 +3898,8 @@ class _TLSClientHello:
         data = self.extensions.get(_TLS_EXT_SERVER_NAME)
         if data is None:
             return None
-        outer = _TLSReader(data, 'server_name')
-        reader = _TLSReader(outer.vector(2, 1, 0xffff), 'server_name')
+        outer = _TLSReader(data, "server_name")
+        reader = _TLSReader(outer.vector(2, 1, 0xffff), "server_name")
         outer.expect_end()
         host = None
         while not reader.at_end():
@@ -3881,30 +3908,28 @@ class _TLSClientHello:
             if name_type != 0:
                 continue
             if host is not None:
-                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'server_name: two host names')
+                raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "server_name: two host names")
             # A DNS name (RFC 6066 §3); anything but printable ASCII would only pollute logs.
             if any(byte < 0x21 or byte > 0x7e for byte in name):
-                raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'server_name: not a printable ASCII name')
-            host = name.decode('ascii').lower()
+                raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "server_name: not a printable ASCII name")
+            host = name.decode("ascii").lower()
         return host
 
     def check_minor_extensions(self):
         """Validate the extensions we only need to tolerate, so malformed ones still fail."""
         modes = self.extensions.get(_TLS_EXT_PSK_KEY_EXCHANGE_MODES)
         if modes is not None:
-            reader = _TLSReader(modes, 'psk_key_exchange_modes')
+            reader = _TLSReader(modes, "psk_key_exchange_modes")
             reader.vector(1, 1, 255)
             reader.expect_end()
         elif _TLS_EXT_PRE_SHARED_KEY in self.extensions:
             raise _TLSFatal(_TLS_ALERT_MISSING_EXTENSION,
-                            'pre_shared_key without psk_key_exchange_modes')
-        if self.extensions.get(_TLS_EXT_EARLY_DATA, b'') != b'':
-            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'early_data extension is not empty')
+                            "pre_shared_key without psk_key_exchange_modes")
+        if self.extensions.get(_TLS_EXT_EARLY_DATA, b"") != b"":
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "early_data extension is not empty")
 
 
-# ---------------------------------------------------------------------------------------------
-# Server configuration and handshake state machine
-# ---------------------------------------------------------------------------------------------
+# === 6.6 Server configuration and handshake state machine (§4, Appendix A.2)
 
 class TLSConfig:
     """What every connection shares: key, certificate chain (DER, leaf first), ALPN, suites.
@@ -3913,52 +3938,56 @@ class TLSConfig:
     cipher_preference is the server's order of preference among the three TLS 1.3 suites.
     """
 
-    def __init__(self, key, cert_chain, alpn=(b'http/1.1',),
+    def __init__(self, key, cert_chain, alpn=(b"http/1.1",),
                  cipher_preference=(TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_GCM_SHA256,
                                     TLS_AES_256_GCM_SHA384)):
         if not cert_chain:
-            raise ValueError('TLSConfig: the certificate chain is empty')
+            raise ValueError("TLSConfig: the certificate chain is empty")
         for suite in cipher_preference:
             if suite not in _TLS_SUITES:
-                raise ValueError('TLSConfig: unknown TLS 1.3 cipher suite 0x%04x' % suite)
+                raise ValueError(f"TLSConfig: unknown TLS 1.3 cipher suite 0x{suite:04x}")
         for protocol in alpn:
             if not 1 <= len(protocol) <= 255:
-                raise ValueError('TLSConfig: ALPN protocol names must be 1..255 bytes')
+                raise ValueError("TLSConfig: ALPN protocol names must be 1..255 bytes")
         if not key.signature_schemes:
-            raise ValueError('TLSConfig: the key offers no signature scheme')
+            raise ValueError("TLSConfig: the key offers no signature scheme")
         self.key = key
         self.cert_chain = [bytes(der) for der in cert_chain]
         self.alpn = tuple(bytes(p) for p in alpn)
         self.cipher_preference = tuple(cipher_preference)
         # The Certificate message (§4.4.2) is the same for every handshake: build it once.
-        entries = b''.join(_tls_vec24(der) + _tls_vec16(b'') for der in self.cert_chain)
+        entries = b"".join(_tls_vec24(der) + _tls_vec16(b"") for der in self.cert_chain)
         self.certificate_message = _tls_handshake_message(_TLS_HS_CERTIFICATE,
-                                                          _tls_vec8(b'') + _tls_vec24(entries))
+                                                          _tls_vec8(b"") + _tls_vec24(entries))
 
 
-_TLS_STATE_CLIENT_HELLO = 'client_hello'
-_TLS_STATE_RETRIED_HELLO = 'client_hello_after_retry'
-_TLS_STATE_CLIENT_FINISHED = 'client_finished'
-_TLS_STATE_DONE = 'done'
+# The server's states, named as in RFC 8446 Appendix A.2. It waits only in these three: RECVD_CH,
+# NEGOTIATED and WAIT_FLIGHT2 are passed within one ClientHello's processing (a HelloRetryRequest
+# leads from RECVD_CH back to START, the first hello kept); WAIT_EOED needs accepted 0-RTT and
+# WAIT_CERT and WAIT_CV need client authentication, neither of which the server offers.
+_TLS_STATE_START = "START"
+_TLS_STATE_WAIT_FINISHED = "WAIT_FINISHED"
+_TLS_STATE_CONNECTED = "CONNECTED"
 
 
 def _tls_key_exchange(group, peer_share):
-    """(our key_share, shared secret) for the negotiated group; bad peer points: illegal_parameter."""
+    """(our key_share, shared secret) for the negotiated group; bad peer points are
+    illegal_parameter."""
     try:
         if group == TLS_GROUP_X25519:
             return x25519_ephemeral_shared(peer_share)
         private, public = ec_keypair(SECP256R1)
         return public, ecdh_shared(SECP256R1, private, peer_share)
     except ValueError as exc:
-        raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'invalid key share: %s' % exc)
+        raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, f"invalid key share: {exc}")
 
 
-class TLSServer:
+class TLSServer(_TLSRecordReader):
     """One server-side TLS 1.3 handshake, driven by receive(bytes) -> bytes to send.
 
-    When done: cipher_suite, group, alpn, sni, record_layer (continues the connection),
-    early_plaintext/early_events (application records that came in with the client Finished),
-    traffic_keys(), rx_seq, tx_seq, client_app_secret, server_app_secret.
+    When done: cipher_suite, group, alpn, sni, record_layer (continues the connection; bytes
+    that came after the client Finished wait in it, unread), traffic_keys(), rx_seq, tx_seq,
+    client_app_secret, server_app_secret.
     When failed: error (short text) and alert (the code sent, None if the peer sent one).
     """
 
@@ -3974,9 +4003,7 @@ class TLSServer:
         self.group = None
         self.signature_scheme = None
         self.record_layer = None
-        self.early_plaintext = b''
-        self.early_events = []
-        self._state = _TLS_STATE_CLIENT_HELLO
+        self._state = _TLS_STATE_START
         self._inbuf = bytearray()
         self._handshake = _TLSHandshakeBuffer()
         self._first_hello = None
@@ -3993,30 +4020,14 @@ class TLSServer:
     def receive(self, data):
         """Feed bytes read from the peer; returns the bytes to send (possibly empty)."""
         if self.failed:
-            return b''
+            return b""
         if self.done:
-            raise RuntimeError('TLS handshake already complete: use .record_layer')
-        self._inbuf += data
+            raise RuntimeError("TLS handshake already complete: use .record_layer")
         out = []
-        pos = 0
-        try:
-            while not self.done:
-                record = _tls_next_record(self._inbuf, pos)
-                if record is None:
-                    break
-                content_type, header, body, pos = record
-                self._on_record(content_type, header, body, out)
-        except _TLSFatal as exc:
-            self._fail(exc.alert, exc.message, out)
-            return b''.join(out)
-        except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
-            self._fail(_TLS_ALERT_INTERNAL_ERROR, 'internal error: %r' % (exc,), out)
-            return b''.join(out)
-        del self._inbuf[:pos]
+        self._read_records(data, out)
         if self.done:
-            self._start_record_layer(bytes(self._inbuf), out)
-            self._inbuf = None
-        return b''.join(out)
+            self._start_record_layer()
+        return b"".join(out)
 
     def traffic_keys(self):
         """(rx_key, rx_iv, tx_key, tx_iv) of the application traffic, current generation."""
@@ -4030,6 +4041,7 @@ class TLSServer:
     def tx_seq(self):
         return self.record_layer.tx_seq
 
+    # For tests and tools, as are server_app_secret and signature_scheme.
     @property
     def client_app_secret(self):
         return self.record_layer.rx_secret
@@ -4038,12 +4050,11 @@ class TLSServer:
     def server_app_secret(self):
         return self.record_layer.tx_secret
 
-    @property
-    def leftover(self):
-        """Bytes of an incomplete application record received along with the client Finished."""
-        return self.record_layer.pending_bytes()
-
     # --- records ----------------------------------------------------------------------------
+
+    def _reading(self):
+        # Records after the client Finished are application data: the record layer's to read.
+        return not (self.done or self.failed)
 
     def _fail(self, alert, message, out):
         self.failed = True
@@ -4053,7 +4064,7 @@ class TLSServer:
             return
         # Alerts are protected once we have sent ServerHello, plaintext before (§5, §6); once
         # our Finished is out, under our application traffic key (§4.4.4, §7.1).
-        body = bytes([2, alert])
+        body = bytes([_TLS_ALERT_FATAL, alert])
         if self._tx is None:
             out.append(_tls_plaintext_records(_TLS_CT_ALERT, body))
         elif self._app_secrets is not None:
@@ -4067,28 +4078,29 @@ class TLSServer:
             self._on_change_cipher_spec(body)
         elif content_type == _TLS_CT_ALERT:
             self._on_alert(_tls_check_alert_body(body))
-        elif self._state == _TLS_STATE_CLIENT_FINISHED:
+        elif self._state == _TLS_STATE_WAIT_FINISHED:
             self._on_protected_record(content_type, header, body, out)
         elif content_type == _TLS_CT_HANDSHAKE:
             if len(body) > _TLS_MAX_PLAINTEXT:
-                raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, 'plaintext record of %d bytes' % len(body))
+                raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW,
+                                f"plaintext record of {len(body)} bytes")
             self._on_handshake_data(body, out)
-        elif self._state == _TLS_STATE_RETRIED_HELLO and self._skip_early_data(body):
+        elif self._first_hello is not None and self._skip_early_data(body):
             pass   # refused 0-RTT data sent before the client saw our HelloRetryRequest
         else:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'record of type %d before ServerHello'
-                            % content_type)
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
+                            f"record of type {content_type} before ServerHello")
 
     def _on_change_cipher_spec(self, body):
         # Appendix D.4: a compatibility CCS (exactly 0x01) may arrive after the first
         # ClientHello and before the client Finished; it is dropped. Anything else is fatal.
-        if self._first_hello is None or body != b'\x01' or self._handshake.pending():
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'unexpected change_cipher_spec')
+        if self._first_hello is None or body != b"\x01" or self._handshake.pending():
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "unexpected change_cipher_spec")
 
     def _on_alert(self, code):
         if self._handshake.pending():
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, 'alert inside a fragmented message')
-        raise _TLSFatal(None, 'peer sent alert %s during the handshake' % _tls_alert_name(code))
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "alert inside a fragmented message")
+        raise _TLSFatal(None, f"peer sent alert {_tls_alert_name(code)} during the handshake")
 
     def _skip_early_data(self, body):
         """True if this record fits the budget for skipping refused early data (§4.2.10)."""
@@ -4100,14 +4112,14 @@ class TLSServer:
     def _on_protected_record(self, content_type, header, body, out):
         if content_type != _TLS_CT_APPLICATION_DATA:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            'unprotected record of type %d after ServerHello' % content_type)
+                            f"unprotected record of type {content_type} after ServerHello")
         try:
             inner_type, content = self._rx.open(header, body)
         except AEADError:
             # A 0-RTT record under the early traffic key we refused fails here: skip it (§4.2.10).
             if self._skip_early_data(body):
                 return
-            raise _TLSFatal(_TLS_ALERT_BAD_RECORD_MAC, 'handshake record failed to decrypt')
+            raise _TLSFatal(_TLS_ALERT_BAD_RECORD_MAC, "handshake record failed to decrypt")
         self._early_data_budget = 0   # the client's second flight has started
         if inner_type == _TLS_CT_HANDSHAKE:
             self._on_handshake_data(content, out)
@@ -4115,7 +4127,7 @@ class TLSServer:
             self._on_alert(_tls_check_alert_body(content))
         else:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            'protected record of type %d during the handshake' % inner_type)
+                            f"protected record of type {inner_type} during the handshake")
 
     def _on_handshake_data(self, fragment, out):
         self._handshake.add(fragment)
@@ -4123,22 +4135,22 @@ class TLSServer:
             message = self._handshake.pop()
             if message is None:
                 break
-            if self._state == _TLS_STATE_CLIENT_FINISHED:
+            if self._state == _TLS_STATE_WAIT_FINISHED:
                 self._on_client_finished(message)
             elif message[0] == _TLS_HS_CLIENT_HELLO:
                 self._on_client_hello(message, out)
             else:
                 raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                                'handshake message type %d instead of ClientHello' % message[0])
+                                f"handshake message type {message[0]} instead of ClientHello")
 
-    # --- ClientHello ------------------------------------------------------------------------
+    # --- ClientHello: START -> RECVD_CH -> NEGOTIATED ---------------------------------------
 
     def _on_client_hello(self, message, out):
         hello = _TLSClientHello(message)
         # A key change follows the ClientHello, and the client cannot send a second hello
         # before it has seen our HelloRetryRequest: nothing may follow in the record.
-        self._handshake.check_boundary('ClientHello')
-        if self._state == _TLS_STATE_RETRIED_HELLO:
+        self._handshake.check_boundary("ClientHello")
+        if self._first_hello is not None:
             self._check_retried_hello(hello)
         params = self._negotiate(hello)
         if params is None:
@@ -4147,40 +4159,41 @@ class TLSServer:
             self._send_server_flight(hello, params, out)
 
     def _negotiate(self, hello):
-        """(suite, group, peer share, scheme) for hello, or None when a HelloRetryRequest is needed."""
+        """(suite, group, peer share, (key, Certificate message, scheme)) for hello, or None
+        when a HelloRetryRequest is needed."""
         if hello.legacy_version != _TLS_LEGACY_VERSION:
             raise _TLSFatal(_TLS_ALERT_PROTOCOL_VERSION,
-                            'ClientHello legacy_version 0x%04x' % hello.legacy_version)
+                            f"ClientHello legacy_version 0x{hello.legacy_version:04x}")
         if _TLS_VERSION_13 not in hello.supported_versions():
-            raise _TLSFatal(_TLS_ALERT_PROTOCOL_VERSION, 'client does not offer TLS 1.3')
-        if hello.compression_methods != b'\x00':
-            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'ClientHello compression methods')
+            raise _TLSFatal(_TLS_ALERT_PROTOCOL_VERSION, "client does not offer TLS 1.3")
+        if hello.compression_methods != b"\x00":
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "ClientHello compression methods")
         hello.check_minor_extensions()
         self.sni = hello.server_name()
         self.alpn = self._choose_alpn(hello.alpn_protocols())
-        groups = hello.uint16_extension(_TLS_EXT_SUPPORTED_GROUPS, 'supported_groups')
-        schemes = hello.uint16_extension(_TLS_EXT_SIGNATURE_ALGORITHMS, 'signature_algorithms')
+        groups = hello.uint16_extension(_TLS_EXT_SUPPORTED_GROUPS, "supported_groups")
+        schemes = hello.uint16_extension(_TLS_EXT_SIGNATURE_ALGORITHMS, "signature_algorithms")
         shares = hello.key_shares()
         # §9.2: without a PSK, signature_algorithms, supported_groups and key_share are all
         # mandatory. A PSK-only hello is well-formed, but we cannot complete it.
-        for present, name in ((schemes, 'signature_algorithms'), (groups, 'supported_groups'),
-                              (shares, 'key_share')):
+        for present, name in ((schemes, "signature_algorithms"), (groups, "supported_groups"),
+                              (shares, "key_share")):
             if present is None:
                 alert = (_TLS_ALERT_HANDSHAKE_FAILURE if _TLS_EXT_PRE_SHARED_KEY in hello.extensions
                          else _TLS_ALERT_MISSING_EXTENSION)
-                raise _TLSFatal(alert, 'ClientHello without %s' % name)
+                raise _TLSFatal(alert, f"ClientHello without {name}")
         for group in shares:
             if group not in groups:
                 raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
-                                'key_share for group 0x%04x not in supported_groups' % group)
-        suite = self._choose(self.config.cipher_preference, hello.cipher_suites, 'cipher suite')
-        scheme = self._choose(self.config.key.signature_schemes, schemes, 'signature scheme')
+                                f"key_share for group 0x{group:04x} not in supported_groups")
+        suite = self._choose(self.config.cipher_preference, hello.cipher_suites, "cipher suite")
+        certificate = self._choose_certificate(schemes)
         common_groups = [g for g in _TLS_GROUP_PREFERENCE if g in groups]
         if not common_groups:
-            raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, 'no common key exchange group')
+            raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, "no common key exchange group")
         for group in common_groups:
             if group in shares:
-                return suite, group, shares[group], scheme
+                return suite, group, shares[group], certificate
         # No share we can use (never the case for a second hello, _check_retried_hello saw to it).
         self.cipher_suite = suite
         self.group = common_groups[0]
@@ -4191,7 +4204,7 @@ class TLSServer:
         for item in ours:
             if item in theirs:
                 return item
-        raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, 'no common %s' % what)
+        raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, f"no common {what}")
 
     def _choose_alpn(self, offered):
         if offered is None or not self.config.alpn:   # alpn=() in the config: ALPN is ignored
@@ -4199,9 +4212,16 @@ class TLSServer:
         for protocol in self.config.alpn:
             if protocol in offered:
                 return protocol
+        names = b", ".join(offered).decode("ascii", "replace")
         raise _TLSFatal(_TLS_ALERT_NO_APPLICATION_PROTOCOL,
-                        'no common ALPN protocol (client offered %s)'
-                        % b', '.join(offered).decode('ascii', 'replace'))
+                        f"no common ALPN protocol (client offered {names})")
+
+    def _choose_certificate(self, schemes):
+        """(key, Certificate message, signature scheme): the one certificate there is, signed
+        with our first scheme the client accepts. A choice by SNI or for a resumed session
+        would be made here."""
+        scheme = self._choose(self.config.key.signature_schemes, schemes, "signature scheme")
+        return self.config.key, self.config.certificate_message, scheme
 
     def _check_retried_hello(self, hello):
         """§4.1.2: the second ClientHello repeats the first except for key_share and friends."""
@@ -4214,13 +4234,33 @@ class TLSServer:
                          _TLS_EXT_SIGNATURE_ALGORITHMS, _TLS_EXT_ALPN, _TLS_EXT_SUPPORTED_VERSIONS):
             same = same and hello.extensions.get(ext_type) == first.extensions.get(ext_type)
         if not same:
-            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'second ClientHello differs from the first')
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
+                            "second ClientHello differs from the first")
         if _TLS_EXT_EARLY_DATA in hello.extensions:
-            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, 'early_data after HelloRetryRequest')
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, "early_data after HelloRetryRequest")
         shares = hello.key_shares()
         if shares is None or list(shares) != [self.group]:
             raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
-                            'second ClientHello must hold one key share, for the group requested')
+                            "second ClientHello must hold one key share, for the group requested")
+
+    def _remember_hello(self, hello):
+        """Keep the first ClientHello, for the second to be checked against. 0-RTT offered in
+        it is refused, so its records are skipped within a budget (§4.2.10); once the second
+        hello is in, nothing more is skipped."""
+        if self._first_hello is None:
+            self._first_hello = hello
+            if _TLS_EXT_EARLY_DATA in hello.extensions:
+                self._early_data_budget = _TLS_MAX_EARLY_DATA_SKIP
+        else:
+            self._early_data_budget = 0
+
+    # --- our messages -----------------------------------------------------------------------
+
+    def _write(self, messages, message):
+        """Add one handshake message of ours to messages and to the transcript (§4.4.1), in one
+        step so that neither is forgotten (as Go's crypto/tls writeHandshakeRecord does)."""
+        self._transcript.update(message)
+        messages.append(message)
 
     def _compat_ccs(self, hello):
         # Appendix D.4: a client in middlebox compatibility mode (non-empty session id) expects
@@ -4228,115 +4268,120 @@ class TLSServer:
         if hello.session_id and not self._ccs_sent:
             self._ccs_sent = True
             return _TLS_CCS_RECORD
-        return b''
+        return b""
 
-    def _server_hello_message(self, random, hello, suite, extensions):
-        body = (struct.pack('>H', _TLS_LEGACY_VERSION) + random + _tls_vec8(hello.session_id)
-                + struct.pack('>HB', suite, 0) + _tls_vec16(extensions))
+    def _server_hello_message(self, random, hello, suite, key_share):
+        """ServerHello (§4.1.3), or a HelloRetryRequest by its random: TLS 1.3 as the version
+        (§4.2.1) and the key_share extension (§4.2.8)."""
+        version = struct.pack(">H", _TLS_VERSION_13)
+        extensions = (_tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, version)
+                      + _tls_extension(_TLS_EXT_KEY_SHARE, key_share))
+        body = (struct.pack(">H", _TLS_LEGACY_VERSION) + random + _tls_vec8(hello.session_id)
+                + struct.pack(">HB", suite, 0) + _tls_vec16(extensions))
         return _tls_handshake_message(_TLS_HS_SERVER_HELLO, body)
 
     def _send_hello_retry(self, hello, out):
-        suite = self.cipher_suite
-        hash_name = _TLS_SUITES[suite][0]
-        extensions = (_tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, struct.pack('>H', _TLS_VERSION_13))
-                      + _tls_extension(_TLS_EXT_KEY_SHARE, struct.pack('>H', self.group)))
-        retry = self._server_hello_message(_TLS_HRR_RANDOM, hello, suite, extensions)
+        """RECVD_CH -> START: a HelloRetryRequest (§4.1.4) asks for a share of self.group."""
+        hash_name = _TLS_SUITES[self.cipher_suite].hash_name
         # §4.4.1: the first ClientHello enters the transcript as a synthetic message_hash.
         first_hash = hashlib.new(hash_name, hello.message).digest()
-        transcript = hashlib.new(hash_name)
-        transcript.update(_tls_handshake_message(_TLS_HS_MESSAGE_HASH, first_hash))
-        transcript.update(retry)
-        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, retry) + self._compat_ccs(hello))
-        self._transcript = transcript
-        self._first_hello = hello
-        if _TLS_EXT_EARLY_DATA in hello.extensions:
-            self._early_data_budget = _TLS_MAX_EARLY_DATA_SKIP
-        self._state = _TLS_STATE_RETRIED_HELLO
+        self._transcript = hashlib.new(hash_name)
+        self._transcript.update(_tls_handshake_message(_TLS_HS_MESSAGE_HASH, first_hash))
+        messages = []
+        self._write(messages, self._server_hello_message(
+            _TLS_HRR_RANDOM, hello, self.cipher_suite, struct.pack(">H", self.group)))
+        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, messages[0]) + self._compat_ccs(hello))
+        self._remember_hello(hello)
+        self._state = _TLS_STATE_START
 
     def _send_server_flight(self, hello, params, out):
-        """ServerHello, then EncryptedExtensions, Certificate, CertificateVerify, Finished."""
-        suite, group, peer_share, scheme = params
-        hash_name = _TLS_SUITES[suite][0]
+        """NEGOTIATED -> WAIT_FINISHED: ServerHello in the clear, then EncryptedExtensions,
+        Certificate, CertificateVerify and Finished under our handshake traffic key (§2).
+        Nothing goes out until all is built: an error on the way is answered in the clear."""
+        suite, group, peer_share, (key, certificate_message, scheme) = params
+        hash_name = _TLS_SUITES[suite].hash_name
         our_share, shared_secret = _tls_key_exchange(group, peer_share)
-        transcript = hashlib.new(hash_name) if self._transcript is None else self._transcript
-        transcript.update(hello.message)
-        key_share = _tls_extension(_TLS_EXT_KEY_SHARE,
-                                   struct.pack('>H', group) + _tls_vec16(our_share))
-        versions = _tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, struct.pack('>H', _TLS_VERSION_13))
-        server_hello = self._server_hello_message(secrets.token_bytes(32), hello, suite,
-                                                  versions + key_share)
-        transcript.update(server_hello)
+        if self._transcript is None:   # else it holds the HelloRetryRequest exchange
+            self._transcript = hashlib.new(hash_name)
+        self._transcript.update(hello.message)
+        clear, flight = [], []   # messages sent in the clear, and under the handshake key
+        key_share = struct.pack(">H", group) + _tls_vec16(our_share)
+        random = secrets.token_bytes(32)
+        self._write(clear, self._server_hello_message(random, hello, suite, key_share))  # §4.1.3
+        # §7.1: the handshake traffic secrets cover ClientHello..ServerHello.
         handshake_secret, client_hs, server_hs = _tls13_handshake_secrets(
-            hash_name, shared_secret, transcript.digest())
-
-        flight = [self._encrypted_extensions(), self.config.certificate_message]
-        for message in flight:
-            transcript.update(message)
-        signature = self.config.key.sign(scheme, _TLS_CERT_VERIFY_PREFIX + transcript.digest())
-        flight.append(_tls_handshake_message(_TLS_HS_CERTIFICATE_VERIFY,
-                                             struct.pack('>H', scheme) + _tls_vec16(signature)))
-        transcript.update(flight[-1])
-        flight.append(_tls_handshake_message(
-            _TLS_HS_FINISHED, _tls13_finished_mac(hash_name, server_hs, transcript.digest())))
-        transcript.update(flight[-1])
-        server_finished_hash = transcript.digest()
-        _, client_app, server_app = _tls13_application_secrets(
-            hash_name, handshake_secret, server_finished_hash)
-
+            hash_name, shared_secret, self._transcript.digest())
+        self._write(flight, self._encrypted_extensions())          # §4.3.1
+        self._write(flight, certificate_message)                    # §4.4.2
+        self._write(flight, self._certificate_verify(key, scheme))  # §4.4.3
+        self._write(flight, self._finished(hash_name, server_hs))   # §4.4.4
         tx, rx = _TLSRecordCipher(suite, server_hs), _TLSRecordCipher(suite, client_hs)
-        self._client_finished = _tls13_finished_mac(hash_name, client_hs, server_finished_hash)
-        # The client's Finished will come as one record of known size (unpadded, as clients
-        # send it): its keystream is made in the same pass as the flight's.
-        flight = b''.join(flight)
-        chacha20_poly1305_prefetch(tx.keystream_requests(_tls_record_lengths(len(flight)))
-                                   + rx.keystream_requests([4 + len(self._client_finished) + 1]))
-        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, server_hello) + self._compat_ccs(hello)
-                   + tx.seal_records(_TLS_CT_HANDSHAKE, flight))
+        self._client_finished, self._app_secrets = self._expect_client_finished(  # §7.1
+            hash_name, handshake_secret, client_hs)
+        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, clear[0])
+                   + self._compat_ccs(hello) + self._seal_flight(tx, rx, b"".join(flight)))
         self._tx, self._rx = tx, rx
-        self._app_secrets = client_app, server_app
         self.cipher_suite, self.group, self.signature_scheme = suite, group, scheme
-        if self._first_hello is None:
-            self._first_hello = hello
-            if _TLS_EXT_EARLY_DATA in hello.extensions:
-                self._early_data_budget = _TLS_MAX_EARLY_DATA_SKIP
-        else:
-            self._early_data_budget = 0
-        self._state = _TLS_STATE_CLIENT_FINISHED
+        self._remember_hello(hello)
+        self._state = _TLS_STATE_WAIT_FINISHED
 
     def _encrypted_extensions(self):
-        extensions = b''
+        """EncryptedExtensions (§4.3.1): the ALPN protocol we chose, if any."""
+        extensions = b""
         if self.alpn is not None:
             extensions += _tls_extension(_TLS_EXT_ALPN, _tls_vec16(_tls_vec8(self.alpn)))
         return _tls_handshake_message(_TLS_HS_ENCRYPTED_EXTENSIONS, _tls_vec16(extensions))
 
-    # --- client Finished --------------------------------------------------------------------
+    def _certificate_verify(self, key, scheme):
+        """CertificateVerify (§4.4.3): our signature over the transcript so far."""
+        signature = key.sign(scheme, _TLS_CERT_VERIFY_PREFIX + self._transcript.digest())
+        return _tls_handshake_message(_TLS_HS_CERTIFICATE_VERIFY,
+                                      struct.pack(">H", scheme) + _tls_vec16(signature))
+
+    def _finished(self, hash_name, server_hs):
+        """Our Finished (§4.4.4): the MAC of the transcript so far."""
+        verify_data = _tls13_finished_mac(hash_name, server_hs, self._transcript.digest())
+        return _tls_handshake_message(_TLS_HS_FINISHED, verify_data)
+
+    def _expect_client_finished(self, hash_name, handshake_secret, client_hs):
+        """(the client's Finished verify_data, (client, server) application traffic secrets):
+        both cover the transcript up to our Finished (§4.4.4, §7.1)."""
+        server_finished_hash = self._transcript.digest()
+        _, client_app, server_app = _tls13_application_secrets(
+            hash_name, handshake_secret, server_finished_hash)
+        client_finished = _tls13_finished_mac(hash_name, client_hs, server_finished_hash)
+        return client_finished, (client_app, server_app)
+
+    def _seal_flight(self, tx, rx, flight):
+        # The client's Finished will come as one record of known size (unpadded, as clients
+        # send it): its keystream is made in the same pass as the flight's.
+        chacha20_poly1305_prefetch(tx.keystream_requests(_tls_record_lengths(len(flight)))
+                                   + rx.keystream_requests([4 + len(self._client_finished) + 1]))
+        return tx.seal_records(_TLS_CT_HANDSHAKE, flight)
+
+    # --- client Finished: WAIT_FINISHED -> CONNECTED ----------------------------------------
 
     def _on_client_finished(self, message):
         if message[0] != _TLS_HS_FINISHED:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            'handshake message type %d instead of Finished' % message[0])
+                            f"handshake message type {message[0]} instead of Finished")
         if len(message) - 4 != len(self._client_finished):
-            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, 'Finished of %d bytes' % (len(message) - 4))
+            raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, f"Finished of {len(message) - 4} bytes")
         if not hmac.compare_digest(message[4:], self._client_finished):
-            raise _TLSFatal(_TLS_ALERT_DECRYPT_ERROR, 'client Finished does not verify')
-        self._handshake.check_boundary('Finished')
+            raise _TLSFatal(_TLS_ALERT_DECRYPT_ERROR, "client Finished does not verify")
+        self._handshake.check_boundary("Finished")
         self.done = True
-        self._state = _TLS_STATE_DONE
+        self._state = _TLS_STATE_CONNECTED
 
-    def _start_record_layer(self, rest, out):
+    def _start_record_layer(self):
+        # The handshake reads no application record: what came after the client Finished
+        # goes to the record layer unread, for its first open().
         client_app, server_app = self._app_secrets
-        self.record_layer = RecordLayer(self.cipher_suite, client_app, server_app)
-        self._app_secrets = self._rx = self._tx = self._transcript = None
-        if rest:
-            self.early_plaintext, self.early_events, to_send = self.record_layer.open(rest)
-            out.append(to_send)
+        self.record_layer = RecordLayer(self.cipher_suite, client_app, server_app,
+                                        received=bytes(self._inbuf))
+        self._app_secrets = self._rx = self._tx = self._transcript = self._inbuf = None
 
-
-# -- kTLS hand-off ------------------------------------------------------------------------------
-
-TLS_KEY_SIZES = {0x1301: 16, 0x1302: 32, 0x1303: 32}
-SUITE_NAMES = {0x1301: "TLS_AES_128_GCM_SHA256", 0x1302: "TLS_AES_256_GCM_SHA384",
-               0x1303: "TLS_CHACHA20_POLY1305_SHA256"}
+# === 6.7 kTLS hand-off (Linux Documentation/networking/tls.rst)
 
 
 def ktls_enable(fd, hs):
@@ -4351,8 +4396,8 @@ def ktls_probe():
     """The cipher suites this kernel's TLS ULP accepts, tried on a loopback connection, and
     the reason when there are none."""
     suites = set()
-    for suite, key_size in TLS_KEY_SIZES.items():
-        info = ktls_crypto_info(suite, bytes(key_size), bytes(12), 0)
+    for suite, params in _TLS_SUITES.items():
+        info = ktls_crypto_info(suite, bytes(params.key_len), bytes(12), 0)
         try:
             with socket.create_server(("127.0.0.1", 0)) as srv, \
                     socket.create_connection(srv.getsockname()) as conn:
@@ -4388,13 +4433,15 @@ class TLSContext:
         """ChaCha20-Poly1305 first: the handshake's records are encrypted in pure Python, where
         it costs ~5x less than AES-GCM. With kTLS the kernel does the bulk either way; only if
         the kernel lacks ChaCha20 does AES-128-GCM go first, so that kTLS can take over."""
-        if self.ktls_suites and 0x1303 not in self.ktls_suites:
-            return (0x1301, 0x1302, 0x1303)
-        return (0x1303, 0x1301, 0x1302)
+        chacha, aes128, aes256 = (TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_GCM_SHA256,
+                                  TLS_AES_256_GCM_SHA384)
+        if self.ktls_suites and chacha not in self.ktls_suites:
+            return aes128, aes256, chacha
+        return chacha, aes128, aes256
 
     def ktls_failed(self, suite, err, log):
         self.ktls_suites.discard(suite)
-        log.warn(f"kTLS refused {SUITE_NAMES[suite]} ({err.strerror}): such connections now "
+        log.warn(f"kTLS refused {_TLS_SUITES[suite].name} ({err.strerror}): such connections now "
                  f"use the userspace record layer")
 
 
@@ -4423,9 +4470,6 @@ REAP_MIN_AGE = 1.0           # a request head or handshake this old may lose its
 ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
                 errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
                 errno.ENETUNREACH, errno.EINTR, errno.EAGAIN}
-TLS_RECORD_MAX = 5 + 16384 + 256  # one whole TLS record must fit the read buffer
-CONTENT_TYPE_APPLICATION_DATA = 23
-CONTENT_TYPE_ALERT = 21
 
 
 class AccessLog:
@@ -4495,7 +4539,7 @@ class Server:
         self._check_kernel()
         self.rbuf_size = max(opts.max_header_bytes, MAX_REQUEST_LINE) + RBUF_EXTRA
         if tls is not None:
-            self.rbuf_size = max(self.rbuf_size, TLS_RECORD_MAX)
+            self.rbuf_size = max(self.rbuf_size, _TLS_MAX_RECORD)  # a whole record must fit
         self._allocate(n)
         self.tar_addr = site.archive.address
         self.statx_buf = bytearray(STATX_BUF_SIZE)
@@ -4702,7 +4746,7 @@ class Server:
                 slot.mode = HANDSHAKE
                 slot.tls = TLSServer(self.tls.config)
                 slot.deadline = self.now + self.opts.handshake_timeout
-                self.recv_exact(slot, 5)
+                self.recv_exact(slot, _TLS_RECORD_HEADER_LEN)
             else:
                 slot.mode = PLAIN
                 slot.deadline = self.now + self.opts.header_timeout
@@ -4931,14 +4975,16 @@ class Server:
             self.finish_handshake(slot, out)
             return
         # After a header read its body (if any); after a body the next header.
-        need = (data[3] << 8 | data[4]) if slot.hs_need == 5 and res == 5 else 0
+        header = _TLS_RECORD_HEADER_LEN
+        need = (data[3] << 8 | data[4]) if slot.hs_need == header and res == header else 0
         if out:
             self.send_bytes(slot, out, True)
-        self.recv_exact(slot, need or 5)
+        self.recv_exact(slot, need or header)
 
     def finish_handshake(self, slot, out):
         """The client's Finished is verified: hand the keys to the kernel, or keep the record
-        layer in Python, and start HTTP with whatever application data came along."""
+        layer in Python, and start HTTP. recv_exact read the Finished record and nothing after
+        it, so no application data came along: it is all still in the socket."""
         hs = slot.tls
         self.handshakes += 1
         # We send nothing after the client's Finished (no tickets), so its ACK would wait for
@@ -4951,7 +4997,7 @@ class Server:
         if hs.sni:
             self.log.info(f"TLS {hs.cipher_suite:#06x} for SNI {hs.sni}")
         slot.mode = USERTLS
-        if self.tls.ktls_suites and hs.cipher_suite in self.tls.ktls_suites and not hs.leftover:
+        if self.tls.ktls_suites and hs.cipher_suite in self.tls.ktls_suites:
             try:
                 ktls_enable(slot.fd, hs)
                 slot.mode = KTLS
@@ -4964,16 +5010,12 @@ class Server:
         slot.tls = hs.record_layer if slot.mode == USERTLS else None
         slot.pending_out = out
         slot.partial = False  # no request byte yet
-        plain = hs.early_plaintext
-        self.rbuf[slot.rbase:slot.rbase + len(plain)] = plain
-        slot.rstart, slot.rlen = 0, len(plain)
+        slot.rstart = slot.rlen = 0
         slot.deadline = self.now + self.opts.idle_timeout
         if out and slot.mode == KTLS:
             # Bytes the handshake still owes (never in practice: no tickets, no KeyUpdate yet)
             # cannot pass through the kernel's record layer: drop the connection cleanly.
             self.start_close(slot)
-        elif plain:
-            self.process(slot)
         else:
             self.post_recv(slot)
 
@@ -4991,15 +5033,15 @@ class Server:
         off = slot.index * RECV_AREA + RECV_CMSG_OFF
         _, level, ctype = cmsghdr.unpack_from(self.rmsgs, off)
         record_type = self.rmsgs[off + cmsghdr.size] if (level, ctype) == (
-            SOL_TLS, TLS_GET_RECORD_TYPE) else CONTENT_TYPE_APPLICATION_DATA
-        if record_type == CONTENT_TYPE_APPLICATION_DATA:
+            SOL_TLS, TLS_GET_RECORD_TYPE) else _TLS_CT_APPLICATION_DATA
+        if record_type == _TLS_CT_APPLICATION_DATA:
             slot.rlen += res
             self.process(slot)
             return
         # An alert (close_notify or fatal) or a post-handshake message such as KeyUpdate, which
         # this kernel cannot rekey for: either way the connection ends, cleanly.
-        if record_type == CONTENT_TYPE_ALERT and res == 2 and \
-                self.rbuf[slot.rbase + slot.rlen + 1] != 0:
+        if record_type == _TLS_CT_ALERT and res == 2 and \
+                self.rbuf[slot.rbase + slot.rlen + 1] != _TLS_ALERT_CLOSE_NOTIFY:
             self.start_close(slot)  # a fatal alert: no close_notify back
         else:
             self.linger(slot)

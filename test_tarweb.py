@@ -4826,6 +4826,13 @@ class TestHKDF(unittest.TestCase):
         with self.assertRaises(ValueError):
             hkdf_expand('sha256', b'k' * 32, b'', 255 * 32 + 1)
 
+    def test_expand_rejects_lengths_below_one(self):
+        # RFC 5869 §2.3: L is a positive length; a slice with -1 would quietly give 31 bytes.
+        for length in (0, -1, -32):
+            with self.assertRaises(ValueError, msg=length):
+                hkdf_expand('sha256', b'k' * 32, b'', length)
+        self.assertEqual(len(hkdf_expand('sha256', b'k' * 32, b'', 1)), 1)
+
 
 class TestRFC8448KeySchedule(unittest.TestCase):
     """Every secret, key and IV of RFC 8448 §3, from its messages and its shared secret."""
@@ -5330,7 +5337,7 @@ class TestMiniHandshake(TLSCertsCase):
         client = MiniClient(groups=(P384, X25519, P256), share_groups=(P384,))
         reply = client.start()
         self.assertFalse(client.server.failed, client.server.error)
-        self.assertEqual(client.server._state, tarweb._TLS_STATE_RETRIED_HELLO)
+        self.assertEqual(client.server._state, tarweb._TLS_STATE_START)   # again, RFC 8446 A.2
         reply = client.retry(reply)
         self.assertTrue(client.hrr_ccs)
         self.assertEqual(client.hrr_group, X25519)
@@ -5376,15 +5383,17 @@ class TestMiniHandshake(TLSCertsCase):
         client = MiniClient()
         client.finish_server_flight(client.start())
         peer = client.peer_record_layer()
-        data = (plaintext_record(20, b'\x01') + client.finished_record()
-                + peer.seal(b'GET / HTTP/1.1\r\n') + peer.seal(b'Host: x\r\n\r\n'))
+        application = peer.seal(b'GET / HTTP/1.1\r\n') + peer.seal(b'Host: x\r\n\r\n')
+        data = plaintext_record(20, b'\x01') + client.finished_record() + application
         partial = peer.seal(b'next')
         self.assertEqual(client.send(data + partial[:7]), b'')
         server = self.assert_done(client)
-        self.assertEqual(server.early_plaintext, b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
-        self.assertEqual(server.early_events, [])
+        # The handshake reads no application record: they wait in the record layer, unread.
+        self.assertEqual((server.rx_seq, server.tx_seq), (0, 0))
+        self.assertEqual(server.record_layer.pending_bytes(), application + partial[:7])
+        self.assertEqual(server.record_layer.open(b''), (b'GET / HTTP/1.1\r\nHost: x\r\n\r\n', [], b''))
         self.assertEqual((server.rx_seq, server.tx_seq), (2, 0))
-        self.assertEqual(server.leftover, partial[:7])
+        self.assertEqual(server.record_layer.pending_bytes(), partial[:7])
         self.assertEqual(server.record_layer.open(partial[7:]), (b'next', [], b''))
         rx_key, rx_iv, tx_key, tx_iv = server.traffic_keys()
         self.assertEqual((rx_key, rx_iv), (peer._tx.key, peer._tx.iv))
@@ -5817,6 +5826,50 @@ class TestRecordLayerErrors(unittest.TestCase):
         self.assertEqual(self.server.pending_bytes(), b'')
 
 
+class TestSharedRecordLoop(TLSCertsCase):
+    """TLSServer and RecordLayer read through one record loop: the same bad input, or a bug
+    inside either, ends in the same alert."""
+
+    def server_alert(self, data, on_record=None):
+        server = TLSServer(tls_config())
+        if on_record:
+            server._on_record = on_record
+        out = server.receive(data)
+        self.assertTrue(server.failed)
+        self.assertEqual(out[:5], b'\x15\x03\x03\x00\x02')   # in the clear: before ServerHello
+        self.assertEqual(out[5], 2)                            # fatal
+        return out[6]
+
+    def record_layer_alert(self, data, on_record=None):
+        rx, tx = os.urandom(32), os.urandom(32)
+        layer, peer = RecordLayer(0x1301, rx, tx), RecordLayer(0x1301, tx, rx)
+        if on_record:
+            layer._on_record = on_record
+        _, events, to_send = layer.open(data)
+        self.assertEqual(events, ['error'])
+        self.assertEqual(layer.pending_bytes(), b'')   # nothing kept after the error
+        _, peer_events, _ = peer.open(to_send)
+        self.assertEqual(peer_events, ['alert'])
+        return int(peer.error.rsplit('(', 1)[1].rstrip(')'))
+
+    def assert_same_alert(self, data, code):
+        self.assertEqual(self.server_alert(data), code)
+        self.assertEqual(self.record_layer_alert(data), code)
+
+    def test_not_tls(self):
+        self.assert_same_alert(b'GET / HTTP/1.1\r\n', 10)      # unexpected_message
+
+    def test_record_overflow(self):
+        self.assert_same_alert(b'\x17\x03\x03\x48\x01', 22)   # record_overflow
+
+    def test_a_bug_is_internal_error(self):
+        def broken(*args):
+            raise KeyError('bug')
+        for alert in self.server_alert(plaintext_record(23, b'x'), broken), \
+                self.record_layer_alert(plaintext_record(23, b'x'), broken):
+            self.assertEqual(alert, 80)   # internal_error, and no traceback to the peer
+
+
 # ---------------------------------------------------------------------------------------------
 # Python's ssl module as the client, over MemoryBIO
 # ---------------------------------------------------------------------------------------------
@@ -5958,15 +6011,16 @@ class LoopbackServer:
             return result
         result.update(suite=server.cipher_suite, group=server.group)
         layer = server.record_layer
-        received = server.early_plaintext
-        while b'\n' not in received:
-            data = conn.recv(65536)
-            if not data:
-                break
+        received = b''
+        data = b''   # first what came along with the client Finished, waiting in the layer
+        while True:
             plaintext, events, to_send = layer.open(data)
             conn.sendall(to_send)
             received += plaintext
-            if events:
+            if events or b'\n' in received:
+                break
+            data = conn.recv(65536)
+            if not data:
                 break
         result.update(received=received, rx_secret=layer.rx_secret, tx_secret=layer.tx_secret)
         conn.sendall(layer.seal(b'echo:' + received) + layer.close_notify())
@@ -7493,8 +7547,8 @@ class KTLSTest(StartupErrorChecks, HTTPSServerCase):
         self.counters_around(traffic)
 
     def test_finished_with_half_a_request_record(self):
-        # An incomplete record read along with the Finished cannot go to the kernel: this
-        # connection stays in userspace (TLSServer.leftover) and must still work.
+        # Half a request record sent along with the Finished: handshake reads are exact, so it
+        # stays in the socket, for kTLS if it takes over, and the request must still work.
         plain, events, layer = NetClient(self.addr).connect().finish_with_request('/small.txt', split=20,
                                                                                   timeout=10)
         self.assertTrue(plain.endswith(SMALL), (plain[:100], events, layer.error))
