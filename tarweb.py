@@ -67,9 +67,7 @@ def log_escape(data):
     return _LOG_UNSAFE.sub(lambda m: b"\\x%02X" % m.group()[0], data).decode("ascii")
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. Kernel ABI (include/uapi/linux/io_uring.h)
-# ---------------------------------------------------------------------------------------------
+# === 1. Kernel ABI (include/uapi/linux/io_uring.h) ================================================
 
 # The io_uring syscalls use the asm-generic numbers on both x86_64 and aarch64.
 SYS_io_uring_setup = 425
@@ -265,9 +263,7 @@ def buffer_address(buf):
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. The ring
-# ---------------------------------------------------------------------------------------------
+# === 2. The ring ==================================================================================
 
 # Tried in order; each step drops the newest flag the kernel may not know (EINVAL).
 SETUP_FLAG_STEPS = (
@@ -430,9 +426,7 @@ class IoUring:
         return cqes
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. The archive
-# ---------------------------------------------------------------------------------------------
+# === 3. The archive ===============================================================================
 
 COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
                     (b"\x28\xb5\x2f\xfd", "zstd"))
@@ -612,9 +606,7 @@ def _member_name(name, prefix):
     return ("/" + "/".join(parts[len(prefix):])).encode("utf-8", "surrogateescape")
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. HTTP/1.1
-# ---------------------------------------------------------------------------------------------
+# === 4. HTTP/1.1 ==================================================================================
 
 MAX_REQUEST_LINE = 8192
 RECENT_HEADS = 1024  # request heads whose plain 200 answers are remembered,
@@ -1080,9 +1072,7 @@ def find_head_end(buf, start, end):
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. Crypto primitives (pure Python; see README "Security notes")
-# ---------------------------------------------------------------------------------------------
+# === 5. Crypto primitives (pure Python; see README "Security notes") ==============================
 
 # === 5.1 Curve25519 and X25519 (RFC 7748) =========================================================
 # Curve25519 primitives: X25519 key agreement (RFC 7748) and Ed25519 signatures (RFC 8032).
@@ -3131,16 +3121,14 @@ def make_self_signed(hosts=("localhost", "127.0.0.1", "::1"), days=365):
     return key, cert
 
 
-# ---------------------------------------------------------------------------------------------
-# 6. TLS 1.3: server handshake state machine, record layer, kTLS hand-off
-# ---------------------------------------------------------------------------------------------
+# === 6. TLS 1.3: server handshake state machine, record layer, kTLS hand-off ======================
 
 # TLS 1.3 server side from RFC 8446: HKDF (RFC 5869), the key schedule, a server handshake
 # state machine (bytes in -> bytes out, no I/O) and a userspace record layer for afterwards.
 #
 # The server offers no PSK, no session tickets, no client authentication and never accepts 0-RTT.
 
-# === 6.1 HKDF and the key schedule (RFC 5869, RFC 8446 §7)
+# === 6.1 HKDF and the key schedule (RFC 5869, RFC 8446 §7) ========================================
 
 _TLS_HASH_LEN = {"sha256": 32, "sha384": 48}
 
@@ -3274,7 +3262,7 @@ def _tls13_next_traffic_secret(hash_name, secret):
     return hkdf_expand_label(hash_name, secret, b"traffic upd", b"", _tls_hash_len(hash_name))
 
 
-# === 6.2 Messages and records (RFC 8446 §4, §5.1, §6)
+# === 6.2 Messages and records (RFC 8446 §4, §5.1, §6) =============================================
 
 _TLS_CT_CHANGE_CIPHER_SPEC = 20
 _TLS_CT_ALERT = 21
@@ -3515,7 +3503,7 @@ def _tls_check_alert_body(body):
     return body[1]
 
 
-# === 6.3 Record protection and the record loop (§5.2-5.4)
+# === 6.3 Record protection and the record loop (§5.2-5.4) =========================================
 
 class _TLSRecordCipher:
     """One direction of record protection: traffic secret, AEAD key, IV and sequence number."""
@@ -3659,7 +3647,7 @@ class _TLSRecordReader:
         del self._inbuf[:pos]
 
 
-# === 6.4 Userspace record layer for application data
+# === 6.4 Userspace record layer for application data ==============================================
 
 class RecordLayer(_TLSRecordReader):
     """Application-data record protection after the handshake, both directions.
@@ -3802,7 +3790,7 @@ class RecordLayer(_TLSRecordReader):
             self._key_update_requested = self._key_update_requested or message[4] == 1
 
 
-# === 6.5 ClientHello parsing (§4.1.2, §4.2)
+# === 6.5 ClientHello parsing (§4.1.2, §4.2) =======================================================
 
 _TLS_EXTENSION_HEADER = struct.Struct(">HH")
 
@@ -3929,7 +3917,7 @@ class _TLSClientHello:
             raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "early_data extension is not empty")
 
 
-# === 6.6 Server configuration and handshake state machine (§4, Appendix A.2)
+# === 6.6 Server configuration and handshake state machine (§4, Appendix A.2) ======================
 
 class TLSConfig:
     """What every connection shares: key, certificate chain (DER, leaf first), ALPN, suites.
@@ -4381,7 +4369,7 @@ class TLSServer(_TLSRecordReader):
                                         received=bytes(self._inbuf))
         self._app_secrets = self._rx = self._tx = self._transcript = self._inbuf = None
 
-# === 6.7 kTLS hand-off (Linux Documentation/networking/tls.rst)
+# === 6.7 kTLS hand-off (Linux Documentation/networking/tls.rst) ===================================
 
 
 def ktls_enable(fd, hs):
@@ -4445,9 +4433,7 @@ class TLSContext:
                  f"use the userspace record layer")
 
 
-# ---------------------------------------------------------------------------------------------
-# 7. Connection loop
-# ---------------------------------------------------------------------------------------------
+# === 7. Connection loop ===========================================================================
 
 # user_data: bits 0-31 slot (or listener) index, 32-39 operation, 40-63 slot generation, so a
 # completion that arrives after its slot was freed and reused is recognised and dropped.
@@ -5295,9 +5281,7 @@ def unsent_bytes(fd):
     return _outq.value
 
 
-# ---------------------------------------------------------------------------------------------
-# 8. CLI
-# ---------------------------------------------------------------------------------------------
+# === 8. CLI =======================================================================================
 
 LOG_INTERVAL = 10.0  # seconds: at most one line per kind of error a client can repeat at will
 
