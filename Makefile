@@ -26,7 +26,7 @@ fuzz:
 # The kTLS subset (test classes), for a kernel that has kTLS: CI runs it inside ../shared/ktls-vm,
 # whose emulated CPU needs ten times the timeouts. It fails unless /proc/net/tls_stat shows the
 # kernel carried the traffic.
-KTLS_TESTS ?= KTLSTest
+KTLS_TESTS ?= TestKTLS
 test-ktls:
 	TARWEB_EXPECT_KTLS=1 TARWEB_TEST_TIMEOUT_SCALE=10 $(PYTHON) test_tarweb.py -v $(KTLS_TESTS)
 

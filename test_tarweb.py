@@ -5,6 +5,8 @@
     make test-ktls                              the kTLS subset (KTLS_TESTS), inside ../shared/ktls-vm
     python3 test_tarweb.py bench [--quick]      benchmark: HTTP and HTTPS load (wrk, ab), crypto (section 5)
     python3 test_tarweb.py demo-site OUT.tar    write the demo site tar
+    python3 test_tarweb.py fuzz [--http N] [--tls N] [--seed S] [--jobs J] [--only KIND:INDEX]
+                                                mutation fuzzing (make fuzz; section 6)
 
 The HTTP tests and the benchmark run the real server as a subprocess on loopback: TARWEB
 (default: the tarweb.py next to this file). The crypto and TLS tests import the tarweb.py next to
@@ -19,20 +21,23 @@ Contents, in the layer order of tarweb.py:
   0. Shared helpers: the server under test, timeout scale, external tools, scratch files, hex
   1. Archive and HTTP/1.1 server
      fixture archive, server process, raw HTTP client; archive rules and tar formats; hostile
-     requests; connections; ranges, conditionals, precompressed variants; response headers;
+     requests; Site.respond and the HTTP helpers in-process (no server); connections; ranges, conditionals, precompressed variants; response headers;
      limits, timeouts and load; signals, start-up errors and the command line
   2. Crypto primitives
      2.1 X25519 and Ed25519   2.2 P-256/P-384: ECDH and ECDSA   2.3 AES-GCM and ChaCha20-Poly1305
      2.4 PEM, DER, RSA-PSS, private keys, certificates
-  3. TLS 1.3: key schedule, server state machine, record layer (a hand-driven client, Python's ssl
-     over MemoryBIO, openssl s_client over loopback)
+  3. TLS 1.3: key schedule, server state machine, HelloRetryRequest, record layer (a hand-driven
+     client, Python's ssl over MemoryBIO, openssl s_client over loopback)
   4. HTTPS server: tarweb.py with TLS on loopback; site, certificates (section 3's), clients (Python's
      ssl with http.client, curl, s_client, section 3's hand-driven client over TCP); interoperability
      and certificate types; HTTP over TLS, record buffering, few slots; hostile input, handshake
-     deadline; plain and TLS listeners; TLS start-up errors; kernel TLS (KTLSTest, make test-ktls)
+     deadline; plain and TLS listeners; TLS start-up errors; kernel TLS (TestKTLS, make test-ktls)
   5. Demo site and benchmark harness: shared helpers; HTTP (W1, W2, idle connections, strace);
      pure-Python crypto and server handshakes; TLS load (W3 handshakes, W4/W5 HTTPS)
-  6. Command line: bench, demo-site, or the tests
+  6. Fuzzing: mutation fuzzers for Site.respond (and find_head_end, parse_range, normalise_path,
+     accept_encoding_choice) and TLSServer.receive from captured client flights; TestFuzzSlice
+  7. Command line: bench, demo-site, fuzz, or the tests
+Test classes are all named TestX.
 """
 
 import base64
@@ -452,7 +457,7 @@ class ServerProc:
         return [(h, p) for s, h, p in self.listeners if s == scheme][0]
 
     def stderr_text(self):
-        time.sleep(0.05)
+        time.sleep(T(0.05))
         return "\n".join(self.err_all)
 
     def count_stderr(self, text):
@@ -1138,7 +1143,7 @@ HOSTILE = [
 ]
 
 
-class TestHostile(ArchiveCase):
+class TestHostileRequests(ArchiveCase):
     """One generated test per HOSTILE row."""
 
     @classmethod
@@ -1190,7 +1195,7 @@ class TestHostile(ArchiveCase):
 
 
 assert len(HOSTILE) >= 40
-add_row_tests(TestHostile, "", HOSTILE, lambda self, row: self.run_row(*row[1:]),
+add_row_tests(TestHostileRequests, "", HOSTILE, lambda self, row: self.run_row(*row[1:]),
               doc=lambda row: "%s -> %s, %s" % (row[0], row[2], "stays open" if row[3] else "closes"))
 
 
@@ -1987,7 +1992,7 @@ class TestMaxConnections(ServerCase):
             for c in (c1, c2):
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 c.send(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-            time.sleep(0.3)
+            time.sleep(T(0.3))
             c3 = Conn(self.addr)  # accepted by the kernel backlog
             c3.send(VALID_GET)
             with self.assertRaises(socket.timeout, msg="3rd connection served while 2 slots busy"):
@@ -2012,7 +2017,7 @@ class TestMaxConnections(ServerCase):
         try:
             for c in (c1, c2):
                 self.assertEqual(c.request("GET", "/small.txt").status, 200)
-                time.sleep(0.1)
+                time.sleep(T(0.1))
             t0 = time.monotonic()
             self.assertBody(get1(self.addr, "/small.txt"), MAIN["small.txt"][0])
             self.assertLess(time.monotonic() - t0, 1.0)
@@ -2152,7 +2157,7 @@ class TestLoad(ServerCase):
         with Conn(self.addr) as c:
             c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             c.send(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-            time.sleep(0.2)
+            time.sleep(T(0.2))
             t0 = time.monotonic()
             self.assertBody(self.get("/small.txt"), MAIN["small.txt"][0])
             self.assertLess(time.monotonic() - t0, 1.0)
@@ -2272,7 +2277,7 @@ class TestFloods(ArchiveCase):
                         "--handshake-timeout", str(timeout), *args) as srv:
             addr = srv.addr_of(scheme)
             with Flood(addr, idle, slow, first):
-                time.sleep(0.5)
+                time.sleep(T(0.5))
                 results = timed_gets(addr, 6, 0.5, T(2 * timeout + 3), context)
                 st = srv.stats()
             self.assertEqual([r for _t, r in results], [200] * 6, results)
@@ -2301,7 +2306,7 @@ class TestFdLimit(ArchiveCase):
             with ServerProc(MAIN_TAR, "--max-connections", "64", "--access-log", "-",
                             prefix=fd_limited(180)) as srv:
                 with Flood(srv.addr, 400):
-                    time.sleep(0.3)
+                    time.sleep(T(0.3))
                     self.assertIsNone(srv.proc.poll(), srv.stderr_tail())
                 self.assertSmall(get1(srv.addr, "/small.txt"))
                 self.assertNotIn("Traceback", srv.stderr_text())
@@ -2339,7 +2344,7 @@ class TestFdLimit(ArchiveCase):
             for c in busy:
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 c.send(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-            time.sleep(0.3)
+            time.sleep(T(0.3))
             pid = srv.proc.pid
             limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
             in_use = len(os.listdir("/proc/%d/fd" % pid))
@@ -2350,7 +2355,7 @@ class TestFdLimit(ArchiveCase):
                     conns.append(Conn(srv.addr, timeout=T(5)))
                     conns[-1].send(VALID_GET)
                 busy[0].close()
-                time.sleep(0.5)
+                time.sleep(T(0.5))
                 cpu0 = srv.cpu_seconds()
                 time.sleep(2)
                 self.assertLess(srv.cpu_seconds() - cpu0, 0.5, "spinning on EMFILE")
@@ -2384,7 +2389,7 @@ class TestSignals(ArchiveCase):
                 if state["sent"] is None and state["n"] >= (1 << 20):
                     state["sent"] = time.monotonic()
                     srv.proc.send_signal(signal.SIGTERM)
-                    time.sleep(0.2)
+                    time.sleep(T(0.2))
                     # no longer accepting: a new client is refused or never served
                     try:
                         late = Conn(srv.addr, timeout=1)
@@ -2425,9 +2430,9 @@ class TestSignals(ArchiveCase):
             c = Conn(srv.addr)
             self.assertEqual(c.request("GET", "/small.txt").status, 200)
             c.send(VALID_GET[:10])
-            time.sleep(0.3)
+            time.sleep(T(0.3))
             srv.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            time.sleep(T(0.3))
             c.send(VALID_GET[10:])
             r = c.read_response()
             self.assertEqual((r.status, r.get("Connection")), (200, "close"))
@@ -2574,7 +2579,7 @@ class TestLogFailures(ArchiveCase):
         try:
             for _ in range(3):
                 proc.send_signal(signal.SIGUSR1)
-                time.sleep(0.2)
+                time.sleep(T(0.2))
                 self.assertIsNone(proc.poll(), "SIGUSR1 killed the server")
                 self.assertEqual(get1(addr, "/small.txt").status, 200)
         finally:
@@ -3040,7 +3045,7 @@ def _deny_io_uring_setup(err):
     return install
 
 
-class IoUringUnavailableTest(unittest.TestCase):
+class TestIoUringUnavailable(unittest.TestCase):
     """io_uring blocked (seccomp, as in containers) or missing (ENOSYS): one clear line."""
 
     def run_denied(self, err):
@@ -3086,7 +3091,7 @@ class IoUringUnavailableTest(unittest.TestCase):
         self.assert_one_line_error(proc, "kernel.io_uring_disabled=2", "sysctl")
 
 
-class SteadyStateSyscallsTest(unittest.TestCase):
+class TestSteadyStateSyscalls(unittest.TestCase):
     """The "no syscalls" claim: under keep-alive load, strace sees io_uring_enter and nothing
     else, and far fewer of those than requests."""
 
@@ -3107,9 +3112,9 @@ class SteadyStateSyscallsTest(unittest.TestCase):
                 self.load(socks, request, 20)  # warm up: every slot and page touched
                 trace = subprocess.Popen(["strace", "-c", "-f", "-p", str(server.pid)],
                                          stderr=subprocess.PIPE, text=True)
-                time.sleep(1.0)  # strace attached
+                time.sleep(T(1.0))  # strace attached
                 n = self.load(socks, request, 300)
-                time.sleep(0.2)
+                time.sleep(T(0.2))
                 trace.send_signal(signal.SIGINT)
                 summary = trace.communicate(timeout=30)[1]
                 for s in socks:
@@ -5564,26 +5569,6 @@ class TestMiniHandshake(TLSCertsCase):
         self.assert_done(client)
         self.assertEqual(certificate_entries(client.messages[1]), [(der, b'') for der in chain])
 
-    def test_hello_retry_request(self):
-        client = MiniClient(groups=(P384, X25519, P256), share_groups=(P384,))
-        reply = client.start()
-        self.assertFalse(client.server.failed, client.server.error)
-        self.assertEqual(client.server._state, tarweb._TLS_STATE_RETRIED_HELLO)
-        reply = client.retry(reply)
-        self.assertTrue(client.hrr_ccs)
-        self.assertEqual(client.hrr_group, X25519)
-        client.finish_server_flight(reply)
-        self.assertFalse(client.ccs)   # the compatibility CCS was sent once, after the HRR
-        self.assertEqual(client.send(client.finished_record()), b'')
-        self.assertEqual(self.assert_done(client).group, X25519)
-
-    def test_hello_retry_request_for_p256(self):
-        client = MiniClient(groups=(P256,), share_groups=(), suites=(0x1302,))
-        client.finish_server_flight(client.retry(client.start()))
-        client.send(client.finished_record())
-        server = self.assert_done(client)
-        self.assertEqual((server.group, server.cipher_suite), (P256, 0x1302))
-
     def test_browser_like_hello_with_grease_and_hybrid_share(self):
         grease = 0x0a0a
         hybrid = 0x11ec   # X25519MLKEM768, which we do not implement: its 1216-byte share is ignored
@@ -5650,27 +5635,12 @@ class TestMiniHandshake(TLSCertsCase):
         self.assertTrue(client.server.failed)
         self.assertEqual(client.decrypt_alert(out), 20)   # bad_record_mac
 
-    def test_early_data_after_hello_retry_is_skipped(self):
-        client = MiniClient(early_data=True, groups=(X25519, P256), share_groups=())
-        reply = client.start()
-        early_key = tarweb._TLSRecordCipher(0x1301, os.urandom(32))
-        self.assertEqual(client.send(early_key.seal(23, b'GET / HTTP/1.1\r\n\r\n')), b'')
-        client.finish_server_flight(client.retry(reply))
-        client.send(client.finished_record())
-        self.assert_done(client)
-
     def test_no_skipping_once_the_second_flight_started(self):
         client = MiniClient(early_data=True)
         client.finish_server_flight(client.start())
         early_key = tarweb._TLSRecordCipher(0x1301, os.urandom(32))
         out = client.send(client.tx.seal(22, client.finished_message()[:8]) + early_key.seal(23, b'x'))
         self.assertEqual(client.decrypt_alert(out), 20)
-
-    def test_no_skipping_after_the_second_client_hello(self):
-        client = MiniClient(early_data=True, share_groups=())
-        client.finish_server_flight(client.retry(client.start()))
-        early_key = tarweb._TLSRecordCipher(0x1301, os.urandom(32))
-        self.assertEqual(client.decrypt_alert(client.send(early_key.seal(23, b'x'))), 20)
 
     def test_key_update(self):
         client = MiniClient()
@@ -5935,6 +5905,62 @@ class TestTLSServerErrors(TLSCertsCase):
             out = client.send(data(client))
             self.assertEqual(client.decrypt_alert(out), 10, client.server.error)
 
+    def test_internal_error(self):
+        class BrokenKey:
+            signature_schemes = [0x0403]
+
+            def sign(self, scheme, message):
+                raise RuntimeError('signing device unplugged')
+
+        client = MiniClient(TLSConfig(BrokenKey(), CONFIGS['p256'].cert_chain))
+        out = client.start()
+        self.assert_plaintext_alert(client, out, 80)
+        self.assertIn('signing device unplugged', client.server.error)
+
+
+class TestHelloRetryRequest(TLSCertsCase):
+    """HelloRetryRequest, in-process: the retry and its second ClientHello, refused early data
+    around it, and each way a second hello can be wrong (openssl against the HTTPS server:
+    TestHTTPSOpenSSL.test_hello_retry_request)."""
+
+    assert_done = TestMiniHandshake.assert_done
+    assert_plaintext_alert = TestTLSServerErrors.assert_plaintext_alert
+
+    def test_hello_retry_request(self):
+        client = MiniClient(groups=(P384, X25519, P256), share_groups=(P384,))
+        reply = client.start()
+        self.assertFalse(client.server.failed, client.server.error)
+        self.assertEqual(client.server._state, tarweb._TLS_STATE_RETRIED_HELLO)
+        reply = client.retry(reply)
+        self.assertTrue(client.hrr_ccs)
+        self.assertEqual(client.hrr_group, X25519)
+        client.finish_server_flight(reply)
+        self.assertFalse(client.ccs)   # the compatibility CCS was sent once, after the HRR
+        self.assertEqual(client.send(client.finished_record()), b'')
+        self.assertEqual(self.assert_done(client).group, X25519)
+
+    def test_hello_retry_request_for_p256(self):
+        client = MiniClient(groups=(P256,), share_groups=(), suites=(0x1302,))
+        client.finish_server_flight(client.retry(client.start()))
+        client.send(client.finished_record())
+        server = self.assert_done(client)
+        self.assertEqual((server.group, server.cipher_suite), (P256, 0x1302))
+
+    def test_early_data_after_hello_retry_is_skipped(self):
+        client = MiniClient(early_data=True, groups=(X25519, P256), share_groups=())
+        reply = client.start()
+        early_key = tarweb._TLSRecordCipher(0x1301, os.urandom(32))
+        self.assertEqual(client.send(early_key.seal(23, b'GET / HTTP/1.1\r\n\r\n')), b'')
+        client.finish_server_flight(client.retry(reply))
+        client.send(client.finished_record())
+        self.assert_done(client)
+
+    def test_no_skipping_after_the_second_client_hello(self):
+        client = MiniClient(early_data=True, share_groups=())
+        client.finish_server_flight(client.retry(client.start()))
+        early_key = tarweb._TLSRecordCipher(0x1301, os.urandom(32))
+        self.assertEqual(client.decrypt_alert(client.send(early_key.seal(23, b'x'))), 20)
+
     def test_second_client_hello_checks(self):
         for overrides in (dict(share_groups=(P256,)),        # not the group the HRR asked for
                           dict(share_groups=(X25519, P256)),  # more than one share
@@ -5962,17 +5988,33 @@ class TestTLSServerErrors(TLSCertsCase):
         out = client.send(b'\x17\x03\x03\x00\x05hello')   # no early_data offered: not skipped
         self.assert_plaintext_alert(client, out, 10)
 
-    def test_internal_error(self):
-        class BrokenKey:
-            signature_schemes = [0x0403]
 
-            def sign(self, scheme, message):
-                raise RuntimeError('signing device unplugged')
+class TestTLSServerReceive(TLSCertsCase):
+    """TLSServer.receive on real client bytes (Python's ssl, captured in fuzz_tls_seeds_ssl):
+    a hello gets the server's flight; junk gets a plaintext alert and nothing more."""
 
-        client = MiniClient(TLSConfig(BrokenKey(), CONFIGS['p256'].cert_chain))
-        out = client.start()
-        self.assert_plaintext_alert(client, out, 80)
-        self.assertIn('signing device unplugged', client.server.error)
+    def test_python_ssl_hello_gets_the_flight(self):
+        config = tls_config('p256', **FUZZ_TLS_CONFIG_ARGS)
+        for label, data in fuzz_tls_seeds_ssl(config, None):
+            server = TLSServer(config)
+            hello_len = 5 + int.from_bytes(data[3:5], 'big')
+            records = parse_records(server.receive(data[:hello_len]))
+            if 'secp384r1' in label:   # no group in common
+                self.assertEqual((server.failed, server.alert), (True, 40), label)
+                continue
+            self.assertFalse(server.failed, (label, server.error))
+            self.assertEqual([r[0] for r in records[:2]], [22, 20], label)   # ServerHello, CCS
+            self.assertTrue(records[2:] and all(r[0] == 23 for r in records[2:]), label)
+            self.assertEqual(server.cipher_suite, 0x1303, label)
+
+    def test_junk_gets_an_alert(self):
+        for data, code in ((b'GET / HTTP/1.1\r\n\r\n', 10), (b'\x16\x03\x03\x00\x04\x01\x00\x00\x00', 50),
+                           (b'\x16\x03\x03\x40\x01' + bytes(0x4001), 22), (b'\x15\x03\x03\x00\x01\x02', 50),
+                           (b'\x17\x03\x03\x00\x01x', 10)):
+            server = TLSServer(CONFIGS['p256'])
+            self.assertEqual(server.receive(data), plaintext_alert(code), data[:12])
+            self.assertTrue(server.failed)
+            self.assertEqual(server.receive(b'more'), b'')
 
 
 class TestRecordLayerErrors(unittest.TestCase):
@@ -6346,7 +6388,7 @@ class TestOpenSSLClient(TLSCertsCase):
 # 4. HTTPS server: the real tarweb.py serving TLS on 127.0.0.1 (section 1's ServerProc), real
 #    clients (Python's ssl with http.client, curl, openssl s_client) verifying section 3's
 #    certificates, section 3's hand-driven client over TCP for the bytes no real client sends,
-#    and kernel TLS (KTLSTest: `make test-ktls` runs it inside ../shared/ktls-vm)
+#    and kernel TLS (TestKTLS: `make test-ktls` runs it inside ../shared/ktls-vm)
 # =============================================================================================
 
 # TARWEB_EXPECT_KTLS=1: the kernel has kTLS and the server must use it; unset or 0: no record may go
@@ -6714,7 +6756,7 @@ def ktls_counters():
 # Interoperability: Python's ssl, openssl s_client and curl; every certificate type
 # ---------------------------------------------------------------------------------------------
 
-class InteropPythonSSLTest(HTTPSServerCase):
+class TestHTTPSPythonSSL(HTTPSServerCase):
     """Python's ssl (OpenSSL) as a verifying client, with http.client on top."""
 
     def test_verified_request_by_hostname_and_by_ip(self):
@@ -6781,7 +6823,7 @@ class InteropPythonSSLTest(HTTPSServerCase):
         self.srv.assert_idle()
 
 
-class InteropOpenSSLTest(HTTPSServerCase):
+class TestHTTPSOpenSSL(HTTPSServerCase):
     """openssl s_client: every cipher suite, group and ALPN case; curl too."""
 
     def s_client(self, *args, **kw):
@@ -6868,7 +6910,7 @@ class InteropOpenSSLTest(HTTPSServerCase):
         self.assertIn(b'content-length: %d' % len(SMALL), head.lower())
 
 
-class CertTypeTest(unittest.TestCase):
+class TestHTTPSCertTypes(unittest.TestCase):
     """A server per certificate type; s_client, curl and Python's ssl all verify it."""
     KINDS = ('rsa', 'rsa4096', 'p256', 'ed25519', 'chain')
     SIGNATURE = {'rsa': 'RSA-PSS', 'rsa4096': 'RSA-PSS', 'p256': 'ECDSA', 'ed25519': 'Ed25519',
@@ -6927,7 +6969,7 @@ class CertTypeTest(unittest.TestCase):
         self.assertIn('i:CN = Test Root', out)
 
 
-class SelfSignedTest(HTTPSServerCase):
+class TestHTTPSSelfSignedOption(HTTPSServerCase):
     """--tls-self-signed: a certificate for localhost/127.0.0.1 made at start."""
 
     @classmethod
@@ -6968,7 +7010,7 @@ class SelfSignedTest(HTTPSServerCase):
 # HTTP over TLS
 # ---------------------------------------------------------------------------------------------
 
-class HTTPSTest(HTTPSServerCase):
+class TestHTTPS(HTTPSServerCase):
     BIG = True
 
     def test_10mib_download_python(self):
@@ -7150,7 +7192,7 @@ class HTTPSTest(HTTPSServerCase):
         self.srv.assert_idle()
 
 
-class UserspaceRecordBufferTest(HTTPSServerCase):
+class TestUserspaceRecordBuffer(HTTPSServerCase):
     """The userspace record layer buffers a partial record between reads; when it completes,
     the plaintext may be larger than the bytes of that read. Two slots, so that the
     neighbour of the connection under test is the other one."""
@@ -7232,7 +7274,7 @@ class UserspaceRecordBufferTest(HTTPSServerCase):
         self.assertNotIn('Traceback', self.srv.stderr_text())
 
 
-class FewSlotsTest(HTTPSServerCase):
+class TestHTTPSFewSlots(HTTPSServerCase):
     """More simultaneous TLS clients than slots: the rest wait in the backlog, all are served."""
 
     @classmethod
@@ -7262,7 +7304,7 @@ class FewSlotsTest(HTTPSServerCase):
 # Hostile input on the TLS port, the handshake deadline
 # ---------------------------------------------------------------------------------------------
 
-class HostileTest(HTTPSServerCase):
+class TestHostileTLS(HTTPSServerCase):
     """Each bad input: exactly the expected alert (plaintext before ServerHello), the connection
     closed, tls_failures counting it, no slot left behind, and the server still serving."""
 
@@ -7416,7 +7458,7 @@ class HostileTest(HTTPSServerCase):
         self.assertIn('record_overflow', layer.error or '', data)
 
 
-class HandshakeDeadlineTest(HTTPSServerCase):
+class TestHandshakeDeadline(HTTPSServerCase):
 
     @classmethod
     def server_options(cls):
@@ -7473,11 +7515,13 @@ class HandshakeDeadlineTest(HTTPSServerCase):
 # Plain and TLS listeners together; start-up errors
 # ---------------------------------------------------------------------------------------------
 
-class PlainAndTLSTest(HTTPSServerCase):
+class TestPlainAndTLS(HTTPSServerCase):
 
     @classmethod
     def server_options(cls):
-        return https_args('p256', '--tls-listen', '127.0.0.1:0')
+        # A ClientHello on the plain port is a request head without its blank line (unless its
+        # random bytes hold one): the header deadline answers it, well before the client's 10 s.
+        return https_args('p256', '--tls-listen', '127.0.0.1:0', '--header-timeout', '2')
 
     def test_url_line(self):
         self.assertEqual(sorted(scheme for scheme, _h, _p in self.srv.listeners), ['http', 'https'])
@@ -7500,7 +7544,7 @@ class PlainAndTLSTest(HTTPSServerCase):
         self.srv.assert_idle()
 
 
-class TarRewrittenInPlaceTest(unittest.TestCase):
+class TestTarRewrittenInPlace(unittest.TestCase):
     """`cp new.tar site.tar` while serving truncates the mapped file: the server survives (no
     SIGBUS from reading the shrunken mapping in userspace TLS), and once it has noticed (within
     a second) answers 500 instead of serving bytes of a tar its index does not describe."""
@@ -7533,7 +7577,7 @@ class TarRewrittenInPlaceTest(unittest.TestCase):
             srv.assert_idle()
 
 
-class StartupErrorTest(StartupErrorChecks, unittest.TestCase):
+class TestTLSStartupErrors(StartupErrorChecks, unittest.TestCase):
     """Bad TLS options and key files: one clean error line, no key material printed."""
 
     @classmethod
@@ -7634,7 +7678,7 @@ class StartupErrorTest(StartupErrorChecks, unittest.TestCase):
 # Kernel TLS: the kTLS subset (make test-ktls; TARWEB_EXPECT_KTLS above)
 # ---------------------------------------------------------------------------------------------
 
-class KTLSTest(StartupErrorChecks, HTTPSServerCase):
+class TestKTLS(StartupErrorChecks, HTTPSServerCase):
     """Proof that records go through the kernel (TARWEB_EXPECT_KTLS=1, in the kTLS VM), or that
     the userspace fallback is announced once and carries everything (otherwise)."""
 
