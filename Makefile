@@ -8,15 +8,25 @@ PEERS ?= nginx extra
 WORKLOADS ?= W1 W2 W3 W4
 RUNS ?= 1
 
-.PHONY: test test-ktls demo bench bench-quick peerbench clean
+.PHONY: test test-ktls fuzz demo bench bench-quick peerbench clean
 
 test:
 	$(PYTHON) test_tarweb.py -v
 
+# Mutation fuzzing of the HTTP responder and the TLS handshake (test_tarweb.py section 6): a million
+# HTTP inputs and 100,000 TLS inputs over FUZZ_JOBS processes; a failure prints its input and how to
+# replay it. `make test` runs a short slice of it (TestFuzzSlice).
+FUZZ_HTTP ?= 1000000
+FUZZ_TLS ?= 100000
+FUZZ_SEED ?= 1
+FUZZ_JOBS ?= 2
+fuzz:
+	$(PYTHON) test_tarweb.py fuzz --http $(FUZZ_HTTP) --tls $(FUZZ_TLS) --seed $(FUZZ_SEED) --jobs $(FUZZ_JOBS)
+
 # The kTLS subset (test classes), for a kernel that has kTLS: CI runs it inside ../shared/ktls-vm,
 # whose emulated CPU needs ten times the timeouts. It fails unless /proc/net/tls_stat shows the
 # kernel carried the traffic.
-KTLS_TESTS ?= KTLSTest
+KTLS_TESTS ?= TestKTLS
 test-ktls:
 	TARWEB_EXPECT_KTLS=1 TARWEB_TEST_TIMEOUT_SCALE=10 $(PYTHON) test_tarweb.py -v $(KTLS_TESTS)
 

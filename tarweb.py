@@ -905,12 +905,12 @@ class Site:
             head.append("Connection: keep-alive")
         return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
 
-    def error(self, status, close, extra=(), method=b"GET"):
+    def error(self, status, close, extra=(), method=b"GET", keep_alive_10=False):
         """A short text/plain error response: (status, head+body, 0, 0, keep_alive).
         A HEAD request gets the same head without the body."""
         body = f"{status} {REASONS[status]}\n".encode()
         lines = ["Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}"]
-        head = self.status_head(status, lines + list(extra), close)
+        head = self.status_head(status, lines + list(extra), close, keep_alive_10)
         return status, head if method == b"HEAD" else head + body, 0, 0, not close
 
     # -- request parsing ------------------------------------------------------------------------
@@ -953,15 +953,16 @@ class Site:
         except HttpError as e:
             return self.error(e.status, e.close, method=head.partition(b" ")[0])
         close = not keep_alive or self.draining
+        ka10 = version == 10 and not close  # HTTP/1.0 keep-alive: every answer must say so
         if method != b"GET" and method != b"HEAD":
-            return self.error(405, close, ("Allow: GET, HEAD",))
+            return self.error(405, close, ("Allow: GET, HEAD",), keep_alive_10=ka10)
         if target[0] != 47:  # not '/'
             target = _origin_form(target)
             if target is None:
                 return self.error(400, True, method=method)
         path = normalise_path(target)
         if path is None:
-            return self.error(400, close, method=method)
+            return self.error(400, close, method=method, keep_alive_10=ka10)
         if self.stale:
             return self.error(500, True, method=method)
         entry = self.archive.lookup(path)
@@ -982,10 +983,11 @@ class Site:
     def _missing(self, method, target, version, path, close):
         if not path.endswith(b"/") and self.archive.is_dir(path):
             location = redirect_location(path + b"/", target.partition(b"?")[2])
-            return self.error(301, close, ("Location: " + location,), method)
+            return self.error(301, close, ("Location: " + location,), method,
+                              version == 10 and not close)
         nf = self.not_found
         if nf is None:
-            return self.error(404, close, method=method)
+            return self.error(404, close, method=method, keep_alive_10=version == 10 and not close)
         lines = [f"Content-Type: {content_type(nf.name)}", f"Content-Length: {nf.size}"]
         head = self.status_head(404, lines, close, version == 10 and not close)
         return 404, head, nf.offset, (0 if method == b"HEAD" else nf.size), not close
@@ -1004,7 +1006,8 @@ class Site:
         if rng is not None and not is_head and self._if_range_holds(fields, entry):
             span = parse_range(rng, entry.size)
             if span == "unsatisfiable":
-                return self.error(416, close, (f"Content-Range: bytes */{entry.size}",))
+                return self.error(416, close, (f"Content-Range: bytes */{entry.size}",),
+                                  keep_alive_10=ka10)
             if span is not None:
                 return self._partial(entry, span, close, ka10)
         head = self.prefix_200 + entry.head + (
@@ -1061,15 +1064,12 @@ def find_head_end(buf, start, end):
     follows the blank line); else None. Lines may end in CRLF or a bare LF (RFC 9112 §2.2)."""
     i = buf.find(b"\r\n\r\n", start, end)
     if i >= 0:
-        j = buf.find(b"\n\n", start, i)
-        return (j + 1, j + 2) if j >= 0 else (i + 2, i + 4)
+        end = i + 4  # the first blank line ends here at the latest
     i = buf.find(b"\n\n", start, end)
-    if i >= 0:
-        return i + 1, i + 2
-    i = buf.find(b"\n\r\n", start, end)
-    if i >= 0:
-        return i + 1, i + 3
-    return None
+    j = buf.find(b"\n\r\n", start, end)  # the earlier of the two: LF and CRLF lines may mix
+    if j >= 0 and (i < 0 or j < i):
+        return j + 1, j + 3
+    return (i + 1, i + 2) if i >= 0 else None
 
 
 # === 5. Crypto primitives (pure Python; see README "Security notes") ==============================

@@ -5,6 +5,8 @@
     make test-ktls                              the kTLS subset (KTLS_TESTS), inside ../shared/ktls-vm
     python3 test_tarweb.py bench [--quick]      benchmark: HTTP and HTTPS load (wrk, ab), crypto (section 5)
     python3 test_tarweb.py demo-site OUT.tar    write the demo site tar
+    python3 test_tarweb.py fuzz [--http N] [--tls N] [--seed S] [--jobs J] [--only KIND:INDEX]
+                                                mutation fuzzing (make fuzz; section 6)
 
 The HTTP tests and the benchmark run the real server as a subprocess on loopback: TARWEB
 (default: the tarweb.py next to this file). The crypto and TLS tests import the tarweb.py next to
@@ -19,20 +21,23 @@ Contents, in the layer order of tarweb.py:
   0. Shared helpers: the server under test, timeout scale, external tools, scratch files, hex
   1. Archive and HTTP/1.1 server
      fixture archive, server process, raw HTTP client; archive rules and tar formats; hostile
-     requests; connections; ranges, conditionals, precompressed variants; response headers;
+     requests; Site.respond and the HTTP helpers in-process (no server); connections; ranges, conditionals, precompressed variants; response headers;
      limits, timeouts and load; signals, start-up errors and the command line
   2. Crypto primitives
      2.1 X25519 and Ed25519   2.2 P-256/P-384: ECDH and ECDSA   2.3 AES-GCM and ChaCha20-Poly1305
      2.4 PEM, DER, RSA-PSS, private keys, certificates
-  3. TLS 1.3: key schedule, server state machine, record layer (a hand-driven client, Python's ssl
-     over MemoryBIO, openssl s_client over loopback)
+  3. TLS 1.3: key schedule, server state machine, HelloRetryRequest, record layer (a hand-driven
+     client, Python's ssl over MemoryBIO, openssl s_client over loopback)
   4. HTTPS server: tarweb.py with TLS on loopback; site, certificates (section 3's), clients (Python's
      ssl with http.client, curl, s_client, section 3's hand-driven client over TCP); interoperability
      and certificate types; HTTP over TLS, record buffering, few slots; hostile input, handshake
-     deadline; plain and TLS listeners; TLS start-up errors; kernel TLS (KTLSTest, make test-ktls)
+     deadline; plain and TLS listeners; TLS start-up errors; kernel TLS (TestKTLS, make test-ktls)
   5. Demo site and benchmark harness: shared helpers; HTTP (W1, W2, idle connections, strace);
      pure-Python crypto and server handshakes; TLS load (W3 handshakes, W4/W5 HTTPS)
-  6. Command line: bench, demo-site, or the tests
+  6. Fuzzing: mutation fuzzers for Site.respond (and find_head_end, parse_range, normalise_path,
+     accept_encoding_choice) and TLSServer.receive from captured client flights; TestFuzzSlice
+  7. Command line: bench, demo-site, fuzz, or the tests
+Test classes are all named TestX.
 """
 
 import base64
@@ -52,6 +57,7 @@ import io
 import os
 import platform
 import queue
+import random
 import re
 import resource
 import secrets
@@ -451,7 +457,7 @@ class ServerProc:
         return [(h, p) for s, h, p in self.listeners if s == scheme][0]
 
     def stderr_text(self):
-        time.sleep(0.05)
+        time.sleep(T(0.05))
         return "\n".join(self.err_all)
 
     def count_stderr(self, text):
@@ -1137,7 +1143,7 @@ HOSTILE = [
 ]
 
 
-class TestHostile(ArchiveCase):
+class TestHostileRequests(ArchiveCase):
     """One generated test per HOSTILE row."""
 
     @classmethod
@@ -1189,8 +1195,245 @@ class TestHostile(ArchiveCase):
 
 
 assert len(HOSTILE) >= 40
-add_row_tests(TestHostile, "", HOSTILE, lambda self, row: self.run_row(*row[1:]),
+add_row_tests(TestHostileRequests, "", HOSTILE, lambda self, row: self.run_row(*row[1:]),
               doc=lambda row: "%s -> %s, %s" % (row[0], row[2], "stays open" if row[3] else "closes"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure HTTP parts in this process: Site.respond, find_head_end, parse_range, normalise_path,
+# accept_encoding_choice (no server, no socket)
+# ---------------------------------------------------------------------------------------------
+
+PURE_MEMBERS = [
+    ("index.html", "file", b"<p>home</p>\n"),
+    ("404.html", "file", b"<p>not here</p>\n"),
+    ("docs", "dir", None),
+    ("docs/index.html", "file", b"<p>docs</p>\n"),
+    ("app.js", "file", b"console.log('tarweb');\n" * 40),
+    ("app.js.gz", "file", gzip.compress(b"console.log('tarweb');\n" * 40, mtime=0)),
+    ("range.bin", "file", bytes(range(256)) * 8),
+]
+PURE_SITE = None
+
+
+def pure_site():
+    """A Site over a tar of PURE_MEMBERS (made on first use) and its {name: (bytes, mtime)}."""
+    global PURE_SITE
+    if PURE_SITE is None:
+        path = work_file("pure", "site.tar")
+        served = build_tar(path, PURE_MEMBERS)
+        PURE_SITE = tarweb.Site(tarweb.Archive(path, "", tarweb.Log(-1))), served
+    return PURE_SITE
+
+
+def _h(line, *fields):
+    """A request head as Site.respond takes it: every line with its CRLF, no blank line."""
+    return b"".join(x + b"\r\n" for x in (line,) + fields)
+
+
+_HOST = b"Host: t"
+_RANGE_MTIME = BASE_MTIME + 1000 * 6   # build_tar's mtime of range.bin, the 7th member
+# (name, request head, status, keep_alive, {header: value, or None for absent}, body:
+#  (member, start, length) for a span of the tar, b'...' for an inline body, or None for none)
+SITE_RESPOND = [
+    ("get_root", _h(b"GET / HTTP/1.1", _HOST), 200, True,
+     {"Content-Type": "text/html; charset=utf-8", "Connection": None}, ("index.html", 0, 12)),
+    ("head_no_body", _h(b"HEAD /range.bin HTTP/1.1", _HOST), 200, True,
+     {"Content-Length": "2048", "Accept-Ranges": "bytes"}, None),
+    ("range", _h(b"GET /range.bin HTTP/1.1", _HOST, b"Range: bytes=10-19"), 206, True,
+     {"Content-Range": "bytes 10-19/2048", "Content-Length": "10"}, ("range.bin", 10, 10)),
+    ("range_suffix", _h(b"GET /range.bin HTTP/1.1", _HOST, b"Range: bytes=-5"), 206, True,
+     {"Content-Range": "bytes 2043-2047/2048"}, ("range.bin", 2043, 5)),
+    ("range_open_end_clipped", _h(b"GET /range.bin HTTP/1.1", _HOST, b"Range: bytes=2000-9999"),
+     206, True, {"Content-Range": "bytes 2000-2047/2048"}, ("range.bin", 2000, 48)),
+    ("range_unsatisfiable", _h(b"GET /range.bin HTTP/1.1", _HOST, b"Range: bytes=2048-"), 416, True,
+     {"Content-Range": "bytes */2048"}, b"416 Range Not Satisfiable\n"),
+    ("range_several_ignored", _h(b"GET /range.bin HTTP/1.1", _HOST, b"Range: bytes=0-1,4-5"), 200,
+     True, {"Content-Range": None}, ("range.bin", 0, 2048)),
+    ("range_on_head_ignored", _h(b"HEAD /range.bin HTTP/1.1", _HOST, b"Range: bytes=0-1"), 200, True,
+     {"Content-Length": "2048"}, None),
+    ("if_range_other_etag", _h(b"GET /range.bin HTTP/1.1", _HOST, b"Range: bytes=0-1",
+                               b'If-Range: "other"'), 200, True, {}, ("range.bin", 0, 2048)),
+    ("if_range_date_matches", _h(b"GET /range.bin HTTP/1.1", _HOST, b"Range: bytes=0-1",
+                                 b"If-Range: " + email.utils.formatdate(_RANGE_MTIME, usegmt=True).encode()),
+     206, True, {}, ("range.bin", 0, 2)),
+    ("if_none_match_star", _h(b"GET /index.html HTTP/1.1", _HOST, b"If-None-Match: *"), 304, True,
+     {"Content-Length": None, "Content-Type": None}, None),
+    ("if_none_match_decides", _h(b"GET /index.html HTTP/1.1", _HOST, b'If-None-Match: "x"',
+                                 b"If-Modified-Since: Fri, 31 Dec 9999 23:59:59 GMT"),
+     200, True, {}, ("index.html", 0, 12)),
+    ("if_modified_since_later", _h(b"GET /index.html HTTP/1.1", _HOST,
+                                   b"If-Modified-Since: Fri, 31 Dec 9999 23:59:59 GMT"), 304, True, {}, None),
+    ("if_modified_since_earlier", _h(b"GET /index.html HTTP/1.1", _HOST,
+                                     b"If-Modified-Since: Thu, 01 Jan 1970 00:00:00 GMT"), 200, True, {},
+     ("index.html", 0, 12)),
+    ("gzip_variant", _h(b"GET /app.js HTTP/1.1", _HOST, b"Accept-Encoding: br, gzip"), 200, True,
+     {"Content-Encoding": "gzip", "Vary": "Accept-Encoding", "Content-Type": "text/javascript; charset=utf-8"},
+     ("app.js.gz", 0, None)),
+    ("gzip_refused", _h(b"GET /app.js HTTP/1.1", _HOST, b"Accept-Encoding: gzip;q=0, identity"), 200,
+     True, {"Content-Encoding": None, "Vary": "Accept-Encoding"}, ("app.js", 0, 920)),
+    ("no_accept_encoding", _h(b"GET /app.js HTTP/1.1", _HOST), 200, True,
+     {"Content-Encoding": None, "Vary": "Accept-Encoding"}, ("app.js", 0, 920)),
+    ("directory_redirect", _h(b"GET /docs?a=%zz HTTP/1.1", _HOST), 301, True,
+     {"Location": "/docs/?a=%25zz"}, b"301 Moved Permanently\n"),
+    ("directory_index", _h(b"GET /docs/ HTTP/1.1", _HOST), 200, True, {}, ("docs/index.html", 0, 12)),
+    ("dot_segments_and_escapes", _h(b"GET /docs/../%69ndex.html HTTP/1.1", _HOST), 200, True, {},
+     ("index.html", 0, 12)),
+    ("absolute_form", _h(b"GET HTTP://t/app.js HTTP/1.1", _HOST), 200, True, {}, ("app.js", 0, 920)),
+    ("not_found_page", _h(b"GET /nope HTTP/1.1", _HOST), 404, True,
+     {"Content-Type": "text/html; charset=utf-8"}, ("404.html", 0, 16)),
+    ("not_found_head", _h(b"HEAD /nope HTTP/1.1", _HOST), 404, True, {"Content-Length": "16"}, None),
+    ("http10_closes", _h(b"GET / HTTP/1.0"), 200, False, {"Connection": "close"}, ("index.html", 0, 12)),
+    ("http10_keep_alive", _h(b"GET / HTTP/1.0", b"Connection: Keep-Alive"), 200, True,
+     {"Connection": "keep-alive"}, ("index.html", 0, 12)),
+    # HTTP/1.0 keep-alive: every answer that keeps the connection says so (a fuzzer find)
+    ("http10_keep_alive_redirect", _h(b"GET /docs HTTP/1.0", b"Connection: keep-alive"), 301, True,
+     {"Connection": "keep-alive", "Location": "/docs/"}, b"301 Moved Permanently\n"),
+    ("http10_keep_alive_405", _h(b"DELETE / HTTP/1.0", b"Connection: keep-alive"), 405, True,
+     {"Connection": "keep-alive"}, b"405 Method Not Allowed\n"),
+    ("http10_keep_alive_416", _h(b"GET /range.bin HTTP/1.0", b"Connection: keep-alive",
+                                 b"Range: bytes=4096-"), 416, True, {"Connection": "keep-alive"},
+     b"416 Range Not Satisfiable\n"),
+    ("http10_keep_alive_400", _h(b"GET /%zz HTTP/1.0", b"Connection: keep-alive"), 400, True,
+     {"Connection": "keep-alive"}, b"400 Bad Request\n"),
+    ("http10_keep_alive_404", _h(b"GET /nope HTTP/1.0", b"Connection: keep-alive"), 404, True,
+     {"Connection": "keep-alive"}, ("404.html", 0, 16)),
+    ("connection_close", _h(b"GET / HTTP/1.1", _HOST, b"Connection: close"), 200, False,
+     {"Connection": "close"}, ("index.html", 0, 12)),
+    ("empty_body_length_keeps_open", _h(b"GET / HTTP/1.1", _HOST, b"Content-Length: 0"), 200, True,
+     {}, ("index.html", 0, 12)),
+    ("body_closes", _h(b"GET / HTTP/1.1", _HOST, b"Content-Length: 5"), 200, False,
+     {"Connection": "close"}, ("index.html", 0, 12)),
+    ("chunked_closes", _h(b"GET / HTTP/1.1", _HOST, b"Transfer-Encoding: chunked"), 200, False, {},
+     ("index.html", 0, 12)),
+    ("post", _h(b"POST / HTTP/1.1", _HOST), 405, True, {"Allow": "GET, HEAD"},
+     b"405 Method Not Allowed\n"),
+    ("missing_host", _h(b"GET / HTTP/1.1"), 400, False, {"Connection": "close"}, b"400 Bad Request\n"),
+    ("two_hosts", _h(b"GET / HTTP/1.1", _HOST, _HOST), 400, False, {}, b"400 Bad Request\n"),
+    ("huge_content_length", _h(b"GET / HTTP/1.1", _HOST, b"Content-Length: " + b"9" * 5000), 400,
+     False, {}, b"400 Bad Request\n"),
+    ("bad_escape", _h(b"GET /%zz HTTP/1.1", _HOST), 400, True, {}, b"400 Bad Request\n"),
+    ("escaped_nul", _h(b"HEAD /%00 HTTP/1.1", _HOST), 400, True, {"Content-Length": "16"}, None),
+    ("other_scheme", _h(b"GET ftp://t/ HTTP/1.1", _HOST), 400, False, {}, b"400 Bad Request\n"),
+    ("bare_lf_lines", b"GET /docs/ HTTP/1.1\nHost: t\n", 200, True, {}, ("docs/index.html", 0, 12)),
+    ("bare_cr", b"GET / HTTP/1.1\rHost: t\r\n", 400, False, {}, b"400 Bad Request\n"),
+    ("field_with_ctl", _h(b"GET / HTTP/1.1", _HOST, b"X: a\x01b"), 400, False, {}, b"400 Bad Request\n"),
+    ("http2", _h(b"GET / HTTP/2.0", _HOST), 505, False, {}, b"505 HTTP Version Not Supported\n"),
+    ("long_line", _h(b"GET /" + b"a" * 9000 + b" HTTP/1.1", _HOST), 414, False, {},
+     b"414 URI Too Long\n"),
+]
+
+
+class TestSiteRespond(unittest.TestCase):
+    """Site.respond in this process: one generated test per SITE_RESPOND row (status,
+    keep_alive, headers, and the body as a span of the tar or inline), and the response cache."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.site, cls.served = pure_site()
+        cls.tar = read_bytes(cls.site.archive.path)
+
+    def response(self, head):
+        status, out, offset, length, keep_alive = self.site.respond(head)
+        end = out.index(b"\r\n\r\n")
+        lines = out[:end].decode("latin-1").split("\r\n")
+        fields = dict(line.split(": ", 1) for line in lines[1:])
+        self.assertEqual(lines[0], "HTTP/1.1 %d %s" % (status, tarweb.REASONS[status]))
+        self.assertTrue(IMF_FIXDATE_RE.match(fields["Date"]), fields)
+        return status, fields, out[end + 4:], self.tar[offset:offset + length], keep_alive
+
+    def run_row(self, head, status, keep_alive, headers, body):
+        got_status, fields, inline, span, got_keep_alive = self.response(head)
+        self.assertEqual((got_status, got_keep_alive), (status, keep_alive), fields)
+        for name, value in headers.items():
+            self.assertEqual(fields.get(name), value, name)
+        if body is None or isinstance(body, bytes):
+            self.assertEqual((inline, span), (body or b"", b""))
+        else:
+            name, start, length = body
+            data = self.served[name][0]
+            self.assertEqual((inline, span), (b"", data[start:None if length is None else start + length]))
+        if status != 304 and not head.startswith(b"HEAD "):
+            self.assertEqual(int(fields["Content-Length"]), len(inline or span))
+
+    def test_remembered_answer_is_the_same(self):
+        head = _h(b"GET /range.bin HTTP/1.1", _HOST)
+        first = self.site.respond(head)
+        self.assertIn(head, self.site.recent)
+        self.assertEqual(self.site.respond(head), first)
+
+    def test_draining_closes(self):
+        self.site.draining = True
+        try:
+            status, fields, _, span, keep_alive = self.response(_h(b"GET / HTTP/1.1", _HOST))
+        finally:
+            self.site.draining = False
+        self.assertEqual((status, fields.get("Connection"), keep_alive), (200, "close", False))
+
+
+add_row_tests(TestSiteRespond, "", SITE_RESPOND, lambda self, row: self.run_row(*row[1:]),
+              doc=lambda row: "%s -> %d" % (row[0], row[2]))
+
+
+class TestHTTPHelpers(unittest.TestCase):
+    """find_head_end, parse_range, normalise_path and accept_encoding_choice, directly."""
+
+    def test_find_head_end(self):
+        for buf, start, want in ((b"GET / HTTP/1.1\r\n\r\nnext", 0, (16, 18)),
+                                 (b"GET / HTTP/1.1\n\nnext", 0, (15, 16)),
+                                 (b"GET / HTTP/1.1\n\r\nnext", 0, (15, 17)),
+                                 # the first blank line, whatever the line ends (a fuzzer find:
+                                 # a CRLF blank line after it was taken for the end)
+                                 (b"GET / HTTP/1.1\nA: b\n\r\n\r\n", 0, (20, 22)),
+                                 (b"GET / HTTP/1.1\nA: b\n\r\nGET / HTTP/1.1\r\n\r\n", 0, (20, 22)),
+                                 (b"GET / HTTP/1.1\r\nA: b\n\nC: d\r\n\r\n", 0, (21, 22)),
+                                 (b"xxGET / HTTP/1.1\r\n\r\n", 2, (18, 20)),
+                                 (b"GET / HTTP/1.1\r\n", 0, None),
+                                 (b"GET / HTTP/1.1\r\n\r", 0, None),
+                                 (b"GET / HTTP/1.1\r\r", 0, None),
+                                 (b"", 0, None)):
+            self.assertEqual(tarweb.find_head_end(buf, start, len(buf)), want, buf)
+        buf = b"A\r\n\r\nB\r\n\r\n"
+        self.assertIsNone(tarweb.find_head_end(buf, 0, 4))   # end bounds the search
+        self.assertEqual(tarweb.find_head_end(buf, 5, len(buf)), (8, 10))
+
+    def test_parse_range(self):
+        for value, size, want in ((b"bytes=0-0", 10, (0, 1)), (b"bytes=2-", 10, (2, 10)),
+                                  (b"bytes=2-100", 10, (2, 10)), (b"bytes=-3", 10, (7, 10)),
+                                  (b"bytes=-30", 10, (0, 10)), (b"bytes= 1-2 ", 10, (1, 3)),
+                                  (b"bytes=0010-0011", 20, (10, 12)),
+                                  (b"bytes=10-", 10, "unsatisfiable"), (b"bytes=-0", 10, "unsatisfiable"),
+                                  (b"bytes=-1", 0, "unsatisfiable"), (b"bytes=0-", 0, "unsatisfiable"),
+                                  (b"bytes=" + b"9" * 5000 + b"-", 10, "unsatisfiable"),
+                                  (b"bytes=0-" + b"9" * 5000, 10, (0, 10)),
+                                  (b"bytes=-" + b"9" * 5000, 10, (0, 10)),
+                                  (b"bytes=3-2", 10, None), (b"bytes=-", 10, None),
+                                  (b"bytes=0-1,3-4", 10, None), (b"items=0-1", 10, None),
+                                  (b"bytes=a-b", 10, None), (b"Bytes=0-1", 10, None), (b"", 10, None)):
+            self.assertEqual(tarweb.parse_range(value, size), want, value[:40])
+
+    def test_normalise_path(self):
+        for target, want in ((b"/", b"/"), (b"/a/b?x=../", b"/a/b"), (b"/a/./b/../c", b"/a/c"),
+                             (b"/../../etc/passwd", b"/etc/passwd"), (b"//a//b//", b"/a/b/"),
+                             (b"/a/..", b"/"), (b"/a/b/..", b"/a/"), (b"/a/.", b"/a/"),
+                             (b"/%2e%2e/%2E%2e/x", b"/x"), (b"/a%2fb", b"/a/b"), (b"/%41", b"/A"),
+                             (b"/%2541", b"/%41"), (b"/%C3%BC", "/\u00fc".encode()),
+                             (b"/%zz", None), (b"/%4", None), (b"/%", None), (b"/%00", None),
+                             (b"/%ff", None), (b"/%c3%28", None), (b"/a?%zz", b"/a")):
+            self.assertEqual(tarweb.normalise_path(target), want, target)
+
+    def test_accept_encoding_choice(self):
+        site, _ = pure_site()
+        app = site.archive.files[b"/app.js"]
+        gz = dict(app.variants)["gzip"]
+        for header, want in ((b"gzip", gz), (b"GZIP;q=0.5", gz), (b"br, gzip", gz), (b"*", gz),
+                             (b"", app), (b"br", app), (b"gzip;q=0", app), (b"*;q=0", app),
+                             (b"gzip;q=x", app), (b"identity;q=0, *;q=0.1", gz),
+                             (b"identity;q=0", app),   # nothing acceptable: the identity body anyway
+                             (b"identity", app), (b"deflate, identity;q=0, gzip;q=0.001", gz)):
+            self.assertIs(tarweb.accept_encoding_choice(app, header), want, header)
+        index = site.archive.files[b"/index.html"]
+        self.assertIs(tarweb.accept_encoding_choice(index, b"gzip"), index)   # no variants
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1749,7 +1992,7 @@ class TestMaxConnections(ServerCase):
             for c in (c1, c2):
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 c.send(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-            time.sleep(0.3)
+            time.sleep(T(0.3))
             c3 = Conn(self.addr)  # accepted by the kernel backlog
             c3.send(VALID_GET)
             with self.assertRaises(socket.timeout, msg="3rd connection served while 2 slots busy"):
@@ -1774,7 +2017,7 @@ class TestMaxConnections(ServerCase):
         try:
             for c in (c1, c2):
                 self.assertEqual(c.request("GET", "/small.txt").status, 200)
-                time.sleep(0.1)
+                time.sleep(T(0.1))
             t0 = time.monotonic()
             self.assertBody(get1(self.addr, "/small.txt"), MAIN["small.txt"][0])
             self.assertLess(time.monotonic() - t0, 1.0)
@@ -1914,7 +2157,7 @@ class TestLoad(ServerCase):
         with Conn(self.addr) as c:
             c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             c.send(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-            time.sleep(0.2)
+            time.sleep(T(0.2))
             t0 = time.monotonic()
             self.assertBody(self.get("/small.txt"), MAIN["small.txt"][0])
             self.assertLess(time.monotonic() - t0, 1.0)
@@ -2034,7 +2277,7 @@ class TestFloods(ArchiveCase):
                         "--handshake-timeout", str(timeout), *args) as srv:
             addr = srv.addr_of(scheme)
             with Flood(addr, idle, slow, first):
-                time.sleep(0.5)
+                time.sleep(T(0.5))
                 results = timed_gets(addr, 6, 0.5, T(2 * timeout + 3), context)
                 st = srv.stats()
             self.assertEqual([r for _t, r in results], [200] * 6, results)
@@ -2063,7 +2306,7 @@ class TestFdLimit(ArchiveCase):
             with ServerProc(MAIN_TAR, "--max-connections", "64", "--access-log", "-",
                             prefix=fd_limited(180)) as srv:
                 with Flood(srv.addr, 400):
-                    time.sleep(0.3)
+                    time.sleep(T(0.3))
                     self.assertIsNone(srv.proc.poll(), srv.stderr_tail())
                 self.assertSmall(get1(srv.addr, "/small.txt"))
                 self.assertNotIn("Traceback", srv.stderr_text())
@@ -2101,7 +2344,7 @@ class TestFdLimit(ArchiveCase):
             for c in busy:
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 c.send(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-            time.sleep(0.3)
+            time.sleep(T(0.3))
             pid = srv.proc.pid
             limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
             in_use = len(os.listdir("/proc/%d/fd" % pid))
@@ -2112,7 +2355,7 @@ class TestFdLimit(ArchiveCase):
                     conns.append(Conn(srv.addr, timeout=T(5)))
                     conns[-1].send(VALID_GET)
                 busy[0].close()
-                time.sleep(0.5)
+                time.sleep(T(0.5))
                 cpu0 = srv.cpu_seconds()
                 time.sleep(2)
                 self.assertLess(srv.cpu_seconds() - cpu0, 0.5, "spinning on EMFILE")
@@ -2146,7 +2389,7 @@ class TestSignals(ArchiveCase):
                 if state["sent"] is None and state["n"] >= (1 << 20):
                     state["sent"] = time.monotonic()
                     srv.proc.send_signal(signal.SIGTERM)
-                    time.sleep(0.2)
+                    time.sleep(T(0.2))
                     # no longer accepting: a new client is refused or never served
                     try:
                         late = Conn(srv.addr, timeout=1)
@@ -2187,9 +2430,9 @@ class TestSignals(ArchiveCase):
             c = Conn(srv.addr)
             self.assertEqual(c.request("GET", "/small.txt").status, 200)
             c.send(VALID_GET[:10])
-            time.sleep(0.3)
+            time.sleep(T(0.3))
             srv.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            time.sleep(T(0.3))
             c.send(VALID_GET[10:])
             r = c.read_response()
             self.assertEqual((r.status, r.get("Connection")), (200, "close"))
@@ -2336,7 +2579,7 @@ class TestLogFailures(ArchiveCase):
         try:
             for _ in range(3):
                 proc.send_signal(signal.SIGUSR1)
-                time.sleep(0.2)
+                time.sleep(T(0.2))
                 self.assertIsNone(proc.poll(), "SIGUSR1 killed the server")
                 self.assertEqual(get1(addr, "/small.txt").status, 200)
         finally:
@@ -2802,7 +3045,7 @@ def _deny_io_uring_setup(err):
     return install
 
 
-class IoUringUnavailableTest(unittest.TestCase):
+class TestIoUringUnavailable(unittest.TestCase):
     """io_uring blocked (seccomp, as in containers) or missing (ENOSYS): one clear line."""
 
     def run_denied(self, err):
@@ -2848,7 +3091,7 @@ class IoUringUnavailableTest(unittest.TestCase):
         self.assert_one_line_error(proc, "kernel.io_uring_disabled=2", "sysctl")
 
 
-class SteadyStateSyscallsTest(unittest.TestCase):
+class TestSteadyStateSyscalls(unittest.TestCase):
     """The "no syscalls" claim: under keep-alive load, strace sees io_uring_enter and nothing
     else, and far fewer of those than requests."""
 
@@ -2869,9 +3112,9 @@ class SteadyStateSyscallsTest(unittest.TestCase):
                 self.load(socks, request, 20)  # warm up: every slot and page touched
                 trace = subprocess.Popen(["strace", "-c", "-f", "-p", str(server.pid)],
                                          stderr=subprocess.PIPE, text=True)
-                time.sleep(1.0)  # strace attached
+                time.sleep(T(1.0))  # strace attached
                 n = self.load(socks, request, 300)
-                time.sleep(0.2)
+                time.sleep(T(0.2))
                 trace.send_signal(signal.SIGINT)
                 summary = trace.communicate(timeout=30)[1]
                 for s in socks:
@@ -5333,26 +5576,6 @@ class TestMiniHandshake(TLSCertsCase):
         self.assert_done(client)
         self.assertEqual(certificate_entries(client.messages[1]), [(der, b'') for der in chain])
 
-    def test_hello_retry_request(self):
-        client = MiniClient(groups=(P384, X25519, P256), share_groups=(P384,))
-        reply = client.start()
-        self.assertFalse(client.server.failed, client.server.error)
-        self.assertEqual(client.server._state, tarweb._TLS_STATE_START)   # again, RFC 8446 A.2
-        reply = client.retry(reply)
-        self.assertTrue(client.hrr_ccs)
-        self.assertEqual(client.hrr_group, X25519)
-        client.finish_server_flight(reply)
-        self.assertFalse(client.ccs)   # the compatibility CCS was sent once, after the HRR
-        self.assertEqual(client.send(client.finished_record()), b'')
-        self.assertEqual(self.assert_done(client).group, X25519)
-
-    def test_hello_retry_request_for_p256(self):
-        client = MiniClient(groups=(P256,), share_groups=(), suites=(0x1302,))
-        client.finish_server_flight(client.retry(client.start()))
-        client.send(client.finished_record())
-        server = self.assert_done(client)
-        self.assertEqual((server.group, server.cipher_suite), (P256, 0x1302))
-
     def test_browser_like_hello_with_grease_and_hybrid_share(self):
         grease = 0x0a0a
         hybrid = 0x11ec   # X25519MLKEM768, which we do not implement: its 1216-byte share is ignored
@@ -5421,27 +5644,12 @@ class TestMiniHandshake(TLSCertsCase):
         self.assertTrue(client.server.failed)
         self.assertEqual(client.decrypt_alert(out), 20)   # bad_record_mac
 
-    def test_early_data_after_hello_retry_is_skipped(self):
-        client = MiniClient(early_data=True, groups=(X25519, P256), share_groups=())
-        reply = client.start()
-        early_key = tarweb._TLSRecordCipher(0x1301, os.urandom(32))
-        self.assertEqual(client.send(early_key.seal(23, b'GET / HTTP/1.1\r\n\r\n')), b'')
-        client.finish_server_flight(client.retry(reply))
-        client.send(client.finished_record())
-        self.assert_done(client)
-
     def test_no_skipping_once_the_second_flight_started(self):
         client = MiniClient(early_data=True)
         client.finish_server_flight(client.start())
         early_key = tarweb._TLSRecordCipher(0x1301, os.urandom(32))
         out = client.send(client.tx.seal(22, client.finished_message()[:8]) + early_key.seal(23, b'x'))
         self.assertEqual(client.decrypt_alert(out), 20)
-
-    def test_no_skipping_after_the_second_client_hello(self):
-        client = MiniClient(early_data=True, share_groups=())
-        client.finish_server_flight(client.retry(client.start()))
-        early_key = tarweb._TLSRecordCipher(0x1301, os.urandom(32))
-        self.assertEqual(client.decrypt_alert(client.send(early_key.seal(23, b'x'))), 20)
 
     def test_key_update(self):
         client = MiniClient()
@@ -5706,6 +5914,62 @@ class TestTLSServerErrors(TLSCertsCase):
             out = client.send(data(client))
             self.assertEqual(client.decrypt_alert(out), 10, client.server.error)
 
+    def test_internal_error(self):
+        class BrokenKey:
+            signature_schemes = [0x0403]
+
+            def sign(self, scheme, message):
+                raise RuntimeError('signing device unplugged')
+
+        client = MiniClient(TLSConfig(BrokenKey(), CONFIGS['p256'].cert_chain))
+        out = client.start()
+        self.assert_plaintext_alert(client, out, 80)
+        self.assertIn('signing device unplugged', client.server.error)
+
+
+class TestHelloRetryRequest(TLSCertsCase):
+    """HelloRetryRequest, in-process: the retry and its second ClientHello, refused early data
+    around it, and each way a second hello can be wrong (openssl against the HTTPS server:
+    TestHTTPSOpenSSL.test_hello_retry_request)."""
+
+    assert_done = TestMiniHandshake.assert_done
+    assert_plaintext_alert = TestTLSServerErrors.assert_plaintext_alert
+
+    def test_hello_retry_request(self):
+        client = MiniClient(groups=(P384, X25519, P256), share_groups=(P384,))
+        reply = client.start()
+        self.assertFalse(client.server.failed, client.server.error)
+        self.assertEqual(client.server._state, tarweb._TLS_STATE_START)   # again, RFC 8446 A.2
+        reply = client.retry(reply)
+        self.assertTrue(client.hrr_ccs)
+        self.assertEqual(client.hrr_group, X25519)
+        client.finish_server_flight(reply)
+        self.assertFalse(client.ccs)   # the compatibility CCS was sent once, after the HRR
+        self.assertEqual(client.send(client.finished_record()), b'')
+        self.assertEqual(self.assert_done(client).group, X25519)
+
+    def test_hello_retry_request_for_p256(self):
+        client = MiniClient(groups=(P256,), share_groups=(), suites=(0x1302,))
+        client.finish_server_flight(client.retry(client.start()))
+        client.send(client.finished_record())
+        server = self.assert_done(client)
+        self.assertEqual((server.group, server.cipher_suite), (P256, 0x1302))
+
+    def test_early_data_after_hello_retry_is_skipped(self):
+        client = MiniClient(early_data=True, groups=(X25519, P256), share_groups=())
+        reply = client.start()
+        early_key = tarweb._TLSRecordCipher(0x1301, os.urandom(32))
+        self.assertEqual(client.send(early_key.seal(23, b'GET / HTTP/1.1\r\n\r\n')), b'')
+        client.finish_server_flight(client.retry(reply))
+        client.send(client.finished_record())
+        self.assert_done(client)
+
+    def test_no_skipping_after_the_second_client_hello(self):
+        client = MiniClient(early_data=True, share_groups=())
+        client.finish_server_flight(client.retry(client.start()))
+        early_key = tarweb._TLSRecordCipher(0x1301, os.urandom(32))
+        self.assertEqual(client.decrypt_alert(client.send(early_key.seal(23, b'x'))), 20)
+
     def test_second_client_hello_checks(self):
         for overrides in (dict(share_groups=(P256,)),        # not the group the HRR asked for
                           dict(share_groups=(X25519, P256)),  # more than one share
@@ -5733,17 +5997,33 @@ class TestTLSServerErrors(TLSCertsCase):
         out = client.send(b'\x17\x03\x03\x00\x05hello')   # no early_data offered: not skipped
         self.assert_plaintext_alert(client, out, 10)
 
-    def test_internal_error(self):
-        class BrokenKey:
-            signature_schemes = [0x0403]
 
-            def sign(self, scheme, message):
-                raise RuntimeError('signing device unplugged')
+class TestTLSServerReceive(TLSCertsCase):
+    """TLSServer.receive on real client bytes (Python's ssl, captured in fuzz_tls_seeds_ssl):
+    a hello gets the server's flight; junk gets a plaintext alert and nothing more."""
 
-        client = MiniClient(TLSConfig(BrokenKey(), CONFIGS['p256'].cert_chain))
-        out = client.start()
-        self.assert_plaintext_alert(client, out, 80)
-        self.assertIn('signing device unplugged', client.server.error)
+    def test_python_ssl_hello_gets_the_flight(self):
+        config = tls_config('p256', **FUZZ_TLS_CONFIG_ARGS)
+        for label, data in fuzz_tls_seeds_ssl(config, None):
+            server = TLSServer(config)
+            hello_len = 5 + int.from_bytes(data[3:5], 'big')
+            records = parse_records(server.receive(data[:hello_len]))
+            if 'secp384r1' in label:   # no group in common
+                self.assertEqual((server.failed, server.alert), (True, 40), label)
+                continue
+            self.assertFalse(server.failed, (label, server.error))
+            self.assertEqual([r[0] for r in records[:2]], [22, 20], label)   # ServerHello, CCS
+            self.assertTrue(records[2:] and all(r[0] == 23 for r in records[2:]), label)
+            self.assertEqual(server.cipher_suite, 0x1303, label)
+
+    def test_junk_gets_an_alert(self):
+        for data, code in ((b'GET / HTTP/1.1\r\n\r\n', 10), (b'\x16\x03\x03\x00\x04\x01\x00\x00\x00', 50),
+                           (b'\x16\x03\x03\x40\x01' + bytes(0x4001), 22), (b'\x15\x03\x03\x00\x01\x02', 50),
+                           (b'\x17\x03\x03\x00\x01x', 10)):
+            server = TLSServer(CONFIGS['p256'])
+            self.assertEqual(server.receive(data), plaintext_alert(code), data[:12])
+            self.assertTrue(server.failed)
+            self.assertEqual(server.receive(b'more'), b'')
 
 
 class TestRecordLayerErrors(unittest.TestCase):
@@ -6162,7 +6442,7 @@ class TestOpenSSLClient(TLSCertsCase):
 # 4. HTTPS server: the real tarweb.py serving TLS on 127.0.0.1 (section 1's ServerProc), real
 #    clients (Python's ssl with http.client, curl, openssl s_client) verifying section 3's
 #    certificates, section 3's hand-driven client over TCP for the bytes no real client sends,
-#    and kernel TLS (KTLSTest: `make test-ktls` runs it inside ../shared/ktls-vm)
+#    and kernel TLS (TestKTLS: `make test-ktls` runs it inside ../shared/ktls-vm)
 # =============================================================================================
 
 # TARWEB_EXPECT_KTLS=1: the kernel has kTLS and the server must use it; unset or 0: no record may go
@@ -6530,7 +6810,7 @@ def ktls_counters():
 # Interoperability: Python's ssl, openssl s_client and curl; every certificate type
 # ---------------------------------------------------------------------------------------------
 
-class InteropPythonSSLTest(HTTPSServerCase):
+class TestHTTPSPythonSSL(HTTPSServerCase):
     """Python's ssl (OpenSSL) as a verifying client, with http.client on top."""
 
     def test_verified_request_by_hostname_and_by_ip(self):
@@ -6597,7 +6877,7 @@ class InteropPythonSSLTest(HTTPSServerCase):
         self.srv.assert_idle()
 
 
-class InteropOpenSSLTest(HTTPSServerCase):
+class TestHTTPSOpenSSL(HTTPSServerCase):
     """openssl s_client: every cipher suite, group and ALPN case; curl too."""
 
     def s_client(self, *args, **kw):
@@ -6684,7 +6964,7 @@ class InteropOpenSSLTest(HTTPSServerCase):
         self.assertIn(b'content-length: %d' % len(SMALL), head.lower())
 
 
-class CertTypeTest(unittest.TestCase):
+class TestHTTPSCertTypes(unittest.TestCase):
     """A server per certificate type; s_client, curl and Python's ssl all verify it."""
     KINDS = ('rsa', 'rsa4096', 'p256', 'ed25519', 'chain')
     SIGNATURE = {'rsa': 'RSA-PSS', 'rsa4096': 'RSA-PSS', 'p256': 'ECDSA', 'ed25519': 'Ed25519',
@@ -6743,7 +7023,7 @@ class CertTypeTest(unittest.TestCase):
         self.assertIn('i:CN = Test Root', out)
 
 
-class SelfSignedTest(HTTPSServerCase):
+class TestHTTPSSelfSignedOption(HTTPSServerCase):
     """--tls-self-signed: a certificate for localhost/127.0.0.1 made at start."""
 
     @classmethod
@@ -6784,7 +7064,7 @@ class SelfSignedTest(HTTPSServerCase):
 # HTTP over TLS
 # ---------------------------------------------------------------------------------------------
 
-class HTTPSTest(HTTPSServerCase):
+class TestHTTPS(HTTPSServerCase):
     BIG = True
 
     def test_10mib_download_python(self):
@@ -6966,7 +7246,7 @@ class HTTPSTest(HTTPSServerCase):
         self.srv.assert_idle()
 
 
-class UserspaceRecordBufferTest(HTTPSServerCase):
+class TestUserspaceRecordBuffer(HTTPSServerCase):
     """The userspace record layer buffers a partial record between reads; when it completes,
     the plaintext may be larger than the bytes of that read. Two slots, so that the
     neighbour of the connection under test is the other one."""
@@ -7048,7 +7328,7 @@ class UserspaceRecordBufferTest(HTTPSServerCase):
         self.assertNotIn('Traceback', self.srv.stderr_text())
 
 
-class FewSlotsTest(HTTPSServerCase):
+class TestHTTPSFewSlots(HTTPSServerCase):
     """More simultaneous TLS clients than slots: the rest wait in the backlog, all are served."""
 
     @classmethod
@@ -7078,7 +7358,7 @@ class FewSlotsTest(HTTPSServerCase):
 # Hostile input on the TLS port, the handshake deadline
 # ---------------------------------------------------------------------------------------------
 
-class HostileTest(HTTPSServerCase):
+class TestHostileTLS(HTTPSServerCase):
     """Each bad input: exactly the expected alert (plaintext before ServerHello), the connection
     closed, tls_failures counting it, no slot left behind, and the server still serving."""
 
@@ -7232,7 +7512,7 @@ class HostileTest(HTTPSServerCase):
         self.assertIn('record_overflow', layer.error or '', data)
 
 
-class HandshakeDeadlineTest(HTTPSServerCase):
+class TestHandshakeDeadline(HTTPSServerCase):
 
     @classmethod
     def server_options(cls):
@@ -7289,11 +7569,13 @@ class HandshakeDeadlineTest(HTTPSServerCase):
 # Plain and TLS listeners together; start-up errors
 # ---------------------------------------------------------------------------------------------
 
-class PlainAndTLSTest(HTTPSServerCase):
+class TestPlainAndTLS(HTTPSServerCase):
 
     @classmethod
     def server_options(cls):
-        return https_args('p256', '--tls-listen', '127.0.0.1:0')
+        # A ClientHello on the plain port is a request head without its blank line (unless its
+        # random bytes hold one): the header deadline answers it, well before the client's 10 s.
+        return https_args('p256', '--tls-listen', '127.0.0.1:0', '--header-timeout', '2')
 
     def test_url_line(self):
         self.assertEqual(sorted(scheme for scheme, _h, _p in self.srv.listeners), ['http', 'https'])
@@ -7316,7 +7598,7 @@ class PlainAndTLSTest(HTTPSServerCase):
         self.srv.assert_idle()
 
 
-class TarRewrittenInPlaceTest(unittest.TestCase):
+class TestTarRewrittenInPlace(unittest.TestCase):
     """`cp new.tar site.tar` while serving truncates the mapped file: the server survives (no
     SIGBUS from reading the shrunken mapping in userspace TLS), and once it has noticed (within
     a second) answers 500 instead of serving bytes of a tar its index does not describe."""
@@ -7349,7 +7631,7 @@ class TarRewrittenInPlaceTest(unittest.TestCase):
             srv.assert_idle()
 
 
-class StartupErrorTest(StartupErrorChecks, unittest.TestCase):
+class TestTLSStartupErrors(StartupErrorChecks, unittest.TestCase):
     """Bad TLS options and key files: one clean error line, no key material printed."""
 
     @classmethod
@@ -7450,7 +7732,7 @@ class StartupErrorTest(StartupErrorChecks, unittest.TestCase):
 # Kernel TLS: the kTLS subset (make test-ktls; TARWEB_EXPECT_KTLS above)
 # ---------------------------------------------------------------------------------------------
 
-class KTLSTest(StartupErrorChecks, HTTPSServerCase):
+class TestKTLS(StartupErrorChecks, HTTPSServerCase):
     """Proof that records go through the kernel (TARWEB_EXPECT_KTLS=1, in the kTLS VM), or that
     the userspace fallback is announced once and carries everything (otherwise)."""
 
@@ -8527,12 +8809,15 @@ def bench(quick=False):
 
 
 def run_command(argv):
-    """Exit status for `bench [--quick]` / `demo-site OUT.tar`; None means: run the unit tests."""
+    """Exit status for `bench [--quick]` / `demo-site OUT.tar` / `fuzz ...` (section 6); None means:
+    run the unit tests."""
     if argv[:1] == ['bench']:
         if any(arg != '--quick' for arg in argv[1:]):
             print('usage: %s bench [--quick]' % sys.argv[0], file=sys.stderr)
             return 2
         return bench(quick='--quick' in argv)
+    if argv[:1] == ['fuzz']:
+        return fuzz_main(argv[1:])
     if argv[:1] == ['demo-site']:
         if len(argv) != 2:
             print('usage: %s demo-site OUT.tar' % sys.argv[0], file=sys.stderr)
@@ -8572,7 +8857,773 @@ class TestDemoSite(unittest.TestCase):
 
 
 # =============================================================================================
-# 6. Command line
+# 6. Fuzzing: mutation fuzzers for the HTTP responder and the TLS handshake, in this process
+#
+#    python3 test_tarweb.py fuzz [--http N] [--tls N] [--seed S] [--jobs J] [--only KIND:INDEX]
+#
+#    Input i of a run is made by random.Random(seed, i) alone, so a failure replays with --only,
+#    whatever --jobs was. HTTP: request bytes (structure-aware and byte mutations of seed
+#    requests) through find_head_end and Site.respond as the server's process() does, plus
+#    normalise_path, parse_range and accept_encoding_choice on the parts; every output is checked
+#    (status known, head lines printable, Content-Length and Content-Range agree with the body
+#    span, the span inside the tar, keep_alive matches Connection: close). TLS: byte mutations of
+#    captured client flights (Python's ssl over MemoryBIO, openssl s_client over loopback, the
+#    hand-driven MiniClient; several groups, suites, SNI and ALPN, HelloRetryRequest, alerts)
+#    fed whole or split to a fresh TLSServer; and mutations of the second flight (before or after
+#    sealing it with the client's real handshake key) fed to a copy of a server that has sent its
+#    flight. Every receive() must return whole records; a failure must come with its alert, and
+#    internal_error (an exception caught inside TLSServer) counts as a finding.
+#    TestFuzzSlice runs a short fixed-seed slice with the tests.
+# =============================================================================================
+
+FUZZ_TLS_CONFIG_ARGS = dict(alpn=(b'http/1.1',), cipher_preference=(0x1303, 0x1301, 0x1302))
+FUZZ_INTERESTING = (0, 1, 0x7f, 0x80, 0xff, 0xfe)
+_FUZZ_LINE_RE = re.compile(rb'[\x20-\x7e]+')
+_FUZZ_CONTENT_RANGE_RE = re.compile(rb'bytes (\d+)-(\d+)/(\d+)')
+_FUZZ_TARGET_RE = re.compile(rb'/[\x21-\x7e]*')
+
+
+class FuzzFailure(Exception):
+    """An input the code under test mishandled: what went wrong, with the input."""
+
+
+def fuzz_rng(seed, index):
+    """The generator of input `index` of a run with `seed`: independent of --jobs."""
+    return random.Random(seed * 1000003 + index * 7919 + 0x5eed)
+
+
+def fuzz_mutate_bytes(rng, data, others=(), rounds=None):
+    """1..4 stacked byte-level mutations of data (bytes): bit flips, byte insert/delete/replace,
+    interesting values, length fields +-1 or extreme, splices and duplicated chunks (from
+    `others` too), truncation."""
+    data = bytearray(data)
+    for _ in range(rounds or rng.choice((1, 1, 1, 2, 2, 3, 4))):
+        n = len(data)
+        op = rng.randrange(11)
+        pos = rng.randrange(n) if n else 0
+        if op == 0 and n:                                   # bit flip
+            data[pos] ^= 1 << rng.randrange(8)
+        elif op == 1 and n:                                 # byte replace
+            data[pos] = rng.randrange(256)
+        elif op == 2:                                       # byte insert
+            data[pos:pos] = bytes([rng.choice(FUZZ_INTERESTING + (rng.randrange(256),))])
+        elif op == 3 and n:                                 # delete a run of 1..8 bytes
+            del data[pos:pos + rng.randint(1, 8)]
+        elif op == 4 and n:                                 # interesting byte
+            data[pos] = rng.choice(FUZZ_INTERESTING)
+        elif op == 5 and n >= 2:                            # a 16- or 24-bit length field
+            width = rng.choice((2, 2, 3))
+            pos = min(pos, n - width)
+            value = int.from_bytes(data[pos:pos + width], 'big')
+            value = rng.choice((value + 1, value - 1, 0, (1 << 8 * width) - 1, value * 2,
+                                1 << (8 * width - 1)))
+            data[pos:pos + width] = (value % (1 << 8 * width)).to_bytes(width, 'big')
+        elif op == 6 and n:                                 # truncation
+            del data[rng.randrange(n):]
+        elif op == 7 and n:                                 # duplicate a chunk in place
+            end = min(n, pos + rng.randint(1, 64))
+            data[pos:pos] = data[pos:end]
+        elif op == 8 and others:                            # splice a chunk of another seed
+            other = rng.choice(others)
+            if other:
+                a = rng.randrange(len(other))
+                chunk = other[a:a + rng.randint(1, 128)]
+                if rng.random() < 0.5:
+                    data[pos:pos + len(chunk)] = chunk
+                else:
+                    data[pos:pos] = chunk
+        elif op == 9 and others:                            # cross-over: head of one, tail of another
+            other = rng.choice(others)
+            if other:
+                data = data[:pos] + other[rng.randrange(len(other)):]
+        elif op == 10 and n:                                # a run of one byte value
+            end = min(n, pos + rng.randint(1, 16))
+            data[pos:end] = bytes([rng.choice(FUZZ_INTERESTING)]) * (end - pos)
+    return bytes(data)
+
+
+def fuzz_split(rng, data):
+    """data cut at 1..4 random points (sorted, possibly empty pieces)."""
+    cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randint(1, 4)))
+    return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP: Site.respond and its helpers
+# ---------------------------------------------------------------------------------------------
+
+FUZZ_SITE_MEMBERS = [
+    ("index.html", "file", b"<p>home</p>\n"),
+    ("404.html", "file", b"<p>not here</p>\n"),
+    ("docs", "dir", None),
+    ("docs/index.html", "file", b"<p>docs</p>\n"),
+    ("docs/sub/page.html", "file", b"<p>deep</p>\n"),
+    ("app.js", "file", b"console.log('tarweb');\n" * 40),
+    ("app.js.gz", "file", gzip.compress(b"console.log('tarweb');\n" * 40, mtime=0)),
+    ("app.js.br", "file", b"\x1b" + bytes(30)),
+    ("range.bin", "file", bytes(range(256)) * 8),
+    ("empty.txt", "file", b""),
+    ("sp ace.txt", "file", b"space\n"),
+    ("\u00fcn\u00efc\u00f8de.txt", "file", b"unicode\n"),
+    ("%41.txt", "file", b"a literal percent name\n"),
+    ("link.html", "hard", "index.html"),
+]
+FUZZ_HTTP_SEEDS = [
+    b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /app.js HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip, br;q=0.5, identity;q=0\r\n\r\n",
+    b"HEAD /range.bin HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /range.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=10-20\r\n\r\n",
+    b"GET /range.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=-100\r\nIf-Range: \"x\"\r\n\r\n",
+    b"GET /range.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=5000-\r\n\r\n",
+    b"GET /index.html HTTP/1.1\r\nHost: t\r\nIf-None-Match: W/\"a\", *\r\n\r\n",
+    b"GET /index.html HTTP/1.1\r\nHost: t\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n",
+    b"GET /docs HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /docs/sub?q=%0d%0a%zz\\x HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /a/../docs/./sub/%70age.html HTTP/1.1\r\nHost: t\r\n\r\n",
+    b"GET /sp%20ace.txt HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"GET /%C3%BCn%C3%AFc%C3%B8de.txt HTTP/1.0\r\n\r\n",
+    b"GET http://t/app.js?x=1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    b"POST /index.html HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello",
+    b"GET /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"GET /empty.txt HTTP/1.1\nHost: t\nRange: bytes=0-0\n\n",
+    b"GET / HTTP/2.0\r\nHost: t\r\n\r\n",
+    b"\r\n\r\nGET /link.html HTTP/1.1\r\nHost: a\r\n\r\nGET /app.js HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+FUZZ_HTTP_FIELDS = [
+    b"Host: t", b"Host: other", b"Connection: close", b"Connection: keep-alive",
+    b"Connection: Keep-Alive, Upgrade", b"Content-Length: 0", b"Content-Length: 00",
+    b"Content-Length: 99999999999999999999999", b"Content-Length: -1", b"Content-Length: 1 ",
+    b"Transfer-Encoding: chunked", b"Range: bytes=0-", b"Range: bytes=-0", b"Range: bytes=0-0",
+    b"Range: bytes=1-0", b"Range: bytes=0-1,2-3", b"Range: bytes = 1-2", b"Range: bytes=-",
+    b"Range: bytes=99999999999999999999999999-", b"Range: bytes=-99999999999999999999999999",
+    b"Range: bytes=\t3-4\t", b"Range: items=1-2", b"If-Range: Sun, 06 Nov 1994 08:49:37 GMT",
+    b"If-Range: \"\"", b"If-Range: W/\"x\"", b"If-None-Match: *", b"If-None-Match: \"abc\"",
+    b"If-None-Match: ,,,", b"If-Modified-Since: Fri, 31 Dec 9999 23:59:59 GMT",
+    b"If-Modified-Since: Thu, 01 Jan 1970 00:00:00 GMT", b"If-Modified-Since: garbage",
+    b"If-Modified-Since: Mon, 99 Foo 99999999999 99:99:99 GMT",
+    b"Accept-Encoding: *", b"Accept-Encoding: *;q=0", b"Accept-Encoding: gzip;q=nan",
+    b"Accept-Encoding: gzip;q=1e309, br;q=-1", b"Accept-Encoding: identity;q=0, zstd",
+    b"Accept-Encoding: ,;q=,", b"X-Long: " + b"a" * 3000, b"X-Obs: \x80\xff", b"X-Empty:",
+    b"Bad Name: x", b": empty name", b"X-Tab:\tv\t",
+]
+FUZZ_HTTP_TARGETS = [
+    b"/", b"/index.html", b"/docs", b"/docs/", b"/docs/sub", b"/%2e%2e/%2e%2e/etc/passwd",
+    b"/..%2f..%2f", b"/%00", b"/%ff", b"/%c3%28", b"/%", b"/%4", b"//app.js", b"/./././app.js",
+    b"/docs/..", b"/docs/.", b"/app.js?%", b"/a?b?c#d", b"*", b"http://h", b"HTTPS://H/docs",
+    b"ftp://h/", b"/" + b"x" * 9000, b"/%41.txt", b"/%2541.txt", b"/docs/sub/../../docs/sub/",
+]
+FUZZ_HTTP_METHODS = [b"GET", b"HEAD", b"POST", b"OPTIONS", b"get", b"G\x00T", b"", b"GET GET"]
+FUZZ_HTTP_VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2", b"HTTP/0.9", b"http/1.1",
+                      b"HTTP/1.1 ", b"HTTP/11.1"]
+FUZZ_HTTP_EOLS = [b"\r\n", b"\n", b"\r", b"\n\r", b"\r\r\n", b"\r\n\r\n", b""]
+
+
+class FuzzHTTP:
+    """The HTTP target: two sites (with and without 404.html and Cache-Control, one under a
+    prefix) over small tars in the scratch folder."""
+
+    MAX_HEAD = 8192   # the server's default --max-header-bytes
+
+    def __init__(self):
+        log = tarweb.Log(-1)
+        plain = work_file('fuzz', 'site.tar')
+        build_tar(plain, FUZZ_SITE_MEMBERS)
+        prefixed = work_file('fuzz', 'prefixed.tar')
+        build_tar(prefixed, [m for m in FUZZ_SITE_MEMBERS if m[0] != '404.html'], prefix='www/')
+        self.sites = [tarweb.Site(tarweb.Archive(plain, '', log), cache_control='max-age=60'),
+                      tarweb.Site(tarweb.Archive(prefixed, 'www', log))]
+        self.app = self.sites[0].archive.files[b'/app.js']
+        assert self.app.variants, 'app.js.gz and app.js.br are variants of app.js'
+        self.seeds = FUZZ_HTTP_SEEDS
+
+    def make_input(self, rng):
+        """(site index, draining, request bytes) for one input."""
+        data = rng.choice(self.seeds)
+        if rng.random() < 0.6:
+            data = self.mutate_structure(rng, data)
+        if rng.random() < 0.5:
+            data = fuzz_mutate_bytes(rng, data, self.seeds)
+        return rng.randrange(2), rng.random() < 0.03, data
+
+    @staticmethod
+    def mutate_structure(rng, data):
+        lines = data.split(b"\r\n")
+        for _ in range(rng.randint(1, 3)):
+            op = rng.randrange(9)
+            i = rng.randrange(len(lines))
+            if op == 0:
+                lines.insert(rng.randint(1, len(lines)), rng.choice(FUZZ_HTTP_FIELDS))
+            elif op == 1 and len(lines) > 1:
+                lines.insert(i, lines[i])                          # a duplicated line
+            elif op == 2 and len(lines) > 1:
+                del lines[i]                                       # a removed line
+            elif op == 3:                                          # another line ending
+                lines[i] += rng.choice(FUZZ_HTTP_EOLS[1:])
+            elif op == 4:                                          # huge or odd numbers
+                lines[i] = re.sub(rb'\d+', lambda m: rng.choice(
+                    (b'9' * rng.randint(19, 5000), b'0' * 40 + m.group(), b'-' + m.group(),
+                     str(rng.randrange(2 ** 64)).encode(), b'1e3', b'0x10')), lines[i], count=1)
+            elif op == 5:                                          # a new request line
+                lines[0] = b' '.join((rng.choice(FUZZ_HTTP_METHODS), rng.choice(FUZZ_HTTP_TARGETS),
+                                      rng.choice(FUZZ_HTTP_VERSIONS)))
+            elif op == 6:                                          # percent-escapes in the target
+                parts = lines[0].split(b' ')
+                if len(parts) == 3:
+                    at = rng.randint(0, len(parts[1]))
+                    escape = rng.choice((b'%2e', b'%2E%2e', b'%2f', b'%00', b'%0d%0a', b'%25',
+                                         b'%ff', b'%c3', b'%', b'%g1', b'%5c', b'/..', b'/.', b'//'))
+                    parts[1] = parts[1][:at] + escape + parts[1][at:]
+                    lines[0] = b' '.join(parts)
+            elif op == 7:                                          # spaces and tabs around values
+                lines[i] = lines[i].replace(b': ', rng.choice((b':', b':\t', b' : ', b':  ')), 1)
+            elif op == 8:                                          # case changes
+                lines[i] = lines[i].swapcase() if rng.random() < 0.5 else lines[i].lower()
+        return b"\r\n".join(lines)
+
+    def run(self, case):
+        """Every request in the bytes through find_head_end and Site.respond, as Server.process
+        does; raises FuzzFailure for a broken invariant. Returns the statuses."""
+        site_index, draining, data = case
+        site = self.sites[site_index]
+        site.draining = draining
+        try:
+            return self._run(site, data)
+        finally:
+            site.draining = False
+
+    def _run(self, site, data):
+        statuses = []
+        start, end = 0, len(data)
+        for _ in range(4):   # up to four pipelined requests
+            while start < end and data[start] in (13, 10):
+                start += 1
+            found = tarweb.find_head_end(data, start, end)
+            if found is None:
+                if end - start >= self.MAX_HEAD:
+                    statuses.append(self.check(site, site.error(
+                        tarweb.oversize_status(data, start, end), True), b'GET'))
+                break
+            head_end, next_start = found
+            if not (start < head_end < next_start <= end and data[head_end - 1] == 10
+                    and data[head_end:next_start] in (b"\n", b"\r\n")
+                    and b"\n\n" not in data[start:head_end] and b"\n\r\n" not in data[start:head_end]):
+                raise FuzzFailure('find_head_end(%d, %d) -> %r' % (start, end, found))
+            if head_end - start > self.MAX_HEAD:
+                statuses.append(self.check(site, site.error(
+                    tarweb.oversize_status(data, start, end), True), b'GET'))
+                break
+            head = data[start:head_end]
+            self.check_parts(head)
+            response = site.respond(head)
+            statuses.append(self.check(site, response, head.partition(b' ')[0]))
+            if (response[4] and head.split(b"\n", 1)[0].rstrip(b"\r").endswith(b" HTTP/1.0")
+                    and b"\r\nConnection: keep-alive\r\n" not in response[1]):
+                raise FuzzFailure('HTTP/1.0 keep-alive answered without Connection: keep-alive')
+            if not response[4]:
+                break
+            start = next_start
+        return statuses
+
+    def check(self, site, response, method):
+        if not (isinstance(response, tuple) and len(response) == 5):
+            raise FuzzFailure('respond returned %r' % (response,))
+        status, head, offset, length, keep_alive = response
+        if status not in tarweb.REASONS or not isinstance(head, bytes) or keep_alive not in (True, False):
+            raise FuzzFailure('bad response tuple %r' % (response[:1] + response[2:],))
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            raise FuzzFailure('head without a blank line: %r' % head)
+        lines, extra = head[:end].split(b"\r\n"), head[end + 4:]
+        if lines[0] != b"HTTP/1.1 %d %s" % (status, tarweb.REASONS[status].encode()):
+            raise FuzzFailure('status line %r for %d' % (lines[0], status))
+        fields = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b": ")
+            if not sep or not _FUZZ_LINE_RE.fullmatch(line) or b":" in name:
+                raise FuzzFailure('bad header line %r' % line)
+            if name in fields:
+                raise FuzzFailure('header %r twice' % name)
+            fields[name] = value
+        for name in (b"Server", b"Date"):
+            if name not in fields:
+                raise FuzzFailure('no %s header' % name.decode())
+        if not 0 <= offset <= offset + length <= site.archive.size:
+            raise FuzzFailure('body span %d+%d outside the tar (%d bytes)'
+                              % (offset, length, site.archive.size))
+        if extra and length:
+            raise FuzzFailure('an inline body and a body span')
+        if method == b"HEAD" and (extra or length):
+            raise FuzzFailure('a body for HEAD')
+        if status != 304:
+            declared = fields.get(b"Content-Length")
+            if declared is None or not declared.isdigit():
+                raise FuzzFailure('Content-Length %r' % declared)
+            if (extra or length or method != b"HEAD") and int(declared) != len(extra) + length:
+                raise FuzzFailure('Content-Length %s for a body of %d' % (declared, len(extra) + length))
+        elif extra or length:
+            raise FuzzFailure('a body with 304')
+        if keep_alive == (fields.get(b"Connection") == b"close"):
+            raise FuzzFailure('keep_alive %s with Connection: %r' % (keep_alive, fields.get(b"Connection")))
+        if status == 206:
+            m = _FUZZ_CONTENT_RANGE_RE.fullmatch(fields.get(b"Content-Range", b""))
+            if not m or int(m.group(2)) - int(m.group(1)) + 1 != length or int(m.group(2)) >= int(m.group(3)):
+                raise FuzzFailure('Content-Range %r for %d bytes' % (fields.get(b"Content-Range"), length))
+        if status == 301 and not fields.get(b"Location", b"").startswith(b"/"):
+            raise FuzzFailure('Location %r' % fields.get(b"Location"))
+        return status
+
+    def check_parts(self, head):
+        """normalise_path, parse_range and accept_encoding_choice on pieces of the head."""
+        parts = head.split(b"\n", 1)[0].split(b" ")
+        if len(parts) > 1 and _FUZZ_TARGET_RE.fullmatch(parts[1]):   # as REQUEST_HEAD lets through
+            path = tarweb.normalise_path(parts[1])
+            if path is not None:
+                if not (path.startswith(b"/") and b"//" not in path and b"\x00" not in path):
+                    raise FuzzFailure('normalise_path(%r) -> %r' % (parts[1], path))
+                segments = path.split(b"/")
+                if b"." in segments or b".." in segments:
+                    raise FuzzFailure('normalise_path(%r) -> %r' % (parts[1], path))
+                if b"%" not in path and b"?" not in path and tarweb.normalise_path(path) != path:
+                    raise FuzzFailure('normalise_path not idempotent on %r' % path)
+        for line in head.split(b"\n")[1:]:
+            name, _, value = line.partition(b":")
+            name = name.lower()
+            value = value.strip(b" \t\r")
+            if name == b"range":
+                for size in (0, 1, 100, 2048):
+                    span = tarweb.parse_range(value, size)
+                    if not (span is None or span == "unsatisfiable"
+                            or isinstance(span, tuple) and 0 <= span[0] < span[1] <= size):
+                        raise FuzzFailure('parse_range(%r, %d) -> %r' % (value, size, span))
+            elif name == b"accept-encoding":
+                chosen = tarweb.accept_encoding_choice(self.app, value)
+                if chosen is not self.app and chosen not in [v for _, v in self.app.variants]:
+                    raise FuzzFailure('accept_encoding_choice(%r) -> %r' % (value, chosen))
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS: TLSServer.receive, from captured client flights
+# ---------------------------------------------------------------------------------------------
+
+class _RecordingSocket:
+    """A socket whose received chunks are kept: what a real client sent, chunk by chunk."""
+
+    def __init__(self, conn):
+        self.conn, self.chunks = conn, []
+
+    def recv(self, n):
+        data = self.conn.recv(n)
+        self.chunks.append(data)
+        return data
+
+    def sendall(self, data):
+        self.conn.sendall(data)
+
+
+class SeedRecorder(LoopbackServer):
+    """LoopbackServer that also returns the client's bytes ('client'): openssl s_client's flights."""
+
+    def handle(self, conn):
+        recording = _RecordingSocket(conn)
+        try:
+            result = super().handle(recording)
+        except OSError as exc:
+            result = {'exception': repr(exc)}
+        result['client'] = b''.join(recording.chunks)
+        return result
+
+
+def fuzz_tls_seeds_ssl(config, cert_pem):
+    """Client byte streams from Python's ssl over MemoryBIO: whole handshakes with ALPN and SNI
+    variants and a P-256-only client, a client that rejects the certificate (its alert), and a
+    P-384-only client (our handshake_failure)."""
+    seeds = []
+    variants = [dict(), dict(alpn=()), dict(alpn=('h2', 'http/1.1')), dict(sni=None),
+                dict(curve='prime256v1'), dict(curve='secp384r1'), dict(verify=True)]
+    for variant in variants:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_3
+        if variant.get('verify'):
+            context.load_verify_locations(cadata=pem_encode('CERTIFICATE', make_self_signed()[1]).decode())
+        else:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        alpn = variant.get('alpn', ('http/1.1',))
+        if alpn:
+            context.set_alpn_protocols(list(alpn))
+        if 'curve' in variant:
+            context.set_ecdh_curve(variant['curve'])
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = context.wrap_bio(incoming, outgoing, server_hostname=variant.get('sni', 'localhost'))
+        server = TLSServer(config)
+        sent = b''
+        for _ in range(6):
+            try:
+                client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError:
+                break
+            data = outgoing.read()
+            sent += data
+            incoming.write(server.receive(data))
+            if server.failed:
+                break
+        sent += outgoing.read()
+        if server.done or not server.failed and not variant.get('verify'):
+            with contextlib.suppress(ssl.SSLError):
+                client.write(b'GET / HTTP/1.1\r\nHost: localhost\r\n\r\n')
+                client.unwrap()
+            sent += outgoing.read()
+        seeds.append(('ssl %s' % (variant or 'default'), sent))
+    return seeds
+
+
+def fuzz_tls_seeds_openssl(config, cert_pem):
+    """Client byte streams from openssl s_client on loopback: groups (X25519, P-256, P-384 then
+    a HelloRetryRequest), suites, ALPN, no SNI."""
+    need_tool('openssl')
+    ca = work_file('fuzz', 'cert.pem', cert_pem)
+    seeds = []
+    server = SeedRecorder(config)
+    try:
+        for args, sni in (((), True), (('-groups', 'P-256'), True), (('-groups', 'P-384:X25519'), True),
+                          (('-ciphersuites', 'TLS_AES_256_GCM_SHA384'), True),
+                          (('-ciphersuites', 'TLS_AES_128_GCM_SHA256', '-alpn', 'h2,http/1.1'), True),
+                          (('-groups', 'X25519:P-256'), False)):
+            s_client(server.port, '-CAfile', ca, *args, sni=sni)
+            result = server.results.get(timeout=T(10))
+            if not result.get('done'):
+                raise AssertionError('openssl %s: %s' % (' '.join(args), result))
+            seeds.append(('openssl %s' % ' '.join(args or ('default',)), result['client']))
+    finally:
+        server.close()
+    return seeds
+
+
+def fuzz_clone(server):
+    """An independent copy of a TLSServer mid-handshake (its config shared); copy.deepcopy
+    cannot copy the running transcript hashes, so they are copied with their own .copy()."""
+    memo = {id(server.config): server.config}
+    stack = [server]
+    while stack:
+        obj = stack.pop()
+        for value in vars(obj).values():
+            if hasattr(value, 'hexdigest') and hasattr(value, 'copy'):
+                memo[id(value)] = value.copy()
+            elif hasattr(value, '__dict__') and id(value) not in memo and not isinstance(value, type):
+                memo[id(value)] = None   # visited (deepcopy replaces the entry)
+                stack.append(value)
+    for key in [k for k, v in memo.items() if v is None]:
+        del memo[key]
+    return copy.deepcopy(server, memo)
+
+
+def fuzz_mini_client(config, hrr=False, **options):
+    """A MiniClient that has read the server's flight (after a HelloRetryRequest if hrr), and the
+    bytes it sent so far."""
+    if hrr:
+        options.update(groups=(P384, X25519, P256), share_groups=(P384,))
+    client = MiniClient(config, **options)
+    reply = client.start()
+    sent = plaintext_record(22, client.hello)
+    if hrr:
+        reply = client.retry(reply)
+        sent += plaintext_record(22, client.hello)
+    client.finish_server_flight(reply)
+    return client, sent
+
+
+class FuzzTLS:
+    """The TLS target: seeds of whole client byte streams, and snapshots of servers waiting for
+    the client's second flight."""
+
+    def __init__(self, with_openssl=True):
+        key, cert = make_self_signed()
+        self.config = TLSConfig(key, [cert], **FUZZ_TLS_CONFIG_ARGS)
+        cert_pem = pem_encode('CERTIFICATE', cert)
+        named = fuzz_tls_seeds_ssl(self.config, cert_pem)
+        if with_openssl:
+            named += fuzz_tls_seeds_openssl(self.config, cert_pem)
+        self.snapshots = []
+        for label, options in (('mini', {}), ('mini hrr', dict(hrr=True)),
+                               ('mini p256 aes256', dict(share_groups=(P256,), suites=(0x1302,))),
+                               ('mini aes128 early', dict(suites=(0x1301,), early_data=True)),
+                               ('mini psk no-alpn', dict(psk=True, alpn=None, sni=None))):
+            client, sent = fuzz_mini_client(self.config, **options)
+            server = fuzz_clone(client.server)
+            peer = client.peer_record_layer()
+            tail = [(20, b'\x01'), (22, client.finished_message()),
+                    ('app', peer.seal(b'GET / HTTP/1.1\r\nHost: localhost\r\n\r\n')),
+                    ('app', peer.close_notify())]
+            self.snapshots.append((label, server, client.tx, tail))
+            named.append((label, sent + self.second_flight(client.tx, tail)))
+        self.named_seeds = named
+        self.seeds = [data for _, data in named]
+
+    @staticmethod
+    def second_flight(tx, parts):
+        """The client's second flight from (content type, plaintext) parts, sealed with a copy
+        of tx; ('app', bytes) parts are whole records already."""
+        tx = copy.deepcopy(tx)
+        out = []
+        for content_type, content in parts:
+            if content_type == 'app':
+                out.append(content)
+            elif content_type == 20:
+                out.append(plaintext_record(20, content))
+            else:
+                out.append(tx.seal(content_type, content))
+        return b''.join(out)
+
+    def make_input(self, rng):
+        """(snapshot index or None, list of chunks) for one input."""
+        if rng.random() < 0.45:   # a fresh server and a mutated client byte stream
+            data = rng.choice(self.seeds)
+            if rng.random() < 0.3:
+                data = data[:rng.randrange(len(data) + 1)]
+            data = fuzz_mutate_bytes(rng, data, self.seeds)
+            return None, (fuzz_split(rng, data) if rng.random() < 0.5 else [data])
+        index = rng.randrange(len(self.snapshots))
+        _, _, tx, parts = self.snapshots[index]
+        parts = list(parts[:rng.randint(1, len(parts))])
+        if rng.random() < 0.6:   # change the plaintext, then seal it with the real key
+            for _ in range(rng.randint(1, 2)):
+                i = rng.randrange(len(parts))
+                content_type, content = parts[i]
+                op = rng.randrange(6)
+                if op == 0 and content_type != 'app':
+                    parts[i] = (content_type, fuzz_mutate_bytes(rng, content))
+                elif op == 1 and content_type == 22:     # the Finished split over two records
+                    cut = rng.randrange(len(content) + 1)
+                    parts[i:i + 1] = [(22, content[:cut]), (22, content[cut:])]
+                elif op == 2:                            # another inner type or message
+                    parts.insert(i, (rng.choice((21, 22, 23, 24, 0)), rng.choice((
+                        b'', b'\x01', b'\x02\x00', b'\x01\x00', b'\x18\x00\x00\x01\x01',
+                        b'\x14\x00\x00\x00', b'\x05\x00\x00\x00', bytes(rng.randrange(600))))))
+                elif op == 3:                            # a duplicated part
+                    parts.insert(i, parts[i])
+                elif op == 4:                            # dropped
+                    del parts[i]
+                    if not parts:
+                        parts = [(20, b'\x01')]
+                elif op == 5 and content_type == 22:     # the Finished with padding-like tails
+                    parts[i] = (22, content + bytes(rng.randrange(1, 40)))
+            data = self.second_flight(tx, parts)
+        else:                    # mutate the sealed bytes
+            data = fuzz_mutate_bytes(rng, self.second_flight(tx, parts), self.seeds)
+        return index, (fuzz_split(rng, data) if rng.random() < 0.5 else [data])
+
+    def run(self, case):
+        """Feed the chunks; raises FuzzFailure for an exception or a broken invariant. Returns
+        'done', 'alert', 'peer-alert' or 'pending', plus ', flight' if a fresh server sent its
+        flight (a hello good enough to cost a key exchange and a signature)."""
+        index, chunks = case
+        if index is None:
+            server = TLSServer(self.config)
+        else:
+            server = fuzz_clone(self.snapshots[index][1])
+        layer_input, flight = b'', ''
+        for chunk in chunks:
+            if server.done:
+                layer_input += chunk
+                continue
+            was_failed = server.failed
+            try:
+                out = server.receive(chunk)
+            except Exception as exc:
+                raise FuzzFailure('TLSServer.receive raised %r' % exc) from exc
+            self.check_records(out, None if was_failed else server)
+            if index is None and out[:1] == b'\x16':
+                flight = ', flight'   # a hello good enough for a ServerHello: the costly inputs
+        if server.failed:
+            if server.alert == 80:
+                raise FuzzFailure('internal_error: %s' % server.error)
+            return ('alert' if server.alert is not None else 'peer-alert') + flight
+        if server.done:
+            try:
+                _plaintext, events, to_send = server.record_layer.open(layer_input)
+            except Exception as exc:
+                raise FuzzFailure('RecordLayer.open raised %r' % exc) from exc
+            if 'error' in events and 'internal error' in (server.record_layer.error or ''):
+                raise FuzzFailure('record layer: %s' % server.record_layer.error)
+            self.check_records(to_send, None)
+            return 'done' + flight
+        return 'pending' + flight
+
+    @staticmethod
+    def check_records(out, server):
+        """out is whole TLS records; a failed server's last one is its alert."""
+        pos, last = 0, None
+        while pos < len(out):
+            if len(out) - pos < 5:
+                raise FuzzFailure('a partial record header in the output')
+            content_type, version, length = struct.unpack_from('>BHH', out, pos)
+            if content_type not in (20, 21, 22, 23) or version != 0x0303 or length > 2 ** 14 + 256:
+                raise FuzzFailure('bad record header %s' % out[pos:pos + 5].hex())
+            last = out[pos:pos + 5 + length]
+            pos += 5 + length
+        if pos != len(out):
+            raise FuzzFailure('a truncated record in the output')
+        if server is not None and server.failed and server.alert is not None:
+            if last is None or not (last == plaintext_alert(server.alert) or last[0] == 23):
+                raise FuzzFailure('failed (%s) without its alert record' % server.error)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: inputs of one kind, across processes
+# ---------------------------------------------------------------------------------------------
+
+_FUZZ_TARGETS = {}   # kind -> FuzzHTTP / FuzzTLS, built before the worker processes fork
+
+
+def fuzz_target(kind, with_openssl=True):
+    if kind not in _FUZZ_TARGETS:
+        _FUZZ_TARGETS[kind] = FuzzHTTP() if kind == 'http' else FuzzTLS(with_openssl)
+    return _FUZZ_TARGETS[kind]
+
+
+def fuzz_case(kind, seed, index):
+    """The input `index` of a run (a value for the target's run())."""
+    return fuzz_target(kind).make_input(fuzz_rng(seed, index))
+
+
+def fuzz_describe(kind, case):
+    if kind == 'http':
+        site, draining, data = case
+        return 'site %d, draining %s, request %s' % (site, draining, data.hex())
+    snapshot, chunks = case
+    where = 'fresh server' if snapshot is None else 'snapshot %r' % fuzz_target(kind).snapshots[snapshot][0]
+    return '%s, chunks %s' % (where, ' '.join(chunk.hex() or '-' for chunk in chunks))
+
+
+def fuzz_slice(kind, seed, first, stop, step, max_failures=3):
+    """Inputs first, first+step, ... below stop: (count, outcome counts, failure reports)."""
+    target = fuzz_target(kind)
+    outcomes, failures, count = {}, [], 0
+    for index in range(first, stop, step):
+        case = target.make_input(fuzz_rng(seed, index))
+        count += 1
+        try:
+            result = target.run(case)
+        except Exception as exc:   # FuzzFailure, or an exception the code under test raised
+            failures.append('%s input %d (seed %d): %s: %s\n  input: %s\n  reproduce: %s %s fuzz '
+                            '--seed %d --only %s:%d' % (kind, index, seed, type(exc).__name__, exc,
+                                                        fuzz_describe(kind, case), 'python3',
+                                                        os.path.basename(__file__), seed, kind, index))
+            if len(failures) >= max_failures:
+                break
+            continue
+        key = result if kind == 'tls' else 'responses'
+        outcomes[key] = outcomes.get(key, 0) + (1 if kind == 'tls' else len(result))
+    return count, outcomes, failures
+
+
+def _fuzz_worker(args):
+    kind, seed, first, stop, step = args
+    start = time.perf_counter()
+    count, outcomes, failures = fuzz_slice(kind, seed, first, stop, step)
+    return count, time.perf_counter() - start, outcomes, failures
+
+
+def fuzz_run(kind, n, seed, jobs):
+    """n inputs of one kind over `jobs` processes; prints the rate; returns the failure reports."""
+    if n <= 0:
+        return []
+    start = time.perf_counter()
+    fuzz_target(kind)
+    setup = time.perf_counter() - start
+    work = [(kind, seed, job, n, jobs) for job in range(jobs)]
+    start = time.perf_counter()
+    if jobs > 1:
+        import multiprocessing
+        with multiprocessing.get_context('fork').Pool(jobs) as pool:
+            results = pool.map(_fuzz_worker, work)
+    else:
+        results = [_fuzz_worker(work[0])]
+    elapsed = time.perf_counter() - start
+    count = sum(r[0] for r in results)
+    outcomes = {}
+    for r in results:
+        for key, value in r[2].items():
+            outcomes[key] = outcomes.get(key, 0) + value
+    failures = [f for r in results for f in r[3]]
+    print('fuzz %-4s: %d inputs in %.1f s (%d jobs, seed %d): %.0f inputs/s; setup %.1f s; %s; %d failures'
+          % (kind, count, elapsed, jobs, seed, count / elapsed if elapsed else 0, setup,
+             ', '.join('%s %d' % kv for kv in sorted(outcomes.items())), len(failures)), flush=True)
+    return failures
+
+
+def fuzz_main(argv):
+    """`fuzz [--http N] [--tls N] [--seed S] [--jobs J] [--only KIND:INDEX]`: exit status."""
+    opts = dict(http=1000000, tls=100000, seed=1, jobs=2, only=None)
+    usage = 'usage: %s fuzz [--http N] [--tls N] [--seed S] [--jobs J] [--only http|tls:INDEX]' % sys.argv[0]
+    args = list(argv)
+    try:
+        while args:
+            name = args.pop(0)
+            if name not in ('--http', '--tls', '--seed', '--jobs', '--only') or not args:
+                raise ValueError(name)
+            value = args.pop(0)
+            opts[name[2:]] = value if name == '--only' else int(value)
+        if opts['jobs'] < 1 or opts['only'] and opts['only'].partition(':')[0] not in ('http', 'tls'):
+            raise ValueError(opts)
+    except ValueError:
+        print(usage, file=sys.stderr)
+        return 2
+    try:
+        if opts['only']:
+            kind, _, index = opts['only'].partition(':')
+            case = fuzz_case(kind, opts['seed'], int(index))
+            print('%s input %s: %s' % (kind, index, fuzz_describe(kind, case)))
+            print('result: %r' % (fuzz_target(kind).run(case),))   # a traceback if it fails
+            return 0
+        failures = fuzz_run('http', opts['http'], opts['seed'], opts['jobs'])
+        failures += fuzz_run('tls', opts['tls'], opts['seed'], opts['jobs'])
+    finally:
+        tearDownModule()
+    for report in failures:
+        print('FAIL ' + report)
+    return 1 if failures else 0
+
+
+class TestFuzzSlice(unittest.TestCase):
+    """A short fixed-seed slice of `make fuzz` (section 6): no input may break an invariant."""
+
+    def test_http(self):
+        count, outcomes, failures = fuzz_slice('http', 1, 0, 20000, 1, max_failures=1)
+        self.assertEqual(failures, [])
+        self.assertGreater(outcomes['responses'], count // 2)
+
+    def test_tls(self):
+        count, outcomes, failures = fuzz_slice('tls', 1, 0, 1500, 1, max_failures=1)
+        self.assertEqual(failures, [])
+        self.assertTrue(outcomes.get('alert') and outcomes.get('pending'), outcomes)
+
+    def test_seeds_complete_handshakes(self):
+        """The TLS seeds are real: each unmutated stream is answered, and the snapshots' second
+        flights complete the handshake."""
+        target = fuzz_target('tls')
+        self.assertGreaterEqual(len(target.named_seeds), 15)
+        for label, data in target.named_seeds:
+            server = TLSServer(target.config)
+            out = server.receive(data)
+            self.assertTrue(out, label)
+            FuzzTLS.check_records(out, server)
+            self.assertNotEqual(server.alert, 80, (label, server.error))
+        for index, (label, _server, tx, parts) in enumerate(target.snapshots):
+            self.assertEqual(target.run((index, [FuzzTLS.second_flight(tx, parts)])), 'done', label)
+
+    def test_command_line(self):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            for argv in (['--http'], ['--jobs', '0'], ['--only', 'x:1'], ['--bogus', '1']):
+                self.assertEqual(fuzz_main(argv), 2, argv)
+        self.assertEqual(err.getvalue().count('usage: '), 4)
+
+
+# =============================================================================================
+# 7. Command line
 # =============================================================================================
 
 def run_tests():
