@@ -1062,14 +1062,13 @@ def oversize_status(buf, start, end):
 def find_head_end(buf, start, end):
     """For a complete request head in buf[start:end]: (end of its last line, start of whatever
     follows the blank line); else None. Lines may end in CRLF or a bare LF (RFC 9112 §2.2)."""
-    i = buf.find(b"\r\n\r\n", start, end)
-    if i >= 0:
-        end = i + 4  # the first blank line ends here at the latest
-    i = buf.find(b"\n\n", start, end)
-    j = buf.find(b"\n\r\n", start, end)  # the earlier of the two: LF and CRLF lines may mix
-    if j >= 0 and (i < 0 or j < i):
-        return j + 1, j + 3
-    return (i + 1, i + 2) if i >= 0 else None
+    # A blank line follows a line's LF: it is "\n\r\n" or "\n\n", whichever comes first (LF and
+    # CRLF lines may mix). Two searches, as the CRLF case must stay cheap.
+    i = buf.find(b"\n\r\n", start, end)
+    j = buf.find(b"\n\n", start, end if i < 0 else i + 1)
+    if j >= 0:
+        return j + 1, j + 2
+    return (i + 1, i + 3) if i >= 0 else None
 
 
 # === 5. Crypto primitives (pure Python; see README "Security notes") ==============================

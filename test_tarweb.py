@@ -1387,6 +1387,7 @@ class TestHTTPHelpers(unittest.TestCase):
                                  (b"GET / HTTP/1.1\nA: b\n\r\n\r\n", 0, (20, 22)),
                                  (b"GET / HTTP/1.1\nA: b\n\r\nGET / HTTP/1.1\r\n\r\n", 0, (20, 22)),
                                  (b"GET / HTTP/1.1\r\nA: b\n\nC: d\r\n\r\n", 0, (21, 22)),
+                                 (b"GET / HTTP/1.1\r\nA: b\r\n\n\r\n", 0, (22, 23)),
                                  (b"xxGET / HTTP/1.1\r\n\r\n", 2, (18, 20)),
                                  (b"GET / HTTP/1.1\r\n", 0, None),
                                  (b"GET / HTTP/1.1\r\n\r", 0, None),
