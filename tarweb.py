@@ -4562,19 +4562,37 @@ class Slot:
         self.peer = "-"
 
 
+class Limits:
+    """What the Server allows its connections, in seconds and bytes; the CLI fills it in."""
+    __slots__ = (
+        "max_connections",    # slots allocated at start: connections open at once
+        "header_timeout",     # a request head, from its first byte (or a fresh connection's)
+        "idle_timeout",       # a keep-alive connection between requests; a send without progress
+        "handshake_timeout",  # a TLS handshake, from accept
+        "max_header_bytes",   # largest request head; a larger one gets 431 (or 414)
+        "grace",              # after a stop signal, for requests and responses in flight
+    )
+
+    def __init__(self, max_connections, header_timeout, idle_timeout, handshake_timeout,
+                 max_header_bytes, grace):
+        self.max_connections, self.max_header_bytes = max_connections, max_header_bytes
+        self.header_timeout, self.idle_timeout = header_timeout, idle_timeout
+        self.handshake_timeout, self.grace = handshake_timeout, grace
+
+
 class Server:
     """The event loop: listeners, a ring, and max_connections fixed slots."""
 
-    def __init__(self, site, listeners, opts, log, tls=None):
-        self.site, self.opts, self.log = site, opts, log
+    def __init__(self, site, listeners, limits, log, tls=None, access_log=None):
+        self.site, self.limits, self.log = site, limits, log
         self.listeners = [sock for sock, _ in listeners]
         self.listener_tls = [is_tls for _, is_tls in listeners]
         self.tls = tls            # TLSContext: certificate, key and kTLS support; None for HTTP
-        self.access_log = opts.access_log_file
-        n = opts.max_connections
+        self.access_log = access_log  # AccessLog, or None
+        n = limits.max_connections
         self.ring = IoUring(min(32768, 1 << (2 * n + 64).bit_length()))
         self._check_kernel()
-        self.rbuf_size = max(opts.max_header_bytes, MAX_REQUEST_LINE) + RBUF_EXTRA
+        self.rbuf_size = max(limits.max_header_bytes, MAX_REQUEST_LINE) + RBUF_EXTRA
         if tls is not None:
             self.rbuf_size = max(self.rbuf_size, TLS_RECORD_MAX)
         self._allocate(n)
@@ -4589,8 +4607,8 @@ class Server:
         self.waiting = collections.deque()
         self.reap_due = False
         self.stopping = False
-        self.stop_requested = ()  # the CLI's signal handlers append to the lists put here
-        self.stats_requested = ()
+        self.stop_requested = False   # set by request_stop(), from a signal handler
+        self.stats_requested = False  # set by request_stats(), likewise
         self.stop_deadline = None
         self.accepted = self.requests = self.closed = self.timeouts = 0  # for the stats line
         self.handshakes = self.tls_failures = self.reaped = self.errors = 0
@@ -4776,11 +4794,11 @@ class Server:
             if tls:
                 slot.mode = HANDSHAKE
                 slot.tls = TLSServer(self.tls.config)
-                slot.deadline = self.now + self.opts.handshake_timeout
+                slot.deadline = self.now + self.limits.handshake_timeout
                 self.recv_exact(slot, 5)
             else:
                 slot.mode = PLAIN
-                slot.deadline = self.now + self.opts.header_timeout
+                slot.deadline = self.now + self.limits.header_timeout
                 self.post_recv(slot)
         except Exception:  # the slot owns the descriptor now: closing it closes the socket
             self.internal_error(slot)
@@ -4876,7 +4894,7 @@ class Server:
             self.need_more(slot, start, end)
             return
         head_end, next_start = found
-        if head_end - start > self.opts.max_header_bytes:
+        if head_end - start > self.limits.max_header_bytes:
             self.send_response(slot, self.site.error(oversize_status(buf, start, end), True), None)
             return
         head = buf[start:head_end]
@@ -4888,13 +4906,13 @@ class Server:
 
     def need_more(self, slot, start, end):
         """No complete head yet: enforce the size limits, start the header clock, read on."""
-        if end - start >= self.opts.max_header_bytes or end - start >= self.rbuf_size - 1:
+        if end - start >= self.limits.max_header_bytes or end - start >= self.rbuf_size - 1:
             self.send_response(slot, self.site.error(oversize_status(self.rbuf, start, end), True),
                                None)
             return
         if end > start and not slot.partial:
             slot.partial = True  # first byte of a request: the header deadline starts now
-            slot.deadline = self.now + self.opts.header_timeout
+            slot.deadline = self.now + self.limits.header_timeout
         elif end == start:
             slot.rstart = slot.rlen = 0
         self.post_recv(slot)
@@ -4921,7 +4939,7 @@ class Server:
         body_addr = slot.body_pos
         body = min(slot.body_end - body_addr, SEND_CHUNK)
         slot.body_pos += body
-        slot.deadline = self.now + self.opts.idle_timeout
+        slot.deadline = self.now + self.limits.idle_timeout
         if slot.body_pos == slot.body_end and slot.keep_alive and slot.rlen == 0 \
                 and slot.mode == PLAIN:
             # The hot path: the rest of the response, then wait for the next request.
@@ -4947,7 +4965,7 @@ class Server:
             return
         plain = self.hbuf[h:h + head_len] + data
         slot.body_pos += body
-        slot.deadline = self.now + self.opts.idle_timeout
+        slot.deadline = self.now + self.limits.idle_timeout
         # The last piece of a connection's last response carries our close_notify too (one
         # pass of the cipher, one send); linger() then has nothing more to seal.
         last = slot.body_pos == slot.body_end
@@ -4977,7 +4995,7 @@ class Server:
         elif slot.rlen:
             self.process(slot)  # a pipelined request is already waiting
         else:
-            slot.deadline = self.now + self.opts.idle_timeout
+            slot.deadline = self.now + self.limits.idle_timeout
             self.post_recv(slot)
 
     # -- TLS ------------------------------------------------------------------------------------
@@ -5039,7 +5057,7 @@ class Server:
         plain = hs.early_plaintext
         self.rbuf[slot.rbase:slot.rbase + len(plain)] = plain
         slot.rstart, slot.rlen = 0, len(plain)
-        slot.deadline = self.now + self.opts.idle_timeout
+        slot.deadline = self.now + self.limits.idle_timeout
         if out and slot.mode == KTLS:
             # Bytes the handshake still owes (never in practice: no tickets, no KeyUpdate yet)
             # cannot pass through the kernel's record layer: drop the connection cleanly.
@@ -5113,7 +5131,7 @@ class Server:
         incomplete longest, for REAP_MIN_AGE at least. Never one whose read was posted in this
         batch (it has had no chance to complete), nor one with bytes still going out."""
         self.reap_due = False
-        o, now = self.opts, self.now
+        o, now = self.limits, self.now
         need = len(self.waiting)
         candidates = []
         for slot in self.slots:
@@ -5247,12 +5265,18 @@ class Server:
             if self.reap_due:
                 self.contain(self.reap)
             if self.stats_requested:
-                self.stats_requested.clear()
+                self.stats_requested = False
                 self.log.write(self.stats_line())
             if self.stop_requested and not self.stopping:
-                self.begin_stop(self.opts.grace)
+                self.begin_stop(self.limits.grace)
             if self.stopping and self.drained():
                 return
+
+    def request_stop(self):
+        """SIGTERM/SIGINT/SIGHUP. A signal handler runs between any two bytecodes of the loop,
+        perhaps halfway through writing an SQE: it only sets a flag, which run() reads after
+        the batch (the signal interrupts the loop's wait with EINTR, so that is at once)."""
+        self.stop_requested = True
 
     def begin_stop(self, grace):
         """SIGTERM/SIGINT/SIGHUP: stop accepting, close idle connections, let the rest finish."""
@@ -5283,6 +5307,10 @@ class Server:
                           f"response in flight")
             return True
         return False
+
+    def request_stats(self):
+        """SIGUSR1; only a flag, as request_stop: the line is written by run()."""
+        self.stats_requested = True
 
     def stats_line(self):
         line = (f"stats active={self.active} free={len(self.free)} max={len(self.slots)} "
@@ -5588,32 +5616,30 @@ def release_startup_memory():
 def serve(opts, log):
     """Start-up in the order that fails fastest, then run until SIGTERM/SIGINT."""
     identity = load_tls_identity(opts) if opts.tls else None  # key files first, never logged
-    opts.access_log_file = open_access_log(opts.access_log, log)
+    access_log = open_access_log(opts.access_log, log)
     archive = Archive(opts.tar, opts.prefix, log)
     site = Site(archive, opts.cache_control)
     tls = TLSContext(identity[0], identity[1], opts.ktls, log) if identity else None
     specs = listener_specs(opts)
-    opts.max_connections = raise_fd_limit(opts.max_connections, len(specs), log)
+    limits = Limits(raise_fd_limit(opts.max_connections, len(specs), log), opts.header_timeout,
+                    opts.idle_timeout, opts.handshake_timeout, opts.max_header_bytes, opts.grace)
     listeners = [(make_listener(spec), is_tls) for spec, is_tls in specs]
-    server = Server(site, listeners, opts, log, tls)
-    stop = server.stop_requested = []
-    stats = server.stats_requested = []
-    # Handlers only set a flag: the loop must not be re-entered halfway through writing an SQE,
-    # and a write to a stderr that is gone must not raise inside it. The signal interrupts the
-    # loop's wait (EINTR), so the flag is seen at once. They are in place before the URL line,
-    # which tells the world the server is up.
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-    signal.signal(signal.SIGHUP, lambda *_: stop.append(1))  # no reload yet: drain and exit
-    signal.signal(signal.SIGUSR1, lambda *_: stats.append(1))
+    server = Server(site, listeners, limits, log, tls, access_log)
+    # Handlers only set a flag (see Server.request_stop): the loop must not be re-entered
+    # halfway through writing an SQE, and a write to a stderr that is gone must not raise inside
+    # it. They are in place before the URL line, which tells the world the server is up.
+    signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: server.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: server.request_stop())  # no reload yet: drain, exit
+    signal.signal(signal.SIGUSR1, lambda *_: server.request_stats())
     release_startup_memory()
     urls = " ".join(listener_url(sock, is_tls) for sock, is_tls in listeners)
     emit(sys.stdout, f"tarweb.py {__version__}: serving {opts.tar} on {urls}")
-    log.info(f"{len(archive.files)} files, {opts.max_connections} slots, io_uring setup "
+    log.info(f"{len(archive.files)} files, {limits.max_connections} slots, io_uring setup "
              f"flags {server.ring.flags:#x}")
     server.run()
-    if opts.access_log_file:
-        opts.access_log_file.flush()  # AccessLog.flush counts a failure; it never raises
+    if access_log:
+        access_log.flush()  # AccessLog.flush counts a failure; it never raises
 
 
 def main(argv=None):
