@@ -4551,11 +4551,47 @@ def bytes_address(data):
 
 class Slot:
     """A connection's preallocated state. Buffers are fixed regions of the Server's arrays."""
-    __slots__ = ("index", "gen", "fd", "rbase", "raddr", "haddr", "msg_addr",
-                 "riov_addr", "rmsg_addr", "cmsg_addr",
-                 "rstart", "rlen", "deadline", "partial", "recv_busy", "send_busy", "send_linked",
-                 "send_ud", "closing", "lingering", "body_pos", "body_end", "keep_alive",
-                 "iov", "ud", "mode", "tls", "out", "pending_out", "spill", "hs_need", "peer")
+    __slots__ = (
+        # The socket
+        "index",        # place in Server.slots and in every per-slot array; never changes
+        "gen",          # generation, bumped when the slot is freed (user_data bits 40-63)
+        "ud",           # user_data of index and gen: | UD_RECV and the like per operation
+        "fd",           # the accepted socket; -1 while the slot is free
+        "peer",         # client address for the access log
+        "mode",         # PLAIN, HANDSHAKE, KTLS or USERTLS: what sits between socket and HTTP
+        # Fixed addresses in the Server's arrays, set once by _allocate
+        "rbase",        # offset of the read buffer in Server.rbuf
+        "raddr",        # address of the read buffer
+        "haddr",        # address of the response head buffer
+        "msg_addr",     # send msghdr, pointing at the slot's two iovecs (head, body)
+        "rmsg_addr",    # kTLS recvmsg area: msghdr, then its iovec, then a control message
+        "riov_addr",
+        "cmsg_addr",
+        # Read buffer
+        "rstart",       # where the next request starts in the read buffer
+        "rlen",         # bytes held in the read buffer
+        "recv_busy",    # a recv is in flight
+        "hs_need",      # bytes the handshake's recv asked for (a record header or body)
+        # Write state
+        "send_busy",    # a send is in flight
+        "send_linked",  # ... linked to the recv behind it (silent on success)
+        "send_ud",      # its user_data, for a cancel
+        "iov",          # an unlinked send's (head addr, len, body addr, len): to resume it
+        "out",          # bytes built in Python that a send reads: kept alive here
+        "body_pos",     # address of the body still to send, in the tar's mmap
+        "body_end",
+        # HTTP
+        "keep_alive",   # the response under way leaves the connection open
+        "partial",      # a request head (or TLS handshake) has begun: see need_more, reap
+        # TLS
+        "tls",          # TLSServer during the handshake, then the userspace record layer
+        "pending_out",  # TLS bytes owed to the client, sent before the next record
+        "spill",        # decrypted bytes that did not fit the read buffer yet
+        # Timers and closing
+        "deadline",     # monotonic time at which on_timer closes the connection
+        "closing",      # cancels are out: freed when nothing is left in flight
+        "lingering",    # half-closed: reading until the client closes (linger)
+    )
 
     def __init__(self, index):
         self.index, self.gen, self.fd = index, 0, -1
@@ -4581,7 +4617,22 @@ class Limits:
 
 
 class Server:
-    """The event loop: listeners, a ring, and max_connections fixed slots."""
+    """The event loop: listeners, a ring, and max_connections fixed slots. A connection's
+    life, and the completions that move its slot along (run() dispatches them):
+
+      accept ........ arm_accepts keeps accepts in flight; on_accept -> open_slot, or the client
+                      waits in self.waiting for a slot that reap frees (all slots busy)
+      TLS ........... recv_exact -> on_recv -> on_handshake_bytes (a record at a time) ->
+                      finish_handshake: kTLS (on_ktls_recv) or userspace records
+                      (on_usertls_recv, send_next_sealed)
+      requests ...... post_recv -> on_recv -> process -> send_response -> send_next -> on_send;
+                      keep-alive: the last send is linked to the next recv (one CQE a request)
+      closing ....... linger (close_notify, SHUT_WR, read until the client closes) or at once
+                      start_close (cancel what is in flight) -> maybe_free when nothing is:
+                      close the socket, bump the generation, back to self.free
+      timeouts ...... on_timer, once a second: a slot past its deadline -> start_close
+
+    Any exception in a handler costs its connection (internal_error), not the server."""
 
     def __init__(self, site, listeners, limits, log, tls=None, access_log=None):
         self.site, self.limits, self.log = site, limits, log
@@ -4650,7 +4701,63 @@ class Server:
         self.active = 0
         self.close_notify = ktls_close_notify_msg()
 
-    # -- submission helpers ---------------------------------------------------------------------
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self):
+        """Until stopped: submit, wait for completions, hand each to its handler."""
+        self.arm_accepts()
+        self.arm_timer()
+        ring, slots = self.ring, self.slots
+        while True:
+            ring.enter(True)
+            self.now = time.monotonic()
+            # user_data is decoded inline: three calls would cost ~2% of a keep-alive request.
+            for ud, res, _ in ring.completions():
+                op = (ud >> UD_OP_SHIFT) & UD_OP_MASK
+                if op >= OP_RECV:  # an operation on a connection's slot
+                    slot = slots[ud & UD_INDEX_MASK]
+                    if (ud >> UD_GEN_SHIFT) != slot.gen or slot.fd < 0:
+                        continue  # stale: the slot was freed (and maybe reused) since
+                    try:
+                        if op == OP_RECV:
+                            self.on_recv(slot, res)
+                        elif op == OP_LINGER:
+                            self.on_link_broken(slot)
+                        else:
+                            self.on_send(slot, res, op == OP_SEND_LINKED)
+                    except Exception:
+                        self.internal_error(slot)
+                elif op == OP_ACCEPT:
+                    self.contain(self.on_accept, ud & UD_INDEX_MASK, res)
+                elif op == OP_TIMER:
+                    self.contain(self.tick)
+                elif op == OP_STATX:
+                    self.contain(self.on_statx, res)
+            if self.reap_due:
+                self.contain(self.reap)
+            if self.stats_requested:
+                self.stats_requested = False
+                self.log.write(self.stats_line())
+            if self.stop_requested and not self.stopping:
+                self.begin_stop(self.limits.grace)
+            if self.stopping and self.drained():
+                return
+
+    def contain(self, handler, *args):
+        """Run a handler that no one connection owns; a bug in it is counted and logged."""
+        try:
+            handler(*args)
+        except Exception:
+            self.internal_error(None)
+
+    def internal_error(self, slot):
+        """A bug must cost one connection, not the server: count it, log it, close."""
+        self.errors += 1
+        self.log.bug()
+        if slot is not None and slot.fd >= 0 and not slot.closing:
+            self.start_close(slot)
+
+    # -- accepting ------------------------------------------------------------------------------
 
     def arm_accepts(self):
         """Keep single-shot accepts in flight, no more than there are free slots: the kernel's
@@ -4666,89 +4773,6 @@ class Server:
                 self.ring.prep_accept(fd, 0, 0, SOCK_CLOEXEC, user_data(OP_ACCEPT, i))
                 self.accepting[i] += 1
                 spare -= 1
-
-    def resume_accepts(self):
-        """A slot (and its descriptor) came free, or a second passed: try paused listeners."""
-        for i in range(len(self.accept_paused)):
-            self.accept_paused[i] = False
-        self.arm_accepts()
-
-    def pause_accepts(self):
-        """Stop accepting: cancel every accept in flight."""
-        for i, n in enumerate(self.accepting):
-            if n:
-                self.ring.prep_cancel64(user_data(OP_ACCEPT, i), IORING_ASYNC_CANCEL_ALL,
-                                        UD_IGNORE)
-
-    def arm_timer(self):
-        self.ring.prep_timeout(buffer_address(self.timespec), 0, 0, UD_TIMER)
-
-    def post_recv(self, slot):
-        """Read more request bytes behind what the buffer holds."""
-        if slot.rstart:
-            # Move a partial pipelined request to the front so the buffer has room again.
-            self.rbuf.move(slot.rbase, slot.rbase + slot.rstart, slot.rlen - slot.rstart)
-            slot.rlen -= slot.rstart
-            slot.rstart = 0
-        if slot.spill:
-            # Decrypted request bytes are waiting (userspace TLS): they come before the socket.
-            self.take_plaintext(slot)
-            self.process(slot)
-            return
-        addr, room = slot.raddr + slot.rlen, self.rbuf_size - slot.rlen
-        if slot.mode == KTLS:
-            # recvmsg with a control buffer: the kernel tells each record's type there, and
-            # a non-data record (alert, KeyUpdate) is delivered instead of failing with EIO.
-            off = slot.index * RECV_AREA
-            recv_area.pack_into(self.rmsgs, off, 0, 0, slot.riov_addr, 1, slot.cmsg_addr,
-                                CMSG_SPACE_1, 0, addr, room)
-            self.ring.prep_recvmsg(slot.fd, slot.rmsg_addr, 0, slot.ud | UD_RECV)
-        else:
-            self.ring.prep_recv(slot.fd, addr, room, 0, slot.ud | UD_RECV)
-        slot.recv_busy = True
-
-    def recv_exact(self, slot, n):
-        """Handshake reads take exactly one record (its header, then its body), so nothing
-        behind the client's Finished is read: kTLS must find it still in the socket."""
-        slot.hs_need = n
-        self.ring.prep_recv(slot.fd, slot.raddr, n, MSG_WAITALL, slot.ud | UD_RECV)
-        slot.recv_busy = True
-
-    def submit_send(self, slot, head_addr, head_len, body_addr, body_len, linked):
-        """SENDMSG of two iovecs (head, body). A linked send completes silently on success and
-        the next recv runs right behind it: one CQE per keep-alive request. It must not stop
-        short, so it carries MSG_WAITALL; kTLS refuses that flag (EOPNOTSUPP), so kTLS sends
-        are never linked and on_send resumes a short one."""
-        iovec2.pack_into(self.iovs, slot.index * iovec2.size, head_addr, head_len, body_addr,
-                         body_len)
-        slot.send_busy = True
-        slot.send_linked = linked
-        if linked:
-            slot.send_ud = slot.ud | UD_SEND_LINKED
-            self.ring.prep_sendmsg(slot.fd, slot.msg_addr, MSG_NOSIGNAL | MSG_WAITALL,
-                                   slot.send_ud, IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS)
-        else:
-            slot.iov = (head_addr, head_len, body_addr, body_len)  # for resume_send
-            slot.send_ud = slot.ud | UD_SEND
-            self.ring.prep_sendmsg(slot.fd, slot.msg_addr, MSG_NOSIGNAL, slot.send_ud)
-
-    def send_bytes(self, slot, data, linked):
-        """Send bytes built in Python (handshake flights, userspace TLS records)."""
-        slot.out = data  # keeps the memory alive while the kernel reads it
-        self.submit_send(slot, bytes_address(data), len(data), 0, 0, linked)
-
-    def resume_send(self, slot, sent):
-        """A send stopped after `sent` bytes: submit the rest of its two iovecs."""
-        head_addr, head_len, body_addr, body_len = slot.iov
-        if sent < head_len:
-            head_addr, head_len = head_addr + sent, head_len - sent
-        else:
-            sent -= head_len
-            head_len = 0
-            body_addr, body_len = body_addr + sent, body_len - sent
-        self.submit_send(slot, head_addr, head_len, body_addr, body_len, False)
-
-    # -- connection lifecycle -------------------------------------------------------------------
 
     def on_accept(self, i, res):
         self.accepting[i] -= 1
@@ -4777,6 +4801,21 @@ class Server:
         self.log.limited(("accept", err), f"accept failed: {os.strerror(err)}; trying again "
                          f"when a connection closes, or in a second")
 
+    def resume_accepts(self):
+        """A slot (and its descriptor) came free, or a second passed: try paused listeners."""
+        for i in range(len(self.accept_paused)):
+            self.accept_paused[i] = False
+        self.arm_accepts()
+
+    def pause_accepts(self):
+        """Stop accepting: cancel every accept in flight."""
+        for i, n in enumerate(self.accepting):
+            if n:
+                self.ring.prep_cancel64(user_data(OP_ACCEPT, i), IORING_ASYNC_CANCEL_ALL,
+                                        UD_IGNORE)
+
+    # -- a new connection -----------------------------------------------------------------------
+
     def open_slot(self, fd, tls):
         slot = self.free.pop()
         slot.ud = user_data(0, slot.index, slot.gen)  # | UD_RECV and the like, per operation
@@ -4803,63 +4842,31 @@ class Server:
         except Exception:  # the slot owns the descriptor now: closing it closes the socket
             self.internal_error(slot)
 
-    def start_close(self, slot):
-        """Close now: cancel what is in flight; the slot is freed when nothing is left."""
-        slot.closing = True
-        slot.deadline = self.now + 1.0
-        if slot.recv_busy:
-            self.ring.prep_cancel64(slot.ud | UD_RECV, 0, UD_IGNORE)
-        if slot.send_busy:
-            self.ring.prep_cancel64(slot.send_ud, 0, UD_IGNORE)
-        self.maybe_free(slot)
+    # -- requests -------------------------------------------------------------------------------
 
-    def maybe_free(self, slot):
-        if slot.recv_busy or slot.send_busy or slot.fd < 0:
+    def post_recv(self, slot):
+        """Read more request bytes behind what the buffer holds."""
+        if slot.rstart:
+            # Move a partial pipelined request to the front so the buffer has room again.
+            self.rbuf.move(slot.rbase, slot.rbase + slot.rstart, slot.rlen - slot.rstart)
+            slot.rlen -= slot.rstart
+            slot.rstart = 0
+        if slot.spill:
+            # Decrypted request bytes are waiting (userspace TLS): they come before the socket.
+            self.take_plaintext(slot)
+            self.process(slot)
             return
-        self.ring.prep_close(slot.fd, UD_IGNORE, IOSQE_CQE_SKIP_SUCCESS)
-        slot.fd = -1
-        slot.gen = (slot.gen + 1) & GEN_MASK
-        slot.out = slot.tls = None
-        self.free.append(slot)
-        self.active -= 1
-        self.closed += 1
-        if self.waiting:
-            fd, i = self.waiting.popleft()
-            self.open_slot(fd, self.listener_tls[i])
-        self.resume_accepts()
-
-    def linger(self, slot):
-        """End a connection gracefully: close_notify on TLS, half-close, then read until the
-        client closes too, so unread request bytes cannot turn our close into a reset that
-        destroys the response."""
-        slot.lingering = True
-        slot.deadline = self.now + LINGER_TIMEOUT
-        slot.rstart = slot.rlen = 0
-        slot.spill = b""
-        # Only a failure shows: then the recv at the end of the chain never completes (see
-        # on_link_broken).
-        link, ud = IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS, slot.ud | UD_LINGER
+        addr, room = slot.raddr + slot.rlen, self.rbuf_size - slot.rlen
         if slot.mode == KTLS:
-            self.ring.prep_sendmsg(slot.fd, self.close_notify[1], MSG_NOSIGNAL, ud, link)
-        elif slot.mode == USERTLS:
-            slot.out = slot.pending_out + slot.tls.close_notify()
-            if slot.out:
-                self.ring.prep_send(slot.fd, bytes_address(slot.out), len(slot.out),
-                                    MSG_NOSIGNAL, ud, link)
-        self.ring.prep_shutdown(slot.fd, SHUT_WR, ud, link)
-        self.post_recv(slot)
-
-    def on_link_broken(self, slot):
-        """A request carrying IOSQE_CQE_SKIP_SUCCESS at the head of a link chain failed. The
-        kernel then cancels the rest of the chain without posting their completions
-        (REQ_F_SKIP_LINK_CQES), so the recv at its end is over too: close."""
-        slot.recv_busy = False
-        if slot.closing:
-            self.maybe_free(slot)
+            # recvmsg with a control buffer: the kernel tells each record's type there, and
+            # a non-data record (alert, KeyUpdate) is delivered instead of failing with EIO.
+            off = slot.index * RECV_AREA
+            recv_area.pack_into(self.rmsgs, off, 0, 0, slot.riov_addr, 1, slot.cmsg_addr,
+                                CMSG_SPACE_1, 0, addr, room)
+            self.ring.prep_recvmsg(slot.fd, slot.rmsg_addr, 0, slot.ud | UD_RECV)
         else:
-            self.start_close(slot)
-
-    # -- completions ----------------------------------------------------------------------------
+            self.ring.prep_recv(slot.fd, addr, room, 0, slot.ud | UD_RECV)
+        slot.recv_busy = True
 
     def on_recv(self, slot, res):
         slot.recv_busy = False
@@ -4917,6 +4924,8 @@ class Server:
             slot.rstart = slot.rlen = 0
         self.post_recv(slot)
 
+    # -- responses ------------------------------------------------------------------------------
+
     def send_response(self, slot, response, request_head):
         status, head, body_off, body_len, keep_alive = response
         if self.access_log:
@@ -4929,6 +4938,10 @@ class Server:
         slot.keep_alive = keep_alive
         slot.partial = False
         self.send_next(slot, n)
+
+    def log_access(self, slot, request_head, status, body_len):
+        line = b"-" if request_head is None else request_head.split(b"\n", 1)[0].rstrip(b"\r")
+        self.access_log.write(slot.peer, line, status, body_len)
 
     def send_next(self, slot, head_len=0):
         """Send the head (if any) and the next piece of the body, straight from the tar's mmap.
@@ -4976,6 +4989,40 @@ class Server:
         if linked:
             self.post_recv(slot)
 
+    def submit_send(self, slot, head_addr, head_len, body_addr, body_len, linked):
+        """SENDMSG of two iovecs (head, body). A linked send completes silently on success and
+        the next recv runs right behind it: one CQE per keep-alive request. It must not stop
+        short, so it carries MSG_WAITALL; kTLS refuses that flag (EOPNOTSUPP), so kTLS sends
+        are never linked and on_send resumes a short one."""
+        iovec2.pack_into(self.iovs, slot.index * iovec2.size, head_addr, head_len, body_addr,
+                         body_len)
+        slot.send_busy = True
+        slot.send_linked = linked
+        if linked:
+            slot.send_ud = slot.ud | UD_SEND_LINKED
+            self.ring.prep_sendmsg(slot.fd, slot.msg_addr, MSG_NOSIGNAL | MSG_WAITALL,
+                                   slot.send_ud, IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS)
+        else:
+            slot.iov = (head_addr, head_len, body_addr, body_len)  # for resume_send
+            slot.send_ud = slot.ud | UD_SEND
+            self.ring.prep_sendmsg(slot.fd, slot.msg_addr, MSG_NOSIGNAL, slot.send_ud)
+
+    def send_bytes(self, slot, data, linked):
+        """Send bytes built in Python (handshake flights, userspace TLS records)."""
+        slot.out = data  # keeps the memory alive while the kernel reads it
+        self.submit_send(slot, bytes_address(data), len(data), 0, 0, linked)
+
+    def resume_send(self, slot, sent):
+        """A send stopped after `sent` bytes: submit the rest of its two iovecs."""
+        head_addr, head_len, body_addr, body_len = slot.iov
+        if sent < head_len:
+            head_addr, head_len = head_addr + sent, head_len - sent
+        else:
+            sent -= head_len
+            head_len = 0
+            body_addr, body_len = body_addr + sent, body_len - sent
+        self.submit_send(slot, head_addr, head_len, body_addr, body_len, False)
+
     def on_send(self, slot, res, linked):
         slot.send_busy = False
         if linked:
@@ -4999,6 +5046,13 @@ class Server:
             self.post_recv(slot)
 
     # -- TLS ------------------------------------------------------------------------------------
+
+    def recv_exact(self, slot, n):
+        """Handshake reads take exactly one record (its header, then its body), so nothing
+        behind the client's Finished is read: kTLS must find it still in the socket."""
+        slot.hs_need = n
+        self.ring.prep_recv(slot.fd, slot.raddr, n, MSG_WAITALL, slot.ud | UD_RECV)
+        slot.recv_busy = True
 
     def on_handshake_bytes(self, slot, res):
         """One record header or body arrived: feed the handshake state machine."""
@@ -5121,6 +5175,64 @@ class Server:
         slot.spill = slot.spill[n:]
         slot.rlen += n
 
+    # -- closing --------------------------------------------------------------------------------
+
+    def linger(self, slot):
+        """End a connection gracefully: close_notify on TLS, half-close, then read until the
+        client closes too, so unread request bytes cannot turn our close into a reset that
+        destroys the response."""
+        slot.lingering = True
+        slot.deadline = self.now + LINGER_TIMEOUT
+        slot.rstart = slot.rlen = 0
+        slot.spill = b""
+        # Only a failure shows: then the recv at the end of the chain never completes (see
+        # on_link_broken).
+        link, ud = IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS, slot.ud | UD_LINGER
+        if slot.mode == KTLS:
+            self.ring.prep_sendmsg(slot.fd, self.close_notify[1], MSG_NOSIGNAL, ud, link)
+        elif slot.mode == USERTLS:
+            slot.out = slot.pending_out + slot.tls.close_notify()
+            if slot.out:
+                self.ring.prep_send(slot.fd, bytes_address(slot.out), len(slot.out),
+                                    MSG_NOSIGNAL, ud, link)
+        self.ring.prep_shutdown(slot.fd, SHUT_WR, ud, link)
+        self.post_recv(slot)
+
+    def on_link_broken(self, slot):
+        """A request carrying IOSQE_CQE_SKIP_SUCCESS at the head of a link chain failed. The
+        kernel then cancels the rest of the chain without posting their completions
+        (REQ_F_SKIP_LINK_CQES), so the recv at its end is over too: close."""
+        slot.recv_busy = False
+        if slot.closing:
+            self.maybe_free(slot)
+        else:
+            self.start_close(slot)
+
+    def start_close(self, slot):
+        """Close now: cancel what is in flight; the slot is freed when nothing is left."""
+        slot.closing = True
+        slot.deadline = self.now + 1.0
+        if slot.recv_busy:
+            self.ring.prep_cancel64(slot.ud | UD_RECV, 0, UD_IGNORE)
+        if slot.send_busy:
+            self.ring.prep_cancel64(slot.send_ud, 0, UD_IGNORE)
+        self.maybe_free(slot)
+
+    def maybe_free(self, slot):
+        if slot.recv_busy or slot.send_busy or slot.fd < 0:
+            return
+        self.ring.prep_close(slot.fd, UD_IGNORE, IOSQE_CQE_SKIP_SUCCESS)
+        slot.fd = -1
+        slot.gen = (slot.gen + 1) & GEN_MASK
+        slot.out = slot.tls = None
+        self.free.append(slot)
+        self.active -= 1
+        self.closed += 1
+        if self.waiting:
+            fd, i = self.waiting.popleft()
+            self.open_slot(fd, self.listener_tls[i])
+        self.resume_accepts()
+
     # -- a full house ---------------------------------------------------------------------------
 
     def reap(self):
@@ -5166,21 +5278,10 @@ class Server:
                 self.start_close(slot)
                 need -= 1
 
-    def internal_error(self, slot):
-        """A bug must cost one connection, not the server: count it, log it, close."""
-        self.errors += 1
-        self.log.bug()
-        if slot is not None and slot.fd >= 0 and not slot.closing:
-            self.start_close(slot)
+    # -- timers ---------------------------------------------------------------------------------
 
-    def contain(self, handler, *args):
-        """Run a handler that no one connection owns; a bug in it is counted and logged."""
-        try:
-            handler(*args)
-        except Exception:
-            self.internal_error(None)
-
-    # -- timers, logs, shutdown -----------------------------------------------------------------
+    def arm_timer(self):
+        self.ring.prep_timeout(buffer_address(self.timespec), 0, 0, UD_TIMER)
 
     def tick(self):
         """The once-a-second timer: deadlines (on_timer, which arms the next tick), then another
@@ -5229,48 +5330,7 @@ class Server:
                           f"bytes, was {archive.identity[0]}): answering 500 from now on; "
                           f"publish a new tar by renaming it over the old one, then restart")
 
-    def log_access(self, slot, request_head, status, body_len):
-        line = b"-" if request_head is None else request_head.split(b"\n", 1)[0].rstrip(b"\r")
-        self.access_log.write(slot.peer, line, status, body_len)
-
-    def run(self):
-        self.arm_accepts()
-        self.arm_timer()
-        ring, slots = self.ring, self.slots
-        while True:
-            ring.enter(True)
-            self.now = time.monotonic()
-            # user_data is decoded inline: three calls would cost ~2% of a keep-alive request.
-            for ud, res, _ in ring.completions():
-                op = (ud >> UD_OP_SHIFT) & UD_OP_MASK
-                if op >= OP_RECV:  # an operation on a connection's slot
-                    slot = slots[ud & UD_INDEX_MASK]
-                    if (ud >> UD_GEN_SHIFT) != slot.gen or slot.fd < 0:
-                        continue  # stale: the slot was freed (and maybe reused) since
-                    try:
-                        if op == OP_RECV:
-                            self.on_recv(slot, res)
-                        elif op == OP_LINGER:
-                            self.on_link_broken(slot)
-                        else:
-                            self.on_send(slot, res, op == OP_SEND_LINKED)
-                    except Exception:
-                        self.internal_error(slot)
-                elif op == OP_ACCEPT:
-                    self.contain(self.on_accept, ud & UD_INDEX_MASK, res)
-                elif op == OP_TIMER:
-                    self.contain(self.tick)
-                elif op == OP_STATX:
-                    self.contain(self.on_statx, res)
-            if self.reap_due:
-                self.contain(self.reap)
-            if self.stats_requested:
-                self.stats_requested = False
-                self.log.write(self.stats_line())
-            if self.stop_requested and not self.stopping:
-                self.begin_stop(self.limits.grace)
-            if self.stopping and self.drained():
-                return
+    # -- stopping -------------------------------------------------------------------------------
 
     def request_stop(self):
         """SIGTERM/SIGINT/SIGHUP. A signal handler runs between any two bytecodes of the loop,
@@ -5308,6 +5368,8 @@ class Server:
             return True
         return False
 
+    # -- statistics -----------------------------------------------------------------------------
+
     def request_stats(self):
         """SIGUSR1; only a flag, as request_stop: the line is written by run()."""
         self.stats_requested = True
@@ -5322,7 +5384,6 @@ class Server:
         if self.access_log:
             line += f" log_dropped={self.access_log.dropped}"
         return line
-
 
 _sockaddr = ctypes.create_string_buffer(SOCKADDR_STORAGE)
 _sockaddr_len = ctypes.c_uint32()
