@@ -307,8 +307,8 @@ def io_uring_unavailable(err):
     return "io_uring_setup failed: " + os.strerror(err)
 
 
-# SQE i starts at byte i << SQE_SHIFT of the SQE array (io_uring_sqe.size == 64).
-SQE_SHIFT = 6  # io_uring_sqe.size == 1 << SQE_SHIFT
+# SQE i starts at byte i << SQE_SHIFT of the SQE array: io_uring_sqe.size == 1 << SQE_SHIFT.
+SQE_SHIFT = 6
 CQE_SIZE = io_uring_cqe.size
 # The rings' head, tail and mask words, and the SQ ring's index array entries, are u32.
 ring_u32 = struct.Struct("<I")
@@ -407,13 +407,13 @@ class IoUring:
         self._prep(IORING_OP_SEND, sqe_flags, fd, 0, buf, length, flags, user_data)
 
     def prep_sendmsg(self, fd, msg, flags, user_data, sqe_flags=0):
-        """sendmsg(2) of the struct msghdr at msg; flags ride in msg_flags. len stays 0: the
-        kernel reads the iovec count from the msghdr (liburing writes 1; neither is read)."""
+        """sendmsg(2) of the struct msghdr at msg; flags ride in msg_flags. len is 0, as in
+        prep_sendmsg_recv (liburing writes 1): the iovec count comes from the msghdr."""
         self._prep(IORING_OP_SENDMSG, sqe_flags, fd, 0, msg, 0, flags, user_data)
 
     def prep_recvmsg(self, fd, msg, flags, user_data, sqe_flags=0):
-        """recvmsg(2) into the struct msghdr at msg; flags ride in msg_flags, len is 1 as
-        liburing writes it (read only with provided buffers)."""
+        """recvmsg(2) into the struct msghdr at msg; flags ride in msg_flags; len is 1, as
+        liburing writes it."""
         self._prep(IORING_OP_RECVMSG, sqe_flags, fd, 0, msg, 1, flags, user_data)
 
     def prep_accept(self, fd, addr, addrlen, flags, user_data, sqe_flags=0):
@@ -437,6 +437,7 @@ class IoUring:
         self._prep(IORING_OP_SHUTDOWN, sqe_flags, fd, 0, 0, how, 0, user_data)
 
     def prep_close(self, fd, user_data, sqe_flags=0):
+        """close(2)."""
         self._prep(IORING_OP_CLOSE, sqe_flags, fd, 0, 0, 0, 0, user_data)
 
     def prep_statx(self, dfd, path, flags, mask, statxbuf, user_data, sqe_flags=0):
@@ -4482,6 +4483,7 @@ UD_GEN_SHIFT, GEN_MASK = 40, (1 << 24) - 1
 
 
 def user_data(op, index=0, gen=0):
+    """The user_data of operation op on slot (or listener) index in its generation gen."""
     return index | op << UD_OP_SHIFT | gen << UD_GEN_SHIFT
 
 
