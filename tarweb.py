@@ -4619,22 +4619,28 @@ class Limits:
 
 
 class Server:
-    """The event loop: listeners, a ring, and max_connections fixed slots. A connection's
-    life, and the completions that move its slot along (run() dispatches them):
+    """The event loop: listeners, a ring, and max_connections fixed slots. A connection's life:
 
-      accept ........ arm_accepts keeps accepts in flight; on_accept -> open_slot, or the client
-                      waits in self.waiting for a slot that reap frees (all slots busy)
-      TLS ........... recv_exact -> on_recv -> on_handshake_bytes (a record at a time) ->
-                      finish_handshake: kTLS (on_ktls_recv) or userspace records
-                      (on_usertls_recv, send_next_sealed)
-      requests ...... post_recv -> on_recv -> process -> send_response -> send_next -> on_send;
-                      keep-alive: the last send is linked to the next recv (one CQE a request)
-      closing ....... linger (close_notify, SHUT_WR, read until the client closes) or at once
-                      start_close (cancel what is in flight) -> maybe_free when nothing is:
-                      close the socket, bump the generation, back to self.free
-      timeouts ...... on_timer, once a second: a slot past its deadline -> start_close
+      accept -> [TLS handshake -> kTLS or userspace records] -> request/response loop
+             -> linger or close -> free
 
-    Any exception in a handler costs its connection (internal_error), not the server."""
+    and the completions (dispatched by run()) that move its slot from step to step:
+
+      accept ...... arm_accepts keeps single-shot accepts in flight; on_accept -> open_slot.
+                    With every slot busy the client waits in self.waiting: reap, after the
+                    batch, closes a connection that is getting nowhere, and maybe_free hands
+                    its slot over
+      handshake ... recv_exact -> on_recv -> on_handshake_bytes, a record at a time ->
+                    finish_handshake: the keys go to the kernel (KTLS) or stay here (USERTLS)
+      requests .... post_recv -> on_recv (on_ktls_recv, on_usertls_recv) -> process ->
+                    send_response -> send_next -> on_send; keep-alive: the last send is linked
+                    to the next recv, one completion a request
+      closing ..... linger: close_notify, SHUT_WR, read until the client closes; or at once
+                    start_close: cancel what is in flight. Then maybe_free, once nothing is:
+                    close the socket, bump the generation, back on self.free
+      timeouts .... on_timer, once a second: a slot past its deadline -> start_close
+
+    An exception in a handler costs its connection (internal_error), not the server."""
 
     def __init__(self, site, listeners, limits, log, tls=None, access_log=None):
         self.site, self.limits, self.log = site, limits, log
@@ -5684,8 +5690,10 @@ def serve(opts, log):
     site = Site(archive, opts.cache_control)
     tls = TLSContext(identity[0], identity[1], opts.ktls, log) if identity else None
     specs = listener_specs(opts)
-    limits = Limits(raise_fd_limit(opts.max_connections, len(specs), log), opts.header_timeout,
-                    opts.idle_timeout, opts.handshake_timeout, opts.max_header_bytes, opts.grace)
+    limits = Limits(max_connections=raise_fd_limit(opts.max_connections, len(specs), log),
+                    header_timeout=opts.header_timeout, idle_timeout=opts.idle_timeout,
+                    handshake_timeout=opts.handshake_timeout,
+                    max_header_bytes=opts.max_header_bytes, grace=opts.grace)
     listeners = [(make_listener(spec), is_tls) for spec, is_tls in specs]
     server = Server(site, listeners, limits, log, tls, access_log)
     # Handlers only set a flag (see Server.request_stop): the loop must not be re-entered
