@@ -107,6 +107,8 @@ io_uring_cqe = struct.Struct("<QiI")
 io_uring_sqe_pair = struct.Struct("<" + "BBHiQQIIQHHiQQ" * 2)  # two adjacent SQEs
 assert io_uring_sqe.size == 64 and io_uring_cqe.size == 16
 
+IORING_MAX_ENTRIES = 32768  # the kernel's limit on SQ entries (io_uring/io_uring.c, not uapi)
+
 # mmap offsets of the three ring regions
 IORING_OFF_SQ_RING = 0
 IORING_OFF_CQ_RING = 0x8000000
@@ -370,7 +372,7 @@ class IoUring:
 
     def supported_ops(self):
         """Opcodes this kernel supports (IORING_REGISTER_PROBE, Linux 5.6+)."""
-        nops = 256
+        nops = 256  # an opcode is a u8: room for all of them
         probe = bytearray(io_uring_probe.size + io_uring_probe_op.size * nops)
         addr = buffer_address(probe)
         if _libc.syscall(SYS_io_uring_register, self.fd, IORING_REGISTER_PROBE,
@@ -4649,7 +4651,8 @@ class Server:
         self.tls = tls            # TLSContext: certificate, key and kTLS support; None for HTTP
         self.access_log = access_log  # AccessLog, or None
         n = limits.max_connections
-        self.ring = IoUring(min(32768, 1 << (2 * n + 64).bit_length()))
+        # Two SQEs per slot (a linked send and recv) and 64 for the rest, as a power of two.
+        self.ring = IoUring(min(IORING_MAX_ENTRIES, 1 << (2 * n + 64).bit_length()))
         self._check_kernel()
         self.rbuf_size = max(limits.max_header_bytes, MAX_REQUEST_LINE) + RBUF_EXTRA
         if tls is not None:
