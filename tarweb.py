@@ -105,6 +105,8 @@ io_uring_cqe = struct.Struct("<QiI")
 io_uring_sqe_pair = struct.Struct("<" + "BBHiQQIIQHHiQQ" * 2)  # two adjacent SQEs
 assert io_uring_sqe.size == 64 and io_uring_cqe.size == 16
 
+IORING_MAX_ENTRIES = 32768  # the kernel's limit on SQ entries (io_uring/io_uring.c, not uapi)
+
 # mmap offsets of the three ring regions
 IORING_OFF_SQ_RING = 0
 IORING_OFF_CQ_RING = 0x8000000
@@ -128,6 +130,10 @@ IORING_ENTER_GETEVENTS = 1 << 0
 
 # io_uring_register opcodes
 IORING_REGISTER_PROBE = 8
+# struct io_uring_probe {u8 last_op, ops_len; u16 resv; u32 resv2[3]} followed by one
+# struct io_uring_probe_op {u8 op, resv; u16 flags; u32 resv2} per opcode.
+io_uring_probe = struct.Struct("<BBH12x")
+io_uring_probe_op = struct.Struct("<BBHI")
 IO_URING_OP_SUPPORTED = 1
 
 # opcodes this server uses
@@ -299,8 +305,17 @@ def io_uring_unavailable(err):
     return "io_uring_setup failed: " + os.strerror(err)
 
 
+# SQE i starts at byte i << SQE_SHIFT of the SQE array: io_uring_sqe.size == 1 << SQE_SHIFT.
+SQE_SHIFT = 6
+CQE_SIZE = io_uring_cqe.size
+# The rings' head, tail and mask words, and the SQ ring's index array entries, are u32.
+ring_u32 = struct.Struct("<I")
+
+
 class IoUring:
-    """One io_uring instance: SQEs are queued with prep(), submitted and reaped with enter()."""
+    """One io_uring instance. SQEs are queued with the prep_* methods, named and argued as
+    liburing's io_uring_prep_* (plus the user_data and IOSQE_* flags liburing sets apart), then
+    submitted and reaped with enter() and completions()."""
 
     def __init__(self, entries):
         self.fd, p = self._setup(entries)
@@ -308,7 +323,6 @@ class IoUring:
         if not self.features & IORING_FEAT_NODROP:
             raise StartupError("io_uring without IORING_FEAT_NODROP: use Linux 5.19 or newer")
         self._map_rings(p)
-        self.skip_success = IOSQE_CQE_SKIP_SUCCESS if self.features & IORING_FEAT_CQE_SKIP else 0
         self.enters = 0
 
     @staticmethod
@@ -327,8 +341,8 @@ class IoUring:
 
     def _map_rings(self, p):
         sq, cq = p.sq_off, p.cq_off
-        sq_size = sq.array + p.sq_entries * 4
-        cq_size = cq.cqes + p.cq_entries * io_uring_cqe.size
+        sq_size = sq.array + p.sq_entries * ring_u32.size
+        cq_size = cq.cqes + p.cq_entries * CQE_SIZE
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         if self.features & IORING_FEAT_SINGLE_MMAP:
             sq_size = cq_size = max(sq_size, cq_size)
@@ -338,57 +352,112 @@ class IoUring:
         else:
             self.cq_ring = mmap.mmap(self.fd, cq_size, mmap.MAP_SHARED, prot,
                                      offset=IORING_OFF_CQ_RING)
-        self.sqes = mmap.mmap(self.fd, p.sq_entries * io_uring_sqe.size, mmap.MAP_SHARED, prot,
+        self.sqes = mmap.mmap(self.fd, p.sq_entries << SQE_SHIFT, mmap.MAP_SHARED, prot,
                               offset=IORING_OFF_SQES)
         self.sq_entries, self.cq_entries = p.sq_entries, p.cq_entries
-        self.sq_mask = struct.unpack_from("<I", self.sq_ring, sq.ring_mask)[0]
-        self.cq_mask = struct.unpack_from("<I", self.cq_ring, cq.ring_mask)[0]
-        self.sq_tail_off, self.cq_head_off = sq.tail, cq.head
-        self.sq_head_off, self.cq_tail_off = sq.head, cq.tail
+        self.sq_mask = ring_u32.unpack_from(self.sq_ring, sq.ring_mask)[0]
+        self.cq_mask = ring_u32.unpack_from(self.cq_ring, cq.ring_mask)[0]
+        self.sq_tail_off, self.cq_head_off, self.cq_tail_off = sq.tail, cq.head, cq.tail
         self.cqes_off = cq.cqes
         # SQE i always sits in array slot i: the indirection array is written once, here.
         for i in range(p.sq_entries):
-            struct.pack_into("<I", self.sq_ring, sq.array + 4 * i, i)
-        self.sq_tail = struct.unpack_from("<I", self.sq_ring, sq.tail)[0]
+            ring_u32.pack_into(self.sq_ring, sq.array + ring_u32.size * i, i)
+        self.sq_tail = ring_u32.unpack_from(self.sq_ring, sq.tail)[0]
         self.to_submit = 0
         self.cq_view = memoryview(self.cq_ring)
 
     def supported_ops(self):
         """Opcodes this kernel supports (IORING_REGISTER_PROBE, Linux 5.6+)."""
-        nops = 256
-        probe = bytearray(16 + 8 * nops)
+        nops = 256  # an opcode is a u8: room for all of them
+        probe = bytearray(io_uring_probe.size + io_uring_probe_op.size * nops)
         addr = buffer_address(probe)
-        if _libc.syscall(SYS_io_uring_register, self.fd, IORING_REGISTER_PROBE, ctypes.c_void_p(addr),
-                         nops) < 0:
+        if _libc.syscall(SYS_io_uring_register, self.fd, IORING_REGISTER_PROBE,
+                         ctypes.c_void_p(addr), nops) < 0:
             raise StartupError("IORING_REGISTER_PROBE failed: " + os.strerror(ctypes.get_errno())
                                + "; use Linux 5.19 or newer")
-        last_op = probe[0]
-        return {op for op in range(min(last_op + 1, nops))
-                if struct.unpack_from("<BBH", probe, 16 + 8 * op)[2] & IO_URING_OP_SUPPORTED}
+        last_op = io_uring_probe.unpack_from(probe)[0]
+        ops = io_uring_probe_op.iter_unpack(probe[io_uring_probe.size:])
+        return {op for op, (_, _, flags, _) in enumerate(ops)
+                if op <= last_op and flags & IO_URING_OP_SUPPORTED}
 
-    def prep(self, opcode, fd, addr, length, off, op_flags, user_data, sqe_flags=0, ioprio=0):
-        """Write one SQE at the local tail; it reaches the kernel with the next enter()."""
+    def _prep(self, opcode, sqe_flags, fd, off, addr, length, op_flags, user_data):
+        """Write one SQE at the local tail; it reaches the kernel with the next enter(). The
+        arguments go in struct io_uring_sqe's order; ioprio and the fields after user_data
+        (buf_index, personality, splice_fd_in, addr3) are 0. op_flags is the union that holds
+        msg_flags, accept_flags, timeout_flags, cancel_flags, statx_flags."""
         if self.to_submit == self.sq_entries:
             self.enter(0)
-        io_uring_sqe.pack_into(self.sqes, (self.sq_tail & self.sq_mask) << 6, opcode, sqe_flags,
-                               ioprio, fd, off, addr, length, op_flags, user_data, 0, 0, 0, 0, 0)
+        io_uring_sqe.pack_into(self.sqes, (self.sq_tail & self.sq_mask) << SQE_SHIFT, opcode,
+                               sqe_flags, 0, fd, off, addr, length, op_flags, user_data,
+                               0, 0, 0, 0, 0)
         self.sq_tail += 1  # wrapped to 32 bits only when published
         self.to_submit += 1
+
+    # One prep_* per operation, as liburing's io_uring_prep_* (liburing.h) fills the SQE.
+    # Addresses (buf, msg, ts, path, statxbuf) are ints: the caller keeps the memory alive.
+
+    def prep_recv(self, fd, buf, length, flags, user_data, sqe_flags=0):
+        """recv(2): flags (MSG_*) ride in msg_flags."""
+        self._prep(IORING_OP_RECV, sqe_flags, fd, 0, buf, length, flags, user_data)
+
+    def prep_send(self, fd, buf, length, flags, user_data, sqe_flags=0):
+        """send(2): flags (MSG_*) ride in msg_flags."""
+        self._prep(IORING_OP_SEND, sqe_flags, fd, 0, buf, length, flags, user_data)
+
+    def prep_sendmsg(self, fd, msg, flags, user_data, sqe_flags=0):
+        """sendmsg(2) of the struct msghdr at msg; flags ride in msg_flags. len is 0, as in
+        prep_sendmsg_recv (liburing writes 1): the iovec count comes from the msghdr."""
+        self._prep(IORING_OP_SENDMSG, sqe_flags, fd, 0, msg, 0, flags, user_data)
+
+    def prep_recvmsg(self, fd, msg, flags, user_data, sqe_flags=0):
+        """recvmsg(2) into the struct msghdr at msg; flags ride in msg_flags; len is 1, as
+        liburing writes it."""
+        self._prep(IORING_OP_RECVMSG, sqe_flags, fd, 0, msg, 1, flags, user_data)
+
+    def prep_accept(self, fd, addr, addrlen, flags, user_data, sqe_flags=0):
+        """accept4(2), single-shot: the peer's sockaddr at addr, its socklen_t at addrlen (in
+        off, "addr2"; both 0 for none); flags (SOCK_CLOEXEC, ...) ride in accept_flags."""
+        self._prep(IORING_OP_ACCEPT, sqe_flags, fd, addrlen, addr, 0, flags, user_data)
+
+    def prep_timeout(self, ts, count, flags, user_data, sqe_flags=0):
+        """A timer: the struct __kernel_timespec at ts (len 1: one timespec); count (in off)
+        completions end it early, 0 for a pure timer; flags ride in timeout_flags."""
+        self._prep(IORING_OP_TIMEOUT, sqe_flags, -1, count, ts, 1, flags, user_data)
+
+    def prep_cancel64(self, target, flags, user_data, sqe_flags=0):
+        """Cancel the request whose user_data is target (liburing's user_data argument; it
+        rides in addr), or with IORING_ASYNC_CANCEL_ALL every such request; flags ride in
+        cancel_flags. user_data is the cancel's own, as in every prep_* here."""
+        self._prep(IORING_OP_ASYNC_CANCEL, sqe_flags, -1, 0, target, 0, flags, user_data)
+
+    def prep_shutdown(self, fd, how, user_data, sqe_flags=0):
+        """shutdown(2): how (SHUT_RD, SHUT_WR) rides in len."""
+        self._prep(IORING_OP_SHUTDOWN, sqe_flags, fd, 0, 0, how, 0, user_data)
+
+    def prep_close(self, fd, user_data, sqe_flags=0):
+        """close(2)."""
+        self._prep(IORING_OP_CLOSE, sqe_flags, fd, 0, 0, 0, 0, user_data)
+
+    def prep_statx(self, dfd, path, flags, mask, statxbuf, user_data, sqe_flags=0):
+        """statx(2): path (a NUL-terminated string) in addr, mask (STATX_*) in len, statxbuf in
+        off ("addr2"), flags (AT_*) in statx_flags."""
+        self._prep(IORING_OP_STATX, sqe_flags, dfd, statxbuf, path, mask, flags, user_data)
 
     def prep_sendmsg_recv(self, fd, msg_addr, msg_flags, send_ud, recv_addr, recv_len, recv_ud):
         """SENDMSG linked to a RECV on the same socket, the send completing silently when it
         succeeds: the pair that answers one request and waits for the next. Both SQEs are
-        written with one pack_into unless they would straddle the end of the ring."""
+        written with one pack_into unless they would straddle the end of the ring (the hot
+        path: this writes the fields itself rather than calling prep_sendmsg and prep_recv)."""
         if self.to_submit + 2 > self.sq_entries:
             self.enter(0)
         send_flags = IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS
         index = self.sq_tail & self.sq_mask
         if index == self.sq_mask:
-            self.prep(IORING_OP_SENDMSG, fd, msg_addr, 0, 0, msg_flags, send_ud, send_flags)
-            self.prep(IORING_OP_RECV, fd, recv_addr, recv_len, 0, 0, recv_ud)
+            self.prep_sendmsg(fd, msg_addr, msg_flags, send_ud, send_flags)
+            self.prep_recv(fd, recv_addr, recv_len, 0, recv_ud)
             return
         io_uring_sqe_pair.pack_into(
-            self.sqes, index << 6,
+            self.sqes, index << SQE_SHIFT,
             IORING_OP_SENDMSG, send_flags, 0, fd, 0, msg_addr, 0, msg_flags, send_ud, 0, 0, 0, 0, 0,
             IORING_OP_RECV, 0, 0, fd, 0, recv_addr, recv_len, 0, recv_ud, 0, 0, 0, 0, 0)
         self.sq_tail += 2
@@ -396,7 +465,7 @@ class IoUring:
 
     def enter(self, wait):
         """Publish queued SQEs and, when wait is true, block until at least one CQE is ready."""
-        struct.pack_into("<I", self.sq_ring, self.sq_tail_off, self.sq_tail & 0xFFFFFFFF)
+        ring_u32.pack_into(self.sq_ring, self.sq_tail_off, self.sq_tail & 0xFFFFFFFF)
         flags = IORING_ENTER_GETEVENTS if wait else 0
         self.enters += 1
         ret = sys_io_uring_enter(self.fd, self.to_submit, 1 if wait else 0, flags)
@@ -410,19 +479,20 @@ class IoUring:
 
     def completions(self):
         """All CQEs ready now, as (user_data, res, flags) tuples; frees their ring slots."""
-        head = struct.unpack_from("<I", self.cq_ring, self.cq_head_off)[0]
-        tail = struct.unpack_from("<I", self.cq_ring, self.cq_tail_off)[0]
+        head = ring_u32.unpack_from(self.cq_ring, self.cq_head_off)[0]
+        tail = ring_u32.unpack_from(self.cq_ring, self.cq_tail_off)[0]
         if head == tail:
             return ()
         start, end = head & self.cq_mask, tail & self.cq_mask
-        base = self.cqes_off
+        base, view = self.cqes_off, self.cq_view
         if start < end:
-            cqes = list(io_uring_cqe.iter_unpack(self.cq_view[base + 16 * start:base + 16 * end]))
+            cqes = list(io_uring_cqe.iter_unpack(
+                view[base + CQE_SIZE * start:base + CQE_SIZE * end]))
         else:  # the batch wraps around the end of the ring
             cqes = list(io_uring_cqe.iter_unpack(
-                self.cq_view[base + 16 * start:base + 16 * self.cq_entries]))
-            cqes += io_uring_cqe.iter_unpack(self.cq_view[base:base + 16 * end])
-        struct.pack_into("<I", self.cq_ring, self.cq_head_off, tail)
+                view[base + CQE_SIZE * start:base + CQE_SIZE * self.cq_entries]))
+            cqes += io_uring_cqe.iter_unpack(view[base:base + CQE_SIZE * end])
+        ring_u32.pack_into(self.cq_ring, self.cq_head_off, tail)
         return cqes
 
 
@@ -4368,6 +4438,7 @@ class TLSServer(_TLSRecordReader):
                                         received=bytes(self._inbuf))
         self._app_secrets = self._rx = self._tx = self._transcript = self._inbuf = None
 
+
 # === 6.7 kTLS hand-off (Linux Documentation/networking/tls.rst) ===================================
 
 
@@ -4434,12 +4505,27 @@ class TLSContext:
 
 # === 7. Connection loop ===========================================================================
 
-# user_data: bits 0-31 slot (or listener) index, 32-39 operation, 40-63 slot generation, so a
-# completion that arrives after its slot was freed and reused is recognised and dropped.
+# Every SQE's user_data, which its completion brings back:
+#   bits  0-31  slot index (listener index for OP_ACCEPT; 0 for the others below OP_RECV)
+#   bits 32-39  operation: OP_*
+#   bits 40-63  slot generation, bumped when a slot is freed, so that a completion arriving after
+#               its slot was freed and reused is recognised and dropped
+# user_data() encodes; Server.run() decodes inline (see there), with the same names.
 OP_ACCEPT, OP_TIMER, OP_IGNORE, OP_STATX, OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER = range(8)
-UD_RECV, UD_SEND, UD_SEND_LINKED, UD_LINGER = (op << 32 for op in (
+UD_INDEX_MASK = 0xFFFFFFFF
+UD_OP_SHIFT, UD_OP_MASK = 32, 0xFF
+UD_GEN_SHIFT, GEN_MASK = 40, (1 << 24) - 1
+
+
+def user_data(op, index=0, gen=0):
+    """The user_data of operation op on slot (or listener) index in its generation gen."""
+    return index | op << UD_OP_SHIFT | gen << UD_GEN_SHIFT
+
+
+# A slot's operations: slot.ud (its index and generation) | UD_RECV, and so on.
+UD_RECV, UD_SEND, UD_SEND_LINKED, UD_LINGER = (user_data(op) for op in (
     OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER))
-GEN_MASK = (1 << 24) - 1
+UD_TIMER, UD_IGNORE, UD_STATX = user_data(OP_TIMER), user_data(OP_IGNORE), user_data(OP_STATX)
 
 # What sits between a slot's socket and HTTP.
 PLAIN, HANDSHAKE, KTLS, USERTLS = range(4)
@@ -4499,30 +4585,106 @@ def bytes_address(data):
 
 class Slot:
     """A connection's preallocated state. Buffers are fixed regions of the Server's arrays."""
-    __slots__ = ("index", "gen", "fd", "rbase", "raddr", "haddr", "msg_addr",
-                 "riov_addr", "rmsg_addr", "cmsg_addr",
-                 "rstart", "rlen", "deadline", "partial", "recv_busy", "send_busy", "send_linked",
-                 "send_ud", "closing", "lingering", "body_pos", "body_end", "keep_alive",
-                 "iov", "ud", "mode", "tls", "out", "pending_out", "spill", "hs_need", "peer")
+    __slots__ = (
+        # The socket
+        "index",        # place in Server.slots and in every per-slot array; never changes
+        "gen",          # generation, bumped when the slot is freed (user_data bits 40-63)
+        "ud",           # user_data of index and gen: | UD_RECV and the like per operation
+        "fd",           # the accepted socket; -1 while the slot is free
+        "peer",         # client address for the access log
+        "mode",         # PLAIN, HANDSHAKE, KTLS or USERTLS: what sits between socket and HTTP
+        # Fixed addresses in the Server's arrays, set once by _allocate
+        "rbase",        # offset of the read buffer in Server.rbuf
+        "raddr",        # address of the read buffer
+        "haddr",        # address of the response head buffer
+        "msg_addr",     # send msghdr, pointing at the slot's two iovecs (head, body)
+        "rmsg_addr",    # kTLS recvmsg area: msghdr, then its iovec, then a control message
+        "riov_addr",
+        "cmsg_addr",
+        # Read buffer
+        "rstart",       # where the next request starts in the read buffer
+        "rlen",         # bytes held in the read buffer
+        "recv_busy",    # a recv is in flight
+        "hs_need",      # bytes the handshake's recv asked for (a record header or body)
+        # Write state
+        "send_busy",    # a send is in flight
+        "send_linked",  # ... linked to the recv behind it (silent on success)
+        "send_ud",      # its user_data, for a cancel
+        "iov",          # an unlinked send's (head addr, len, body addr, len): to resume it
+        "out",          # bytes built in Python that a send reads: kept alive here
+        "body_pos",     # address of the body still to send, in the tar's mmap
+        "body_end",
+        # HTTP
+        "keep_alive",   # the response under way leaves the connection open
+        "partial",      # a request head (or TLS handshake) has begun: see need_more, reap
+        # TLS
+        "tls",          # TLSServer during the handshake, then the userspace record layer
+        "pending_out",  # TLS bytes owed to the client, sent before the next record
+        "spill",        # decrypted bytes that did not fit the read buffer yet
+        # Timers and closing
+        "deadline",     # monotonic time at which on_timer closes the connection
+        "closing",      # cancels are out: freed when nothing is left in flight
+        "lingering",    # half-closed: reading until the client closes (linger)
+    )
 
     def __init__(self, index):
         self.index, self.gen, self.fd = index, 0, -1
         self.peer = "-"
 
 
-class Server:
-    """The event loop: listeners, a ring, and max_connections fixed slots."""
+class Limits:
+    """What the Server allows its connections, in seconds and bytes; the CLI fills it in."""
+    __slots__ = (
+        "max_connections",    # slots allocated at start: connections open at once
+        "header_timeout",     # a request head, from its first byte (or a fresh connection's)
+        "idle_timeout",       # a keep-alive connection between requests; a send without progress
+        "handshake_timeout",  # a TLS handshake, from accept
+        "max_header_bytes",   # largest request head; a larger one gets 431 (or 414)
+        "grace",              # after a stop signal, for requests and responses in flight
+    )
 
-    def __init__(self, site, listeners, opts, log, tls=None):
-        self.site, self.opts, self.log = site, opts, log
+    def __init__(self, max_connections, header_timeout, idle_timeout, handshake_timeout,
+                 max_header_bytes, grace):
+        self.max_connections, self.max_header_bytes = max_connections, max_header_bytes
+        self.header_timeout, self.idle_timeout = header_timeout, idle_timeout
+        self.handshake_timeout, self.grace = handshake_timeout, grace
+
+
+class Server:
+    """The event loop: listeners, a ring, and max_connections fixed slots. A connection's life:
+
+      accept -> [TLS handshake -> kTLS or userspace records] -> request/response loop
+             -> linger or close -> free
+
+    and the completions (dispatched by run()) that move its slot from step to step:
+
+      accept ...... arm_accepts keeps single-shot accepts in flight; on_accept -> open_slot.
+                    With every slot busy the client waits in self.waiting: reap, after the
+                    batch, closes a connection that is getting nowhere, and maybe_free hands
+                    its slot over
+      handshake ... recv_exact -> on_recv -> on_handshake_bytes, a record at a time ->
+                    finish_handshake: the keys go to the kernel (KTLS) or stay here (USERTLS)
+      requests .... post_recv -> on_recv (on_ktls_recv, on_usertls_recv) -> process ->
+                    send_response -> send_next -> on_send; keep-alive: the last send is linked
+                    to the next recv, one completion a request
+      closing ..... linger: close_notify, SHUT_WR, read until the client closes; or at once
+                    start_close: cancel what is in flight. Then maybe_free, once nothing is:
+                    close the socket, bump the generation, back on self.free
+      timeouts .... on_timer, once a second: a slot past its deadline -> start_close
+
+    An exception in a handler costs its connection (internal_error), not the server."""
+
+    def __init__(self, site, listeners, limits, log, tls=None, access_log=None):
+        self.site, self.limits, self.log = site, limits, log
         self.listeners = [sock for sock, _ in listeners]
         self.listener_tls = [is_tls for _, is_tls in listeners]
         self.tls = tls            # TLSContext: certificate, key and kTLS support; None for HTTP
-        self.access_log = opts.access_log_file
-        n = opts.max_connections
-        self.ring = IoUring(min(32768, 1 << (2 * n + 64).bit_length()))
+        self.access_log = access_log  # AccessLog, or None
+        n = limits.max_connections
+        # Two SQEs per slot (a linked send and recv) and 64 for the rest, as a power of two.
+        self.ring = IoUring(min(IORING_MAX_ENTRIES, 1 << (2 * n + 64).bit_length()))
         self._check_kernel()
-        self.rbuf_size = max(opts.max_header_bytes, MAX_REQUEST_LINE) + RBUF_EXTRA
+        self.rbuf_size = max(limits.max_header_bytes, MAX_REQUEST_LINE) + RBUF_EXTRA
         if tls is not None:
             self.rbuf_size = max(self.rbuf_size, _TLS_MAX_RECORD)  # a whole record must fit
         self._allocate(n)
@@ -4537,8 +4699,8 @@ class Server:
         self.waiting = collections.deque()
         self.reap_due = False
         self.stopping = False
-        self.stop_requested = ()  # the CLI's signal handlers append to the lists put here
-        self.stats_requested = ()
+        self.stop_requested = False   # set by request_stop(), from a signal handler
+        self.stats_requested = False  # set by request_stats(), likewise
         self.stop_deadline = None
         self.accepted = self.requests = self.closed = self.timeouts = 0  # for the stats line
         self.handshakes = self.tls_failures = self.reaped = self.errors = 0
@@ -4580,7 +4742,63 @@ class Server:
         self.active = 0
         self.close_notify = ktls_close_notify_msg()
 
-    # -- submission helpers ---------------------------------------------------------------------
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self):
+        """Until stopped: submit, wait for completions, hand each to its handler."""
+        self.arm_accepts()
+        self.arm_timer()
+        ring, slots = self.ring, self.slots
+        while True:
+            ring.enter(True)
+            self.now = time.monotonic()
+            # user_data is decoded inline: three calls would cost ~2% of a keep-alive request.
+            for ud, res, _ in ring.completions():
+                op = (ud >> UD_OP_SHIFT) & UD_OP_MASK
+                if op >= OP_RECV:  # an operation on a connection's slot
+                    slot = slots[ud & UD_INDEX_MASK]
+                    if (ud >> UD_GEN_SHIFT) != slot.gen or slot.fd < 0:
+                        continue  # stale: the slot was freed (and maybe reused) since
+                    try:
+                        if op == OP_RECV:
+                            self.on_recv(slot, res)
+                        elif op == OP_LINGER:
+                            self.on_link_broken(slot)
+                        else:
+                            self.on_send(slot, res, op == OP_SEND_LINKED)
+                    except Exception:
+                        self.internal_error(slot)
+                elif op == OP_ACCEPT:
+                    self.contain(self.on_accept, ud & UD_INDEX_MASK, res)
+                elif op == OP_TIMER:
+                    self.contain(self.tick)
+                elif op == OP_STATX:
+                    self.contain(self.on_statx, res)
+            if self.reap_due:
+                self.contain(self.reap)
+            if self.stats_requested:
+                self.stats_requested = False
+                self.log.write(self.stats_line())
+            if self.stop_requested and not self.stopping:
+                self.begin_stop(self.limits.grace)
+            if self.stopping and self.drained():
+                return
+
+    def contain(self, handler, *args):
+        """Run a handler that no one connection owns; a bug in it is counted and logged."""
+        try:
+            handler(*args)
+        except Exception:
+            self.internal_error(None)
+
+    def internal_error(self, slot):
+        """A bug must cost one connection, not the server: count it, log it, close."""
+        self.errors += 1
+        self.log.bug()
+        if slot is not None and slot.fd >= 0 and not slot.closing:
+            self.start_close(slot)
+
+    # -- accepting ------------------------------------------------------------------------------
 
     def arm_accepts(self):
         """Keep single-shot accepts in flight, no more than there are free slots: the kernel's
@@ -4593,105 +4811,16 @@ class Server:
             if self.accept_paused[i] or any(w[1] == i for w in self.waiting):
                 continue
             while self.accepting[i] < ACCEPT_DEPTH and (spare > 0 or not self.accepting[i]):
-                self.ring.prep(IORING_OP_ACCEPT, fd, 0, 0, 0, SOCK_CLOEXEC, i | (OP_ACCEPT << 32))
+                self.ring.prep_accept(fd, 0, 0, SOCK_CLOEXEC, user_data(OP_ACCEPT, i))
                 self.accepting[i] += 1
                 spare -= 1
-
-    def resume_accepts(self):
-        """A slot (and its descriptor) came free, or a second passed: try paused listeners."""
-        for i in range(len(self.accept_paused)):
-            self.accept_paused[i] = False
-        self.arm_accepts()
-
-    def pause_accepts(self):
-        """Stop accepting: cancel every accept in flight."""
-        for i, n in enumerate(self.accepting):
-            if n:
-                self.ring.prep(IORING_OP_ASYNC_CANCEL, -1, i | (OP_ACCEPT << 32), 0, 0,
-                               IORING_ASYNC_CANCEL_ALL, OP_IGNORE << 32)
-
-    def arm_timer(self):
-        self.ring.prep(IORING_OP_TIMEOUT, -1, buffer_address(self.timespec), 1, 0, 0,
-                       OP_TIMER << 32)
-
-    def post_recv(self, slot):
-        """Read more request bytes behind what the buffer holds."""
-        if slot.rstart:
-            # Move a partial pipelined request to the front so the buffer has room again.
-            self.rbuf.move(slot.rbase, slot.rbase + slot.rstart, slot.rlen - slot.rstart)
-            slot.rlen -= slot.rstart
-            slot.rstart = 0
-        if slot.spill:
-            # Decrypted request bytes are waiting (userspace TLS): they come before the socket.
-            self.take_plaintext(slot)
-            self.process(slot)
-            return
-        addr, room = slot.raddr + slot.rlen, self.rbuf_size - slot.rlen
-        if slot.mode == KTLS:
-            # recvmsg with a control buffer: the kernel tells each record's type there, and
-            # a non-data record (alert, KeyUpdate) is delivered instead of failing with EIO.
-            off = slot.index * RECV_AREA
-            recv_area.pack_into(self.rmsgs, off, 0, 0, slot.riov_addr, 1, slot.cmsg_addr,
-                                CMSG_SPACE_1, 0, addr, room)
-            self.ring.prep(IORING_OP_RECVMSG, slot.fd, slot.rmsg_addr, 1, 0, 0,
-                           slot.ud | UD_RECV)
-        else:
-            self.ring.prep(IORING_OP_RECV, slot.fd, addr, room, 0, 0, slot.ud | UD_RECV)
-        slot.recv_busy = True
-
-    def recv_exact(self, slot, n):
-        """Handshake reads take exactly one record (its header, then its body), so nothing
-        behind the client's Finished is read: kTLS must find it still in the socket."""
-        slot.hs_need = n
-        self.ring.prep(IORING_OP_RECV, slot.fd, slot.raddr, n, 0, MSG_WAITALL,
-                       slot.ud | UD_RECV)
-        slot.recv_busy = True
-
-    def submit_send(self, slot, head_addr, head_len, body_addr, body_len, linked):
-        """SENDMSG of two iovecs (head, body). A linked send completes silently on success and
-        the next recv runs right behind it: one CQE per keep-alive request. It must not stop
-        short, so it carries MSG_WAITALL; kTLS refuses that flag (EOPNOTSUPP), so kTLS sends
-        are never linked and on_send resumes a short one."""
-        iovec2.pack_into(self.iovs, slot.index * iovec2.size, head_addr, head_len, body_addr,
-                         body_len)
-        slot.send_busy = True
-        slot.send_linked = linked
-        if linked:
-            slot.send_ud = slot.ud | UD_SEND_LINKED
-            self.ring.prep(IORING_OP_SENDMSG, slot.fd, slot.msg_addr, 0, 0,
-                           MSG_NOSIGNAL | MSG_WAITALL, slot.send_ud,
-                           IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS)
-        else:
-            slot.iov = (head_addr, head_len, body_addr, body_len)  # for resume_send
-            slot.send_ud = slot.ud | UD_SEND
-            self.ring.prep(IORING_OP_SENDMSG, slot.fd, slot.msg_addr, 0, 0, MSG_NOSIGNAL,
-                           slot.send_ud)
-
-    def send_bytes(self, slot, data, linked):
-        """Send bytes built in Python (handshake flights, userspace TLS records)."""
-        slot.out = data  # keeps the memory alive while the kernel reads it
-        self.submit_send(slot, bytes_address(data), len(data), 0, 0, linked)
-
-    def resume_send(self, slot, sent):
-        """A send stopped after `sent` bytes: submit the rest of its two iovecs."""
-        head_addr, head_len, body_addr, body_len = slot.iov
-        if sent < head_len:
-            head_addr, head_len = head_addr + sent, head_len - sent
-        else:
-            sent -= head_len
-            head_len = 0
-            body_addr, body_len = body_addr + sent, body_len - sent
-        self.submit_send(slot, head_addr, head_len, body_addr, body_len, False)
-
-    # -- connection lifecycle -------------------------------------------------------------------
 
     def on_accept(self, i, res):
         self.accepting[i] -= 1
         if res < 0:
             self.on_accept_error(i, -res)
         elif self.stopping:
-            self.ring.prep(IORING_OP_CLOSE, res, 0, 0, 0, 0, OP_IGNORE << 32,
-                           IOSQE_CQE_SKIP_SUCCESS)
+            self.ring.prep_close(res, UD_IGNORE, IOSQE_CQE_SKIP_SUCCESS)
         elif self.free:
             self.open_slot(res, self.listener_tls[i])
         else:
@@ -4713,9 +4842,24 @@ class Server:
         self.log.limited(("accept", err), f"accept failed: {os.strerror(err)}; trying again "
                          f"when a connection closes, or in a second")
 
+    def resume_accepts(self):
+        """A slot (and its descriptor) came free, or a second passed: try paused listeners."""
+        for i in range(len(self.accept_paused)):
+            self.accept_paused[i] = False
+        self.arm_accepts()
+
+    def pause_accepts(self):
+        """Stop accepting: cancel every accept in flight."""
+        for i, n in enumerate(self.accepting):
+            if n:
+                self.ring.prep_cancel64(user_data(OP_ACCEPT, i), IORING_ASYNC_CANCEL_ALL,
+                                        UD_IGNORE)
+
+    # -- a new connection -----------------------------------------------------------------------
+
     def open_slot(self, fd, tls):
         slot = self.free.pop()
-        slot.ud = slot.index | slot.gen << 40  # the operation goes in bits 32-39
+        slot.ud = user_data(0, slot.index, slot.gen)  # | UD_RECV and the like, per operation
         self.active += 1
         self.accepted += 1
         slot.fd = fd
@@ -4730,75 +4874,40 @@ class Server:
             if tls:
                 slot.mode = HANDSHAKE
                 slot.tls = TLSServer(self.tls.config)
-                slot.deadline = self.now + self.opts.handshake_timeout
+                slot.deadline = self.now + self.limits.handshake_timeout
                 self.recv_exact(slot, _TLS_RECORD_HEADER_LEN)
             else:
                 slot.mode = PLAIN
-                slot.deadline = self.now + self.opts.header_timeout
+                slot.deadline = self.now + self.limits.header_timeout
                 self.post_recv(slot)
         except Exception:  # the slot owns the descriptor now: closing it closes the socket
             self.internal_error(slot)
 
-    def start_close(self, slot):
-        """Close now: cancel what is in flight; the slot is freed when nothing is left."""
-        slot.closing = True
-        slot.deadline = self.now + 1.0
-        if slot.recv_busy:
-            self.ring.prep(IORING_OP_ASYNC_CANCEL, -1, slot.ud | UD_RECV, 0, 0, 0,
-                           OP_IGNORE << 32)
-        if slot.send_busy:
-            self.ring.prep(IORING_OP_ASYNC_CANCEL, -1, slot.send_ud, 0, 0, 0, OP_IGNORE << 32)
-        self.maybe_free(slot)
+    # -- requests -------------------------------------------------------------------------------
 
-    def maybe_free(self, slot):
-        if slot.recv_busy or slot.send_busy or slot.fd < 0:
+    def post_recv(self, slot):
+        """Read more request bytes behind what the buffer holds."""
+        if slot.rstart:
+            # Move a partial pipelined request to the front so the buffer has room again.
+            self.rbuf.move(slot.rbase, slot.rbase + slot.rstart, slot.rlen - slot.rstart)
+            slot.rlen -= slot.rstart
+            slot.rstart = 0
+        if slot.spill:
+            # Decrypted request bytes are waiting (userspace TLS): they come before the socket.
+            self.take_plaintext(slot)
+            self.process(slot)
             return
-        self.ring.prep(IORING_OP_CLOSE, slot.fd, 0, 0, 0, 0, OP_IGNORE << 32,
-                       IOSQE_CQE_SKIP_SUCCESS)
-        slot.fd = -1
-        slot.gen = (slot.gen + 1) & GEN_MASK
-        slot.out = slot.tls = None
-        self.free.append(slot)
-        self.active -= 1
-        self.closed += 1
-        if self.waiting:
-            fd, i = self.waiting.popleft()
-            self.open_slot(fd, self.listener_tls[i])
-        self.resume_accepts()
-
-    def linger(self, slot):
-        """End a connection gracefully: close_notify on TLS, half-close, then read until the
-        client closes too, so unread request bytes cannot turn our close into a reset that
-        destroys the response."""
-        slot.lingering = True
-        slot.deadline = self.now + LINGER_TIMEOUT
-        slot.rstart = slot.rlen = 0
-        slot.spill = b""
-        # Only a failure shows: then the recv at the end of the chain never completes (see
-        # on_link_broken).
-        link, ud = IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS, slot.ud | UD_LINGER
+        addr, room = slot.raddr + slot.rlen, self.rbuf_size - slot.rlen
         if slot.mode == KTLS:
-            self.ring.prep(IORING_OP_SENDMSG, slot.fd, self.close_notify[1], 0, 0, MSG_NOSIGNAL,
-                           ud, link)
-        elif slot.mode == USERTLS:
-            slot.out = slot.pending_out + slot.tls.close_notify()
-            if slot.out:
-                self.ring.prep(IORING_OP_SEND, slot.fd, bytes_address(slot.out), len(slot.out), 0,
-                               MSG_NOSIGNAL, ud, link)
-        self.ring.prep(IORING_OP_SHUTDOWN, slot.fd, 0, SHUT_WR, 0, 0, ud, link)
-        self.post_recv(slot)
-
-    def on_link_broken(self, slot):
-        """A request carrying IOSQE_CQE_SKIP_SUCCESS at the head of a link chain failed. The
-        kernel then cancels the rest of the chain without posting their completions
-        (REQ_F_SKIP_LINK_CQES), so the recv at its end is over too: close."""
-        slot.recv_busy = False
-        if slot.closing:
-            self.maybe_free(slot)
+            # recvmsg with a control buffer: the kernel tells each record's type there, and
+            # a non-data record (alert, KeyUpdate) is delivered instead of failing with EIO.
+            off = slot.index * RECV_AREA
+            recv_area.pack_into(self.rmsgs, off, 0, 0, slot.riov_addr, 1, slot.cmsg_addr,
+                                CMSG_SPACE_1, 0, addr, room)
+            self.ring.prep_recvmsg(slot.fd, slot.rmsg_addr, 0, slot.ud | UD_RECV)
         else:
-            self.start_close(slot)
-
-    # -- completions ----------------------------------------------------------------------------
+            self.ring.prep_recv(slot.fd, addr, room, 0, slot.ud | UD_RECV)
+        slot.recv_busy = True
 
     def on_recv(self, slot, res):
         slot.recv_busy = False
@@ -4833,7 +4942,7 @@ class Server:
             self.need_more(slot, start, end)
             return
         head_end, next_start = found
-        if head_end - start > self.opts.max_header_bytes:
+        if head_end - start > self.limits.max_header_bytes:
             self.send_response(slot, self.site.error(oversize_status(buf, start, end), True), None)
             return
         head = buf[start:head_end]
@@ -4845,16 +4954,18 @@ class Server:
 
     def need_more(self, slot, start, end):
         """No complete head yet: enforce the size limits, start the header clock, read on."""
-        if end - start >= self.opts.max_header_bytes or end - start >= self.rbuf_size - 1:
+        if end - start >= self.limits.max_header_bytes or end - start >= self.rbuf_size - 1:
             self.send_response(slot, self.site.error(oversize_status(self.rbuf, start, end), True),
                                None)
             return
         if end > start and not slot.partial:
             slot.partial = True  # first byte of a request: the header deadline starts now
-            slot.deadline = self.now + self.opts.header_timeout
+            slot.deadline = self.now + self.limits.header_timeout
         elif end == start:
             slot.rstart = slot.rlen = 0
         self.post_recv(slot)
+
+    # -- responses ------------------------------------------------------------------------------
 
     def send_response(self, slot, response, request_head):
         status, head, body_off, body_len, keep_alive = response
@@ -4869,6 +4980,10 @@ class Server:
         slot.partial = False
         self.send_next(slot, n)
 
+    def log_access(self, slot, request_head, status, body_len):
+        line = b"-" if request_head is None else request_head.split(b"\n", 1)[0].rstrip(b"\r")
+        self.access_log.write(slot.peer, line, status, body_len)
+
     def send_next(self, slot, head_len=0):
         """Send the head (if any) and the next piece of the body, straight from the tar's mmap.
         The last piece of a keep-alive response is linked to the next recv."""
@@ -4878,7 +4993,7 @@ class Server:
         body_addr = slot.body_pos
         body = min(slot.body_end - body_addr, SEND_CHUNK)
         slot.body_pos += body
-        slot.deadline = self.now + self.opts.idle_timeout
+        slot.deadline = self.now + self.limits.idle_timeout
         if slot.body_pos == slot.body_end and slot.keep_alive and slot.rlen == 0 \
                 and slot.mode == PLAIN:
             # The hot path: the rest of the response, then wait for the next request.
@@ -4904,7 +5019,7 @@ class Server:
             return
         plain = self.hbuf[h:h + head_len] + data
         slot.body_pos += body
-        slot.deadline = self.now + self.opts.idle_timeout
+        slot.deadline = self.now + self.limits.idle_timeout
         # The last piece of a connection's last response carries our close_notify too (one
         # pass of the cipher, one send); linger() then has nothing more to seal.
         last = slot.body_pos == slot.body_end
@@ -4914,6 +5029,40 @@ class Server:
         self.send_bytes(slot, data, linked)
         if linked:
             self.post_recv(slot)
+
+    def submit_send(self, slot, head_addr, head_len, body_addr, body_len, linked):
+        """SENDMSG of two iovecs (head, body). A linked send completes silently on success and
+        the next recv runs right behind it: one CQE per keep-alive request. It must not stop
+        short, so it carries MSG_WAITALL; kTLS refuses that flag (EOPNOTSUPP), so kTLS sends
+        are never linked and on_send resumes a short one."""
+        iovec2.pack_into(self.iovs, slot.index * iovec2.size, head_addr, head_len, body_addr,
+                         body_len)
+        slot.send_busy = True
+        slot.send_linked = linked
+        if linked:
+            slot.send_ud = slot.ud | UD_SEND_LINKED
+            self.ring.prep_sendmsg(slot.fd, slot.msg_addr, MSG_NOSIGNAL | MSG_WAITALL,
+                                   slot.send_ud, IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS)
+        else:
+            slot.iov = (head_addr, head_len, body_addr, body_len)  # for resume_send
+            slot.send_ud = slot.ud | UD_SEND
+            self.ring.prep_sendmsg(slot.fd, slot.msg_addr, MSG_NOSIGNAL, slot.send_ud)
+
+    def send_bytes(self, slot, data, linked):
+        """Send bytes built in Python (handshake flights, userspace TLS records)."""
+        slot.out = data  # keeps the memory alive while the kernel reads it
+        self.submit_send(slot, bytes_address(data), len(data), 0, 0, linked)
+
+    def resume_send(self, slot, sent):
+        """A send stopped after `sent` bytes: submit the rest of its two iovecs."""
+        head_addr, head_len, body_addr, body_len = slot.iov
+        if sent < head_len:
+            head_addr, head_len = head_addr + sent, head_len - sent
+        else:
+            sent -= head_len
+            head_len = 0
+            body_addr, body_len = body_addr + sent, body_len - sent
+        self.submit_send(slot, head_addr, head_len, body_addr, body_len, False)
 
     def on_send(self, slot, res, linked):
         slot.send_busy = False
@@ -4934,10 +5083,17 @@ class Server:
         elif slot.rlen:
             self.process(slot)  # a pipelined request is already waiting
         else:
-            slot.deadline = self.now + self.opts.idle_timeout
+            slot.deadline = self.now + self.limits.idle_timeout
             self.post_recv(slot)
 
     # -- TLS ------------------------------------------------------------------------------------
+
+    def recv_exact(self, slot, n):
+        """Handshake reads take exactly one record (its header, then its body), so nothing
+        behind the client's Finished is read: kTLS must find it still in the socket."""
+        slot.hs_need = n
+        self.ring.prep_recv(slot.fd, slot.raddr, n, MSG_WAITALL, slot.ud | UD_RECV)
+        slot.recv_busy = True
 
     def on_handshake_bytes(self, slot, res):
         """One record header or body arrived: feed the handshake state machine."""
@@ -4956,8 +5112,8 @@ class Server:
             else:
                 self.start_close(slot)
             return
-        if hs.done:
-            self.finish_handshake(slot, out)
+        if hs.done:  # nothing to send after the client's Finished: no session tickets
+            self.finish_handshake(slot)
             return
         # After a header read its body (if any); after a body the next header.
         header = _TLS_RECORD_HEADER_LEN
@@ -4966,7 +5122,7 @@ class Server:
             self.send_bytes(slot, out, True)
         self.recv_exact(slot, need or header)
 
-    def finish_handshake(self, slot, out):
+    def finish_handshake(self, slot):
         """The client's Finished is verified: hand the keys to the kernel, or keep the record
         layer in Python, and start HTTP. recv_exact read the Finished record and nothing after
         it, so no application data came along: it is all still in the socket."""
@@ -4993,16 +5149,10 @@ class Server:
                 self.start_close(slot)
                 return
         slot.tls = hs.record_layer if slot.mode == USERTLS else None
-        slot.pending_out = out
         slot.partial = False  # no request byte yet
         slot.rstart = slot.rlen = 0
-        slot.deadline = self.now + self.opts.idle_timeout
-        if out and slot.mode == KTLS:
-            # Bytes the handshake still owes (never in practice: no tickets, no KeyUpdate yet)
-            # cannot pass through the kernel's record layer: drop the connection cleanly.
-            self.start_close(slot)
-        else:
-            self.post_recv(slot)
+        slot.deadline = self.now + self.limits.idle_timeout
+        self.post_recv(slot)
 
     def send_fatal_alert(self, slot, alert):
         """Send the alert that ends the connection, then linger. No TLS follows a fatal alert,
@@ -5058,6 +5208,64 @@ class Server:
         slot.spill = slot.spill[n:]
         slot.rlen += n
 
+    # -- closing --------------------------------------------------------------------------------
+
+    def linger(self, slot):
+        """End a connection gracefully: close_notify on TLS, half-close, then read until the
+        client closes too, so unread request bytes cannot turn our close into a reset that
+        destroys the response."""
+        slot.lingering = True
+        slot.deadline = self.now + LINGER_TIMEOUT
+        slot.rstart = slot.rlen = 0
+        slot.spill = b""
+        # Only a failure shows: then the recv at the end of the chain never completes (see
+        # on_link_broken).
+        link, ud = IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS, slot.ud | UD_LINGER
+        if slot.mode == KTLS:
+            self.ring.prep_sendmsg(slot.fd, self.close_notify[1], MSG_NOSIGNAL, ud, link)
+        elif slot.mode == USERTLS:
+            slot.out = slot.pending_out + slot.tls.close_notify()
+            if slot.out:
+                self.ring.prep_send(slot.fd, bytes_address(slot.out), len(slot.out),
+                                    MSG_NOSIGNAL, ud, link)
+        self.ring.prep_shutdown(slot.fd, SHUT_WR, ud, link)
+        self.post_recv(slot)
+
+    def on_link_broken(self, slot):
+        """A request carrying IOSQE_CQE_SKIP_SUCCESS at the head of a link chain failed. The
+        kernel then cancels the rest of the chain without posting their completions
+        (REQ_F_SKIP_LINK_CQES), so the recv at its end is over too: close."""
+        slot.recv_busy = False
+        if slot.closing:
+            self.maybe_free(slot)
+        else:
+            self.start_close(slot)
+
+    def start_close(self, slot):
+        """Close now: cancel what is in flight; the slot is freed when nothing is left."""
+        slot.closing = True
+        slot.deadline = self.now + 1.0
+        if slot.recv_busy:
+            self.ring.prep_cancel64(slot.ud | UD_RECV, 0, UD_IGNORE)
+        if slot.send_busy:
+            self.ring.prep_cancel64(slot.send_ud, 0, UD_IGNORE)
+        self.maybe_free(slot)
+
+    def maybe_free(self, slot):
+        if slot.recv_busy or slot.send_busy or slot.fd < 0:
+            return
+        self.ring.prep_close(slot.fd, UD_IGNORE, IOSQE_CQE_SKIP_SUCCESS)
+        slot.fd = -1
+        slot.gen = (slot.gen + 1) & GEN_MASK
+        slot.out = slot.tls = None
+        self.free.append(slot)
+        self.active -= 1
+        self.closed += 1
+        if self.waiting:
+            fd, i = self.waiting.popleft()
+            self.open_slot(fd, self.listener_tls[i])
+        self.resume_accepts()
+
     # -- a full house ---------------------------------------------------------------------------
 
     def reap(self):
@@ -5068,7 +5276,7 @@ class Server:
         incomplete longest, for REAP_MIN_AGE at least. Never one whose read was posted in this
         batch (it has had no chance to complete), nor one with bytes still going out."""
         self.reap_due = False
-        o, now = self.opts, self.now
+        o, now = self.limits, self.now
         need = len(self.waiting)
         candidates = []
         for slot in self.slots:
@@ -5103,21 +5311,10 @@ class Server:
                 self.start_close(slot)
                 need -= 1
 
-    def internal_error(self, slot):
-        """A bug must cost one connection, not the server: count it, log it, close."""
-        self.errors += 1
-        self.log.bug()
-        if slot is not None and slot.fd >= 0 and not slot.closing:
-            self.start_close(slot)
+    # -- timers ---------------------------------------------------------------------------------
 
-    def contain(self, handler, *args):
-        """Run a handler that no one connection owns; a bug in it is counted and logged."""
-        try:
-            handler(*args)
-        except Exception:
-            self.internal_error(None)
-
-    # -- timers, logs, shutdown -----------------------------------------------------------------
+    def arm_timer(self):
+        self.ring.prep_timeout(buffer_address(self.timespec), 0, 0, UD_TIMER)
 
     def tick(self):
         """The once-a-second timer: deadlines (on_timer, which arms the next tick), then another
@@ -5151,9 +5348,8 @@ class Server:
         if self.statx_busy or self.site.stale:
             return
         self.statx_busy = True
-        self.ring.prep(IORING_OP_STATX, self.site.archive.fd, bytes_address(b""),
-                       STATX_SIZE | STATX_MTIME, buffer_address(self.statx_buf), AT_EMPTY_PATH,
-                       OP_STATX << 32)
+        self.ring.prep_statx(self.site.archive.fd, bytes_address(b""), AT_EMPTY_PATH,
+                             STATX_SIZE | STATX_MTIME, buffer_address(self.statx_buf), UD_STATX)
 
     def on_statx(self, res):
         self.statx_busy = False
@@ -5167,47 +5363,13 @@ class Server:
                           f"bytes, was {archive.identity[0]}): answering 500 from now on; "
                           f"publish a new tar by renaming it over the old one, then restart")
 
-    def log_access(self, slot, request_head, status, body_len):
-        line = b"-" if request_head is None else request_head.split(b"\n", 1)[0].rstrip(b"\r")
-        self.access_log.write(slot.peer, line, status, body_len)
+    # -- stopping -------------------------------------------------------------------------------
 
-    def run(self):
-        self.arm_accepts()
-        self.arm_timer()
-        ring, slots = self.ring, self.slots
-        while True:
-            ring.enter(True)
-            self.now = time.monotonic()
-            for user_data, res, _ in ring.completions():
-                op = (user_data >> 32) & 0xFF
-                if op >= OP_RECV:  # an operation on a connection's slot
-                    slot = slots[user_data & 0xFFFFFFFF]
-                    if (user_data >> 40) != slot.gen or slot.fd < 0:
-                        continue  # stale: the slot was freed (and maybe reused) since
-                    try:
-                        if op == OP_RECV:
-                            self.on_recv(slot, res)
-                        elif op == OP_LINGER:
-                            self.on_link_broken(slot)
-                        else:
-                            self.on_send(slot, res, op == OP_SEND_LINKED)
-                    except Exception:
-                        self.internal_error(slot)
-                elif op == OP_ACCEPT:
-                    self.contain(self.on_accept, user_data & 0xFFFFFFFF, res)
-                elif op == OP_TIMER:
-                    self.contain(self.tick)
-                elif op == OP_STATX:
-                    self.contain(self.on_statx, res)
-            if self.reap_due:
-                self.contain(self.reap)
-            if self.stats_requested:
-                self.stats_requested.clear()
-                self.log.write(self.stats_line())
-            if self.stop_requested and not self.stopping:
-                self.begin_stop(self.opts.grace)
-            if self.stopping and self.drained():
-                return
+    def request_stop(self):
+        """SIGTERM/SIGINT/SIGHUP. A signal handler runs between any two bytecodes of the loop,
+        perhaps halfway through writing an SQE: it only sets a flag, which run() reads after
+        the batch (the signal interrupts the loop's wait with EINTR, so that is at once)."""
+        self.stop_requested = True
 
     def begin_stop(self, grace):
         """SIGTERM/SIGINT/SIGHUP: stop accepting, close idle connections, let the rest finish."""
@@ -5216,8 +5378,7 @@ class Server:
         self.site.draining = True
         self.stop_deadline = time.monotonic() + grace
         while self.waiting:
-            self.ring.prep(IORING_OP_CLOSE, self.waiting.popleft()[0], 0, 0, 0, 0,
-                           OP_IGNORE << 32, IOSQE_CQE_SKIP_SUCCESS)
+            self.ring.prep_close(self.waiting.popleft()[0], UD_IGNORE, IOSQE_CQE_SKIP_SUCCESS)
         for slot in self.slots:
             if slot.fd < 0 or slot.closing or slot.lingering:
                 continue
@@ -5225,8 +5386,7 @@ class Server:
             if slot.recv_busy and slot.mode != HANDSHAKE and slot.rlen == 0:
                 # Waiting for a request (perhaps behind a linked send still under way): shut
                 # the read side, so the recv ends with 0 once any response is out, and closes.
-                self.ring.prep(IORING_OP_SHUTDOWN, slot.fd, 0, SHUT_RD, 0, 0, OP_IGNORE << 32,
-                               IOSQE_CQE_SKIP_SUCCESS)
+                self.ring.prep_shutdown(slot.fd, SHUT_RD, UD_IGNORE, IOSQE_CQE_SKIP_SUCCESS)
 
     def drained(self):
         """Stopping waits for requests and responses in flight, not for connections that are
@@ -5241,6 +5401,12 @@ class Server:
             return True
         return False
 
+    # -- statistics -----------------------------------------------------------------------------
+
+    def request_stats(self):
+        """SIGUSR1; only a flag, as request_stop: the line is written by run()."""
+        self.stats_requested = True
+
     def stats_line(self):
         line = (f"stats active={self.active} free={len(self.free)} max={len(self.slots)} "
                 f"accepted={self.accepted} requests={self.requests} closed={self.closed} "
@@ -5251,7 +5417,6 @@ class Server:
         if self.access_log:
             line += f" log_dropped={self.access_log.dropped}"
         return line
-
 
 _sockaddr = ctypes.create_string_buffer(SOCKADDR_STORAGE)
 _sockaddr_len = ctypes.c_uint32()
@@ -5543,32 +5708,32 @@ def release_startup_memory():
 def serve(opts, log):
     """Start-up in the order that fails fastest, then run until SIGTERM/SIGINT."""
     identity = load_tls_identity(opts) if opts.tls else None  # key files first, never logged
-    opts.access_log_file = open_access_log(opts.access_log, log)
+    access_log = open_access_log(opts.access_log, log)
     archive = Archive(opts.tar, opts.prefix, log)
     site = Site(archive, opts.cache_control)
     tls = TLSContext(identity[0], identity[1], opts.ktls, log) if identity else None
     specs = listener_specs(opts)
-    opts.max_connections = raise_fd_limit(opts.max_connections, len(specs), log)
+    limits = Limits(max_connections=raise_fd_limit(opts.max_connections, len(specs), log),
+                    header_timeout=opts.header_timeout, idle_timeout=opts.idle_timeout,
+                    handshake_timeout=opts.handshake_timeout,
+                    max_header_bytes=opts.max_header_bytes, grace=opts.grace)
     listeners = [(make_listener(spec), is_tls) for spec, is_tls in specs]
-    server = Server(site, listeners, opts, log, tls)
-    stop = server.stop_requested = []
-    stats = server.stats_requested = []
-    # Handlers only set a flag: the loop must not be re-entered halfway through writing an SQE,
-    # and a write to a stderr that is gone must not raise inside it. The signal interrupts the
-    # loop's wait (EINTR), so the flag is seen at once. They are in place before the URL line,
-    # which tells the world the server is up.
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-    signal.signal(signal.SIGHUP, lambda *_: stop.append(1))  # no reload yet: drain and exit
-    signal.signal(signal.SIGUSR1, lambda *_: stats.append(1))
+    server = Server(site, listeners, limits, log, tls, access_log)
+    # Handlers only set a flag (see Server.request_stop): the loop must not be re-entered
+    # halfway through writing an SQE, and a write to a stderr that is gone must not raise inside
+    # it. They are in place before the URL line, which tells the world the server is up.
+    signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: server.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: server.request_stop())  # no reload yet: drain, exit
+    signal.signal(signal.SIGUSR1, lambda *_: server.request_stats())
     release_startup_memory()
     urls = " ".join(listener_url(sock, is_tls) for sock, is_tls in listeners)
     emit(sys.stdout, f"tarweb.py {__version__}: serving {opts.tar} on {urls}")
-    log.info(f"{len(archive.files)} files, {opts.max_connections} slots, io_uring setup "
+    log.info(f"{len(archive.files)} files, {limits.max_connections} slots, io_uring setup "
              f"flags {server.ring.flags:#x}")
     server.run()
-    if opts.access_log_file:
-        opts.access_log_file.flush()  # AccessLog.flush counts a failure; it never raises
+    if access_log:
+        access_log.flush()  # AccessLog.flush counts a failure; it never raises
 
 
 def main(argv=None):

@@ -3092,6 +3092,86 @@ class TestIoUringUnavailable(unittest.TestCase):
         self.assert_one_line_error(proc, "kernel.io_uring_disabled=2", "sysctl")
 
 
+class TestRingHelpers(unittest.TestCase):
+    """Each IoUring.prep_* writes the SQE fields liburing's io_uring_prep_* would, read back from
+    a real kernel ring before submission (fields as in struct io_uring_sqe)."""
+
+    def setUp(self):
+        self.ring = tarweb.IoUring(16)  # room for every case of test_fields: no enter(0)
+        self.addCleanup(self.close_ring)
+
+    def close_ring(self):
+        self.ring.cq_view.release()
+        for area in {id(m): m for m in (self.ring.sqes, self.ring.sq_ring,
+                                        self.ring.cq_ring)}.values():
+            area.close()
+        os.close(self.ring.fd)
+
+    def last_sqe(self, back=1):
+        """(opcode, flags, ioprio, fd, off, addr, len, op_flags, user_data) of a queued SQE."""
+        index = (self.ring.sq_tail - back) & self.ring.sq_mask
+        fields = tarweb.io_uring_sqe.unpack_from(self.ring.sqes, index << tarweb.SQE_SHIFT)
+        self.assertEqual(fields[9:], (0, 0, 0, 0, 0))  # buf_index ... pad
+        return fields[:9]
+
+    def test_fields(self):
+        tw, link = tarweb, tarweb.IOSQE_IO_LINK
+        cases = [
+            (lambda r: r.prep_recv(5, 0x1000, 300, tw.MSG_WAITALL, 77, link),
+             (tw.IORING_OP_RECV, link, 0, 5, 0, 0x1000, 300, tw.MSG_WAITALL, 77)),
+            (lambda r: r.prep_send(5, 0x2000, 40, tw.MSG_NOSIGNAL, 78),
+             (tw.IORING_OP_SEND, 0, 0, 5, 0, 0x2000, 40, tw.MSG_NOSIGNAL, 78)),
+            (lambda r: r.prep_sendmsg(6, 0x3000, tw.MSG_NOSIGNAL, 79, link),
+             (tw.IORING_OP_SENDMSG, link, 0, 6, 0, 0x3000, 0, tw.MSG_NOSIGNAL, 79)),
+            (lambda r: r.prep_recvmsg(6, 0x3100, 0, 80),
+             (tw.IORING_OP_RECVMSG, 0, 0, 6, 0, 0x3100, 1, 0, 80)),
+            (lambda r: r.prep_accept(3, 0x4000, 0x4100, tw.SOCK_CLOEXEC, 81),
+             (tw.IORING_OP_ACCEPT, 0, 0, 3, 0x4100, 0x4000, 0, tw.SOCK_CLOEXEC, 81)),
+            (lambda r: r.prep_timeout(0x5000, 2, 0, 82),
+             (tw.IORING_OP_TIMEOUT, 0, 0, -1, 2, 0x5000, 1, 0, 82)),
+            (lambda r: r.prep_cancel64(1 << 40 | 7, tw.IORING_ASYNC_CANCEL_ALL, 83),
+             (tw.IORING_OP_ASYNC_CANCEL, 0, 0, -1, 0, 1 << 40 | 7, 0,
+              tw.IORING_ASYNC_CANCEL_ALL, 83)),
+            (lambda r: r.prep_shutdown(7, tw.SHUT_WR, 84, link),
+             (tw.IORING_OP_SHUTDOWN, link, 0, 7, 0, 0, tw.SHUT_WR, 0, 84)),
+            (lambda r: r.prep_close(8, 85, tw.IOSQE_CQE_SKIP_SUCCESS),
+             (tw.IORING_OP_CLOSE, tw.IOSQE_CQE_SKIP_SUCCESS, 0, 8, 0, 0, 0, 0, 85)),
+            (lambda r: r.prep_statx(9, 0x6000, tw.AT_EMPTY_PATH, tw.STATX_SIZE, 0x7000, 86),
+             (tw.IORING_OP_STATX, 0, 0, 9, 0x7000, 0x6000, tw.STATX_SIZE, tw.AT_EMPTY_PATH, 86)),
+        ]
+        for prep, expected in cases:
+            prep(self.ring)
+            self.assertEqual(self.last_sqe(), expected)
+        # Never submitted (the ring closes first): the addresses and descriptors are made up.
+        self.assertEqual(self.ring.to_submit, len(cases))
+
+    def test_sendmsg_recv_pair(self):
+        """The hot path's pair is what prep_sendmsg and prep_recv write, at any ring position,
+        including the one where the two SQEs straddle the end of the ring."""
+        tw = tarweb
+        send = (tw.IORING_OP_SENDMSG, tw.IOSQE_IO_LINK | tw.IOSQE_CQE_SKIP_SUCCESS, 0, 4, 0,
+                0x8000, 0, tw.MSG_NOSIGNAL | tw.MSG_WAITALL, 90)
+        recv = (tw.IORING_OP_RECV, 0, 0, 4, 0, 0x9000, 512, 0, 91)
+        for _ in range(self.ring.sq_entries):
+            self.ring.to_submit = 0
+            self.ring.prep_sendmsg_recv(4, 0x8000, tw.MSG_NOSIGNAL | tw.MSG_WAITALL, 90,
+                                        0x9000, 512, 91)
+            self.assertEqual((self.last_sqe(2), self.last_sqe(1)), (send, recv))
+            self.ring.sq_tail -= 1  # the next pair starts one SQE further on
+
+    def test_timeout_completes(self):
+        """A submitted prep_timeout comes back with its user_data and -ETIME."""
+        ts = bytearray(tarweb.kernel_timespec.pack(0, 1000000))
+        self.ring.prep_timeout(tarweb.buffer_address(ts), 0, 0, 1 << 40 | 3 << 32 | 5)
+        self.ring.enter(True)
+        cqes = list(self.ring.completions())
+        while not cqes:
+            self.ring.enter(True)
+            cqes = list(self.ring.completions())
+        self.assertEqual(cqes[0][:2], (1 << 40 | 3 << 32 | 5, -errno.ETIME))
+        self.assertEqual(tarweb.user_data(3, 5, 1), 1 << 40 | 3 << 32 | 5)
+
+
 class TestSteadyStateSyscalls(unittest.TestCase):
     """The "no syscalls" claim: under keep-alive load, strace sees io_uring_enter and nothing
     else, and far fewer of those than requests."""
