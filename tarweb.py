@@ -4536,7 +4536,9 @@ LINGER_TIMEOUT = 2.0         # how long a closing connection may keep sending us
 RBUF_EXTRA = 4096            # read buffer room beyond the largest allowed request head
 HBUF_SIZE = 12 * 1024        # response head buffer: fits a 301 with an 8 KiB Location
 ACCEPT_DEPTH = 8             # accepts in flight per listener at most (a burst: one enter)
-REAP_MIN_AGE = 1.0           # a request head or handshake this old may lose its slot to a client
+# A request head or handshake may lose its slot to a waiting client once it has used a quarter
+# of its time limit, and a second at least: a slow but honest client on a busy server keeps it.
+REAP_MIN_AGE, REAP_MIN_SHARE = 1.0, 0.25
 # accept(2) errors that belong to one client (a network error pending on its socket): try again
 ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
                 errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
@@ -5273,7 +5275,7 @@ class Server:
         with its idle ("reusable") ones. First those waiting for a request with nothing received
         (fresh, idle keep-alive, TLS handshake not begun), nearest their deadline first (for one
         kind of wait, the oldest); else those whose request head or TLS set-up has been
-        incomplete longest, for REAP_MIN_AGE at least. Never one whose read was posted in this
+        incomplete longest, once past REAP_MIN_AGE and REAP_MIN_SHARE. Never one whose read was posted in this
         batch (it has had no chance to complete), nor one with bytes still going out."""
         self.reap_due = False
         o, now = self.limits, self.now
@@ -5297,7 +5299,7 @@ class Server:
             # Begun, not finished: a request head, a handshake, or a TLS connection's first
             # request (a round trip behind the handshake, which the client has paid for)
             if slot.partial or slot.mode in (KTLS, USERTLS) and not slot.keep_alive:
-                if since <= now - REAP_MIN_AGE:
+                if since <= now - max(REAP_MIN_AGE, REAP_MIN_SHARE * limit):
                     candidates.append((1, since, slot.index))
             elif not slot.rlen and not slot.spill and slot.deadline < now + limit:
                 candidates.append((0, since, slot.index))
