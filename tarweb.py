@@ -7,17 +7,40 @@ One file, Python standard library only. All socket I/O goes through io_uring (dr
 response bodies are sent straight from an mmap of the tar; every connection lives in a slot that
 was allocated at start-up.
 
-Contents, in layers (a lower layer never calls a higher one):
-  1. Kernel ABI ......... syscall numbers, io_uring structs, opcodes and flags
-  2. The ring ........... IoUring: setup with the best flags, mmap'd rings, probe, SQEs, CQEs
-  3. The archive ........ Archive: tarfile index of the mmap'd tar
-  4. HTTP/1.1 ........... Site: request parsing, conditional and range logic, response heads
-  5. Crypto primitives .. X25519, Ed25519, P-256/P-384 ECDH and ECDSA, AES-GCM,
-                          ChaCha20-Poly1305, PEM/DER, RSA-PSS, keys, self-signed certificates
-  6. TLS 1.3 ............ HKDF key schedule, server handshake state machine (bytes in, bytes
-                          out), userspace record layer, kTLS hand-off
-  7. Connection loop .... Server: fixed slots driven by io_uring completions
-  8. CLI ................ argparse, one-line start-up errors, main()
+Contents, in layers (a lower layer never calls a higher one). `grep -n "^# === " tarweb.py`
+prints this outline with line numbers; inside a class, `# -- name` lines group its methods.
+  1. Kernel ABI (include/uapi/linux/io_uring.h) - syscalls, structs, opcodes, flags
+  2. The ring - IoUring: setup with the best flags, mmap'd rings, probe, prep_* helpers
+  3. The archive - Archive: the index of the mmap'd tar
+  4. HTTP/1.1 - Site: request parsing, conditional and range logic, response heads
+  5. Crypto primitives (pure Python; see README "Security notes")
+     5.1 Curve25519 and X25519 (RFC 7748)
+     5.2 Edwards25519 arithmetic (RFC 8032 §5.1)
+     5.3 Ed25519 signatures (RFC 8032 §5.1.5-7)
+     5.4 P-256 and P-384: point arithmetic (FIPS 186-4)
+     5.5 P-256 and P-384: point encodings and checks (SEC 1)
+     5.6 P-256 and P-384: keys and ECDH (SEC 1 §3.3.1)
+     5.7 ECDSA (FIPS 186-4, RFC 6979)
+     5.8 AEAD ciphers; the AES block cipher (FIPS 197)
+     5.9 AES-GCM (SP 800-38D)
+     5.10 ChaCha20 (RFC 8439)
+     5.11 Poly1305 and ChaCha20-Poly1305 (RFC 8439)
+     5.12 PEM (RFC 7468)
+     5.13 DER reader (X.690)
+     5.14 DER writer
+     5.15 RSA-PSS signatures (RFC 8017)
+     5.16 Private keys (PKCS#1, SEC 1, PKCS#8, RFC 8410)
+     5.17 Certificates (RFC 5280)
+  6. TLS 1.3: server handshake state machine, record layer, kTLS hand-off
+     6.1 HKDF and the key schedule (RFC 5869, RFC 8446 §7)
+     6.2 Messages and records (RFC 8446 §4, §5.1, §6)
+     6.3 Record protection and the record loop (§5.2-5.4)
+     6.4 Userspace record layer for application data
+     6.5 ClientHello parsing (§4.1.2, §4.2)
+     6.6 Server configuration and handshake state machine (§4, Appendix A.2)
+     6.7 kTLS hand-off (Linux Documentation/networking/tls.rst)
+  7. Connection loop - Server: fixed slots driven by io_uring completions
+  8. CLI - argparse, one-line start-up errors, main()
 """
 
 import argparse
@@ -983,7 +1006,7 @@ class Site:
         head = self.status_head(status, lines + list(extra), close, keep_alive_10)
         return status, head if method == b"HEAD" else head + body, 0, 0, not close
 
-    # -- request parsing ------------------------------------------------------------------------
+    # -- request parsing ---------------------------------------------------------------------------
 
     @staticmethod
     def parse(head):
@@ -1011,7 +1034,7 @@ class Site:
                 fields[name] = value
         return method, target, version, fields, framing(version, fields)
 
-    # -- responses ------------------------------------------------------------------------------
+    # -- responses ---------------------------------------------------------------------------------
 
     def respond(self, head):
         """Request head -> (status, response head bytes, body offset, body length, keep_alive)."""
@@ -4072,7 +4095,7 @@ class TLSServer(_TLSRecordReader):
         self._client_finished = None     # the verify_data the client must send
         self._app_secrets = None
 
-    # --- public surface ---------------------------------------------------------------------
+    # -- public surface ----------------------------------------------------------------------------
 
     def receive(self, data):
         """Feed bytes read from the peer; returns the bytes to send (possibly empty)."""
@@ -4107,7 +4130,7 @@ class TLSServer(_TLSRecordReader):
     def server_app_secret(self):
         return self.record_layer.tx_secret
 
-    # --- records ----------------------------------------------------------------------------
+    # -- records -----------------------------------------------------------------------------------
 
     def _reading(self):
         # Records after the client Finished are application data: the record layer's to read.
@@ -4200,7 +4223,7 @@ class TLSServer(_TLSRecordReader):
                 raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
                                 f"handshake message type {message[0]} instead of ClientHello")
 
-    # --- ClientHello: START -> RECVD_CH -> NEGOTIATED ---------------------------------------
+    # -- ClientHello: START -> RECVD_CH -> NEGOTIATED ----------------------------------------------
 
     def _on_client_hello(self, message, out):
         hello = _TLSClientHello(message)
@@ -4311,7 +4334,7 @@ class TLSServer(_TLSRecordReader):
         else:
             self._early_data_budget = 0
 
-    # --- our messages -----------------------------------------------------------------------
+    # -- our messages ------------------------------------------------------------------------------
 
     def _write(self, messages, message):
         """Add one handshake message of ours to messages and to the transcript (§4.4.1), in one
@@ -4416,7 +4439,7 @@ class TLSServer(_TLSRecordReader):
                                    + rx.keystream_requests([4 + len(self._client_finished) + 1]))
         return tx.seal_records(_TLS_CT_HANDSHAKE, flight)
 
-    # --- client Finished: WAIT_FINISHED -> CONNECTED ----------------------------------------
+    # -- client Finished: WAIT_FINISHED -> CONNECTED -----------------------------------------------
 
     def _on_client_finished(self, message):
         if message[0] != _TLS_HS_FINISHED:
@@ -4744,7 +4767,7 @@ class Server:
         self.active = 0
         self.close_notify = ktls_close_notify_msg()
 
-    # -- the loop -------------------------------------------------------------------------------
+    # -- the loop ----------------------------------------------------------------------------------
 
     def run(self):
         """Until stopped: submit, wait for completions, hand each to its handler."""
@@ -4800,7 +4823,7 @@ class Server:
         if slot is not None and slot.fd >= 0 and not slot.closing:
             self.start_close(slot)
 
-    # -- accepting ------------------------------------------------------------------------------
+    # -- accepting ---------------------------------------------------------------------------------
 
     def arm_accepts(self):
         """Keep single-shot accepts in flight, no more than there are free slots: the kernel's
@@ -4857,7 +4880,7 @@ class Server:
                 self.ring.prep_cancel64(user_data(OP_ACCEPT, i), IORING_ASYNC_CANCEL_ALL,
                                         UD_IGNORE)
 
-    # -- a new connection -----------------------------------------------------------------------
+    # -- a new connection --------------------------------------------------------------------------
 
     def open_slot(self, fd, tls):
         slot = self.free.pop()
@@ -4885,7 +4908,7 @@ class Server:
         except Exception:  # the slot owns the descriptor now: closing it closes the socket
             self.internal_error(slot)
 
-    # -- requests -------------------------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------------
 
     def post_recv(self, slot):
         """Read more request bytes behind what the buffer holds."""
@@ -4967,7 +4990,7 @@ class Server:
             slot.rstart = slot.rlen = 0
         self.post_recv(slot)
 
-    # -- responses ------------------------------------------------------------------------------
+    # -- responses ---------------------------------------------------------------------------------
 
     def send_response(self, slot, response, request_head):
         status, head, body_off, body_len, keep_alive = response
@@ -5088,7 +5111,7 @@ class Server:
             slot.deadline = self.now + self.limits.idle_timeout
             self.post_recv(slot)
 
-    # -- TLS ------------------------------------------------------------------------------------
+    # -- TLS ---------------------------------------------------------------------------------------
 
     def recv_exact(self, slot, n):
         """Handshake reads take exactly one record (its header, then its body), so nothing
@@ -5210,7 +5233,7 @@ class Server:
         slot.spill = slot.spill[n:]
         slot.rlen += n
 
-    # -- closing --------------------------------------------------------------------------------
+    # -- closing -----------------------------------------------------------------------------------
 
     def linger(self, slot):
         """End a connection gracefully: close_notify on TLS, half-close, then read until the
@@ -5268,15 +5291,16 @@ class Server:
             self.open_slot(fd, self.listener_tls[i])
         self.resume_accepts()
 
-    # -- a full house ---------------------------------------------------------------------------
+    # -- a full house ------------------------------------------------------------------------------
 
     def reap(self):
         """Clients wait for a slot: close connections that are getting nowhere, as nginx does
         with its idle ("reusable") ones. First those waiting for a request with nothing received
         (fresh, idle keep-alive, TLS handshake not begun), nearest their deadline first (for one
         kind of wait, the oldest); else those whose request head or TLS set-up has been
-        incomplete longest, once past REAP_MIN_AGE and REAP_MIN_SHARE. Never one whose read was posted in this
-        batch (it has had no chance to complete), nor one with bytes still going out."""
+        incomplete longest, once past REAP_MIN_AGE and REAP_MIN_SHARE. Never one whose read was
+        posted in this batch (it has had no chance to complete), nor one with bytes still going
+        out."""
         self.reap_due = False
         o, now = self.limits, self.now
         need = len(self.waiting)
@@ -5313,7 +5337,7 @@ class Server:
                 self.start_close(slot)
                 need -= 1
 
-    # -- timers ---------------------------------------------------------------------------------
+    # -- timers ------------------------------------------------------------------------------------
 
     def arm_timer(self):
         self.ring.prep_timeout(buffer_address(self.timespec), 0, 0, UD_TIMER)
@@ -5365,7 +5389,7 @@ class Server:
                           f"bytes, was {archive.identity[0]}): answering 500 from now on; "
                           f"publish a new tar by renaming it over the old one, then restart")
 
-    # -- stopping -------------------------------------------------------------------------------
+    # -- stopping ----------------------------------------------------------------------------------
 
     def request_stop(self):
         """SIGTERM/SIGINT/SIGHUP. A signal handler runs between any two bytecodes of the loop,
@@ -5403,7 +5427,7 @@ class Server:
             return True
         return False
 
-    # -- statistics -----------------------------------------------------------------------------
+    # -- statistics --------------------------------------------------------------------------------
 
     def request_stats(self):
         """SIGUSR1; only a flag, as request_stop: the line is written by run()."""

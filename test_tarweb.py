@@ -73,6 +73,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import tokenize
 import types
 import unittest
 import urllib.parse
@@ -3170,6 +3171,54 @@ class TestRingHelpers(unittest.TestCase):
             cqes = list(self.ring.completions())
         self.assertEqual(cqes[0][:2], (1 << 40 | 3 << 32 | 5, -errno.ETIME))
         self.assertEqual(tarweb.user_data(3, 5, 1), 1 << 40 | 3 << 32 | 5)
+
+
+class TestSourceStyle(unittest.TestCase):
+    """tarweb.py reads as one file: lines within 100 columns, one string style (double quotes,
+    f-strings), and one outline - numbered banners in file order, listed by the contents."""
+
+    @classmethod
+    def setUpClass(cls):
+        with open(TARWEB, encoding="utf-8") as f:
+            cls.source = f.read()
+
+    def test_lines_within_100_columns(self):
+        long = [i for i, line in enumerate(self.source.splitlines(), 1) if len(line) > 100]
+        self.assertEqual(long, [], "lines over 100 columns")
+
+    def test_double_quotes_and_no_percent_formatting(self):
+        """Single quotes only around text with a double quote in it; text is formatted with
+        f-strings (bytes, which have none, may use %)."""
+        tokens = list(tokenize.generate_tokens(io.StringIO(self.source).readline))
+        bad = []
+        for tok, after in zip(tokens, tokens[1:] + [None]):
+            if tok.type == tokenize.STRING:
+                prefix = re.match(r"[a-zA-Z]*", tok.string).group().lower()
+                body = tok.string[len(prefix):]
+                if body[0] == "'" and '"' not in body:
+                    bad.append((tok.start[0], "single quotes"))
+                if after is not None and after.string == "%" and "b" not in prefix:
+                    bad.append((tok.start[0], "%-formatting"))
+            elif tok.type == getattr(tokenize, "FSTRING_START", None) and tok.string[-1] == "'":
+                bad.append((tok.start[0], "single quotes"))
+        self.assertEqual(bad, [])
+
+    def test_outline_numbered_in_order_and_listed_by_the_contents(self):
+        banners = re.findall(r"^# === (\d+)\.(\d*) (.+?) =+$", self.source, re.M)
+        self.assertEqual([int(n) for n, sub, _ in banners if not sub], list(range(1, 9)))
+        expected = {}
+        for n, sub, _ in banners:
+            if sub:
+                self.assertEqual(int(sub), expected.get(n, 1), "sub-section %s.%s" % (n, sub))
+                expected[n] = int(sub) + 1
+            else:
+                self.assertNotIn(n, expected, "sub-sections of %s before its banner" % n)
+        contents = self.source.split('"""', 2)[1].split("Contents", 1)[1]
+        listed = re.findall(r"^ +(\d+)\.(\d*) (.+)$", contents, re.M)
+        self.assertEqual([(n, sub) for n, sub, _ in listed], [(n, sub) for n, sub, _ in banners])
+        for (n, sub, title), (_, _, entry) in zip(banners, listed):
+            self.assertTrue(entry.startswith(title), "contents entry %s.%s: %r is not %r"
+                            % (n, sub, entry, title))
 
 
 class TestSteadyStateSyscalls(unittest.TestCase):
