@@ -5732,7 +5732,7 @@ def release_startup_memory():
 
 
 def serve(opts, log):
-    """Start-up in the order that fails fastest, then run until SIGTERM/SIGINT."""
+    """Start-up in the order that fails fastest, then run until SIGTERM, SIGINT or SIGHUP."""
     identity = load_tls_identity(opts) if opts.tls else None  # key files first, never logged
     access_log = open_access_log(opts.access_log, log)
     archive = Archive(opts.tar, opts.prefix, log)
