@@ -31,6 +31,7 @@ prints this outline with line numbers; inside a class, `# -- name` lines group i
      5.15 RSA-PSS signatures (RFC 8017)
      5.16 Private keys (PKCS#1, SEC 1, PKCS#8, RFC 8410)
      5.17 Certificates (RFC 5280)
+     5.18 libcrypto through ctypes (OpenSSL 1.1.1, 3.x)
   6. TLS 1.3: server handshake state machine, record layer, kTLS hand-off
      6.1 HKDF and the key schedule (RFC 5869, RFC 8446 §7)
      6.2 Messages and records (RFC 8446 §4, §5.1, §6)
@@ -1487,6 +1488,7 @@ class Ed25519Key:
     def __init__(self, seed):
         if len(seed) != 32:
             raise ValueError(f"Ed25519 seed must be 32 bytes, got {len(seed)}")
+        self._seed = bytes(seed)  # for PKCS#8 (PrivateKey.pkcs8_der)
         h = hashlib.sha512(seed).digest()
         self._scalar = _x25519_clamp(h[:32])  # Ed25519 prunes the first half just as X25519 clamps
         self._prefix = h[32:]
@@ -2850,7 +2852,7 @@ class RSAKey:
             raise ValueError("RSA key is inconsistent: p*q is not the modulus")
         if (e * d) % (p - 1) != 1 or (e * d) % (q - 1) != 1:
             raise ValueError("RSA key is inconsistent: d is not the inverse of e")
-        self.n, self.e, self.p, self.q = n, e, p, q
+        self.n, self.e, self.d, self.p, self.q = n, e, d, p, q
         self.bits = n.bit_length()
         # CRT form (RFC 8017 3.2): two half-size exponentiations are about 3x faster than one.
         self.dp = d % (p - 1)
@@ -2971,6 +2973,24 @@ class PrivateKey:
             algorithm = der_seq(der_oid(_PKI_OID_EC), der_oid(curve_oid))
             public = self.key.public
         return der_seq(algorithm, der_bits(public))
+
+    def pkcs8_der(self):
+        """PrivateKeyInfo (RFC 5208, RFC 5958 v1) of the key, for libraries that load keys."""
+        key = self.key
+        if self.kind == "rsa":
+            algorithm = der_seq(der_oid(_PKI_OID_RSA), der_null())
+            numbers = (0, key.n, key.e, key.d, key.p, key.q, key.dp, key.dq, key.qinv)
+            inner = der_seq(*[der_int(v) for v in numbers])  # RSAPrivateKey (RFC 8017 A.1.2)
+        elif self.kind == "ed25519":
+            algorithm = der_seq(der_oid(_PKI_OID_ED25519))
+            inner = der_octets(key._seed)  # CurvePrivateKey (RFC 8410 §7)
+        else:
+            curve_oid = _PKI_OID_P256 if self.kind == "ecdsa-p256" else _PKI_OID_P384
+            algorithm = der_seq(der_oid(_PKI_OID_EC), der_oid(curve_oid))
+            # ECPrivateKey (SEC 1 C.4, RFC 5915): the curve is in the algorithm already.
+            d = key._d.to_bytes(key.curve.byte_len, "big")
+            inner = der_seq(der_int(1), der_octets(d), der_explicit(1, der_bits(key.public)))
+        return der_seq(der_int(0), algorithm, der_octets(inner))
 
 
 def _pki_rsa_private_key(der):
@@ -3211,6 +3231,417 @@ def make_self_signed(hosts=("localhost", "127.0.0.1", "::1"), days=365):
                   name, key.spki_der(), der_explicit(3, extensions))
     cert = der_seq(tbs, signature_algorithm, der_bits(key.sign(0x0403, tbs)))
     return key, cert
+
+
+# === 5.18 libcrypto through ctypes (OpenSSL 1.1.1, 3.x) ===========================================
+# The same primitives from the host's OpenSSL libcrypto, much faster than pure Python.  Only the
+# library that CPython's own _hashlib already loaded is used: it is in this process anyway, so no
+# path is guessed and no other dependency comes in.  Every call is declared once (argtypes and
+# restype, as for libc in section 1); each failure becomes the exception the pure code raises in
+# that case (ValueError, AEADError), or a RuntimeError naming the call when the pure code could not
+# fail there (an allocation).
+
+class LibcryptoUnavailable(Exception):
+    """libcrypto cannot be the crypto backend; the text is one line with the fix."""
+
+
+_LC_P, _LC_INT, _LC_SIZE = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+_LC_SIZE_P = ctypes.POINTER(ctypes.c_size_t)
+_LC_FUNCTIONS = {  # name -> (restype, argtypes); every pointer is a c_void_p
+    "OpenSSL_version_num": (ctypes.c_ulong, []),
+    "OpenSSL_version": (ctypes.c_char_p, [_LC_INT]),
+    "ERR_clear_error": (None, []),
+    "EVP_aes_128_gcm": (_LC_P, []),
+    "EVP_aes_256_gcm": (_LC_P, []),
+    "EVP_chacha20_poly1305": (_LC_P, []),
+    "EVP_sha256": (_LC_P, []),
+    "EVP_sha384": (_LC_P, []),
+    "EVP_sha512": (_LC_P, []),
+    "EVP_CIPHER_CTX_new": (_LC_P, []),
+    "EVP_CIPHER_CTX_free": (None, [_LC_P]),
+    "EVP_CIPHER_CTX_ctrl": (_LC_INT, [_LC_P, _LC_INT, _LC_INT, _LC_P]),
+    "EVP_EncryptInit_ex": (_LC_INT, [_LC_P, _LC_P, _LC_P, _LC_P, _LC_P]),
+    "EVP_DecryptInit_ex": (_LC_INT, [_LC_P, _LC_P, _LC_P, _LC_P, _LC_P]),
+    "EVP_EncryptUpdate": (_LC_INT, [_LC_P, _LC_P, ctypes.POINTER(_LC_INT), _LC_P, _LC_INT]),
+    "EVP_DecryptUpdate": (_LC_INT, [_LC_P, _LC_P, ctypes.POINTER(_LC_INT), _LC_P, _LC_INT]),
+    "EVP_EncryptFinal_ex": (_LC_INT, [_LC_P, _LC_P, ctypes.POINTER(_LC_INT)]),
+    "EVP_DecryptFinal_ex": (_LC_INT, [_LC_P, _LC_P, ctypes.POINTER(_LC_INT)]),
+    "EVP_PKEY_new_raw_private_key": (_LC_P, [_LC_INT, _LC_P, _LC_P, _LC_SIZE]),
+    "EVP_PKEY_new_raw_public_key": (_LC_P, [_LC_INT, _LC_P, _LC_P, _LC_SIZE]),
+    "EVP_PKEY_get_raw_public_key": (_LC_INT, [_LC_P, _LC_P, _LC_SIZE_P]),
+    "EVP_PKEY_free": (None, [_LC_P]),
+    "EVP_PKEY_CTX_new": (_LC_P, [_LC_P, _LC_P]),
+    "EVP_PKEY_CTX_free": (None, [_LC_P]),
+    "EVP_PKEY_CTX_ctrl": (_LC_INT, [_LC_P, _LC_INT, _LC_INT, _LC_INT, _LC_INT, _LC_P]),
+    "EVP_PKEY_derive_init": (_LC_INT, [_LC_P]),
+    "EVP_PKEY_derive_set_peer": (_LC_INT, [_LC_P, _LC_P]),
+    "EVP_PKEY_derive": (_LC_INT, [_LC_P, _LC_P, _LC_SIZE_P]),
+    "d2i_AutoPrivateKey": (_LC_P, [_LC_P, ctypes.POINTER(_LC_P), ctypes.c_long]),
+    "EVP_MD_CTX_new": (_LC_P, []),
+    "EVP_MD_CTX_free": (None, [_LC_P]),
+    "EVP_DigestSignInit": (_LC_INT, [_LC_P, ctypes.POINTER(_LC_P), _LC_P, _LC_P, _LC_P]),
+    "EVP_DigestSign": (_LC_INT, [_LC_P, _LC_P, _LC_SIZE_P, _LC_P, _LC_SIZE]),
+    # The EC_KEY calls are deprecated in OpenSSL 3.0 but present in 1.1.1 and every 3.x; the
+    # EVP replacements for raw points differ between the two (EVP_PKEY_fromdata is 3.0 only).
+    "EC_KEY_new_by_curve_name": (_LC_P, [_LC_INT]),
+    "EC_KEY_generate_key": (_LC_INT, [_LC_P]),
+    "EC_KEY_get0_group": (_LC_P, [_LC_P]),
+    "EC_KEY_get0_public_key": (_LC_P, [_LC_P]),
+    "EC_KEY_free": (None, [_LC_P]),
+    "EC_POINT_new": (_LC_P, [_LC_P]),
+    "EC_POINT_free": (None, [_LC_P]),
+    "EC_POINT_oct2point": (_LC_INT, [_LC_P, _LC_P, _LC_P, _LC_SIZE, _LC_P]),
+    "EC_POINT_point2oct": (_LC_SIZE, [_LC_P, _LC_P, _LC_INT, _LC_P, _LC_SIZE, _LC_P]),
+    "ECDH_compute_key": (_LC_INT, [_LC_P, _LC_SIZE, _LC_P, _LC_P, _LC_P]),
+}
+
+_LC_MIN_VERSION = 0x10101000          # 1.1.1: raw X25519/Ed25519 keys, EVP_DigestSign
+_LC_EVP_CTRL_AEAD_GET_TAG = 0x10
+_LC_EVP_CTRL_AEAD_SET_TAG = 0x11
+_LC_EVP_PKEY_RSA = 6
+_LC_EVP_PKEY_X25519 = 1034
+_LC_EVP_PKEY_ED25519 = 1087
+_LC_EVP_PKEY_CTRL_RSA_PADDING = 0x1001
+_LC_EVP_PKEY_CTRL_RSA_PSS_SALTLEN = 0x1002
+_LC_RSA_PKCS1_PSS_PADDING = 6
+_LC_RSA_PSS_SALTLEN_DIGEST = -1        # salt as long as the hash, as TLS 1.3 requires (§4.2.3)
+_LC_POINT_CONVERSION_UNCOMPRESSED = 4
+_LC_CURVE_NIDS = {"secp256r1": 415, "secp384r1": 715}  # NID_X9_62_prime256v1, NID_secp384r1
+_LC_RECORD_BUFFER = 16384 + 256        # the largest TLS 1.3 record's ciphertext
+
+
+def _lc_library_path():
+    """The libcrypto mapped into this process by _hashlib (read from /proc/self/maps)."""
+    try:
+        import _hashlib  # noqa: F401  (loads libcrypto, unless Python was built without it)
+    except ImportError as exc:
+        raise LibcryptoUnavailable(f"this Python has no _hashlib ({exc}); use a Python built "
+                                   f"with OpenSSL, or the pure-Python crypto") from None
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+        paths = [line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6]
+    found = sorted({p for p in paths if os.path.basename(p).startswith("libcrypto.so")})
+    if not found:
+        raise LibcryptoUnavailable("this Python's _hashlib does not use a shared libcrypto "
+                                   "(OpenSSL linked statically?); use the pure-Python crypto")
+    if len(found) > 1:
+        raise LibcryptoUnavailable(f"several libcrypto libraries are loaded ({', '.join(found)}); "
+                                   f"use the pure-Python crypto")
+    return found[0]
+
+
+def _lc_open(path):
+    """CDLL(path) with every _LC_FUNCTIONS entry declared; LibcryptoUnavailable if one is missing
+    or the version is below 1.1.1."""
+    lib = ctypes.CDLL(path)
+    missing = [name for name in _LC_FUNCTIONS if not hasattr(lib, name)]
+    if "OpenSSL_version_num" in missing:  # named SSLeay before 1.1.0
+        raise LibcryptoUnavailable(f"{path} is older than OpenSSL 1.1.1; upgrade OpenSSL or use "
+                                   f"the pure-Python crypto")
+    if missing:
+        raise LibcryptoUnavailable(f"{path} lacks {', '.join(missing)}; use OpenSSL 1.1.1 or 3.x, "
+                                   f"or the pure-Python crypto")
+    for name, (restype, argtypes) in _LC_FUNCTIONS.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    if lib.OpenSSL_version_num() < _LC_MIN_VERSION:
+        raise LibcryptoUnavailable(f"{path} is {lib.OpenSSL_version(0).decode()}, older than "
+                                   f"1.1.1; upgrade OpenSSL or use the pure-Python crypto")
+    return lib
+
+
+def _lc_check(c, result, name):
+    """result of a call of c that gives 1 or a pointer on success; RuntimeError naming it
+    otherwise, the error queue emptied so that no stale error reaches CPython's hashlib or ssl."""
+    if not result or result < 0:
+        c.ERR_clear_error()
+        raise RuntimeError(f"libcrypto {name} failed")
+    return result
+
+
+class _LcAEAD:
+    """An AEAD on one EVP_CIPHER_CTX per direction, each keyed once: a record then sets only its
+    IV, and its output goes to a buffer the object keeps.  Subclasses set _c (the CDLL),
+    _cipher, _name and _check_key, and take the pure class's exceptions."""
+
+    def __init__(self, key):
+        self._check_key(key)
+        self._key = bytes(key)
+        self._cipher_ptr = getattr(self._c, self._cipher_for(len(key)))()
+        self._seal_ctx = self._open_ctx = None   # made on first use: a direction uses one
+        self._out = ctypes.create_string_buffer(_LC_RECORD_BUFFER)
+        self._out_addr = ctypes.addressof(self._out)
+        self._len = ctypes.c_int()
+        self._len_p = ctypes.pointer(self._len)
+
+    def __del__(self):
+        for ctx in (getattr(self, "_seal_ctx", None), getattr(self, "_open_ctx", None)):
+            if ctx:
+                self._c.EVP_CIPHER_CTX_free(ctx)
+
+    def _context(self, init):
+        """A new context keyed for init (EVP_EncryptInit_ex or EVP_DecryptInit_ex)."""
+        c = self._c
+        ctx = _lc_check(c, c.EVP_CIPHER_CTX_new(), "EVP_CIPHER_CTX_new")
+        if init(ctx, self._cipher_ptr, None, self._key, None) != 1:
+            c.EVP_CIPHER_CTX_free(ctx)
+            _lc_check(c, 0, init.__name__)
+        return ctx
+
+    def _room(self, n):
+        """The output buffer's address, the buffer grown first if n bytes do not fit."""
+        if n > len(self._out):
+            self._out = ctypes.create_string_buffer(n)
+            self._out_addr = ctypes.addressof(self._out)
+        return self._out_addr
+
+    def seal(self, nonce, plaintext, aad):
+        if len(nonce) != 12:
+            raise ValueError(f"{self._name} nonce must be 12 bytes, got {len(nonce)}")
+        c = self._c
+        if self._seal_ctx is None:
+            self._seal_ctx = self._context(c.EVP_EncryptInit_ex)
+        ctx, plaintext, n = self._seal_ctx, bytes(plaintext), len(plaintext)
+        out = self._room(n + 16)
+        ok = (c.EVP_EncryptInit_ex(ctx, None, None, None, bytes(nonce)) == 1
+              and c.EVP_EncryptUpdate(ctx, None, self._len_p, bytes(aad), len(aad)) == 1
+              and c.EVP_EncryptUpdate(ctx, out, self._len_p, plaintext, n) == 1
+              and c.EVP_EncryptFinal_ex(ctx, out + n, self._len_p) == 1
+              and c.EVP_CIPHER_CTX_ctrl(ctx, _LC_EVP_CTRL_AEAD_GET_TAG, 16, out + n) == 1)
+        _lc_check(c, ok, f"{self._name} seal")
+        return ctypes.string_at(out, n + 16)
+
+    def open(self, nonce, data, aad):
+        if len(nonce) != 12:
+            raise AEADError(f"{self._name} nonce must be 12 bytes, got {len(nonce)}")
+        if len(data) < 16:
+            raise AEADError(f"{self._name} input shorter than the tag")
+        c = self._c
+        if self._open_ctx is None:
+            self._open_ctx = self._context(c.EVP_DecryptInit_ex)
+        ctx, data = self._open_ctx, bytes(data)
+        n = len(data) - 16
+        out = self._room(n)
+        ok = (c.EVP_DecryptInit_ex(ctx, None, None, None, bytes(nonce)) == 1
+              and c.EVP_DecryptUpdate(ctx, None, self._len_p, bytes(aad), len(aad)) == 1
+              and c.EVP_DecryptUpdate(ctx, out, self._len_p, data, n) == 1
+              and c.EVP_CIPHER_CTX_ctrl(ctx, _LC_EVP_CTRL_AEAD_SET_TAG, 16, data[n:]) == 1)
+        _lc_check(c, ok, f"{self._name} open")
+        # Final is where the tag is checked; nothing decrypted leaves before it passes.
+        if c.EVP_DecryptFinal_ex(ctx, out + n, self._len_p) != 1:
+            c.ERR_clear_error()
+            raise AEADError(f"{self._name} authentication failed")
+        return ctypes.string_at(out, n)
+
+
+class _LcAESGCM(_LcAEAD):
+    _name = "AES-GCM"
+
+    @staticmethod
+    def _check_key(key):
+        if len(key) not in (16, 32):
+            raise ValueError(f"AES key must be 16 or 32 bytes, got {len(key)}")
+
+    @staticmethod
+    def _cipher_for(key_len):
+        return "EVP_aes_128_gcm" if key_len == 16 else "EVP_aes_256_gcm"
+
+
+class _LcChaCha20Poly1305(_LcAEAD):
+    _name = "ChaCha20-Poly1305"
+
+    @staticmethod
+    def _check_key(key):
+        if len(key) != 32:
+            raise ValueError(f"ChaCha20-Poly1305 key must be 32 bytes, got {len(key)}")
+
+    @staticmethod
+    def _cipher_for(key_len):
+        return "EVP_chacha20_poly1305"
+
+
+class _LcSigningKey:
+    """A PrivateKey loaded into libcrypto once (from its PKCS#8 DER), with the surface the TLS
+    layer uses: kind, description, signature_schemes, sign(scheme, message), spki_der()."""
+
+    def __init__(self, c, private_key):
+        self._c = c
+        self._private_key = private_key
+        self.kind = private_key.kind
+        self.description = private_key.description
+        self.signature_schemes = list(private_key.signature_schemes)
+        der = private_key.pkcs8_der()
+        cursor = ctypes.c_void_p(ctypes.cast(ctypes.c_char_p(der), ctypes.c_void_p).value)
+        self._pkey = _lc_check(c, c.d2i_AutoPrivateKey(None, ctypes.byref(cursor), len(der)),
+                               "d2i_AutoPrivateKey")
+        # EVP_PKEY_size is a macro in 3.x; 512 bytes hold the largest signature of a supported
+        # key (RSA-4096; ECDSA P-384 needs at most 104, Ed25519 64).
+        self._signature = ctypes.create_string_buffer(512)
+
+    def __del__(self):
+        if getattr(self, "_pkey", None):
+            self._c.EVP_PKEY_free(self._pkey)
+
+    def spki_der(self):
+        return self._private_key.spki_der()
+
+    def _digest(self, scheme):
+        """The EVP_MD for scheme: NULL for Ed25519, which hashes inside the signature."""
+        if self.kind == "ed25519":
+            return None
+        if self.kind == "rsa":
+            return getattr(self._c, f"EVP_{_PKI_RSA_SCHEME_HASH[scheme]}")()
+        return getattr(self._c, f"EVP_{self._private_key.key.curve.hash_name}")()
+
+    def _set_pss(self, pctx):
+        c = self._c
+        for cmd, value in ((_LC_EVP_PKEY_CTRL_RSA_PADDING, _LC_RSA_PKCS1_PSS_PADDING),
+                           (_LC_EVP_PKEY_CTRL_RSA_PSS_SALTLEN, _LC_RSA_PSS_SALTLEN_DIGEST)):
+            _lc_check(c, c.EVP_PKEY_CTX_ctrl(pctx, _LC_EVP_PKEY_RSA, -1, cmd, value, None),
+                      "EVP_PKEY_CTX_ctrl")
+
+    def sign(self, scheme, message):
+        """The signature of message under TLS SignatureScheme `scheme` (ECDSA: DER, as TLS
+        wants and as ECDSAKey.sign makes)."""
+        if scheme not in self.signature_schemes:
+            raise ValueError(f"a {self.description} key cannot make signature scheme {scheme:#06x}")
+        c = self._c
+        ctx = _lc_check(c, c.EVP_MD_CTX_new(), "EVP_MD_CTX_new")
+        try:
+            pctx = ctypes.c_void_p()
+            md = self._digest(scheme)
+            _lc_check(c, c.EVP_DigestSignInit(ctx, ctypes.byref(pctx), md, None, self._pkey),
+                      "EVP_DigestSignInit")
+            if self.kind == "rsa":
+                self._set_pss(pctx)
+            size = ctypes.c_size_t(len(self._signature))
+            message = bytes(message)
+            _lc_check(c, c.EVP_DigestSign(ctx, self._signature, ctypes.byref(size), message,
+                                       len(message)), "EVP_DigestSign")
+            return self._signature.raw[:size.value]
+        finally:
+            c.EVP_MD_CTX_free(ctx)  # frees pctx too
+
+
+class Libcrypto:
+    """The loaded libcrypto: AESGCM and ChaCha20Poly1305 classes with the pure classes' interface,
+    x25519_ephemeral_shared, ecdh_ephemeral and signing_key.  Made by libcrypto_load()."""
+
+    def __init__(self, path):
+        self.path = path
+        self._c = _lc_open(path)
+        self.version = self._c.OpenSSL_version(0).decode()
+        self.AESGCM = type("AESGCM", (_LcAESGCM,), {"_c": self._c})
+        self.ChaCha20Poly1305 = type("ChaCha20Poly1305", (_LcChaCha20Poly1305,), {"_c": self._c})
+
+    def _raw_key(self, new, key_type, raw, name):
+        return _lc_check(self._c, new(key_type, None, raw, len(raw)), name)
+
+    def _derive(self, ours, peer, size):
+        """The EVP_PKEY_derive secret of our key and the peer's; None if the derivation fails."""
+        c = self._c
+        pctx = _lc_check(c, c.EVP_PKEY_CTX_new(ours, None), "EVP_PKEY_CTX_new")
+        try:
+            out, length = ctypes.create_string_buffer(size), ctypes.c_size_t(size)
+            _lc_check(c, c.EVP_PKEY_derive_init(pctx), "EVP_PKEY_derive_init")
+            _lc_check(c, c.EVP_PKEY_derive_set_peer(pctx, peer), "EVP_PKEY_derive_set_peer")
+            if c.EVP_PKEY_derive(pctx, out, ctypes.byref(length)) != 1:
+                c.ERR_clear_error()
+                return None
+            return out.raw[:length.value]
+        finally:
+            c.EVP_PKEY_CTX_free(pctx)
+
+    def x25519_ephemeral_shared(self, peer_pub):
+        """(public key, shared secret) for a fresh ephemeral key and peer_pub, as the pure
+        x25519_ephemeral_shared; the same ValueErrors."""
+        _x25519_check_peer(peer_pub)
+        c = self._c
+        ours = self._raw_key(c.EVP_PKEY_new_raw_private_key, _LC_EVP_PKEY_X25519,
+                             secrets.token_bytes(32), "EVP_PKEY_new_raw_private_key")
+        try:
+            public, length = ctypes.create_string_buffer(32), ctypes.c_size_t(32)
+            _lc_check(c, c.EVP_PKEY_get_raw_public_key(ours, public, ctypes.byref(length)),
+                      "EVP_PKEY_get_raw_public_key")
+            peer = self._raw_key(c.EVP_PKEY_new_raw_public_key, _LC_EVP_PKEY_X25519,
+                                 bytes(peer_pub), "EVP_PKEY_new_raw_public_key")
+            try:
+                shared = self._derive(ours, peer, 32)
+            finally:
+                c.EVP_PKEY_free(peer)
+        finally:
+            c.EVP_PKEY_free(ours)
+        # OpenSSL refuses to derive exactly when the result is all zero (a low-order peer key):
+        # that refusal becomes the pure code's ValueError.
+        return public.raw, _x25519_check_shared(shared or bytes(32))
+
+    def ecdh_ephemeral(self, curve, peer_pub):
+        """(our uncompressed public point, shared x coordinate) for a fresh key on curve
+        (SECP256R1 or SECP384R1) and peer_pub; the pure checks, so the same ValueErrors."""
+        _ecp_decode_point(curve, peer_pub)
+        c = self._c
+        key = _lc_check(c, c.EC_KEY_new_by_curve_name(_LC_CURVE_NIDS[curve.name]),
+                        "EC_KEY_new_by_curve_name")
+        try:
+            _lc_check(c, c.EC_KEY_generate_key(key), "EC_KEY_generate_key")
+            group = c.EC_KEY_get0_group(key)
+            point = _lc_check(c, c.EC_POINT_new(group), "EC_POINT_new")
+            try:
+                return self._ecdh(curve, key, group, point, bytes(peer_pub))
+            finally:
+                c.EC_POINT_free(point)
+        finally:
+            c.EC_KEY_free(key)
+
+    def _ecdh(self, curve, key, group, point, peer_pub):
+        c = self._c
+        size = curve.byte_len
+        _lc_check(c, c.EC_POINT_oct2point(group, point, peer_pub, len(peer_pub), None),
+                  "EC_POINT_oct2point")
+        shared = ctypes.create_string_buffer(size)
+        if c.ECDH_compute_key(shared, size, point, key, None) != size:
+            _lc_check(c, 0, "ECDH_compute_key")
+        public = ctypes.create_string_buffer(1 + 2 * size)
+        if c.EC_POINT_point2oct(group, c.EC_KEY_get0_public_key(key),
+                                _LC_POINT_CONVERSION_UNCOMPRESSED, public, len(public),
+                                None) != len(public):
+            _lc_check(c, 0, "EC_POINT_point2oct")
+        return public.raw, shared.raw
+
+    def signing_key(self, private_key):
+        """private_key (a PrivateKey) as a libcrypto key with the same signing surface."""
+        return _LcSigningKey(self._c, private_key)
+
+    def _self_test(self):
+        """Run every algorithm once, so a library built without one fails at start-up."""
+        for name, aead, key_len in (("AES-128-GCM", self.AESGCM, 16),
+                                    ("AES-256-GCM", self.AESGCM, 32),
+                                    ("ChaCha20-Poly1305", self.ChaCha20Poly1305, 32)):
+            self._try(name, lambda: aead(bytes(key_len)).open(bytes(12), aead(
+                bytes(key_len)).seal(bytes(12), b"x", b"a"), b"a") == b"x")
+        self._try("X25519", lambda: self.x25519_ephemeral_shared((9).to_bytes(32, "little")))
+        for curve in (SECP256R1, SECP384R1):
+            generator = _ecp_encode_point(curve, curve.gx, curve.gy)
+            self._try(curve.name, lambda: self.ecdh_ephemeral(curve, generator))
+        ed25519 = PrivateKey("ed25519", Ed25519Key(bytes(32)))
+        self._try("Ed25519", lambda: self.signing_key(ed25519).sign(0x0807, b"x")
+                  == ed25519.sign(0x0807, b"x"))
+
+    def _try(self, name, test):
+        try:
+            passed = test()
+        except (ValueError, RuntimeError) as exc:
+            passed = exc
+        if passed is not True and not isinstance(passed, tuple):
+            raise LibcryptoUnavailable(f"{self.version} ({self.path}) fails its {name} self-test "
+                                       f"({passed}); use the pure-Python crypto")
+
+
+def libcrypto_load():
+    """The Libcrypto that this Python's _hashlib uses, checked; LibcryptoUnavailable if there is
+    none, or it is too old or lacks an algorithm."""
+    lib = Libcrypto(_lc_library_path())
+    lib._self_test()
+    return lib
 
 
 # === 6. TLS 1.3: server handshake state machine, record layer, kTLS hand-off ======================
