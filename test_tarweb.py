@@ -26,6 +26,7 @@ Contents, in the layer order of tarweb.py:
   2. Crypto primitives
      2.1 X25519 and Ed25519   2.2 P-256/P-384: ECDH and ECDSA   2.3 AES-GCM and ChaCha20-Poly1305
      2.4 PEM, DER, RSA-PSS, private keys, certificates
+     2.5 libcrypto through ctypes: the tables above and cross-checks against the second backend
   3. TLS 1.3: key schedule, server state machine, HelloRetryRequest, record layer (a hand-driven
      client, Python's ssl over MemoryBIO, openssl s_client over loopback)
   4. HTTPS server: tarweb.py with TLS on loopback; site, certificates (section 3's), clients (Python's
@@ -5059,6 +5060,186 @@ def ssl_socketpair_handshake(server_ctx, client_ctx, host):
             return exc.verify_message
         finally:
             thread.join(10)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2.5 libcrypto through ctypes: the tables above against the second backend, cross-checks with
+#     the pure code on random inputs, the same errors; openssl as the judge of keys and signatures
+# ---------------------------------------------------------------------------------------------
+
+_LIBCRYPTO = []   # the Libcrypto, loaded on first use
+
+
+def libcrypto():
+    if not _LIBCRYPTO:
+        _LIBCRYPTO.append(tarweb.libcrypto_load())
+    return _LIBCRYPTO[0]
+
+
+def error_of(function, *args):
+    """(exception type, text) that function(*args) raises."""
+    try:
+        function(*args)
+    except ValueError as exc:
+        return type(exc), str(exc)
+    raise AssertionError('%s accepted %r' % (function.__name__, args))
+
+
+SIGNING_KEYS = (('rsa2048_pkcs1', (0x0804, 0x0805, 0x0806)), ('rsa4096', (0x0804,)),
+                ('rsa2049', (0x0806,)), ('p256_sec1', (0x0403,)), ('p256_pkcs8', (0x0403,)),
+                ('p384_sec1', (0x0503,)), ('ed25519', (0x0807,)))
+
+
+class TestLibcrypto(PKIKeysCase):
+    """The libcrypto backend (tarweb.libcrypto_load). The tests borrowed from the pure classes'
+    tables run with this module's AESGCM, ChaCha20Poly1305 and x25519_ephemeral_shared swapped
+    for libcrypto's, so every test of what both backends implement runs against both."""
+
+    def setUp(self):
+        self.lib = lib = libcrypto()
+        swap = mock.patch.dict(globals(), {'AESGCM': lib.AESGCM,
+                                           'ChaCha20Poly1305': lib.ChaCha20Poly1305,
+                                           'x25519_ephemeral_shared': lib.x25519_ephemeral_shared})
+        swap.start()
+        self.addCleanup(swap.stop)
+
+    test_gcm_spec_cases = TestGCMVectors.test_gcm_spec_cases
+    test_gcm_bad_key_and_nonce_lengths = TestGCMVectors.test_bad_key_and_nonce_lengths
+    test_rfc8439_2_8_2_aead = TestChaChaVectors.test_rfc8439_2_8_2_aead
+    test_rfc8439_a5_decryption = TestChaChaVectors.test_rfc8439_a5_decryption
+    test_chacha_bad_key_and_nonce_lengths = TestChaChaVectors.test_bad_key_and_nonce_lengths
+    test_every_single_byte_flip_is_rejected = TestAEADBehaviour.test_every_single_byte_flip_is_rejected
+    test_wrong_key_and_truncation_rejected = TestAEADBehaviour.test_wrong_key_and_truncation_rejected
+    test_round_trips_match_reference = TestAEADBehaviour.test_round_trips_match_reference
+    test_accepts_bytearray_and_memoryview = TestAEADBehaviour.test_accepts_bytearray_and_memoryview
+    test_x25519_ephemeral_shared = TestX25519.test_ephemeral_shared_agrees_with_keypair_and_shared
+    test_x25519_low_order_points_rejected = TestX25519.test_low_order_points_rejected
+    test_x25519_bad_lengths_rejected = TestX25519.test_bad_lengths_rejected
+
+    def test_loads_the_library_hashlib_uses(self):
+        import _hashlib  # noqa: F401
+        with open('/proc/self/maps') as f:
+            mapped = {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+        mapped = [path for path in mapped if os.path.basename(path).startswith('libcrypto.so')]
+        self.assertEqual([self.lib.path], mapped)
+        self.assertEqual(self.lib.version, ssl.OPENSSL_VERSION)
+        self.assertEqual(tarweb.libcrypto_load().path, self.lib.path)   # loading again works
+
+    def test_aead_output_matches_pure_on_random_inputs(self):
+        # One object per direction over many records, the per-record nonce path, and lengths up
+        # to past the kept output buffer (16 KiB + 256), which must grow.
+        for name, pure_cls, key_len in ((n, getattr(tarweb, c.__name__), k) for n, c, k in all_aeads()):
+            key = os.urandom(key_len)
+            lib_cls = getattr(self.lib, pure_cls.__name__)
+            sealer, opener, pure = lib_cls(key), lib_cls(key), pure_cls(key)
+            for n in (0, 1, 15, 16, 17, 1024, 16384, 16384 + 256, 16384 + 257, 40000, 3):
+                nonce, aad, pt = os.urandom(12), os.urandom(random.randrange(30)), os.urandom(n)
+                sealed = sealer.seal(nonce, pt, aad)
+                self.assertEqual(sealed, pure.seal(nonce, pt, aad), (name, n))
+                self.assertEqual(opener.open(nonce, sealed, aad), pt, (name, n))
+                self.assertEqual(pure.open(nonce, sealer.seal(nonce, pt, aad), aad), pt)
+            # A failed open leaves the object usable, and one object may both seal and open.
+            with self.assertRaises(AEADError):
+                sealer.open(nonce, sealed[:-1] + bytes([sealed[-1] ^ 1]), aad)
+            self.assertEqual(sealer.open(nonce, sealed, aad), pt)
+
+    def test_aead_errors_are_the_pure_ones(self):
+        for name, cls, key_len in all_aeads():
+            pure_cls = getattr(tarweb, cls.__name__)
+            pure, lib = pure_cls(bytes(key_len)), cls(bytes(key_len))
+            sealed = pure.seal(bytes(12), b'data', b'')
+            cases = [('seal', (bytes(11), b'x', b'')), ('open', (bytes(13), sealed, b'')),
+                     ('open', (bytes(12), sealed[:15], b'')),
+                     ('open', (bytes(12), sealed[:-1] + b'\0', b'')),
+                     ('open', (bytes(12), sealed, b'x'))]
+            for method, args in cases:
+                self.assertEqual(error_of(getattr(lib, method), *args),
+                                 error_of(getattr(pure, method), *args), (name, method, args))
+            for bad in (0, 24, 33):
+                self.assertEqual(error_of(cls, bytes(bad)), error_of(pure_cls, bytes(bad)))
+
+    def test_x25519_agrees_with_pure_from_the_other_side(self):
+        for _ in range(10):
+            peer_priv, peer_pub = x25519_keypair()
+            pub, shared = self.lib.x25519_ephemeral_shared(peer_pub)
+            self.assertEqual(x25519_shared(peer_priv, pub), shared)
+        low_order = (1).to_bytes(32, 'little')
+        self.assertEqual(error_of(self.lib.x25519_ephemeral_shared, low_order),
+                         error_of(tarweb.x25519_ephemeral_shared, low_order))
+        self.assertEqual(error_of(self.lib.x25519_ephemeral_shared, bytes(31)),
+                         error_of(tarweb.x25519_ephemeral_shared, bytes(31)))
+
+    def test_ecdh_agrees_with_pure_from_the_other_side(self):
+        for curve in EC_CURVES:
+            for _ in range(5):
+                d, peer_pub = ec_keypair(curve)
+                pub, shared = self.lib.ecdh_ephemeral(curve, peer_pub)
+                self.assertEqual(len(pub), 1 + 2 * curve.byte_len)
+                self.assertEqual(ecdh_shared(curve, d, pub), shared)
+
+    def test_ecdh_bad_points_raise_the_pure_errors(self):
+        for curve in EC_CURVES:
+            d, pub = ec_keypair(curve)
+            size = curve.byte_len
+            x, y = int.from_bytes(pub[1:1 + size], 'big'), int.from_bytes(pub[1 + size:], 'big')
+            sx, sy = find_small_x_point(curve)
+            other = SECP384R1 if curve is SECP256R1 else SECP256R1
+            for bad in (encode_point(curve, x, y ^ 1), pub[:-1], pub + b'\0', b'', b'\x00',
+                        b'\x02' + pub[1:1 + size], encode_point(curve, sx + curve.p, sy),
+                        encode_point(curve, 0, 0), ec_keypair(other)[1]):
+                self.assertEqual(error_of(self.lib.ecdh_ephemeral, curve, bad),
+                                 error_of(ecdh_shared, curve, d, bad), (curve.name, bad.hex()))
+
+    def test_pkcs8_der_is_read_by_openssl_and_by_us(self):
+        for name, _schemes in SIGNING_KEYS:
+            key = load_key(name)
+            der = key.pkcs8_der()
+            args = ['openssl', 'pkey', '-inform', 'DER']
+            if key.kind != 'ed25519':
+                run_tool(args + ['-check', '-noout'], der)   # d, CRT values, public point
+            self.assertEqual(run_tool(args + ['-pubout', '-outform', 'DER'], der).stdout,
+                             key.spki_der(), name)
+            self.assertEqual(load_private_key(pem_encode('PRIVATE KEY', der)).pkcs8_der(), der)
+            # The same key as openssl writes it in PKCS#8 has the same private numbers.
+            theirs = run_tool(['openssl', 'pkcs8', '-topk8', '-nocrypt', '-in', KEYS[name],
+                               '-outform', 'DER']).stdout
+            reloaded = load_private_key(pem_encode('PRIVATE KEY', theirs))
+            self.assertEqual(reloaded.pkcs8_der(), der, name)
+
+    def test_signatures_verify_with_the_pure_verifiers_and_openssl(self):
+        for name, schemes in SIGNING_KEYS:
+            key = load_key(name)
+            signer = self.lib.signing_key(key)
+            for scheme in schemes:
+                message = b'signed by libcrypto with %s, %x' % (name.encode(), scheme)
+                signature = signer.sign(scheme, message)
+                self.assertTrue(openssl_verifies_scheme(name, scheme, message, signature),
+                                (name, scheme))
+                if key.kind == 'ed25519':   # deterministic: the same bytes as the pure signer
+                    self.assertEqual(signature, key.sign(scheme, message))
+                    self.assertTrue(ed25519_verify(key.key.public, message, signature))
+                elif key.kind == 'rsa':
+                    self.assertEqual(len(signature), (key.key.bits + 7) // 8)
+                else:                       # DER, as ECDSAKey.sign makes
+                    self.assertTrue(ecdsa_verify(key.key.curve, key.key.public, message,
+                                                 signature), name)
+                    self.assertEqual(len(der_sequence(signature, 2, 'ECDSA signature')), 2)
+                    self.assertFalse(ecdsa_verify(key.key.curve, key.key.public, message + b'!',
+                                                  signature))
+
+    def test_signing_key_has_the_private_key_surface(self):
+        for name, _schemes in SIGNING_KEYS:
+            key = load_key(name)
+            signer = self.lib.signing_key(key)
+            self.assertEqual((signer.kind, signer.description, signer.signature_schemes),
+                             (key.kind, key.description, key.signature_schemes))
+            self.assertEqual(signer.spki_der(), key.spki_der())
+            wrong = 0x0807 if key.kind != 'ed25519' else 0x0403
+            self.assertEqual(error_of(signer.sign, wrong, b'm'), error_of(key.sign, wrong, b'm'))
+        key = load_key('rsa2048_pkcs1')   # random salts: two signatures of one message differ
+        signer = self.lib.signing_key(key)
+        self.assertNotEqual(signer.sign(0x0804, b'same'), signer.sign(0x0804, b'same'))
+        check_key_matches_cert(signer, openssl_cert('rsa2048_pkcs1'))   # raises on a mismatch
 
 
 # =============================================================================================
