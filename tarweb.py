@@ -3332,7 +3332,11 @@ def _lc_library_path():
 def _lc_open(path):
     """CDLL(path) with every _LC_FUNCTIONS entry declared; LibcryptoUnavailable if one is missing
     or the version is below 1.1.1."""
-    lib = ctypes.CDLL(path)
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        raise LibcryptoUnavailable(f"cannot open {path} ({exc}); use the pure-Python crypto") \
+            from None
     missing = [name for name in _LC_FUNCTIONS if not hasattr(lib, name)]
     if "OpenSSL_version_num" in missing:  # named SSLeay before 1.1.0
         raise LibcryptoUnavailable(f"{path} is older than OpenSSL 1.1.1; upgrade OpenSSL or use "
@@ -3459,6 +3463,32 @@ class _LcChaCha20Poly1305(_LcAEAD):
         return "EVP_chacha20_poly1305"
 
 
+def _lc_sign(c, pkey, md, pss, message, out):
+    """EVP_DigestSign of message with pkey and digest md (NULL for Ed25519) into the buffer out;
+    pss: RSA-PSS with a salt as long as the digest."""
+    ctx = _lc_check(c, c.EVP_MD_CTX_new(), "EVP_MD_CTX_new")
+    try:
+        pctx = ctypes.c_void_p()
+        _lc_check(c, c.EVP_DigestSignInit(ctx, ctypes.byref(pctx), md, None, pkey),
+                  "EVP_DigestSignInit")
+        if pss:
+            _lc_pss(c, pctx)
+        size = ctypes.c_size_t(len(out))
+        _lc_check(c, c.EVP_DigestSign(ctx, out, ctypes.byref(size), message, len(message)),
+                  "EVP_DigestSign")
+        return out.raw[:size.value]
+    finally:
+        c.EVP_MD_CTX_free(ctx)  # frees pctx too
+
+
+def _lc_pss(c, pctx):
+    """PSS padding, salt as long as the digest, on a signing EVP_PKEY_CTX (1.1.1 and 3.x)."""
+    for cmd, value in ((_LC_EVP_PKEY_CTRL_RSA_PADDING, _LC_RSA_PKCS1_PSS_PADDING),
+                       (_LC_EVP_PKEY_CTRL_RSA_PSS_SALTLEN, _LC_RSA_PSS_SALTLEN_DIGEST)):
+        _lc_check(c, c.EVP_PKEY_CTX_ctrl(pctx, _LC_EVP_PKEY_RSA, -1, cmd, value, None),
+                  "EVP_PKEY_CTX_ctrl")
+
+
 class _LcSigningKey:
     """A PrivateKey loaded into libcrypto once (from its PKCS#8 DER), with the surface the TLS
     layer uses: kind, description, signature_schemes, sign(scheme, message), spki_der()."""
@@ -3492,34 +3522,13 @@ class _LcSigningKey:
             return getattr(self._c, f"EVP_{_PKI_RSA_SCHEME_HASH[scheme]}")()
         return getattr(self._c, f"EVP_{self._private_key.key.curve.hash_name}")()
 
-    def _set_pss(self, pctx):
-        c = self._c
-        for cmd, value in ((_LC_EVP_PKEY_CTRL_RSA_PADDING, _LC_RSA_PKCS1_PSS_PADDING),
-                           (_LC_EVP_PKEY_CTRL_RSA_PSS_SALTLEN, _LC_RSA_PSS_SALTLEN_DIGEST)):
-            _lc_check(c, c.EVP_PKEY_CTX_ctrl(pctx, _LC_EVP_PKEY_RSA, -1, cmd, value, None),
-                      "EVP_PKEY_CTX_ctrl")
-
     def sign(self, scheme, message):
         """The signature of message under TLS SignatureScheme `scheme` (ECDSA: DER, as TLS
         wants and as ECDSAKey.sign makes)."""
         if scheme not in self.signature_schemes:
             raise ValueError(f"a {self.description} key cannot make signature scheme {scheme:#06x}")
-        c = self._c
-        ctx = _lc_check(c, c.EVP_MD_CTX_new(), "EVP_MD_CTX_new")
-        try:
-            pctx = ctypes.c_void_p()
-            md = self._digest(scheme)
-            _lc_check(c, c.EVP_DigestSignInit(ctx, ctypes.byref(pctx), md, None, self._pkey),
-                      "EVP_DigestSignInit")
-            if self.kind == "rsa":
-                self._set_pss(pctx)
-            size = ctypes.c_size_t(len(self._signature))
-            message = bytes(message)
-            _lc_check(c, c.EVP_DigestSign(ctx, self._signature, ctypes.byref(size), message,
-                                       len(message)), "EVP_DigestSign")
-            return self._signature.raw[:size.value]
-        finally:
-            c.EVP_MD_CTX_free(ctx)  # frees pctx too
+        return _lc_sign(self._c, self._pkey, self._digest(scheme), self.kind == "rsa",
+                        bytes(message), self._signature)
 
 
 class Libcrypto:
@@ -3616,22 +3625,36 @@ class Libcrypto:
         for name, aead, key_len in (("AES-128-GCM", self.AESGCM, 16),
                                     ("AES-256-GCM", self.AESGCM, 32),
                                     ("ChaCha20-Poly1305", self.ChaCha20Poly1305, 32)):
-            self._try(name, lambda: aead(bytes(key_len)).open(bytes(12), aead(
-                bytes(key_len)).seal(bytes(12), b"x", b"a"), b"a") == b"x")
-        self._try("X25519", lambda: self.x25519_ephemeral_shared((9).to_bytes(32, "little")))
+            key, nonce = bytes(key_len), bytes(12)
+            self._try(name, lambda: aead(key).open(nonce, aead(key).seal(nonce, b"x", b"a"),
+                                                   b"a") == b"x")
+        nine = (9).to_bytes(32, "little")
+        self._try("X25519", lambda: len(self.x25519_ephemeral_shared(nine)[1]) == 32)
         for curve in (SECP256R1, SECP384R1):
             generator = _ecp_encode_point(curve, curve.gx, curve.gy)
-            self._try(curve.name, lambda: self.ecdh_ephemeral(curve, generator))
-        ed25519 = PrivateKey("ed25519", Ed25519Key(bytes(32)))
-        self._try("Ed25519", lambda: self.signing_key(ed25519).sign(0x0807, b"x")
-                  == ed25519.sign(0x0807, b"x"))
+            self._try(curve.name, lambda: len(self.ecdh_ephemeral(curve, generator)[1])
+                      == curve.byte_len)
+        self._try("Ed25519", self._ed25519_known_answer)
+
+    def _ed25519_known_answer(self):
+        """RFC 8032 §7.1 TEST 1 from the raw seed: no pure-Python key (and its tables) needed."""
+        c = self._c
+        seed = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+        pkey = _lc_check(c, c.EVP_PKEY_new_raw_private_key(_LC_EVP_PKEY_ED25519, None, seed, 32),
+                         "EVP_PKEY_new_raw_private_key")
+        try:
+            signature = _lc_sign(c, pkey, None, False, b"", ctypes.create_string_buffer(64))
+        finally:
+            c.EVP_PKEY_free(pkey)
+        return signature.hex().startswith("e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d8")
 
     def _try(self, name, test):
+        """LibcryptoUnavailable naming the algorithm unless test() runs and returns True."""
         try:
             passed = test()
         except (ValueError, RuntimeError) as exc:
             passed = exc
-        if passed is not True and not isinstance(passed, tuple):
+        if passed is not True:
             raise LibcryptoUnavailable(f"{self.version} ({self.path}) fails its {name} self-test "
                                        f"({passed}); use the pure-Python crypto")
 

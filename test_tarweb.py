@@ -5125,6 +5125,14 @@ class TestLibcrypto(PKIKeysCase):
         self.assertEqual(self.lib.version, ssl.OPENSSL_VERSION)
         self.assertEqual(tarweb.libcrypto_load().path, self.lib.path)   # loading again works
 
+    def test_unusable_library_is_a_one_line_reason(self):
+        for path, reason in (('/nonexistent/libcrypto.so.3', 'cannot open'),
+                             ('libc.so.6', 'is older than OpenSSL 1.1.1')):
+            with self.assertRaisesRegex(tarweb.LibcryptoUnavailable, reason) as ctx:
+                tarweb.Libcrypto(path)
+            self.assertNotIn('\n', str(ctx.exception))
+            self.assertIn('pure-Python crypto', str(ctx.exception))
+
     def test_aead_output_matches_pure_on_random_inputs(self):
         # One object per direction over many records, the per-record nonce path, and lengths up
         # to past the kept output buffer (16 KiB + 256), which must grow.
