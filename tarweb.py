@@ -3364,8 +3364,8 @@ def _lc_check(c, result, name):
 
 class _LcAEAD:
     """An AEAD on one EVP_CIPHER_CTX per direction, each keyed once: a record then sets only its
-    IV, and its output goes to a buffer the object keeps.  Subclasses set _c (the CDLL),
-    _cipher, _name and _check_key, and take the pure class's exceptions."""
+    IV, and its output goes to a buffer the object keeps.  Subclasses set _c (the CDLL), _name,
+    _check_key and _cipher_for, and raise the pure class's exceptions."""
 
     def __init__(self, key):
         self._check_key(key)
