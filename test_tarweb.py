@@ -15,7 +15,10 @@ the package to install (CI installs them). Each class builds the fixtures it nee
 keys, certificates) on first use, in one scratch folder that tearDownModule removes.
 Environment: TARWEB (the server), TARWEB_TEST_TIMEOUT_SCALE (multiplies the timeouts of servers and
 tools; make test-ktls sets 10 for the emulated VM), TARWEB_EXPECT_KTLS ('1': the kernel has kTLS and
-the server must use it, as make test-ktls sets; unset or '0': no record may go through the kernel).
+the server must use it, as make test-ktls sets; unset or '0': no record may go through the kernel),
+TARWEB_TEST_CRYPTO ('python', the default, or 'libcrypto': the crypto backend of the TLS tests -
+the servers they start get --crypto, the in-process ones TLSConfig(crypto=...); make test and make
+test-ktls run the TLS classes with both; TestCryptoBackends always tests both).
 
 Contents, in the layer order of tarweb.py:
   0. Shared helpers: the server under test, timeout scale, external tools, scratch files, hex
@@ -110,6 +113,27 @@ SCALE = float(os.environ.get("TARWEB_TEST_TIMEOUT_SCALE", "1") or "1")
 def T(seconds):
     """A timeout scaled for slow machines (TARWEB_TEST_TIMEOUT_SCALE)."""
     return seconds * SCALE
+
+
+# TARWEB_TEST_CRYPTO: the crypto backend the TLS tests use (tarweb.py section 6.3).
+TEST_CRYPTO = os.environ.get("TARWEB_TEST_CRYPTO") or "python"
+if TEST_CRYPTO not in ("python", "libcrypto"):
+    raise SystemExit("TARWEB_TEST_CRYPTO=%r: say python or libcrypto" % TEST_CRYPTO)
+_CRYPTO_BACKENDS = {}
+
+
+def crypto_backend(name=TEST_CRYPTO):
+    """tarweb's backend object for name; a libcrypto that does not load fails the test (never a
+    skip): the machines that run these tests have OpenSSL."""
+    if name not in _CRYPTO_BACKENDS:
+        if name == "python":
+            _CRYPTO_BACKENDS[name] = tarweb.PYTHON_CRYPTO
+        else:
+            try:
+                _CRYPTO_BACKENDS[name] = tarweb.LibcryptoCrypto(tarweb.libcrypto_load())
+            except tarweb.LibcryptoUnavailable as e:
+                raise AssertionError("TLS tests with libcrypto, but it does not load: %s" % e)
+    return _CRYPTO_BACKENDS[name]
 
 
 def need_tool(name):
@@ -405,17 +429,27 @@ def norm_ctype(value):
 # Server process
 # ---------------------------------------------------------------------------------------------
 
+def with_test_crypto(args):
+    """Server options with --crypto TEST_CRYPTO added when they turn TLS on and choose none."""
+    args = list(args)
+    tls = any(a in ("-C", "--tls-cert", "--cert", "--tls-self-signed") for a in args)
+    if tls and not any(a.startswith("--crypto") for a in args):
+        args += ["--crypto", TEST_CRYPTO]
+    return args
+
+
 class ServerProc:
     """A running tarweb.py. stdout/stderr lines are collected by reader threads.
-    prefix: a command to run it under (the benchmark pins it to a CPU with taskset)."""
+    prefix: a command to run it under (the benchmark pins it to a CPU with taskset); python: the
+    interpreter command that runs TARWEB."""
 
-    def __init__(self, tar, *args, listen=("127.0.0.1:0",), prefix=()):
+    def __init__(self, tar, *args, listen=("127.0.0.1:0",), prefix=(), python=(PY,)):
         if not os.path.exists(TARWEB):
             raise AssertionError("server not found at %s (set TARWEB=/path/to/tarweb.py)" % TARWEB)
-        cmd = list(prefix) + [PY, TARWEB]
+        cmd = list(prefix) + list(python) + [TARWEB]
         for addr in listen:
             cmd += ["--listen", addr]
-        self.cmd = cmd + list(args) + [tar]
+        self.cmd = cmd + with_test_crypto(args) + [tar]
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         self.out = queue.Queue()
@@ -5250,24 +5284,25 @@ class TestRFC8448KeySchedule(unittest.TestCase):
             self.assertEqual((cipher.key, cipher.iv), (v[name + '_key'], v[name + '_iv']))
 
     def test_handshake_records(self):
-        server = tarweb._TLSRecordCipher(0x1301, RFC8448['s_hs'])
+        server = tarweb._TLSRecordCipher(0x1301, RFC8448['s_hs'], crypto=crypto_backend())
         rec = RFC8448_SERVER_FLIGHT_RECORD
         self.assertEqual(server.open(rec[:5], rec[5:]), (22, RFC8448_SERVER_FLIGHT))
-        fresh = tarweb._TLSRecordCipher(0x1301, RFC8448['s_hs'])
+        fresh = tarweb._TLSRecordCipher(0x1301, RFC8448['s_hs'], crypto=crypto_backend())
         self.assertEqual(fresh.seal(22, RFC8448_SERVER_FLIGHT), rec)
-        client = tarweb._TLSRecordCipher(0x1301, RFC8448['c_hs'])
+        client = tarweb._TLSRecordCipher(0x1301, RFC8448['c_hs'], crypto=crypto_backend())
         rec = RFC8448_CLIENT_FINISHED_RECORD
         self.assertEqual(client.open(rec[:5], rec[5:]),
                          (22, b'\x14\x00\x00\x20' + RFC8448['client_finished']))
         tampered = bytearray(rec)
         tampered[-1] ^= 1
         with self.assertRaises(AEADError):
-            tarweb._TLSRecordCipher(0x1301, RFC8448['c_hs']).open(bytes(tampered[:5]), bytes(tampered[5:]))
+            tarweb._TLSRecordCipher(0x1301, RFC8448['c_hs'], crypto=crypto_backend()).open(
+                bytes(tampered[:5]), bytes(tampered[5:]))
 
     def test_application_records(self):
         # The server's first application record is the NewSessionTicket (seq 0), so its data is
         # at seq 1 and its close_notify at seq 2.
-        layer = RecordLayer(0x1301, RFC8448['c_ap'], RFC8448['s_ap'], tx_seq=1)
+        layer = RecordLayer(0x1301, RFC8448['c_ap'], RFC8448['s_ap'], tx_seq=1, crypto=crypto_backend())
         self.assertEqual(layer.open(RFC8448_CLIENT_DATA_RECORD), (RFC8448_APP_DATA, [], b''))
         self.assertEqual(layer.seal(RFC8448_APP_DATA), RFC8448_SERVER_DATA_RECORD)
         self.assertEqual(layer.open(RFC8448_CLIENT_ALERT_RECORD), (b'', ['close'], b''))
@@ -5291,7 +5326,8 @@ class TestRFC8448KeySchedule(unittest.TestCase):
 # ---------------------------------------------------------------------------------------------
 
 CERTS = {}    # kind -> (key PEM, chain PEM, CA PEM): file names in the 'tls' scratch folder
-CONFIGS = {}  # kind -> TLSConfig; both filled by tls_configs()
+CONFIGS = {}  # kind -> TLSConfig (crypto_backend()); both filled by tls_configs()
+TLS_KEYS = {}  # kind -> its private key as load_private_key returns it
 tls_file = functools.partial(work_file, 'tls')
 
 
@@ -5334,17 +5370,18 @@ def make_openssl_certs():
 
 
 def tls_configs():
-    """CERTS and CONFIGS: openssl's certificates, and one from make_self_signed()."""
+    """CERTS and CONFIGS (with crypto_backend()): openssl's certificates, and one from
+    make_self_signed(); TLS_KEYS: their section 5 private keys."""
     if not CONFIGS:
         make_openssl_certs()
-        configs = {kind: TLSConfig(load_private_key(read_bytes(tls_file(key))),
-                                   load_cert_chain(read_bytes(tls_file(chain))))
-                   for kind, (key, chain, _ca) in CERTS.items()}
-        key, cert = make_self_signed()
+        for kind, (key, _chain, _ca) in CERTS.items():
+            TLS_KEYS[kind] = load_private_key(read_bytes(tls_file(key)))
+        TLS_KEYS['selfsigned'], cert = make_self_signed()
         tls_file('selfsigned.crt', pem_encode('CERTIFICATE', cert))
-        configs['selfsigned'] = TLSConfig(key, [cert])
         CERTS['selfsigned'] = (None, 'selfsigned.crt', 'selfsigned.crt')
-        CONFIGS.update(configs)
+        CONFIGS.update({kind: TLSConfig(TLS_KEYS[kind], load_cert_chain(read_bytes(tls_file(chain))),
+                                        crypto=crypto_backend())
+                        for kind, (_key, chain, _ca) in CERTS.items()})
     return CONFIGS
 
 
@@ -5361,9 +5398,9 @@ def tls_config(kind='p256', **kwargs):
     base = CONFIGS[kind]
     if not kwargs:
         return base
-    args = dict(alpn=base.alpn, cipher_preference=base.cipher_preference)
+    args = dict(alpn=base.alpn, cipher_preference=base.cipher_preference, crypto=base.crypto)
     args.update(kwargs)
-    return TLSConfig(base.key, base.cert_chain, **args)
+    return TLSConfig(TLS_KEYS[kind], base.cert_chain, **args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5590,8 +5627,8 @@ class MiniClient:
         scheme, length = struct.unpack('>HH', message[4:8])
         content = tarweb._TLS_CERT_VERIFY_PREFIX + self.hash(self.transcript)
         if scheme == 0x0403:
-            leaf_key = self.server.config.key.key
-            assert ecdsa_verify(SECP256R1, leaf_key.public, content, message[8:8 + length])
+            leaf_public = self.server.config.key.spki_der()[-65:]   # the uncompressed point
+            assert ecdsa_verify(SECP256R1, leaf_public, content, message[8:8 + length])
 
     def hash(self, data):
         return hashlib.new(self.hash_name, data).digest()
@@ -5696,7 +5733,7 @@ class TestMiniHandshake(TLSCertsCase):
     def test_certificate_chain_larger_than_a_record(self):
         base = CONFIGS['p256']
         chain = [base.cert_chain[0]] + [os.urandom(9000) for _ in range(3)]
-        client = MiniClient(TLSConfig(base.key, chain))
+        client = MiniClient(TLSConfig(TLS_KEYS['p256'], chain, crypto=base.crypto))
         reply = client.start()
         _server_hello, _ccs, records = client.read_server_hello(reply)
         self.assertGreater(len(records), 1)
@@ -6159,7 +6196,7 @@ class TestTLSServerReceive(TLSCertsCase):
 class TestRecordLayerErrors(unittest.TestCase):
     def setUp(self):
         secret_c, secret_s = os.urandom(32), os.urandom(32)
-        self.server = RecordLayer(0x1303, secret_c, secret_s)
+        self.server = RecordLayer(0x1303, secret_c, secret_s, crypto=crypto_backend())
         self.peer = RecordLayer(0x1303, secret_s, secret_c)
 
     def assert_error(self, data, code):
@@ -6252,7 +6289,7 @@ class TestSharedRecordLoop(TLSCertsCase):
 
     def record_layer_alert(self, data, on_record=None):
         rx, tx = os.urandom(32), os.urandom(32)
-        layer, peer = RecordLayer(0x1301, rx, tx), RecordLayer(0x1301, tx, rx)
+        layer, peer = RecordLayer(0x1301, rx, tx, crypto=crypto_backend()), RecordLayer(0x1301, tx, rx)
         if on_record:
             layer._on_record = on_record
         _, events, to_send = layer.open(data)
