@@ -4639,7 +4639,11 @@ def openssl_cert(key_name):
 def openssl_verifies_scheme(key_name, scheme, message, signature):
     """Does openssl accept `signature` over `message` for the public half of KEYS[key_name]?"""
     pub_pem = run_tool(['openssl', 'pkey', '-pubout', '-in', KEYS[key_name]]).stdout
-    pub = pki_file(key_name + '.pub', pub_pem)
+    return openssl_verifies_pub(pki_file(key_name + '.pub', pub_pem), scheme, message, signature)
+
+
+def openssl_verifies_pub(pub, scheme, message, signature):
+    """Does openssl accept `signature` over `message` for the public key in the PEM file pub?"""
     if scheme == 0x0807:
         return openssl_verifies(pub, None, message, signature)
     digest = {0x0804: 'sha256', 0x0805: 'sha384', 0x0806: 'sha512', 0x0403: 'sha256',
@@ -7898,6 +7902,130 @@ class TestTLSStartupErrors(StartupErrorChecks, unittest.TestCase):
 # ---------------------------------------------------------------------------------------------
 # Kernel TLS: the kTLS subset (make test-ktls; TARWEB_EXPECT_KTLS above)
 # ---------------------------------------------------------------------------------------------
+
+# Runs tarweb.py in a Python that cannot import _hashlib, as one built without OpenSSL is: then
+# libcrypto_load() has no libcrypto to use. Only this child loses it; the tests keep theirs.
+WITHOUT_HASHLIB = (PY, '-c', 'import runpy, sys; sys.modules["_hashlib"] = None; '
+                   'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
+BACKEND_SCHEMES = (('p256', (0x0403,)), ('rsa', (0x0804, 0x0805, 0x0806)), ('ed25519', (0x0807,)))
+
+
+class TestCryptoBackends(StartupErrorChecks, TLSCertsCase):
+    """--crypto chooses the backend and one start-up line names it; libcrypto missing is a clean
+    error or a fallback. In-process, both backends give the same answers, whatever
+    TARWEB_TEST_CRYPTO says."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tar = https_site()[0]
+        cls.ca = https_cert('p256').ca
+        cls.python, cls.libcrypto = crypto_backend('python'), crypto_backend('libcrypto')
+
+    def crypto_lines(self, srv):
+        return [line for line in srv.stderr_text().splitlines() if line.startswith('tarweb.py: crypto: ')]
+
+    def serve(self, *args, python=(PY,)):
+        """A started HTTPS server with these options; stopped at the end of the test."""
+        srv = ServerProc(self.tar, *https_args('p256', *args), python=python)
+        self.addCleanup(srv.stop)
+        self.assertEqual(https_get(srv.addr, '/small.txt', self.ca)[2], SMALL)
+        return srv
+
+    def test_start_up_line_names_the_backend_and_version(self):
+        for name, pattern in (('python', r'^tarweb\.py: crypto: python \(.+\)$'),
+                              ('libcrypto', r'^tarweb\.py: crypto: libcrypto OpenSSL \d+\.\d+\S* .*\(/\S*libcrypto\S*\)$'),
+                              ('auto', r'^tarweb\.py: crypto: libcrypto OpenSSL ')):
+            with self.subTest(crypto=name):
+                lines = self.crypto_lines(self.serve('--crypto', name))
+                self.assertEqual(len(lines), 1, lines)
+                self.assertRegex(lines[0], pattern)
+
+    def test_libcrypto_required_but_missing_is_a_start_up_error(self):
+        p = subprocess.run(list(WITHOUT_HASHLIB) + [TARWEB, '--listen', '127.0.0.1:0', '--crypto', 'libcrypto']
+                           + https_args('p256') + [self.tar], capture_output=True, timeout=T(30))
+        line = self.assertStartupError(p)
+        self.assertIn('--crypto libcrypto', line)
+        self.assertIn('--crypto python', line)   # the way out
+
+    def test_auto_falls_back_to_python_and_says_why(self):
+        srv = self.serve('--crypto', 'auto', python=WITHOUT_HASHLIB)
+        self.assertEqual(srv.count_stderr('libcrypto unavailable ('), 1, srv.stderr_text())
+        self.assertRegex(' '.join(self.crypto_lines(srv)), r'^tarweb\.py: crypto: python \(')
+
+    def test_plain_http_needs_no_crypto(self):
+        srv = ServerProc(self.tar, '--crypto', 'libcrypto', python=WITHOUT_HASHLIB)
+        self.addCleanup(srv.stop)
+        self.assertEqual(get1(srv.addr, '/small.txt').body, SMALL)
+        self.assertEqual(srv.stderr_text(), '')
+
+    def test_aeads_agree(self):
+        for suite, params in tarweb._TLS_SUITES.items():
+            pure, lib = self.python.aead_class(suite), self.libcrypto.aead_class(suite)
+            self.assertIsNot(pure, lib)
+            for size in (0, 1, 16, 17, 1000, 2 ** 14 + 1):
+                with self.subTest(suite=params.name, size=size):
+                    key, nonce, aad = os.urandom(params.key_len), os.urandom(12), os.urandom(size % 29)
+                    data = os.urandom(size)
+                    sealed = lib(key).seal(nonce, data, aad)
+                    self.assertEqual(sealed, pure(key).seal(nonce, data, aad))
+                    self.assertEqual(lib(key).open(nonce, sealed, aad), data)
+                    with self.assertRaises(AEADError):
+                        lib(key).open(nonce, sealed[:-1] + bytes([sealed[-1] ^ 1]), aad)
+
+    def test_key_exchange_agrees_with_the_pure_peer(self):
+        for backend in (self.python, self.libcrypto):
+            with self.subTest(backend=backend.name, group='x25519'):
+                private, public = x25519_keypair()
+                ours, secret = backend.key_exchange(tarweb.TLS_GROUP_X25519, public)
+                self.assertEqual(x25519_shared(private, ours), secret)
+            with self.subTest(backend=backend.name, group='secp256r1'):
+                private, public = ec_keypair(SECP256R1)
+                ours, secret = backend.key_exchange(tarweb.TLS_GROUP_SECP256R1, public)
+                self.assertEqual(ours[0], 4)
+                self.assertEqual(ecdh_shared(SECP256R1, private, ours), secret)
+
+    def test_bad_key_shares_are_value_errors(self):
+        off_curve = b'\x04' + (1).to_bytes(32, 'big') + (1).to_bytes(32, 'big')
+        for backend in (self.python, self.libcrypto):
+            for group, share in ((tarweb.TLS_GROUP_X25519, bytes(32)),    # low order: shared secret 0
+                                 (tarweb.TLS_GROUP_X25519, bytes(31)),
+                                 (tarweb.TLS_GROUP_SECP256R1, off_curve),
+                                 (tarweb.TLS_GROUP_SECP256R1, off_curve[:33])):
+                with self.subTest(backend=backend.name, group=group, share=share.hex()):
+                    with self.assertRaises(ValueError):
+                        backend.key_exchange(group, share)
+
+    def test_signing_keys_sign_what_openssl_verifies(self):
+        message = os.urandom(100)
+        for kind, schemes in BACKEND_SCHEMES:
+            key = TLS_KEYS[kind]
+            pub = tls_file(kind + '.spki.pem', spki_pem(key.spki_der()))
+            signer = self.libcrypto.signing_key(key)
+            self.assertIs(self.python.signing_key(key), key)
+            self.assertEqual((signer.kind, tuple(signer.signature_schemes), signer.spki_der()),
+                             (key.kind, tuple(key.signature_schemes), key.spki_der()))
+            for scheme in schemes:
+                with self.subTest(kind=kind, scheme=hex(scheme)):
+                    self.assertIn(scheme, signer.signature_schemes)
+                    self.assertTrue(openssl_verifies_pub(pub, scheme, message, signer.sign(scheme, message)))
+
+    def test_python_ssl_handshakes_and_records_with_each_backend(self):
+        for backend in (self.python, self.libcrypto):
+            for (kind, _schemes), suite in zip(BACKEND_SCHEMES * 3, sorted(tarweb._TLS_SUITES) * 3):
+                with self.subTest(backend=backend.name, kind=kind, suite=hex(suite)):
+                    config = TLSConfig(TLS_KEYS[kind], CONFIGS[kind].cert_chain, cipher_preference=(suite,),
+                                       crypto=backend)
+                    client, incoming, outgoing, server = ssl_handshake(config, CERTS[kind][2])
+                    self.assertEqual(server.cipher_suite, suite)
+                    client.write(b'ping' * 5000)
+                    self.assertEqual(server.record_layer.open(outgoing.read())[0], b'ping' * 5000)
+                    incoming.write(server.record_layer.seal(b'pong' * 5000))
+                    received = b''
+                    while len(received) < 20000:
+                        received += client.read(65536)
+                    self.assertEqual(received, b'pong' * 5000)
+
 
 class TestKTLS(StartupErrorChecks, HTTPSServerCase):
     """Proof that records go through the kernel (TARWEB_EXPECT_KTLS=1, in the kTLS VM), or that
