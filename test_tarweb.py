@@ -8625,6 +8625,7 @@ _BENCH_RSA_PSS_SHA256 = 0x0804  # TLS SignatureScheme rsa_pss_rsae_sha256
 _BENCH_SIGNED_CONTENT = b' ' * 64 + b'TLS 1.3, server CertificateVerify\x00' + bytes(range(32))
 # The certificates of the handshake rows and of W3: (label, kind in section 3's CERTS).
 _BENCH_CERTS = (('ECDSA P-256', 'p256'), ('RSA-2048', 'rsa'))
+_BENCH_CRYPTO = ('python', 'libcrypto')   # the --crypto backends the TLS benchmarks compare
 
 
 def _bench_import_tarweb():
@@ -8747,11 +8748,13 @@ def _bench_handshakes(tw, config, ctx, rounds):
 
 
 def bench_crypto(quick=False):
-    """µs per operation of tarweb.py's pure-Python primitives, and per server-side handshake.
+    """µs per operation of tarweb.py's pure-Python primitives and of both crypto backends, and
+    per server-side handshake with each backend.
     In this process; needs no tool (openssl only for the RSA rows)."""
     budget = 0.25 if quick else 1.0      # seconds per primitive row (best of the calls made)
     rounds = 10 if quick else 30         # handshakes per handshake row (median)
-    print('\ntarweb.py crypto (pure Python, in this process, one core): best of >= 3 calls, '
+    print('\ntarweb.py crypto (pure-Python primitives of section 5, then both backends, in this '
+          'process, one core): best of >= 3 calls, '
           '%.2f s per row' % budget)
     try:
         tw, import_s = _bench_import_tarweb()
@@ -8763,6 +8766,44 @@ def bench_crypto(quick=False):
     except Exception as exc:  # a primitive that raises is a finding, not a reason to stop bench()
         print('!! crypto benchmark failed: %s: %s' % (type(exc).__name__, exc))
         return 1
+
+
+def _bench_backends(tw):
+    """The crypto backends to compare: the pure one, and libcrypto when it loads."""
+    try:
+        return [tw.PYTHON_CRYPTO, tw.LibcryptoCrypto(tw.libcrypto_load())]
+    except tw.LibcryptoUnavailable as exc:
+        print('!! libcrypto backend unavailable, its rows are missing: %s' % exc)
+        return [tw.PYTHON_CRYPTO]
+
+
+def _bench_backend_rows(tw, backends, budget):
+    """µs per operation as the TLS layer calls it (section 6.3), per backend → status."""
+    status = _bench_openssl_files(rsa_keys=True)
+    keys = [('ECDSA P-256', tw.make_self_signed()[0])]   # without openssl, at least this one
+    keys += [(name, tw.load_private_key(read_bytes(KEYS[key_name])))
+             for name, key_name in (('Ed25519', 'ed25519'), ('RSA-2048 PSS', 'rsa2048_pkcs8'))
+             if key_name in KEYS]
+    peers = {tw.TLS_GROUP_X25519: tw.x25519_keypair()[1],
+             tw.TLS_GROUP_SECP256R1: tw.ec_keypair(tw.SECP256R1)[1]}
+    data, nonce, aad = bytes(16384), bytes(12), b'\x17\x03\x03\x40\x11'
+    print('\nper crypto backend (tarweb.py section 6.3, as the TLS layer calls it), best of >= 3 calls')
+    print('%-40s %-10s %10s %10s' % ('operation', 'crypto', 'us/op', 'op/s'))
+    for backend in backends:
+        rows = [('key_exchange(%s)' % _BENCH_GROUP_NAMES[group],
+                 functools.partial(backend.key_exchange, group, peer)) for group, peer in peers.items()]
+        for name, key in keys:
+            signer = backend.signing_key(key)
+            scheme = signer.signature_schemes[0]
+            rows.append(('%s sign (0x%04x)' % (name, scheme),
+                         functools.partial(signer.sign, scheme, _BENCH_SIGNED_CONTENT)))
+        for suite in (0x1301, 0x1303):
+            aead = backend.aead_class(suite)(bytes(tw._TLS_SUITES[suite].key_len))
+            rows.append(('%s seal 16 KiB' % _BENCH_SUITE_NAMES[suite], functools.partial(aead.seal, nonce, data, aad)))
+        for name, fn in rows:
+            us = _bench_best_us(fn, budget)
+            print('%-40s %-10s %10s %10s' % (name, backend.name, format(us, ',.1f'), format(1e6 / us, ',.0f')))
+    return status
 
 
 def _bench_crypto_rows(tw, import_s, budget, rounds):
@@ -8834,20 +8875,23 @@ def _bench_crypto_rows(tw, import_s, budget, rounds):
         elif kind == 'p256':
             key, der = tw.make_self_signed()
             certs.append((cert_name, key, [der], None))
+    backends = _bench_backends(tw)
+    status = _bench_backend_rows(tw, backends, budget) or status
     plans = [(cert, suite, None) for cert in certs for suite in (0x1301, 0x1302, 0x1303)]
     plans.append((certs[0], 0x1303, 'prime256v1'))  # the same with P-256 key exchange
     print('\nserver handshake: Python ssl client over MemoryBIO, no sockets; time inside '
           'TLSServer.receive() only; median of %d' % rounds)
-    line = '%-12s %-29s %-7s %9s %10s'
-    print(line % ('certificate', 'cipher suite', 'group', 'us/hs', 'hs/s/core'))
-    for (cert_name, key, chain, ca_name), suite, group in plans:
+    line = '%-12s %-29s %-7s %-10s %9s %10s'
+    print(line % ('certificate', 'cipher suite', 'group', 'crypto', 'us/hs', 'hs/s/core'))
+    for ((cert_name, key, chain, ca_name), suite, group), crypto in \
+            [(plan, crypto) for plan in plans for crypto in backends]:
         try:
-            config = tw.TLSConfig(key, chain, cipher_preference=(suite,))
+            config = tw.TLSConfig(key, chain, cipher_preference=(suite,), crypto=crypto)
             us, server = _bench_handshakes(tw, config, _bench_client_context(ca_name, group), rounds)
             if server.cipher_suite != suite:
                 raise RuntimeError('negotiated 0x%04x instead' % server.cipher_suite)
             print(line % (cert_name, _BENCH_SUITE_NAMES[suite],
-                          _BENCH_GROUP_NAMES.get(server.group, hex(server.group)),
+                          _BENCH_GROUP_NAMES.get(server.group, hex(server.group)), crypto.name,
                           format(us, ',.0f'), format(1e6 / us, ',.0f')))
         except (RuntimeError, ValueError, ssl.SSLError) as exc:
             print('!! %s %s: %s' % (cert_name, _BENCH_SUITE_NAMES[suite], exc))
@@ -8933,7 +8977,7 @@ def _bench_w3(server, label, conns, seconds, cpu, context):
 
 
 def _bench_print_w3(rows):
-    line = '%-24s %7s %6s %6s %7s %8s %10s %9s %7s %6s %7s'
+    line = '%-34s %7s %6s %6s %7s %8s %10s %9s %7s %6s %7s'
     print(line % ('workload', 'hs/s', 'p50', 'p99', 'server', 'server', 'server', 'server', 'ab', 'left', 'RSS'))
     print(line % ('', '', 'ms', 'ms', 'CPU %', 'us/hs', 'handshakes', 'tls_fail', 'failed', 'open', 'MiB'))
     for r in rows:
@@ -9006,18 +9050,19 @@ def _bench_ktls_note():
 
 
 def _bench_w3_runs(tar_path, seconds, server_cpu, client_cpu):
-    """W3 on one server per certificate, a new connection and full handshake per request → status."""
+    """W3 on one server per certificate and crypto backend, a new connection and full handshake
+    per request → status."""
     status, rows = 0, []
     print('\nW3: ab -c16 -t%d -f TLS1.3 (HTTP/1.0, a new TLS 1.3 connection and full handshake '
           'per request, never resumed)' % seconds)
-    for cert_name, kind in _BENCH_CERTS:
-        label = 'W3 %s c=16' % cert_name
+    for (cert_name, kind), crypto in [(cert, crypto) for cert in _BENCH_CERTS for crypto in _BENCH_CRYPTO]:
+        label = 'W3 %s c=16 --crypto %s' % (cert_name, crypto)
         if kind != 'p256' and kind not in CERTS:
             print('(%s skipped: no openssl to make the key)' % label)
             continue
         context = _bench_client_context(_bench_cert_files(kind)[2])
         session_status, row = _bench_session(
-            tar_path, _bench_tls_args(kind), server_cpu,
+            tar_path, _bench_tls_args(kind) + ['--crypto', crypto], server_cpu,
             functools.partial(_bench_w3, label=label, conns=16, seconds=seconds, cpu=client_cpu,
                               context=context),
             listen=(), context=context, names=('small.html',))
@@ -9035,10 +9080,10 @@ def _bench_w3_runs(tar_path, seconds, server_cpu, client_cpu):
     return status
 
 
-def _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls):
-    """W4 and W5 on one ECDSA P-256 server → status."""
-    print('\nW4/W5: wrk -t1 over HTTPS, keep-alive (ECDSA P-256)%s'
-          % ('' if ktls else ': userspace TLS record layer, no kTLS'))
+def _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls, crypto):
+    """W4 and W5 on one ECDSA P-256 server with --crypto crypto → status."""
+    print('\nW4/W5: wrk -t1 over HTTPS, keep-alive (ECDSA P-256), --crypto %s%s'
+          % (crypto, '' if ktls else ': userspace TLS record layer, no kTLS'))
 
     def w4_w5(server):
         rows = [_bench_workload(server, 'W4 HTTPS /small.html c=50', '/small.html',
@@ -9046,7 +9091,8 @@ def _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls):
                 _bench_w5(server, 'W5 HTTPS /large.bin c=4', 4, seconds, client_cpu)]
         time.sleep(_BENCH_TLS_SETTLE)
         return rows, _bench_stats(server)
-    status, result = _bench_session(tar_path, _bench_tls_args('p256'), server_cpu, w4_w5, listen=(),
+    status, result = _bench_session(tar_path, _bench_tls_args('p256') + ['--crypto', crypto], server_cpu,
+                                    w4_w5, listen=(),
                                     context=_bench_client_context(_bench_cert_files('p256')[2]))
     if not result:
         return status
@@ -9055,8 +9101,8 @@ def _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls):
     print('W5: MB/s counts every byte wrk read (partial responses too); req/s = responses\' '
           'worth of bytes per second; server %s us CPU per MB' % _bench_fmt(rows[1]['cpu_us_mb'], ',.0f'))
     if not ktls:
-        print('(no kTLS: every W4/W5 byte is sealed in Python; compare with W1/W2 for the '
-              'cost of the fallback)')
+        print('(no kTLS: every W4/W5 byte is sealed by the %s backend in this process; compare '
+              'with W1/W2 for the cost of the fallback)' % crypto)
     status = _bench_row_errors(rows) or status
     if stats and stats.get('tls_failures'):
         print('!! W4/W5 server counted %d failed handshakes' % stats['tls_failures'])
@@ -9070,7 +9116,8 @@ def _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls):
 
 def bench_tls(quick=False):
     """W3 (new TLS 1.3 connection per request, ECDSA P-256 and RSA-2048), W4 (HTTPS keep-alive
-    1 KiB, 50 connections), W5 (HTTPS 10 MiB, 4 connections). Needs ab and wrk."""
+    1 KiB, 50 connections), W5 (HTTPS 10 MiB, 4 connections), each with both crypto backends.
+    Needs ab and wrk."""
     if _bench_no_tools('wrk', 'ab'):
         return 1
     seconds = 3 if quick else 10
@@ -9088,7 +9135,8 @@ def bench_tls(quick=False):
         tar_path = os.path.join(tmp, 'site.tar')
         make_demo_site(tar_path)
         status = _bench_w3_runs(tar_path, seconds, server_cpu, client_cpu) or status
-        status = _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls) or status
+        for crypto in _BENCH_CRYPTO:
+            status = _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls, crypto) or status
     return status
 
 
