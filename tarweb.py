@@ -5764,7 +5764,7 @@ def load_tls_identity(opts):
 
 
 def choose_crypto(mode, log):
-    """The TLS crypto backend for --crypto, named on one start-up line."""
+    """The TLS crypto backend for --crypto (serve names it once start-up has succeeded)."""
     crypto = PYTHON_CRYPTO
     if mode != "python":
         try:
@@ -5776,7 +5776,6 @@ def choose_crypto(mode, log):
             log.warn(f"libcrypto unavailable ({e}): TLS crypto runs in pure Python, slower "
                      f"and not constant-time; fix: install OpenSSL's libcrypto (Debian: "
                      f"libssl3), or say --crypto python")
-    log.notice(f"crypto: {crypto.description}")
     return crypto
 
 
@@ -5844,6 +5843,8 @@ def serve(opts, log):
     signal.signal(signal.SIGHUP, lambda *_: server.request_stop())  # no reload yet: drain, exit
     signal.signal(signal.SIGUSR1, lambda *_: server.request_stats())
     release_startup_memory()
+    if tls:   # after every start-up error, so that a failed start prints only its error
+        log.notice(f"crypto: {tls.config.crypto.description}")
     urls = " ".join(listener_url(sock, is_tls) for sock, is_tls in listeners)
     emit(sys.stdout, f"tarweb.py {__version__}: serving {opts.tar} on {urls}")
     log.info(f"{len(archive.files)} files, {limits.max_connections} slots, io_uring setup "
