@@ -7,11 +7,29 @@ PEERBENCH ?= ../shared/peerbench
 PEERS ?= nginx extra
 WORKLOADS ?= W1 W2 W3 W4
 RUNS ?= 1
+# The server's --crypto in `make demo` and `make peerbench`: auto, libcrypto or python.
+CRYPTO ?= auto
 
-.PHONY: test test-ktls fuzz demo bench bench-quick peerbench clean
+.PHONY: test test-tls test-ktls fuzz demo bench bench-quick peerbench clean
 
+# Everything with the default crypto backend (TARWEB_TEST_CRYPTO unset: python), then the TLS
+# classes again with libcrypto.
 test:
 	$(PYTHON) test_tarweb.py -v
+	$(MAKE) --no-print-directory test-tls CRYPTO_BACKENDS=libcrypto
+
+# The TLS and HTTPS test classes, once per crypto backend (tarweb.py --crypto, section 6.3).
+CRYPTO_BACKENDS ?= python libcrypto
+TLS_TESTS ?= TestRFC8448KeySchedule TestMiniHandshake TestTLSServerErrors TestHelloRetryRequest \
+	TestTLSServerReceive TestRecordLayerErrors TestSharedRecordLoop TestPythonSSLClient \
+	TestOpenSSLClient TestHTTPSPythonSSL TestHTTPSOpenSSL TestHTTPSCertTypes \
+	TestHTTPSSelfSignedOption TestHTTPS TestUserspaceRecordBuffer TestHTTPSFewSlots TestHostileTLS \
+	TestHandshakeDeadline TestPlainAndTLS TestTLSStartupErrors TestKTLS
+test-tls:
+	set -e; for crypto in $(CRYPTO_BACKENDS); do \
+	    echo "== TLS tests with TARWEB_TEST_CRYPTO=$$crypto"; \
+	    TARWEB_TEST_CRYPTO=$$crypto $(PYTHON) test_tarweb.py -v $(TLS_TESTS); \
+	done
 
 # Mutation fuzzing of the HTTP responder and the TLS handshake (test_tarweb.py section 6): a million
 # HTTP inputs and 100,000 TLS inputs over FUZZ_JOBS processes; a failure prints its input and how to
@@ -25,10 +43,14 @@ fuzz:
 
 # The kTLS subset (test classes), for a kernel that has kTLS: CI runs it inside ../shared/ktls-vm,
 # whose emulated CPU needs ten times the timeouts. It fails unless /proc/net/tls_stat shows the
-# kernel carried the traffic.
+# kernel carried the traffic. Once per crypto backend: the handshake is theirs, the records the kernel's.
 KTLS_TESTS ?= TestKTLS
 test-ktls:
-	TARWEB_EXPECT_KTLS=1 TARWEB_TEST_TIMEOUT_SCALE=10 $(PYTHON) test_tarweb.py -v $(KTLS_TESTS)
+	set -e; for crypto in $(CRYPTO_BACKENDS); do \
+	    echo "== kTLS tests with TARWEB_TEST_CRYPTO=$$crypto"; \
+	    TARWEB_EXPECT_KTLS=1 TARWEB_TEST_TIMEOUT_SCALE=10 TARWEB_TEST_CRYPTO=$$crypto \
+	        $(PYTHON) test_tarweb.py -v $(KTLS_TESTS); \
+	done
 
 .demo/site.tar: test_tarweb.py
 	$(PYTHON) test_tarweb.py demo-site $@
@@ -36,7 +58,7 @@ test-ktls:
 # Serves the demo site until Ctrl-C: HTTPS with a certificate made on the fly, and plain HTTP.
 demo: .demo/site.tar
 	@echo "try: curl -k https://$(DEMO_HTTPS)/   (self-signed certificate)   or   curl http://$(DEMO_HTTP)/"
-	$(PYTHON) tarweb.py .demo/site.tar --listen $(DEMO_HTTP) --tls-listen $(DEMO_HTTPS) --tls-self-signed
+	$(PYTHON) tarweb.py .demo/site.tar --listen $(DEMO_HTTP) --tls-listen $(DEMO_HTTPS) --tls-self-signed --crypto $(CRYPTO)
 
 # wrk and ab are installed on demand (Debian, as root); the harness explains what to do otherwise.
 bench bench-quick:
@@ -51,7 +73,7 @@ peerbench:
 	@test -f $(PEERBENCH)/peerbench.sh || { echo "peerbench: $(PEERBENCH)/peerbench.sh not found (set PEERBENCH=DIR)"; exit 1; }
 	PEERS="$(PEERS)" WORKLOADS="$(WORKLOADS)" RUNS="$(RUNS)" PYTHON="$(PYTHON)" \
 	EXTRA_SERVER_NAME=tarweb.py \
-	EXTRA_SERVER_CMD='$(PYTHON) $(CURDIR)/tarweb.py {tar} --listen {host}:{port} --tls-listen {host}:{tls_port} --tls-cert {cert} --tls-key {key} -q' \
+	EXTRA_SERVER_CMD='$(PYTHON) $(CURDIR)/tarweb.py {tar} --listen {host}:{port} --tls-listen {host}:{tls_port} --tls-cert {cert} --tls-key {key} --crypto $(CRYPTO) -q' \
 	bash $(PEERBENCH)/peerbench.sh
 
 clean:

@@ -35,11 +35,12 @@ prints this outline with line numbers; inside a class, `# -- name` lines group i
   6. TLS 1.3: server handshake state machine, record layer, kTLS hand-off
      6.1 HKDF and the key schedule (RFC 5869, RFC 8446 §7)
      6.2 Messages and records (RFC 8446 §4, §5.1, §6)
-     6.3 Record protection and the record loop (§5.2-5.4)
-     6.4 Userspace record layer for application data
-     6.5 ClientHello parsing (§4.1.2, §4.2)
-     6.6 Server configuration and handshake state machine (§4, Appendix A.2)
-     6.7 kTLS hand-off (Linux Documentation/networking/tls.rst)
+     6.3 Crypto backends: the primitives behind suites and groups (pure Python, libcrypto)
+     6.4 Record protection and the record loop (§5.2-5.4)
+     6.5 Userspace record layer for application data
+     6.6 ClientHello parsing (§4.1.2, §4.2)
+     6.7 Server configuration and handshake state machine (§4, Appendix A.2)
+     6.8 kTLS hand-off (Linux Documentation/networking/tls.rst)
   7. Connection loop - Server: fixed slots driven by io_uring completions
   8. CLI - argparse, one-line start-up errors, main()
 """
@@ -4049,27 +4050,82 @@ def _tls_check_alert_body(body):
     return body[1]
 
 
-# === 6.3 Record protection and the record loop (§5.2-5.4) =========================================
+# === 6.3 Crypto backends: the primitives behind suites and groups =================================
+
+# The TLS layer asks a backend for an AEAD class per suite, an ECDHE per group and a signing key;
+# it never learns which backend it has. Both give the same answers: the pure one is the reference.
+
+class PythonCrypto:
+    """Section 5's pure-Python primitives: no dependency, slow, and not constant-time (README
+    "Security notes")."""
+
+    name = "python"
+    description = "python (pure-Python primitives, tarweb.py section 5)"
+
+    def aead_class(self, suite):
+        return _TLS_SUITES[suite].aead_class
+
+    def key_exchange(self, group, peer_share):
+        """(our key_share, shared secret); ValueError for a bad peer share."""
+        if group == TLS_GROUP_X25519:
+            return x25519_ephemeral_shared(peer_share)
+        private, public = ec_keypair(SECP256R1)
+        return public, ecdh_shared(SECP256R1, private, peer_share)
+
+    def signing_key(self, key):
+        return key
+
+
+class LibcryptoCrypto:
+    """The same primitives from the host's OpenSSL libcrypto (section 5.18): a Libcrypto from
+    libcrypto_load()."""
+
+    name = "libcrypto"
+
+    def __init__(self, lib):
+        self.lib = lib
+        self.description = f"libcrypto {lib.version} ({lib.path})"
+        self._aeads = {AESGCM: lib.AESGCM, ChaCha20Poly1305: lib.ChaCha20Poly1305}
+
+    def aead_class(self, suite):
+        return self._aeads[_TLS_SUITES[suite].aead_class]
+
+    def key_exchange(self, group, peer_share):
+        """(our key_share, shared secret); ValueError for a bad peer share."""
+        if group == TLS_GROUP_X25519:
+            return self.lib.x25519_ephemeral_shared(peer_share)
+        return self.lib.ecdh_ephemeral(SECP256R1, peer_share)
+
+    def signing_key(self, key):
+        """An object like key (a PrivateKey) whose sign() runs in libcrypto."""
+        return self.lib.signing_key(key)
+
+
+PYTHON_CRYPTO = PythonCrypto()
+
+
+# === 6.4 Record protection and the record loop (§5.2-5.4) =========================================
 
 class _TLSRecordCipher:
     """One direction of record protection: traffic secret, AEAD key, IV and sequence number."""
 
-    def __init__(self, cipher_suite, secret, seq=0):
-        hash_name, key_len, aead_class, _ = _TLS_SUITES[cipher_suite]
+    def __init__(self, cipher_suite, secret, seq=0, crypto=PYTHON_CRYPTO):
+        hash_name, key_len, _, _ = _TLS_SUITES[cipher_suite]
         self.cipher_suite = cipher_suite
+        self.crypto = crypto
         self.secret = secret
         self.key = hkdf_expand_label(hash_name, secret, b"key", b"", key_len)
         self.iv = hkdf_expand_label(hash_name, secret, b"iv", b"", 12)
         self.seq = seq
         self._iv_int = int.from_bytes(self.iv, "big")
-        self._aead_class = aead_class
+        self._aead_class = crypto.aead_class(cipher_suite)
         self._aead = None
 
     def next_generation(self):
         """The cipher for the next traffic secret after a KeyUpdate; the sequence restarts at 0."""
         hash_name = _TLS_SUITES[self.cipher_suite].hash_name
         next_secret = _tls13_next_traffic_secret(hash_name, self.secret)
-        return _TLSRecordCipher(self.cipher_suite, next_secret)
+        return _TLSRecordCipher(self.cipher_suite, next_secret, crypto=self.crypto)
 
     def _cipher(self):
         # Built on first use: AES-GCM precomputes tables per key (about 0.6 ms), wasted on the
@@ -4105,7 +4161,8 @@ class _TLSRecordCipher:
 
     def keystream_requests(self, lengths):
         """Requests for chacha20_poly1305_prefetch: the next records, of these inner-plaintext
-        lengths.  None (an empty list) for AES-GCM, which makes its keystream record by record."""
+        lengths.  None (an empty list) for AES-GCM, which makes its keystream record by record,
+        and for libcrypto's ChaCha20-Poly1305, which needs no prefetch."""
         if self._aead_class is not ChaCha20Poly1305:
             return []
         aead = self._cipher()
@@ -4193,7 +4250,7 @@ class _TLSRecordReader:
         del self._inbuf[:pos]
 
 
-# === 6.4 Userspace record layer for application data ==============================================
+# === 6.5 Userspace record layer for application data ==============================================
 
 class RecordLayer(_TLSRecordReader):
     """Application-data record protection after the handshake, both directions.
@@ -4202,14 +4259,16 @@ class RecordLayer(_TLSRecordReader):
     "alert" (peer's fatal alert) or "error" (we rejected a record; to_send holds our alert).
     to_send must be written before anything sealed afterwards (it may hold a KeyUpdate).
     received: bytes that came before this layer existed; the first open() reads them.
+    crypto: the backend (section 6.3) whose AEAD classes protect the records.
     """
 
-    def __init__(self, cipher_suite, rx_secret, tx_secret, rx_seq=0, tx_seq=0, received=b""):
+    def __init__(self, cipher_suite, rx_secret, tx_secret, rx_seq=0, tx_seq=0, received=b"",
+                 crypto=PYTHON_CRYPTO):
         if cipher_suite not in _TLS_SUITES:
             raise ValueError(f"unknown TLS 1.3 cipher suite 0x{cipher_suite:04x}")
         self.cipher_suite = cipher_suite
-        self._rx = _TLSRecordCipher(cipher_suite, rx_secret, rx_seq)
-        self._tx = _TLSRecordCipher(cipher_suite, tx_secret, tx_seq)
+        self._rx = _TLSRecordCipher(cipher_suite, rx_secret, rx_seq, crypto)
+        self._tx = _TLSRecordCipher(cipher_suite, tx_secret, tx_seq, crypto)
         self._inbuf = bytearray(received)
         self._handshake = _TLSHandshakeBuffer()
         self._key_update_requested = False
@@ -4336,7 +4395,7 @@ class RecordLayer(_TLSRecordReader):
             self._key_update_requested = self._key_update_requested or message[4] == 1
 
 
-# === 6.5 ClientHello parsing (§4.1.2, §4.2) =======================================================
+# === 6.6 ClientHello parsing (§4.1.2, §4.2) =======================================================
 
 _TLS_EXTENSION_HEADER = struct.Struct(">HH")
 
@@ -4463,18 +4522,21 @@ class _TLSClientHello:
             raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "early_data extension is not empty")
 
 
-# === 6.6 Server configuration and handshake state machine (§4, Appendix A.2) ======================
+# === 6.7 Server configuration and handshake state machine (§4, Appendix A.2) ======================
 
 class TLSConfig:
-    """What every connection shares: key, certificate chain (DER, leaf first), ALPN, suites.
+    """What every connection shares: key, certificate chain (DER, leaf first), ALPN, suites,
+    and the crypto backend.
 
     alpn is the server's order of preference; an empty alpn ignores the client's ALPN offer.
     cipher_preference is the server's order of preference among the three TLS 1.3 suites.
+    crypto (section 6.3) does the key exchange and record protection; key becomes its signing
+    key.
     """
 
     def __init__(self, key, cert_chain, alpn=(b"http/1.1",),
                  cipher_preference=(TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_GCM_SHA256,
-                                    TLS_AES_256_GCM_SHA384)):
+                                    TLS_AES_256_GCM_SHA384), crypto=PYTHON_CRYPTO):
         if not cert_chain:
             raise ValueError("TLSConfig: the certificate chain is empty")
         for suite in cipher_preference:
@@ -4485,7 +4547,8 @@ class TLSConfig:
                 raise ValueError("TLSConfig: ALPN protocol names must be 1..255 bytes")
         if not key.signature_schemes:
             raise ValueError("TLSConfig: the key offers no signature scheme")
-        self.key = key
+        self.crypto = crypto
+        self.key = crypto.signing_key(key)
         self.cert_chain = [bytes(der) for der in cert_chain]
         self.alpn = tuple(bytes(p) for p in alpn)
         self.cipher_preference = tuple(cipher_preference)
@@ -4504,14 +4567,11 @@ _TLS_STATE_WAIT_FINISHED = "WAIT_FINISHED"
 _TLS_STATE_CONNECTED = "CONNECTED"
 
 
-def _tls_key_exchange(group, peer_share):
+def _tls_key_exchange(crypto, group, peer_share):
     """(our key_share, shared secret) for the negotiated group; bad peer points are
     illegal_parameter."""
     try:
-        if group == TLS_GROUP_X25519:
-            return x25519_ephemeral_shared(peer_share)
-        private, public = ec_keypair(SECP256R1)
-        return public, ecdh_shared(SECP256R1, private, peer_share)
+        return crypto.key_exchange(group, peer_share)
     except ValueError as exc:
         raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER, f"invalid key share: {exc}")
 
@@ -4602,8 +4662,9 @@ class TLSServer(_TLSRecordReader):
         if self._tx is None:
             out.append(_tls_plaintext_records(_TLS_CT_ALERT, body))
         elif self._app_secrets is not None:
-            suite = self.cipher_suite
-            out.append(_TLSRecordCipher(suite, self._app_secrets[1]).seal(_TLS_CT_ALERT, body))
+            app_tx = _TLSRecordCipher(self.cipher_suite, self._app_secrets[1],
+                                      crypto=self.config.crypto)
+            out.append(app_tx.seal(_TLS_CT_ALERT, body))
         else:
             out.append(self._tx.seal(_TLS_CT_ALERT, body))
 
@@ -4834,7 +4895,8 @@ class TLSServer(_TLSRecordReader):
         Nothing goes out until all is built: an error on the way is answered in the clear."""
         suite, group, peer_share, (key, certificate_message, scheme) = params
         hash_name = _TLS_SUITES[suite].hash_name
-        our_share, shared_secret = _tls_key_exchange(group, peer_share)
+        crypto = self.config.crypto
+        our_share, shared_secret = _tls_key_exchange(crypto, group, peer_share)
         if self._transcript is None:   # else it holds the HelloRetryRequest exchange
             self._transcript = hashlib.new(hash_name)
         self._transcript.update(hello.message)
@@ -4849,7 +4911,8 @@ class TLSServer(_TLSRecordReader):
         self._write(flight, certificate_message)                    # §4.4.2
         self._write(flight, self._certificate_verify(key, scheme))  # §4.4.3
         self._write(flight, self._finished(hash_name, server_hs))   # §4.4.4
-        tx, rx = _TLSRecordCipher(suite, server_hs), _TLSRecordCipher(suite, client_hs)
+        tx = _TLSRecordCipher(suite, server_hs, crypto=crypto)
+        rx = _TLSRecordCipher(suite, client_hs, crypto=crypto)
         self._client_finished, self._app_secrets = self._expect_client_finished(  # §7.1
             hash_name, handshake_secret, client_hs)
         out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, clear[0])
@@ -4912,11 +4975,11 @@ class TLSServer(_TLSRecordReader):
         # goes to the record layer unread, for its first open().
         client_app, server_app = self._app_secrets
         self.record_layer = RecordLayer(self.cipher_suite, client_app, server_app,
-                                        received=bytes(self._inbuf))
+                                        received=bytes(self._inbuf), crypto=self.config.crypto)
         self._app_secrets = self._rx = self._tx = self._transcript = self._inbuf = None
 
 
-# === 6.7 kTLS hand-off (Linux Documentation/networking/tls.rst) ===================================
+# === 6.8 kTLS hand-off (Linux Documentation/networking/tls.rst) ===================================
 
 
 def ktls_enable(fd, hs):
@@ -4949,9 +5012,10 @@ def ktls_probe():
 
 
 class TLSContext:
-    """What every TLS connection shares: certificate, key, cipher policy and kTLS support."""
+    """What every TLS connection shares: certificate, key, cipher policy, crypto backend and kTLS
+    support."""
 
-    def __init__(self, key, chain, ktls_mode, log):
+    def __init__(self, key, chain, ktls_mode, crypto, log):
         self.ktls_suites, why = ktls_probe() if ktls_mode != "off" else (set(), "")
         if ktls_mode == "require" and not self.ktls_suites:
             raise StartupError(f"--ktls require: kernel TLS is not available ({why}); load it "
@@ -4962,7 +5026,7 @@ class TLSContext:
                      f"(CONFIG_TLS)")
         self.log = log
         self.config = TLSConfig(key, chain, alpn=(b"http/1.1",),
-                                cipher_preference=self.cipher_preference())
+                                cipher_preference=self.cipher_preference(), crypto=crypto)
 
     def cipher_preference(self):
         """ChaCha20-Poly1305 first: the handshake's records are encrypted in pure Python, where
@@ -5963,6 +6027,11 @@ class Log:
         if self.level >= 0:
             self.write(msg)
 
+    def notice(self, msg):
+        """A line worth seeing at every start (not a problem): -q silences it."""
+        if self.level >= 0:
+            self.write(msg)
+
     def info(self, msg):
         if self.level >= 1:
             self.write(msg)
@@ -6073,6 +6142,10 @@ def parse_args(argv):
     p.add_argument("--ktls", choices=("auto", "require", "off"), default="auto",
                    help="kernel TLS for record encryption: auto (fall back to Python if the "
                    "kernel lacks it), require, or off (default auto)")
+    p.add_argument("--crypto", choices=("auto", "libcrypto", "python"), default="auto",
+                   help="TLS crypto: the host's OpenSSL libcrypto (through ctypes), or pure "
+                   "Python (no dependency, slow, not constant-time); auto: libcrypto if it "
+                   "loads, else Python with a warning (default auto)")
     p.add_argument("--handshake-timeout", type=positive(float), default=10.0, metavar="S",
                    help="time allowed for a TLS handshake (default 10)")
     p.add_argument("--prefix", default="", help="serve only members under this prefix, "
@@ -6144,6 +6217,22 @@ def load_tls_identity(opts):
     return key, chain
 
 
+def choose_crypto(mode, log):
+    """The TLS crypto backend for --crypto (serve names it once start-up has succeeded)."""
+    crypto = PYTHON_CRYPTO
+    if mode != "python":
+        try:
+            crypto = LibcryptoCrypto(libcrypto_load())
+        except LibcryptoUnavailable as e:
+            if mode == "libcrypto":
+                raise StartupError(f"--crypto libcrypto: {e}; install OpenSSL's libcrypto "
+                                   f"(Debian: libssl3) or choose --crypto python")
+            log.warn(f"libcrypto unavailable ({e}): TLS crypto runs in pure Python, slower "
+                     f"and not constant-time; fix: install OpenSSL's libcrypto (Debian: "
+                     f"libssl3), or say --crypto python")
+    return crypto
+
+
 def open_access_log(name, log):
     if name is None:
         return None
@@ -6188,10 +6277,11 @@ def release_startup_memory():
 def serve(opts, log):
     """Start-up in the order that fails fastest, then run until SIGTERM, SIGINT or SIGHUP."""
     identity = load_tls_identity(opts) if opts.tls else None  # key files first, never logged
+    crypto = choose_crypto(opts.crypto, log) if identity else None
     access_log = open_access_log(opts.access_log, log)
     archive = Archive(opts.tar, opts.prefix, log)
     site = Site(archive, opts.cache_control)
-    tls = TLSContext(identity[0], identity[1], opts.ktls, log) if identity else None
+    tls = TLSContext(identity[0], identity[1], opts.ktls, crypto, log) if identity else None
     specs = listener_specs(opts)
     limits = Limits(max_connections=raise_fd_limit(opts.max_connections, len(specs), log),
                     header_timeout=opts.header_timeout, idle_timeout=opts.idle_timeout,
@@ -6207,6 +6297,8 @@ def serve(opts, log):
     signal.signal(signal.SIGHUP, lambda *_: server.request_stop())  # no reload yet: drain, exit
     signal.signal(signal.SIGUSR1, lambda *_: server.request_stats())
     release_startup_memory()
+    if tls:   # after every start-up error, so that a failed start prints only its error
+        log.notice(f"crypto: {tls.config.crypto.description}")
     urls = " ".join(listener_url(sock, is_tls) for sock, is_tls in listeners)
     emit(sys.stdout, f"tarweb.py {__version__}: serving {opts.tar} on {urls}")
     log.info(f"{len(archive.files)} files, {limits.max_connections} slots, io_uring setup "

@@ -15,7 +15,10 @@ the package to install (CI installs them). Each class builds the fixtures it nee
 keys, certificates) on first use, in one scratch folder that tearDownModule removes.
 Environment: TARWEB (the server), TARWEB_TEST_TIMEOUT_SCALE (multiplies the timeouts of servers and
 tools; make test-ktls sets 10 for the emulated VM), TARWEB_EXPECT_KTLS ('1': the kernel has kTLS and
-the server must use it, as make test-ktls sets; unset or '0': no record may go through the kernel).
+the server must use it, as make test-ktls sets; unset or '0': no record may go through the kernel),
+TARWEB_TEST_CRYPTO ('python', the default, or 'libcrypto': the crypto backend of the TLS tests -
+the servers they start get --crypto, the in-process ones TLSConfig(crypto=...); make test and make
+test-ktls run the TLS classes with both; TestCryptoBackends always tests both).
 
 Contents, in the layer order of tarweb.py:
   0. Shared helpers: the server under test, timeout scale, external tools, scratch files, hex
@@ -111,6 +114,27 @@ SCALE = float(os.environ.get("TARWEB_TEST_TIMEOUT_SCALE", "1") or "1")
 def T(seconds):
     """A timeout scaled for slow machines (TARWEB_TEST_TIMEOUT_SCALE)."""
     return seconds * SCALE
+
+
+# TARWEB_TEST_CRYPTO: the crypto backend the TLS tests use (tarweb.py section 6.3).
+TEST_CRYPTO = os.environ.get("TARWEB_TEST_CRYPTO") or "python"
+if TEST_CRYPTO not in ("python", "libcrypto"):
+    raise SystemExit("TARWEB_TEST_CRYPTO=%r: say python or libcrypto" % TEST_CRYPTO)
+_CRYPTO_BACKENDS = {}
+
+
+def crypto_backend(name=TEST_CRYPTO):
+    """tarweb's backend object for name; a libcrypto that does not load fails the test (never a
+    skip): the machines that run these tests have OpenSSL."""
+    if name not in _CRYPTO_BACKENDS:
+        if name == "python":
+            _CRYPTO_BACKENDS[name] = tarweb.PYTHON_CRYPTO
+        else:
+            try:
+                _CRYPTO_BACKENDS[name] = tarweb.LibcryptoCrypto(tarweb.libcrypto_load())
+            except tarweb.LibcryptoUnavailable as e:
+                raise AssertionError("TLS tests with libcrypto, but it does not load: %s" % e)
+    return _CRYPTO_BACKENDS[name]
 
 
 def need_tool(name):
@@ -406,17 +430,27 @@ def norm_ctype(value):
 # Server process
 # ---------------------------------------------------------------------------------------------
 
+def with_test_crypto(args):
+    """Server options with --crypto TEST_CRYPTO added when they turn TLS on and choose none."""
+    args = list(args)
+    tls = any(a in ("-C", "--tls-cert", "--cert", "--tls-self-signed") for a in args)
+    if tls and not any(a.startswith("--crypto") for a in args):
+        args += ["--crypto", TEST_CRYPTO]
+    return args
+
+
 class ServerProc:
     """A running tarweb.py. stdout/stderr lines are collected by reader threads.
-    prefix: a command to run it under (the benchmark pins it to a CPU with taskset)."""
+    prefix: a command to run it under (the benchmark pins it to a CPU with taskset); python: the
+    interpreter command that runs TARWEB."""
 
-    def __init__(self, tar, *args, listen=("127.0.0.1:0",), prefix=()):
+    def __init__(self, tar, *args, listen=("127.0.0.1:0",), prefix=(), python=(PY,)):
         if not os.path.exists(TARWEB):
             raise AssertionError("server not found at %s (set TARWEB=/path/to/tarweb.py)" % TARWEB)
-        cmd = list(prefix) + [PY, TARWEB]
+        cmd = list(prefix) + list(python) + [TARWEB]
         for addr in listen:
             cmd += ["--listen", addr]
-        self.cmd = cmd + list(args) + [tar]
+        self.cmd = cmd + with_test_crypto(args) + [tar]
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
         self.out = queue.Queue()
@@ -4606,7 +4640,11 @@ def openssl_cert(key_name):
 def openssl_verifies_scheme(key_name, scheme, message, signature):
     """Does openssl accept `signature` over `message` for the public half of KEYS[key_name]?"""
     pub_pem = run_tool(['openssl', 'pkey', '-pubout', '-in', KEYS[key_name]]).stdout
-    pub = pki_file(key_name + '.pub', pub_pem)
+    return openssl_verifies_pub(pki_file(key_name + '.pub', pub_pem), scheme, message, signature)
+
+
+def openssl_verifies_pub(pub, scheme, message, signature):
+    """Does openssl accept `signature` over `message` for the public key in the PEM file pub?"""
     if scheme == 0x0807:
         return openssl_verifies(pub, None, message, signature)
     digest = {0x0804: 'sha256', 0x0805: 'sha384', 0x0806: 'sha512', 0x0403: 'sha256',
@@ -5439,24 +5477,25 @@ class TestRFC8448KeySchedule(unittest.TestCase):
             self.assertEqual((cipher.key, cipher.iv), (v[name + '_key'], v[name + '_iv']))
 
     def test_handshake_records(self):
-        server = tarweb._TLSRecordCipher(0x1301, RFC8448['s_hs'])
+        server = tarweb._TLSRecordCipher(0x1301, RFC8448['s_hs'], crypto=crypto_backend())
         rec = RFC8448_SERVER_FLIGHT_RECORD
         self.assertEqual(server.open(rec[:5], rec[5:]), (22, RFC8448_SERVER_FLIGHT))
-        fresh = tarweb._TLSRecordCipher(0x1301, RFC8448['s_hs'])
+        fresh = tarweb._TLSRecordCipher(0x1301, RFC8448['s_hs'], crypto=crypto_backend())
         self.assertEqual(fresh.seal(22, RFC8448_SERVER_FLIGHT), rec)
-        client = tarweb._TLSRecordCipher(0x1301, RFC8448['c_hs'])
+        client = tarweb._TLSRecordCipher(0x1301, RFC8448['c_hs'], crypto=crypto_backend())
         rec = RFC8448_CLIENT_FINISHED_RECORD
         self.assertEqual(client.open(rec[:5], rec[5:]),
                          (22, b'\x14\x00\x00\x20' + RFC8448['client_finished']))
         tampered = bytearray(rec)
         tampered[-1] ^= 1
         with self.assertRaises(AEADError):
-            tarweb._TLSRecordCipher(0x1301, RFC8448['c_hs']).open(bytes(tampered[:5]), bytes(tampered[5:]))
+            tarweb._TLSRecordCipher(0x1301, RFC8448['c_hs'], crypto=crypto_backend()).open(
+                bytes(tampered[:5]), bytes(tampered[5:]))
 
     def test_application_records(self):
         # The server's first application record is the NewSessionTicket (seq 0), so its data is
         # at seq 1 and its close_notify at seq 2.
-        layer = RecordLayer(0x1301, RFC8448['c_ap'], RFC8448['s_ap'], tx_seq=1)
+        layer = RecordLayer(0x1301, RFC8448['c_ap'], RFC8448['s_ap'], tx_seq=1, crypto=crypto_backend())
         self.assertEqual(layer.open(RFC8448_CLIENT_DATA_RECORD), (RFC8448_APP_DATA, [], b''))
         self.assertEqual(layer.seal(RFC8448_APP_DATA), RFC8448_SERVER_DATA_RECORD)
         self.assertEqual(layer.open(RFC8448_CLIENT_ALERT_RECORD), (b'', ['close'], b''))
@@ -5480,7 +5519,8 @@ class TestRFC8448KeySchedule(unittest.TestCase):
 # ---------------------------------------------------------------------------------------------
 
 CERTS = {}    # kind -> (key PEM, chain PEM, CA PEM): file names in the 'tls' scratch folder
-CONFIGS = {}  # kind -> TLSConfig; both filled by tls_configs()
+CONFIGS = {}  # kind -> TLSConfig (crypto_backend()); both filled by tls_configs()
+TLS_KEYS = {}  # kind -> its private key as load_private_key returns it
 tls_file = functools.partial(work_file, 'tls')
 
 
@@ -5523,17 +5563,18 @@ def make_openssl_certs():
 
 
 def tls_configs():
-    """CERTS and CONFIGS: openssl's certificates, and one from make_self_signed()."""
+    """CERTS and CONFIGS (with crypto_backend()): openssl's certificates, and one from
+    make_self_signed(); TLS_KEYS: their section 5 private keys."""
     if not CONFIGS:
         make_openssl_certs()
-        configs = {kind: TLSConfig(load_private_key(read_bytes(tls_file(key))),
-                                   load_cert_chain(read_bytes(tls_file(chain))))
-                   for kind, (key, chain, _ca) in CERTS.items()}
-        key, cert = make_self_signed()
+        for kind, (key, _chain, _ca) in CERTS.items():
+            TLS_KEYS[kind] = load_private_key(read_bytes(tls_file(key)))
+        TLS_KEYS['selfsigned'], cert = make_self_signed()
         tls_file('selfsigned.crt', pem_encode('CERTIFICATE', cert))
-        configs['selfsigned'] = TLSConfig(key, [cert])
         CERTS['selfsigned'] = (None, 'selfsigned.crt', 'selfsigned.crt')
-        CONFIGS.update(configs)
+        CONFIGS.update({kind: TLSConfig(TLS_KEYS[kind], load_cert_chain(read_bytes(tls_file(chain))),
+                                        crypto=crypto_backend())
+                        for kind, (_key, chain, _ca) in CERTS.items()})
     return CONFIGS
 
 
@@ -5550,9 +5591,9 @@ def tls_config(kind='p256', **kwargs):
     base = CONFIGS[kind]
     if not kwargs:
         return base
-    args = dict(alpn=base.alpn, cipher_preference=base.cipher_preference)
+    args = dict(alpn=base.alpn, cipher_preference=base.cipher_preference, crypto=base.crypto)
     args.update(kwargs)
-    return TLSConfig(base.key, base.cert_chain, **args)
+    return TLSConfig(TLS_KEYS[kind], base.cert_chain, **args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -5779,8 +5820,8 @@ class MiniClient:
         scheme, length = struct.unpack('>HH', message[4:8])
         content = tarweb._TLS_CERT_VERIFY_PREFIX + self.hash(self.transcript)
         if scheme == 0x0403:
-            leaf_key = self.server.config.key.key
-            assert ecdsa_verify(SECP256R1, leaf_key.public, content, message[8:8 + length])
+            leaf_public = self.server.config.key.spki_der()[-65:]   # the uncompressed point
+            assert ecdsa_verify(SECP256R1, leaf_public, content, message[8:8 + length])
 
     def hash(self, data):
         return hashlib.new(self.hash_name, data).digest()
@@ -5885,7 +5926,7 @@ class TestMiniHandshake(TLSCertsCase):
     def test_certificate_chain_larger_than_a_record(self):
         base = CONFIGS['p256']
         chain = [base.cert_chain[0]] + [os.urandom(9000) for _ in range(3)]
-        client = MiniClient(TLSConfig(base.key, chain))
+        client = MiniClient(TLSConfig(TLS_KEYS['p256'], chain, crypto=base.crypto))
         reply = client.start()
         _server_hello, _ccs, records = client.read_server_hello(reply)
         self.assertGreater(len(records), 1)
@@ -6348,7 +6389,7 @@ class TestTLSServerReceive(TLSCertsCase):
 class TestRecordLayerErrors(unittest.TestCase):
     def setUp(self):
         secret_c, secret_s = os.urandom(32), os.urandom(32)
-        self.server = RecordLayer(0x1303, secret_c, secret_s)
+        self.server = RecordLayer(0x1303, secret_c, secret_s, crypto=crypto_backend())
         self.peer = RecordLayer(0x1303, secret_s, secret_c)
 
     def assert_error(self, data, code):
@@ -6441,7 +6482,7 @@ class TestSharedRecordLoop(TLSCertsCase):
 
     def record_layer_alert(self, data, on_record=None):
         rx, tx = os.urandom(32), os.urandom(32)
-        layer, peer = RecordLayer(0x1301, rx, tx), RecordLayer(0x1301, tx, rx)
+        layer, peer = RecordLayer(0x1301, rx, tx, crypto=crypto_backend()), RecordLayer(0x1301, tx, rx)
         if on_record:
             layer._on_record = on_record
         _, events, to_send = layer.open(data)
@@ -8051,6 +8092,130 @@ class TestTLSStartupErrors(StartupErrorChecks, unittest.TestCase):
 # Kernel TLS: the kTLS subset (make test-ktls; TARWEB_EXPECT_KTLS above)
 # ---------------------------------------------------------------------------------------------
 
+# Runs tarweb.py in a Python that cannot import _hashlib, as one built without OpenSSL is: then
+# libcrypto_load() has no libcrypto to use. Only this child loses it; the tests keep theirs.
+WITHOUT_HASHLIB = (PY, '-c', 'import runpy, sys; sys.modules["_hashlib"] = None; '
+                   'sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")')
+BACKEND_SCHEMES = (('p256', (0x0403,)), ('rsa', (0x0804, 0x0805, 0x0806)), ('ed25519', (0x0807,)))
+
+
+class TestCryptoBackends(StartupErrorChecks, TLSCertsCase):
+    """--crypto chooses the backend and one start-up line names it; libcrypto missing is a clean
+    error or a fallback. In-process, both backends give the same answers, whatever
+    TARWEB_TEST_CRYPTO says."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.tar = https_site()[0]
+        cls.ca = https_cert('p256').ca
+        cls.python, cls.libcrypto = crypto_backend('python'), crypto_backend('libcrypto')
+
+    def crypto_lines(self, srv):
+        return [line for line in srv.stderr_text().splitlines() if line.startswith('tarweb.py: crypto: ')]
+
+    def serve(self, *args, python=(PY,)):
+        """A started HTTPS server with these options; stopped at the end of the test."""
+        srv = ServerProc(self.tar, *https_args('p256', *args), python=python)
+        self.addCleanup(srv.stop)
+        self.assertEqual(https_get(srv.addr, '/small.txt', self.ca)[2], SMALL)
+        return srv
+
+    def test_start_up_line_names_the_backend_and_version(self):
+        for name, pattern in (('python', r'^tarweb\.py: crypto: python \(.+\)$'),
+                              ('libcrypto', r'^tarweb\.py: crypto: libcrypto OpenSSL \d+\.\d+\S* .*\(/\S*libcrypto\S*\)$'),
+                              ('auto', r'^tarweb\.py: crypto: libcrypto OpenSSL ')):
+            with self.subTest(crypto=name):
+                lines = self.crypto_lines(self.serve('--crypto', name))
+                self.assertEqual(len(lines), 1, lines)
+                self.assertRegex(lines[0], pattern)
+
+    def test_libcrypto_required_but_missing_is_a_start_up_error(self):
+        p = subprocess.run(list(WITHOUT_HASHLIB) + [TARWEB, '--listen', '127.0.0.1:0', '--crypto', 'libcrypto']
+                           + https_args('p256') + [self.tar], capture_output=True, timeout=T(30))
+        line = self.assertStartupError(p)
+        self.assertIn('--crypto libcrypto', line)
+        self.assertIn('--crypto python', line)   # the way out
+
+    def test_auto_falls_back_to_python_and_says_why(self):
+        srv = self.serve('--crypto', 'auto', python=WITHOUT_HASHLIB)
+        self.assertEqual(srv.count_stderr('libcrypto unavailable ('), 1, srv.stderr_text())
+        self.assertRegex(' '.join(self.crypto_lines(srv)), r'^tarweb\.py: crypto: python \(')
+
+    def test_plain_http_needs_no_crypto(self):
+        srv = ServerProc(self.tar, '--crypto', 'libcrypto', python=WITHOUT_HASHLIB)
+        self.addCleanup(srv.stop)
+        self.assertEqual(get1(srv.addr, '/small.txt').body, SMALL)
+        self.assertEqual(srv.stderr_text(), '')
+
+    def test_aeads_agree(self):
+        for suite, params in tarweb._TLS_SUITES.items():
+            pure, lib = self.python.aead_class(suite), self.libcrypto.aead_class(suite)
+            self.assertIsNot(pure, lib)
+            for size in (0, 1, 16, 17, 1000, 2 ** 14 + 1):
+                with self.subTest(suite=params.name, size=size):
+                    key, nonce, aad = os.urandom(params.key_len), os.urandom(12), os.urandom(size % 29)
+                    data = os.urandom(size)
+                    sealed = lib(key).seal(nonce, data, aad)
+                    self.assertEqual(sealed, pure(key).seal(nonce, data, aad))
+                    self.assertEqual(lib(key).open(nonce, sealed, aad), data)
+                    with self.assertRaises(AEADError):
+                        lib(key).open(nonce, sealed[:-1] + bytes([sealed[-1] ^ 1]), aad)
+
+    def test_key_exchange_agrees_with_the_pure_peer(self):
+        for backend in (self.python, self.libcrypto):
+            with self.subTest(backend=backend.name, group='x25519'):
+                private, public = x25519_keypair()
+                ours, secret = backend.key_exchange(tarweb.TLS_GROUP_X25519, public)
+                self.assertEqual(x25519_shared(private, ours), secret)
+            with self.subTest(backend=backend.name, group='secp256r1'):
+                private, public = ec_keypair(SECP256R1)
+                ours, secret = backend.key_exchange(tarweb.TLS_GROUP_SECP256R1, public)
+                self.assertEqual(ours[0], 4)
+                self.assertEqual(ecdh_shared(SECP256R1, private, ours), secret)
+
+    def test_bad_key_shares_are_value_errors(self):
+        off_curve = b'\x04' + (1).to_bytes(32, 'big') + (1).to_bytes(32, 'big')
+        for backend in (self.python, self.libcrypto):
+            for group, share in ((tarweb.TLS_GROUP_X25519, bytes(32)),    # low order: shared secret 0
+                                 (tarweb.TLS_GROUP_X25519, bytes(31)),
+                                 (tarweb.TLS_GROUP_SECP256R1, off_curve),
+                                 (tarweb.TLS_GROUP_SECP256R1, off_curve[:33])):
+                with self.subTest(backend=backend.name, group=group, share=share.hex()):
+                    with self.assertRaises(ValueError):
+                        backend.key_exchange(group, share)
+
+    def test_signing_keys_sign_what_openssl_verifies(self):
+        message = os.urandom(100)
+        for kind, schemes in BACKEND_SCHEMES:
+            key = TLS_KEYS[kind]
+            pub = tls_file(kind + '.spki.pem', spki_pem(key.spki_der()))
+            signer = self.libcrypto.signing_key(key)
+            self.assertIs(self.python.signing_key(key), key)
+            self.assertEqual((signer.kind, tuple(signer.signature_schemes), signer.spki_der()),
+                             (key.kind, tuple(key.signature_schemes), key.spki_der()))
+            for scheme in schemes:
+                with self.subTest(kind=kind, scheme=hex(scheme)):
+                    self.assertIn(scheme, signer.signature_schemes)
+                    self.assertTrue(openssl_verifies_pub(pub, scheme, message, signer.sign(scheme, message)))
+
+    def test_python_ssl_handshakes_and_records_with_each_backend(self):
+        for backend in (self.python, self.libcrypto):
+            for (kind, _schemes), suite in zip(BACKEND_SCHEMES * 3, sorted(tarweb._TLS_SUITES) * 3):
+                with self.subTest(backend=backend.name, kind=kind, suite=hex(suite)):
+                    config = TLSConfig(TLS_KEYS[kind], CONFIGS[kind].cert_chain, cipher_preference=(suite,),
+                                       crypto=backend)
+                    client, incoming, outgoing, server = ssl_handshake(config, CERTS[kind][2])
+                    self.assertEqual(server.cipher_suite, suite)
+                    client.write(b'ping' * 5000)
+                    self.assertEqual(server.record_layer.open(outgoing.read())[0], b'ping' * 5000)
+                    incoming.write(server.record_layer.seal(b'pong' * 5000))
+                    received = b''
+                    while len(received) < 20000:
+                        received += client.read(65536)
+                    self.assertEqual(received, b'pong' * 5000)
+
+
 class TestKTLS(StartupErrorChecks, HTTPSServerCase):
     """Proof that records go through the kernel (TARWEB_EXPECT_KTLS=1, in the kTLS VM), or that
     the userspace fallback is announced once and carries everything (otherwise)."""
@@ -8649,6 +8814,7 @@ _BENCH_RSA_PSS_SHA256 = 0x0804  # TLS SignatureScheme rsa_pss_rsae_sha256
 _BENCH_SIGNED_CONTENT = b' ' * 64 + b'TLS 1.3, server CertificateVerify\x00' + bytes(range(32))
 # The certificates of the handshake rows and of W3: (label, kind in section 3's CERTS).
 _BENCH_CERTS = (('ECDSA P-256', 'p256'), ('RSA-2048', 'rsa'))
+_BENCH_CRYPTO = ('python', 'libcrypto')   # the --crypto backends the TLS benchmarks compare
 
 
 def _bench_import_tarweb():
@@ -8771,11 +8937,13 @@ def _bench_handshakes(tw, config, ctx, rounds):
 
 
 def bench_crypto(quick=False):
-    """µs per operation of tarweb.py's pure-Python primitives, and per server-side handshake.
+    """µs per operation of tarweb.py's pure-Python primitives and of both crypto backends, and
+    per server-side handshake with each backend.
     In this process; needs no tool (openssl only for the RSA rows)."""
     budget = 0.25 if quick else 1.0      # seconds per primitive row (best of the calls made)
     rounds = 10 if quick else 30         # handshakes per handshake row (median)
-    print('\ntarweb.py crypto (pure Python, in this process, one core): best of >= 3 calls, '
+    print('\ntarweb.py crypto (pure-Python primitives of section 5, then both backends, in this '
+          'process, one core): best of >= 3 calls, '
           '%.2f s per row' % budget)
     try:
         tw, import_s = _bench_import_tarweb()
@@ -8787,6 +8955,44 @@ def bench_crypto(quick=False):
     except Exception as exc:  # a primitive that raises is a finding, not a reason to stop bench()
         print('!! crypto benchmark failed: %s: %s' % (type(exc).__name__, exc))
         return 1
+
+
+def _bench_backends(tw):
+    """The crypto backends to compare: the pure one, and libcrypto when it loads."""
+    try:
+        return [tw.PYTHON_CRYPTO, tw.LibcryptoCrypto(tw.libcrypto_load())]
+    except tw.LibcryptoUnavailable as exc:
+        print('!! libcrypto backend unavailable, its rows are missing: %s' % exc)
+        return [tw.PYTHON_CRYPTO]
+
+
+def _bench_backend_rows(tw, backends, budget):
+    """µs per operation as the TLS layer calls it (section 6.3), per backend → status."""
+    status = _bench_openssl_files(rsa_keys=True)
+    keys = [('ECDSA P-256', tw.make_self_signed()[0])]   # without openssl, at least this one
+    keys += [(name, tw.load_private_key(read_bytes(KEYS[key_name])))
+             for name, key_name in (('Ed25519', 'ed25519'), ('RSA-2048 PSS', 'rsa2048_pkcs8'))
+             if key_name in KEYS]
+    peers = {tw.TLS_GROUP_X25519: tw.x25519_keypair()[1],
+             tw.TLS_GROUP_SECP256R1: tw.ec_keypair(tw.SECP256R1)[1]}
+    data, nonce, aad = bytes(16384), bytes(12), b'\x17\x03\x03\x40\x11'
+    print('\nper crypto backend (tarweb.py section 6.3, as the TLS layer calls it), best of >= 3 calls')
+    print('%-40s %-10s %10s %10s' % ('operation', 'crypto', 'us/op', 'op/s'))
+    for backend in backends:
+        rows = [('key_exchange(%s)' % _BENCH_GROUP_NAMES[group],
+                 functools.partial(backend.key_exchange, group, peer)) for group, peer in peers.items()]
+        for name, key in keys:
+            signer = backend.signing_key(key)
+            scheme = signer.signature_schemes[0]
+            rows.append(('%s sign (0x%04x)' % (name, scheme),
+                         functools.partial(signer.sign, scheme, _BENCH_SIGNED_CONTENT)))
+        for suite in (0x1301, 0x1303):
+            aead = backend.aead_class(suite)(bytes(tw._TLS_SUITES[suite].key_len))
+            rows.append(('%s seal 16 KiB' % _BENCH_SUITE_NAMES[suite], functools.partial(aead.seal, nonce, data, aad)))
+        for name, fn in rows:
+            us = _bench_best_us(fn, budget)
+            print('%-40s %-10s %10s %10s' % (name, backend.name, format(us, ',.1f'), format(1e6 / us, ',.0f')))
+    return status
 
 
 def _bench_crypto_rows(tw, import_s, budget, rounds):
@@ -8858,20 +9064,23 @@ def _bench_crypto_rows(tw, import_s, budget, rounds):
         elif kind == 'p256':
             key, der = tw.make_self_signed()
             certs.append((cert_name, key, [der], None))
+    backends = _bench_backends(tw)
+    status = _bench_backend_rows(tw, backends, budget) or status
     plans = [(cert, suite, None) for cert in certs for suite in (0x1301, 0x1302, 0x1303)]
     plans.append((certs[0], 0x1303, 'prime256v1'))  # the same with P-256 key exchange
     print('\nserver handshake: Python ssl client over MemoryBIO, no sockets; time inside '
           'TLSServer.receive() only; median of %d' % rounds)
-    line = '%-12s %-29s %-7s %9s %10s'
-    print(line % ('certificate', 'cipher suite', 'group', 'us/hs', 'hs/s/core'))
-    for (cert_name, key, chain, ca_name), suite, group in plans:
+    line = '%-12s %-29s %-7s %-10s %9s %10s'
+    print(line % ('certificate', 'cipher suite', 'group', 'crypto', 'us/hs', 'hs/s/core'))
+    for ((cert_name, key, chain, ca_name), suite, group), crypto in \
+            [(plan, crypto) for plan in plans for crypto in backends]:
         try:
-            config = tw.TLSConfig(key, chain, cipher_preference=(suite,))
+            config = tw.TLSConfig(key, chain, cipher_preference=(suite,), crypto=crypto)
             us, server = _bench_handshakes(tw, config, _bench_client_context(ca_name, group), rounds)
             if server.cipher_suite != suite:
                 raise RuntimeError('negotiated 0x%04x instead' % server.cipher_suite)
             print(line % (cert_name, _BENCH_SUITE_NAMES[suite],
-                          _BENCH_GROUP_NAMES.get(server.group, hex(server.group)),
+                          _BENCH_GROUP_NAMES.get(server.group, hex(server.group)), crypto.name,
                           format(us, ',.0f'), format(1e6 / us, ',.0f')))
         except (RuntimeError, ValueError, ssl.SSLError) as exc:
             print('!! %s %s: %s' % (cert_name, _BENCH_SUITE_NAMES[suite], exc))
@@ -8957,7 +9166,7 @@ def _bench_w3(server, label, conns, seconds, cpu, context):
 
 
 def _bench_print_w3(rows):
-    line = '%-24s %7s %6s %6s %7s %8s %10s %9s %7s %6s %7s'
+    line = '%-34s %7s %6s %6s %7s %8s %10s %9s %7s %6s %7s'
     print(line % ('workload', 'hs/s', 'p50', 'p99', 'server', 'server', 'server', 'server', 'ab', 'left', 'RSS'))
     print(line % ('', '', 'ms', 'ms', 'CPU %', 'us/hs', 'handshakes', 'tls_fail', 'failed', 'open', 'MiB'))
     for r in rows:
@@ -9030,18 +9239,19 @@ def _bench_ktls_note():
 
 
 def _bench_w3_runs(tar_path, seconds, server_cpu, client_cpu):
-    """W3 on one server per certificate, a new connection and full handshake per request → status."""
+    """W3 on one server per certificate and crypto backend, a new connection and full handshake
+    per request → status."""
     status, rows = 0, []
     print('\nW3: ab -c16 -t%d -f TLS1.3 (HTTP/1.0, a new TLS 1.3 connection and full handshake '
           'per request, never resumed)' % seconds)
-    for cert_name, kind in _BENCH_CERTS:
-        label = 'W3 %s c=16' % cert_name
+    for (cert_name, kind), crypto in [(cert, crypto) for cert in _BENCH_CERTS for crypto in _BENCH_CRYPTO]:
+        label = 'W3 %s c=16 --crypto %s' % (cert_name, crypto)
         if kind != 'p256' and kind not in CERTS:
             print('(%s skipped: no openssl to make the key)' % label)
             continue
         context = _bench_client_context(_bench_cert_files(kind)[2])
         session_status, row = _bench_session(
-            tar_path, _bench_tls_args(kind), server_cpu,
+            tar_path, _bench_tls_args(kind) + ['--crypto', crypto], server_cpu,
             functools.partial(_bench_w3, label=label, conns=16, seconds=seconds, cpu=client_cpu,
                               context=context),
             listen=(), context=context, names=('small.html',))
@@ -9059,10 +9269,10 @@ def _bench_w3_runs(tar_path, seconds, server_cpu, client_cpu):
     return status
 
 
-def _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls):
-    """W4 and W5 on one ECDSA P-256 server → status."""
-    print('\nW4/W5: wrk -t1 over HTTPS, keep-alive (ECDSA P-256)%s'
-          % ('' if ktls else ': userspace TLS record layer, no kTLS'))
+def _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls, crypto):
+    """W4 and W5 on one ECDSA P-256 server with --crypto crypto → status."""
+    print('\nW4/W5: wrk -t1 over HTTPS, keep-alive (ECDSA P-256), --crypto %s%s'
+          % (crypto, '' if ktls else ': userspace TLS record layer, no kTLS'))
 
     def w4_w5(server):
         rows = [_bench_workload(server, 'W4 HTTPS /small.html c=50', '/small.html',
@@ -9070,7 +9280,8 @@ def _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls):
                 _bench_w5(server, 'W5 HTTPS /large.bin c=4', 4, seconds, client_cpu)]
         time.sleep(_BENCH_TLS_SETTLE)
         return rows, _bench_stats(server)
-    status, result = _bench_session(tar_path, _bench_tls_args('p256'), server_cpu, w4_w5, listen=(),
+    status, result = _bench_session(tar_path, _bench_tls_args('p256') + ['--crypto', crypto], server_cpu,
+                                    w4_w5, listen=(),
                                     context=_bench_client_context(_bench_cert_files('p256')[2]))
     if not result:
         return status
@@ -9079,8 +9290,8 @@ def _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls):
     print('W5: MB/s counts every byte wrk read (partial responses too); req/s = responses\' '
           'worth of bytes per second; server %s us CPU per MB' % _bench_fmt(rows[1]['cpu_us_mb'], ',.0f'))
     if not ktls:
-        print('(no kTLS: every W4/W5 byte is sealed in Python; compare with W1/W2 for the '
-              'cost of the fallback)')
+        print('(no kTLS: every W4/W5 byte is sealed by the %s backend in this process; compare '
+              'with W1/W2 for the cost of the fallback)' % crypto)
     status = _bench_row_errors(rows) or status
     if stats and stats.get('tls_failures'):
         print('!! W4/W5 server counted %d failed handshakes' % stats['tls_failures'])
@@ -9094,7 +9305,8 @@ def _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls):
 
 def bench_tls(quick=False):
     """W3 (new TLS 1.3 connection per request, ECDSA P-256 and RSA-2048), W4 (HTTPS keep-alive
-    1 KiB, 50 connections), W5 (HTTPS 10 MiB, 4 connections). Needs ab and wrk."""
+    1 KiB, 50 connections), W5 (HTTPS 10 MiB, 4 connections), each with both crypto backends.
+    Needs ab and wrk."""
     if _bench_no_tools('wrk', 'ab'):
         return 1
     seconds = 3 if quick else 10
@@ -9112,7 +9324,8 @@ def bench_tls(quick=False):
         tar_path = os.path.join(tmp, 'site.tar')
         make_demo_site(tar_path)
         status = _bench_w3_runs(tar_path, seconds, server_cpu, client_cpu) or status
-        status = _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls) or status
+        for crypto in _BENCH_CRYPTO:
+            status = _bench_w4_w5_runs(tar_path, seconds, server_cpu, client_cpu, ktls, crypto) or status
     return status
 
 
