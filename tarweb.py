@@ -5052,7 +5052,8 @@ class TLSContext:
 #   bits 40-63  slot generation, bumped when a slot is freed, so that a completion arriving after
 #               its slot was freed and reused is recognised and dropped
 # user_data() encodes; Server.run() decodes inline (see there), with the same names.
-OP_ACCEPT, OP_TIMER, OP_IGNORE, OP_STATX, OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER = range(8)
+OP_ACCEPT, OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX = range(5)
+OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER = range(5, 9)
 UD_INDEX_MASK = 0xFFFFFFFF
 UD_OP_SHIFT, UD_OP_MASK = 32, 0xFF
 UD_GEN_SHIFT, GEN_MASK = 40, (1 << 24) - 1
@@ -5066,7 +5067,8 @@ def user_data(op, index=0, gen=0):
 # A slot's operations: slot.ud (its index and generation) | UD_RECV, and so on.
 UD_RECV, UD_SEND, UD_SEND_LINKED, UD_LINGER = (user_data(op) for op in (
     OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER))
-UD_TIMER, UD_IGNORE, UD_STATX = user_data(OP_TIMER), user_data(OP_IGNORE), user_data(OP_STATX)
+UD_TIMER, UD_REAP, UD_IGNORE, UD_STATX = (user_data(op) for op in (
+    OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX))
 
 # What sits between a slot's socket and HTTP.
 PLAIN, HANDSHAKE, KTLS, USERTLS = range(4)
@@ -5080,6 +5082,9 @@ ACCEPT_DEPTH = 8             # accepts in flight per listener at most (a burst: 
 # A request head or handshake may lose its slot to a waiting client once it has used a quarter
 # of its time limit, and a second at least: a slow but honest client on a busy server keeps it.
 REAP_MIN_AGE, REAP_MIN_SHARE = 1.0, 0.25
+# A connection silent for this long (since its accept or its last response) may give its slot
+# up: a client's first bytes follow the TCP handshake at once, so a slower one is idle.
+REAP_IDLE_AGE = 0.1
 # accept(2) errors that belong to one client (a network error pending on its socket): try again
 ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
                 errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
@@ -5248,6 +5253,8 @@ class Server:
         self.accepted = self.requests = self.closed = self.timeouts = 0  # for the stats line
         self.handshakes = self.tls_failures = self.reaped = self.errors = 0
         self.timespec = bytearray(kernel_timespec.pack(1, 0))
+        self.reap_timespec = bytearray(kernel_timespec.pack(0, int(REAP_IDLE_AGE * 1e9)))
+        self.reap_timer_armed = False
         self.now = time.monotonic()
 
     def _check_kernel(self):
@@ -5315,6 +5322,9 @@ class Server:
                     self.contain(self.on_accept, ud & UD_INDEX_MASK, res)
                 elif op == OP_TIMER:
                     self.contain(self.tick)
+                elif op == OP_REAP:
+                    self.reap_timer_armed = False
+                    self.reap_due = bool(self.waiting)
                 elif op == OP_STATX:
                     self.contain(self.on_statx, res)
             if self.reap_due:
@@ -5813,23 +5823,32 @@ class Server:
 
     def reap(self):
         """Clients wait for a slot: close connections that are getting nowhere, as nginx does
-        with its idle ("reusable") ones. First those waiting for a request with nothing received
-        (fresh, idle keep-alive, TLS handshake not begun), nearest their deadline first (for one
-        kind of wait, the oldest); else those whose request head or TLS set-up has been
-        incomplete longest, once past REAP_MIN_AGE and REAP_MIN_SHARE. Never one whose read was
-        posted in this batch (it has had no chance to complete), nor one with bytes still going
-        out."""
+        with its idle ("reusable") ones (see reap_candidates), as many as clients wait, never one
+        with bytes still going out. If a silent one was too young, look again when it is not."""
         self.reap_due = False
+        need = len(self.waiting) - sum(1 for s in self.slots if s.fd >= 0 and s.closing)
+        candidates, young = self.reap_candidates()
+        for _, _, index in sorted(candidates):
+            if need <= 0:
+                return
+            slot = self.slots[index]
+            if unsent_bytes(slot.fd) == 0:
+                self.reaped += 1
+                self.start_close(slot)
+                need -= 1
+        if need > 0 and young and not self.reap_timer_armed:
+            self.reap_timer_armed = True
+            self.ring.prep_timeout(buffer_address(self.reap_timespec), 0, 0, UD_REAP)
+
+    def reap_candidates(self):
+        """([(rank, since, index)], whether a silent connection was too young). Rank 0: waiting
+        for a request with nothing received (fresh, idle keep-alive, TLS handshake not begun)
+        for REAP_IDLE_AGE at least, the oldest first; rank 1: a request head or TLS set-up
+        incomplete for REAP_MIN_AGE and REAP_MIN_SHARE of its timeout, the oldest first."""
         o, now = self.limits, self.now
-        need = len(self.waiting)
-        candidates = []
+        candidates, young = [], False
         for slot in self.slots:
-            if slot.fd < 0:
-                continue
-            if slot.closing:
-                need -= 1  # on its way out: its slot goes to a waiting client
-                continue
-            if slot.lingering or not slot.recv_busy:
+            if slot.fd < 0 or slot.closing or slot.lingering or not slot.recv_busy:
                 continue
             if slot.mode == HANDSHAKE:
                 limit = o.handshake_timeout
@@ -5843,17 +5862,12 @@ class Server:
             if slot.partial or slot.mode in (KTLS, USERTLS) and not slot.keep_alive:
                 if since <= now - max(REAP_MIN_AGE, REAP_MIN_SHARE * limit):
                     candidates.append((1, since, slot.index))
-            elif not slot.rlen and not slot.spill and slot.deadline < now + limit:
-                candidates.append((0, since, slot.index))
-        candidates.sort()
-        for _, _, index in candidates:
-            if need <= 0:
-                break
-            slot = self.slots[index]
-            if unsent_bytes(slot.fd) == 0:
-                self.reaped += 1
-                self.start_close(slot)
-                need -= 1
+            elif not slot.rlen and not slot.spill:
+                if since <= now - REAP_IDLE_AGE:
+                    candidates.append((0, since, slot.index))
+                else:
+                    young = True
+        return candidates, young
 
     # -- timers ------------------------------------------------------------------------------------
 
