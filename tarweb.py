@@ -67,6 +67,7 @@ import stat
 import struct
 import sys
 import tarfile
+import threading
 import time
 import traceback
 from urllib.parse import quote_from_bytes, unquote_to_bytes
@@ -3363,18 +3364,36 @@ def _lc_check(c, result, name):
     return result
 
 
+class _LcOutput(threading.local):
+    """The buffer AEAD output goes to before it is copied out, one per thread rather than one
+    per AEAD object: a connection's two 16 KiB buffers would double its memory, and ctypes
+    calls release the GIL, so threads (tests) must not share one."""
+
+    def __init__(self):
+        self.size = 0
+        self.room(_LC_RECORD_BUFFER)
+
+    def room(self, n):
+        """The buffer's address, the buffer grown first if n bytes do not fit."""
+        if n > self.size:
+            self.buffer = ctypes.create_string_buffer(n)
+            self.size, self.address = n, ctypes.addressof(self.buffer)
+        return self.address
+
+
+_LC_OUTPUT = _LcOutput()
+
+
 class _LcAEAD:
     """An AEAD on one EVP_CIPHER_CTX per direction, each keyed once: a record then sets only its
-    IV, and its output goes to a buffer the object keeps.  Subclasses set _c (the CDLL), _name,
-    _check_key and _cipher_for, and raise the pure class's exceptions."""
+    IV, and its output goes to the thread's _LC_OUTPUT buffer.  Subclasses set _c (the CDLL),
+    _name, _check_key and _cipher_for, and raise the pure class's exceptions."""
 
     def __init__(self, key):
         self._check_key(key)
         self._key = bytes(key)
         self._cipher_ptr = getattr(self._c, self._cipher_for(len(key)))()
         self._seal_ctx = self._open_ctx = None   # made on first use: a direction uses one
-        self._out = ctypes.create_string_buffer(_LC_RECORD_BUFFER)
-        self._out_addr = ctypes.addressof(self._out)
         self._len = ctypes.c_int()
         self._len_p = ctypes.pointer(self._len)
 
@@ -3392,13 +3411,6 @@ class _LcAEAD:
             _lc_check(c, 0, init.__name__)
         return ctx
 
-    def _room(self, n):
-        """The output buffer's address, the buffer grown first if n bytes do not fit."""
-        if n > len(self._out):
-            self._out = ctypes.create_string_buffer(n)
-            self._out_addr = ctypes.addressof(self._out)
-        return self._out_addr
-
     def seal(self, nonce, plaintext, aad):
         if len(nonce) != 12:
             raise ValueError(f"{self._name} nonce must be 12 bytes, got {len(nonce)}")
@@ -3406,7 +3418,7 @@ class _LcAEAD:
         if self._seal_ctx is None:
             self._seal_ctx = self._context(c.EVP_EncryptInit_ex)
         ctx, plaintext, n = self._seal_ctx, bytes(plaintext), len(plaintext)
-        out = self._room(n + 16)
+        out = _LC_OUTPUT.room(n + 16)
         ok = (c.EVP_EncryptInit_ex(ctx, None, None, None, bytes(nonce)) == 1
               and c.EVP_EncryptUpdate(ctx, None, self._len_p, bytes(aad), len(aad)) == 1
               and c.EVP_EncryptUpdate(ctx, out, self._len_p, plaintext, n) == 1
@@ -3425,7 +3437,7 @@ class _LcAEAD:
             self._open_ctx = self._context(c.EVP_DecryptInit_ex)
         ctx, data = self._open_ctx, bytes(data)
         n = len(data) - 16
-        out = self._room(n)
+        out = _LC_OUTPUT.room(n)
         ok = (c.EVP_DecryptInit_ex(ctx, None, None, None, bytes(nonce)) == 1
               and c.EVP_DecryptUpdate(ctx, None, self._len_p, bytes(aad), len(aad)) == 1
               and c.EVP_DecryptUpdate(ctx, out, self._len_p, data, n) == 1
