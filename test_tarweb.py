@@ -3225,17 +3225,26 @@ class TestSourceStyle(unittest.TestCase):
         """Single quotes only around text with a double quote in it; text is formatted with
         f-strings (bytes, which have none, may use %)."""
         tokens = list(tokenize.generate_tokens(io.StringIO(self.source).readline))
+        # Python 3.12+ splits f-strings into tokens: [FSTRING_START, whether a literal part
+        # has a double quote] of each f-string being read; strings inside one are its own.
+        fstrings = []
         bad = []
         for tok, after in zip(tokens, tokens[1:] + [None]):
-            if tok.type == tokenize.STRING:
+            if tok.type == getattr(tokenize, "FSTRING_START", None):
+                fstrings.append([tok, False])
+            elif tok.type == getattr(tokenize, "FSTRING_MIDDLE", None):
+                fstrings[-1][1] = fstrings[-1][1] or '"' in tok.string
+            elif tok.type == getattr(tokenize, "FSTRING_END", None):
+                start, double_quote_inside = fstrings.pop()
+                if start.string[-1] == "'" and not double_quote_inside:
+                    bad.append((start.start[0], "single quotes"))
+            elif tok.type == tokenize.STRING and not fstrings:
                 prefix = re.match(r"[a-zA-Z]*", tok.string).group().lower()
                 body = tok.string[len(prefix):]
                 if body[0] == "'" and '"' not in body:
                     bad.append((tok.start[0], "single quotes"))
                 if after is not None and after.string == "%" and "b" not in prefix:
                     bad.append((tok.start[0], "%-formatting"))
-            elif tok.type == getattr(tokenize, "FSTRING_START", None) and tok.string[-1] == "'":
-                bad.append((tok.start[0], "single quotes"))
         self.assertEqual(bad, [])
 
     def test_outline_numbered_in_order_and_listed_by_the_contents(self):
