@@ -1323,7 +1323,7 @@ def _x25519_check_shared(shared):
     return shared
 
 
-# === 5.2 Edwards25519 arithmetic (RFC 8032 §5.1) ==================================================
+# === 5.2 Edwards25519 arithmetic (RFC 8032 §5.1) =================================================
 # Points are extended coordinates (X, Y, Z, T) with x = X/Z, y = Y/Z, x*y = T/Z.
 
 def _ed25519_point_add(p1, p2):
@@ -1482,7 +1482,7 @@ def _ed25519_base_mult(scalar):
     return x, y, z, t
 
 
-# === 5.3 Ed25519 signatures (RFC 8032 §5.1.5-7) ===================================================
+# === 5.3 Ed25519 signatures (RFC 8032 §5.1.5-7) ==================================================
 
 class Ed25519Key:
     """An Ed25519 private key from its 32-byte seed (RFC 8032 §5.1.5)."""
@@ -1811,7 +1811,7 @@ def _ecp_decode_point(curve, data):
     return x, y
 
 
-# === 5.6 P-256 and P-384: keys and ECDH (SEC 1 §3.3.1) ============================================
+# === 5.6 P-256 and P-384: keys and ECDH (SEC 1 §3.3.1) ===========================================
 
 def ec_public_key(curve, d):
     """Uncompressed public point d * G."""
@@ -3687,7 +3687,7 @@ def libcrypto_load():
 #
 # The server offers no PSK, no session tickets, no client authentication and never accepts 0-RTT.
 
-# === 6.1 HKDF and the key schedule (RFC 5869, RFC 8446 §7) ========================================
+# === 6.1 HKDF and the key schedule (RFC 5869, RFC 8446 §7) =======================================
 
 _TLS_HASH_LEN = {"sha256": 32, "sha384": 48}
 
@@ -3821,7 +3821,7 @@ def _tls13_next_traffic_secret(hash_name, secret):
     return hkdf_expand_label(hash_name, secret, b"traffic upd", b"", _tls_hash_len(hash_name))
 
 
-# === 6.2 Messages and records (RFC 8446 §4, §5.1, §6) =============================================
+# === 6.2 Messages and records (RFC 8446 §4, §5.1, §6) ==========================================
 
 _TLS_CT_CHANGE_CIPHER_SPEC = 20
 _TLS_CT_ALERT = 21
@@ -4122,7 +4122,7 @@ class LibcryptoCrypto:
 PYTHON_CRYPTO = PythonCrypto()
 
 
-# === 6.4 Record protection and the record loop (§5.2-5.4) =========================================
+# === 6.4 Record protection and the record loop (§5.2-5.4) ========================================
 
 class _TLSRecordCipher:
     """One direction of record protection: traffic secret, AEAD key, IV and sequence number."""
@@ -4413,7 +4413,7 @@ class RecordLayer(_TLSRecordReader):
             self._key_update_requested = self._key_update_requested or message[4] == 1
 
 
-# === 6.6 ClientHello parsing (§4.1.2, §4.2) =======================================================
+# === 6.6 ClientHello parsing (§4.1.2, §4.2) =====================================================
 
 _TLS_EXTENSION_HEADER = struct.Struct(">HH")
 
@@ -4540,7 +4540,7 @@ class _TLSClientHello:
             raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "early_data extension is not empty")
 
 
-# === 6.7 Server configuration and handshake state machine (§4, Appendix A.2) ======================
+# === 6.7 Server configuration and handshake state machine (§4, Appendix A.2) =====================
 
 class TLSConfig:
     """What every connection shares: key, certificate chain (DER, leaf first), ALPN, suites,
