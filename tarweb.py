@@ -5252,7 +5252,7 @@ class Server:
         if tls is not None:
             self.rbuf_size = max(self.rbuf_size, _TLS_MAX_RECORD)  # a whole record must fit
         self._allocate(n)
-        self.tar_addr = site.archive.address
+        self.tar_addr, self.tar_fd = site.archive.address, site.archive.fd
         self.statx_buf = bytearray(STATX_BUF_SIZE)
         self.statx_busy = False
         self.listener_fds = [sock.fileno() for sock in self.listeners]
@@ -5582,7 +5582,7 @@ class Server:
         h = slot.index * HBUF_SIZE
         offset = slot.body_pos - self.tar_addr
         # pread, not the mapping: a tar truncated in place makes the mapping's end SIGBUS.
-        data = os.pread(self.site.archive.fd, body, offset)
+        data = os.pread(self.tar_fd, body, offset)
         if len(data) < body:
             self.start_close(slot)  # the tar shrank: the rest of this body is gone
             return
@@ -5922,7 +5922,9 @@ class Server:
         if self.statx_busy or self.site.stale:
             return
         self.statx_busy = True
-        self.ring.prep_statx(self.site.archive.fd, bytes_address(b""), AT_EMPTY_PATH,
+        # The path is "" (a bytes object's buffer always ends in a NUL): with AT_EMPTY_PATH,
+        # statx describes the descriptor itself, the file we mapped, whatever the path is now.
+        self.ring.prep_statx(self.tar_fd, bytes_address(b""), AT_EMPTY_PATH,
                              STATX_SIZE | STATX_MTIME, buffer_address(self.statx_buf), UD_STATX)
 
     def on_statx(self, res):
@@ -6044,7 +6046,7 @@ def emit(stream, line):
 
 
 class Log:
-    """Diagnostics on stderr; -q silences warnings, -v adds info lines."""
+    """Diagnostics on stderr; -q silences warnings (and start-up notes), -v adds info lines."""
 
     def __init__(self, level):
         self.level = level
@@ -6054,11 +6056,6 @@ class Log:
         emit(sys.stderr, f"tarweb.py: {msg}")
 
     def warn(self, msg):
-        if self.level >= 0:
-            self.write(msg)
-
-    def notice(self, msg):
-        """A line worth seeing at every start (not a problem): -q silences it."""
         if self.level >= 0:
             self.write(msg)
 
@@ -6328,7 +6325,7 @@ def serve(opts, log):
     signal.signal(signal.SIGUSR1, lambda *_: server.request_stats())
     release_startup_memory()
     if tls:   # after every start-up error, so that a failed start prints only its error
-        log.notice(f"crypto: {tls.config.crypto.description}")
+        log.warn(f"crypto: {tls.config.crypto.description}")  # a note, not a problem
     urls = " ".join(listener_url(sock, is_tls) for sock, is_tls in listeners)
     emit(sys.stdout, f"tarweb.py {__version__}: serving {opts.tar} on {urls}")
     log.info(f"{len(archive.files)} files, {limits.max_connections} slots, io_uring setup "

@@ -1897,10 +1897,6 @@ class TestHugeNumbers(ServerCase):
                     self.assertEqual(r.body, body)
 
 
-def _dir_members(names):
-    return [(name, "dir", None) for name in names] + [("ok.txt", "file", b"ok\n")]
-
-
 class TestHeaderInjection(unittest.TestCase):
     """No archive or request bytes reach a response header raw (options: TestOptionInjection).
     301 redirects for directories whose names carry CR, LF, backslashes and other bytes:
@@ -1918,7 +1914,8 @@ class TestHeaderInjection(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         tar = work_file("location", "site.tar")
-        build_tar(tar, _dir_members([name for name, _, _ in cls.DIRS]))
+        build_tar(tar, [(name, "dir", None) for name, _, _ in cls.DIRS]
+                  + [("ok.txt", "file", b"ok\n")])
         cls.srv = ServerProc(tar)
 
     @classmethod
