@@ -21,10 +21,11 @@ test:
 # The TLS and HTTPS test classes, once per crypto backend (tarweb.py --crypto, section 6.3).
 CRYPTO_BACKENDS ?= python libcrypto
 TLS_TESTS ?= TestRFC8448KeySchedule TestMiniHandshake TestTLSServerErrors TestHelloRetryRequest \
-	TestTLSServerReceive TestRecordLayerErrors TestSharedRecordLoop TestPythonSSLClient \
-	TestOpenSSLClient TestHTTPSPythonSSL TestHTTPSOpenSSL TestHTTPSCertTypes \
-	TestHTTPSSelfSignedOption TestHTTPS TestUserspaceRecordBuffer TestHTTPSFewSlots TestHostileTLS \
-	TestHandshakeDeadline TestPlainAndTLS TestTLSStartupErrors TestKTLS
+	TestTLSServerReceive TestRecordLayerErrors TestRecordLayerInPlace TestSharedRecordLoop \
+	TestPythonSSLClient TestOpenSSLClient TestHTTPSPythonSSL TestHTTPSOpenSSL TestHTTPSCertTypes \
+	TestHTTPSSelfSignedOption TestHTTPS TestUserspaceSendAreas TestUserspaceRecordBuffer \
+	TestHTTPSFewSlots TestHostileTLS TestHandshakeDeadline TestPlainAndTLS TestTLSStartupErrors \
+	TestKTLS
 test-tls:
 	set -e; for crypto in $(CRYPTO_BACKENDS); do \
 	    echo "== TLS tests with TARWEB_TEST_CRYPTO=$$crypto"; \

@@ -1929,7 +1929,10 @@ class ECDSAKey:
         _ecp_check_scalar(curve, d)
         self.curve = curve
         self._d = d
-        self.public = ec_public_key(curve, d)
+        # d * G by the variable-base multiplication, not ec_public_key: that builds the base
+        # table (~100 ms and ~2.5 MiB for P-256), which only pure-Python signing needs.
+        x, y = _ecp_to_affine(*_ecp_mul_point(curve, d, curve.gx, curve.gy), curve.p)
+        self.public = _ecp_encode_point(curve, x, y)
 
     def sign(self, msg):
         """DER-encoded ECDSA signature of hash(msg) (FIPS 186-4 section 6.4)."""
@@ -2000,6 +2003,22 @@ def ecdsa_verify(curve, pub, msg, der_sig):
 
 class AEADError(ValueError):
     """Authentication failed, or the sealed data / nonce has a bad length."""
+
+
+class _AEADInPlace:
+    """seal_in_place and open_in_place, through seal and open: the record layer seals and opens
+    records where they lie in a connection's buffers (section 6.5).  The pure ciphers copy
+    anyway; libcrypto's (section 5.18) work on the buffer itself, through its address."""
+
+    def seal_in_place(self, nonce, aad, view, address, n):
+        """Encrypt view[:n] in place and write the 16-byte tag behind it.  address is that of
+        view[0], for the backends that take pointers."""
+        view[:n + 16] = self.seal(nonce, view[:n], aad)
+
+    def open_in_place(self, nonce, aad, view, address, n):
+        """Decrypt view[:n] in place if the tag in view[n:n + 16] is right, else AEADError
+        (view may then hold unauthenticated bytes: the caller drops them)."""
+        view[:n] = self.open(nonce, view[:n + 16], aad)
 
 
 def _aead_xor(data, keystream):
@@ -2258,7 +2277,7 @@ def _aead_pad16(data):
     return b"\x00" * (-len(data) % 16)
 
 
-class AESGCM:
+class AESGCM(_AEADInPlace):
     """AES-128-GCM / AES-256-GCM with 12-byte nonces and 16-byte tags."""
 
     def __init__(self, key):
@@ -2549,7 +2568,7 @@ def _poly1305_quads(msg, end, r):
     return acc
 
 
-class ChaCha20Poly1305:
+class ChaCha20Poly1305(_AEADInPlace):
     """RFC 8439 AEAD_CHACHA20_POLY1305 with 12-byte nonces."""
 
     def __init__(self, key):
@@ -3249,7 +3268,9 @@ class LibcryptoUnavailable(Exception):
 
 _LC_P, _LC_INT, _LC_SIZE = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
 _LC_SIZE_P = ctypes.POINTER(ctypes.c_size_t)
-_LC_FUNCTIONS = {  # name -> (restype, argtypes); every pointer is a c_void_p
+# name -> (restype, argtypes).  Pointers are c_void_p, the AEAD calls' int * included: a plain
+# int address converts faster than a POINTER(c_int) object, which calls made per record feel.
+_LC_FUNCTIONS = {
     "OpenSSL_version_num": (ctypes.c_ulong, []),
     "OpenSSL_version": (ctypes.c_char_p, [_LC_INT]),
     "ERR_clear_error": (None, []),
@@ -3264,10 +3285,10 @@ _LC_FUNCTIONS = {  # name -> (restype, argtypes); every pointer is a c_void_p
     "EVP_CIPHER_CTX_ctrl": (_LC_INT, [_LC_P, _LC_INT, _LC_INT, _LC_P]),
     "EVP_EncryptInit_ex": (_LC_INT, [_LC_P, _LC_P, _LC_P, _LC_P, _LC_P]),
     "EVP_DecryptInit_ex": (_LC_INT, [_LC_P, _LC_P, _LC_P, _LC_P, _LC_P]),
-    "EVP_EncryptUpdate": (_LC_INT, [_LC_P, _LC_P, ctypes.POINTER(_LC_INT), _LC_P, _LC_INT]),
-    "EVP_DecryptUpdate": (_LC_INT, [_LC_P, _LC_P, ctypes.POINTER(_LC_INT), _LC_P, _LC_INT]),
-    "EVP_EncryptFinal_ex": (_LC_INT, [_LC_P, _LC_P, ctypes.POINTER(_LC_INT)]),
-    "EVP_DecryptFinal_ex": (_LC_INT, [_LC_P, _LC_P, ctypes.POINTER(_LC_INT)]),
+    "EVP_EncryptUpdate": (_LC_INT, [_LC_P, _LC_P, _LC_P, _LC_P, _LC_INT]),
+    "EVP_DecryptUpdate": (_LC_INT, [_LC_P, _LC_P, _LC_P, _LC_P, _LC_INT]),
+    "EVP_EncryptFinal_ex": (_LC_INT, [_LC_P, _LC_P, _LC_P]),
+    "EVP_DecryptFinal_ex": (_LC_INT, [_LC_P, _LC_P, _LC_P]),
     "EVP_PKEY_new_raw_private_key": (_LC_P, [_LC_INT, _LC_P, _LC_P, _LC_SIZE]),
     "EVP_PKEY_new_raw_public_key": (_LC_P, [_LC_INT, _LC_P, _LC_P, _LC_SIZE]),
     "EVP_PKEY_get_raw_public_key": (_LC_INT, [_LC_P, _LC_P, _LC_SIZE_P]),
@@ -3386,16 +3407,17 @@ _LC_OUTPUT = _LcOutput()
 
 class _LcAEAD:
     """An AEAD on one EVP_CIPHER_CTX per direction, each keyed once: a record then sets only its
-    IV, and its output goes to the thread's _LC_OUTPUT buffer.  Subclasses set _c (the CDLL),
-    _name, _check_key and _cipher_for, and raise the pure class's exceptions."""
+    IV.  The in-place calls work on the caller's buffer; seal and open copy through the
+    thread's _LC_OUTPUT buffer.  Subclasses set _c (the CDLL), _name, _check_key and
+    _cipher_for, and raise the pure class's exceptions."""
 
     def __init__(self, key):
         self._check_key(key)
         self._key = bytes(key)
         self._cipher_ptr = getattr(self._c, self._cipher_for(len(key)))()
         self._seal_ctx = self._open_ctx = None   # made on first use: a direction uses one
-        self._len = ctypes.c_int()
-        self._len_p = ctypes.pointer(self._len)
+        self._len = ctypes.c_int()   # where EVP_*Update and *Final write a length we ignore
+        self._len_addr = ctypes.addressof(self._len)
 
     def __del__(self):
         for ctx in (getattr(self, "_seal_ctx", None), getattr(self, "_open_ctx", None)):
@@ -3411,42 +3433,53 @@ class _LcAEAD:
             _lc_check(c, 0, init.__name__)
         return ctx
 
-    def seal(self, nonce, plaintext, aad):
+    def seal_in_place(self, nonce, aad, view, address, n):
+        """As _AEADInPlace.seal_in_place: view is not touched, only its address."""
         if len(nonce) != 12:
             raise ValueError(f"{self._name} nonce must be 12 bytes, got {len(nonce)}")
         c = self._c
         if self._seal_ctx is None:
             self._seal_ctx = self._context(c.EVP_EncryptInit_ex)
-        ctx, plaintext, n = self._seal_ctx, bytes(plaintext), len(plaintext)
-        out = _LC_OUTPUT.room(n + 16)
+        ctx, length, aad = self._seal_ctx, self._len_addr, bytes(aad)
         ok = (c.EVP_EncryptInit_ex(ctx, None, None, None, bytes(nonce)) == 1
-              and c.EVP_EncryptUpdate(ctx, None, self._len_p, bytes(aad), len(aad)) == 1
-              and c.EVP_EncryptUpdate(ctx, out, self._len_p, plaintext, n) == 1
-              and c.EVP_EncryptFinal_ex(ctx, out + n, self._len_p) == 1
-              and c.EVP_CIPHER_CTX_ctrl(ctx, _LC_EVP_CTRL_AEAD_GET_TAG, 16, out + n) == 1)
+              and c.EVP_EncryptUpdate(ctx, None, length, aad, len(aad)) == 1
+              and c.EVP_EncryptUpdate(ctx, address, length, address, n) == 1
+              and c.EVP_EncryptFinal_ex(ctx, address + n, length) == 1
+              and c.EVP_CIPHER_CTX_ctrl(ctx, _LC_EVP_CTRL_AEAD_GET_TAG, 16, address + n) == 1)
         _lc_check(c, ok, f"{self._name} seal")
-        return ctypes.string_at(out, n + 16)
 
-    def open(self, nonce, data, aad):
+    def open_in_place(self, nonce, aad, view, address, n):
+        """As _AEADInPlace.open_in_place: view is not touched, only its address."""
         if len(nonce) != 12:
             raise AEADError(f"{self._name} nonce must be 12 bytes, got {len(nonce)}")
-        if len(data) < 16:
-            raise AEADError(f"{self._name} input shorter than the tag")
         c = self._c
         if self._open_ctx is None:
             self._open_ctx = self._context(c.EVP_DecryptInit_ex)
-        ctx, data = self._open_ctx, bytes(data)
-        n = len(data) - 16
-        out = _LC_OUTPUT.room(n)
+        ctx, length, aad = self._open_ctx, self._len_addr, bytes(aad)
         ok = (c.EVP_DecryptInit_ex(ctx, None, None, None, bytes(nonce)) == 1
-              and c.EVP_DecryptUpdate(ctx, None, self._len_p, bytes(aad), len(aad)) == 1
-              and c.EVP_DecryptUpdate(ctx, out, self._len_p, data, n) == 1
-              and c.EVP_CIPHER_CTX_ctrl(ctx, _LC_EVP_CTRL_AEAD_SET_TAG, 16, data[n:]) == 1)
+              and c.EVP_DecryptUpdate(ctx, None, length, aad, len(aad)) == 1
+              and c.EVP_DecryptUpdate(ctx, address, length, address, n) == 1
+              and c.EVP_CIPHER_CTX_ctrl(ctx, _LC_EVP_CTRL_AEAD_SET_TAG, 16, address + n) == 1)
         _lc_check(c, ok, f"{self._name} open")
-        # Final is where the tag is checked; nothing decrypted leaves before it passes.
-        if c.EVP_DecryptFinal_ex(ctx, out + n, self._len_p) != 1:
+        # Final checks the tag: until it passes, the decrypted bytes must not be used.
+        if c.EVP_DecryptFinal_ex(ctx, address + n, length) != 1:
             c.ERR_clear_error()
             raise AEADError(f"{self._name} authentication failed")
+
+    def seal(self, nonce, plaintext, aad):
+        n = len(plaintext)
+        out = _LC_OUTPUT.room(n + 16)
+        ctypes.memmove(out, bytes(plaintext), n)
+        self.seal_in_place(nonce, aad, None, out, n)
+        return ctypes.string_at(out, n + 16)
+
+    def open(self, nonce, data, aad):
+        if len(data) < 16:
+            raise AEADError(f"{self._name} input shorter than the tag")
+        n = len(data) - 16
+        out = _LC_OUTPUT.room(n + 16)
+        ctypes.memmove(out, bytes(data), n + 16)
+        self.open_in_place(nonce, aad, None, out, n)
         return ctypes.string_at(out, n)
 
 
@@ -3904,6 +3937,9 @@ _TLS_MAX_INNER_PLAINTEXT = (1 << 14) + 1     # content + inner content type, §5
 _TLS_MAX_CIPHERTEXT = (1 << 14) + 256        # §5.2
 _TLS_MAX_RECORD = _TLS_RECORD_HEADER_LEN + _TLS_MAX_CIPHERTEXT   # a whole record, header included
 _TLS_AEAD_TAG_LEN = 16                       # all three suites
+_TLS_RECORD_OVERHEAD = _TLS_RECORD_HEADER_LEN + 1 + _TLS_AEAD_TAG_LEN   # header, type, tag
+_TLS_RECORD_HEADER = struct.Struct(">BHH")
+_TLS_CLOSE_NOTIFY_ROOM = _TLS_RECORD_OVERHEAD + 2                     # a sealed close_notify
 # Largest handshake message we buffer. Real ClientHellos are a few KB even with post-quantum
 # key shares; this bounds memory per connection.
 _TLS_MAX_HANDSHAKE_MESSAGE = 1 << 16
@@ -4020,7 +4056,7 @@ def _tls_plaintext_records(content_type, data):
     records = []
     for start in range(0, len(data), _TLS_MAX_PLAINTEXT):
         fragment = data[start:start + _TLS_MAX_PLAINTEXT]
-        header = struct.pack(">BHH", content_type, _TLS_LEGACY_VERSION, len(fragment))
+        header = _TLS_RECORD_HEADER.pack(content_type, _TLS_LEGACY_VERSION, len(fragment))
         records.append(header + fragment)
     return b"".join(records)
 
@@ -4030,28 +4066,36 @@ def _tls_alert_name(code):
     return f"{name}({code})"
 
 
-def _tls_next_record(buf, pos):
-    """The complete record at buf[pos:] as (type, header, body, next_pos), or None if incomplete.
+def _tls_record_at(buf, pos, end):
+    """The complete record at buf[pos:end] as (type, body start, body end), or None if
+    incomplete.
 
     The content type is checked as soon as its byte is there, so that a non-TLS peer (say a
     plain-HTTP request on the TLS port) is rejected without waiting for more bytes.
     """
-    available = len(buf) - pos
-    if available < 1:
+    if end - pos < 1:
         return None
     content_type = buf[pos]
     if not _TLS_CT_CHANGE_CIPHER_SPEC <= content_type <= _TLS_CT_APPLICATION_DATA:
         raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
                         f"not a TLS record (content type {content_type})")
-    if available < _TLS_RECORD_HEADER_LEN:
+    if end - pos < _TLS_RECORD_HEADER_LEN:
         return None
     length = (buf[pos + 3] << 8) | buf[pos + 4]
     if length > _TLS_MAX_CIPHERTEXT:
         raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, f"record of {length} bytes")
     start = pos + _TLS_RECORD_HEADER_LEN
-    end = start + length
-    if len(buf) < end:
+    if end < start + length:
         return None
+    return content_type, start, start + length
+
+
+def _tls_next_record(buf, pos):
+    """The complete record at buf[pos:] as (type, header, body, next_pos), or None."""
+    record = _tls_record_at(buf, pos, len(buf))
+    if record is None:
+        return None
+    content_type, start, end = record
     return content_type, bytes(buf[pos:start]), bytes(buf[start:end]), end
 
 
@@ -4160,8 +4204,8 @@ class _TLSRecordCipher:
         """One TLSCiphertext record: content (any bytes-like object) plus its inner type, no
         padding."""
         inner = b"".join((content, bytes([content_type])))
-        header = struct.pack(">BHH", _TLS_CT_APPLICATION_DATA, _TLS_LEGACY_VERSION,
-                             len(inner) + _TLS_AEAD_TAG_LEN)
+        header = _TLS_RECORD_HEADER.pack(_TLS_CT_APPLICATION_DATA, _TLS_LEGACY_VERSION,
+                                         len(inner) + _TLS_AEAD_TAG_LEN)
         record = header + self._cipher().seal(self._nonce(), inner, header)
         self.seq += 1
         return record
@@ -4191,13 +4235,53 @@ class _TLSRecordCipher:
         """(content type, content) of a protected record; AEADError (seq unchanged) if it fails."""
         inner = self._cipher().open(self._nonce(), body, header)
         self.seq += 1
-        if len(inner) > _TLS_MAX_INNER_PLAINTEXT:
-            raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, f"inner plaintext of {len(inner)} bytes")
+        content_type, n = _tls_inner_content(inner, 0, len(inner))
+        return content_type, inner[:n]
+
+    def seal_in_place(self, content_type, view, address, pos, n):
+        """seal() for content already in a buffer: view[pos + 5:pos + 5 + n], with 5 bytes of
+        room before it for the header and _TLS_RECORD_OVERHEAD - 5 after it for the content
+        type and tag (address is view's).  Returns the end of the record."""
+        body = pos + _TLS_RECORD_HEADER_LEN
+        header = _TLS_RECORD_HEADER.pack(_TLS_CT_APPLICATION_DATA, _TLS_LEGACY_VERSION,
+                                         n + 1 + _TLS_AEAD_TAG_LEN)
+        view[pos:body] = header
+        view[body + n] = content_type
+        self._cipher().seal_in_place(self._nonce(), header, view[body:], address + body, n + 1)
+        self.seq += 1
+        return body + n + 1 + _TLS_AEAD_TAG_LEN
+
+    def open_in_place(self, view, address, pos, end):
+        """open() for the record at view[pos:end], decrypted where it lies: (content type,
+        content length), the content at view[pos + 5:]."""
+        body = pos + _TLS_RECORD_HEADER_LEN
+        n = end - body - _TLS_AEAD_TAG_LEN
+        if n < 0:
+            raise AEADError("record shorter than its tag")
+        self._cipher().open_in_place(self._nonce(), view[pos:body], view[body:end],
+                                     address + body, n)
+        self.seq += 1
+        return _tls_inner_content(view, body, n)
+
+
+def _tls_inner_content(buf, start, n):
+    """(content type, content length) of the TLSInnerPlaintext in buf[start:start + n]."""
+    if n > _TLS_MAX_INNER_PLAINTEXT:
+        raise _TLSFatal(_TLS_ALERT_RECORD_OVERFLOW, f"inner plaintext of {n} bytes")
+    if n and buf[start + n - 1] == 0:
         # §5.4: the real content type is the last non-zero byte; zeros after it are padding.
-        unpadded = inner.rstrip(b"\x00")
-        if not unpadded:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "record without a content type")
-        return unpadded[-1], unpadded[:-1]
+        n = len(bytes(buf[start:start + n]).rstrip(b"\x00"))
+    if not n:
+        raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "record without a content type")
+    return buf[start + n - 1], n - 1
+
+
+def _tls_record_layout(pos, n):
+    """(position, content length) of the records that carry n bytes of content, laid out one
+    after another from pos for RecordLayer.seal_in_place."""
+    step = _TLS_MAX_PLAINTEXT + _TLS_RECORD_OVERHEAD
+    return [(pos + i // _TLS_MAX_PLAINTEXT * step, min(_TLS_MAX_PLAINTEXT, n - i))
+            for i in range(0, n, _TLS_MAX_PLAINTEXT)]
 
 
 def _tls_record_lengths(n):
@@ -4261,11 +4345,16 @@ class _TLSRecordReader:
                     break
                 content_type, header, body, pos = record
                 self._on_record(content_type, header, body, sink)
-        except _TLSFatal as exc:
-            self._fail(exc.alert, exc.message, sink)
-        except Exception as exc:   # a bug or a primitive failing: never a traceback to the peer
-            self._fail(_TLS_ALERT_INTERNAL_ERROR, f"internal error: {exc!r}", sink)
+        except Exception as exc:
+            self._stop_on(exc, sink)
         del self._inbuf[:pos]
+
+    def _stop_on(self, exc, sink):
+        """_fail with the alert a record loop's exception calls for."""
+        if isinstance(exc, _TLSFatal):
+            self._fail(exc.alert, exc.message, sink)
+        else:   # a bug or a primitive failing: never a traceback to the peer
+            self._fail(_TLS_ALERT_INTERNAL_ERROR, f"internal error: {exc!r}", sink)
 
 
 # === 6.5 Userspace record layer for application data ==============================================
@@ -4330,6 +4419,23 @@ class RecordLayer(_TLSRecordReader):
             self.close_notify_sealed = True
         return self._tx.seal_records(_TLS_CT_APPLICATION_DATA, app_data, then)
 
+    def seal_in_place(self, view, address, records, close=False):
+        """seal() for application data laid out in a buffer (address is view's): records lists
+        (position, length) of each record's content, which starts 5 bytes after the position,
+        with _TLS_RECORD_OVERHEAD bytes of room around it (see _tls_record_layout).  close=True
+        puts our close_notify behind the last record; it needs _TLS_CLOSE_NOTIFY_ROOM bytes.
+        Returns where the sealed bytes end."""
+        end = records[0][0] if records else 0
+        for pos, n in records:
+            end = self._tx.seal_in_place(_TLS_CT_APPLICATION_DATA, view, address, pos, n)
+        if close and not self.close_notify_sealed:
+            self.close_notify_sealed = True
+            n = len(_TLS_CLOSE_NOTIFY_BODY)
+            view[end + _TLS_RECORD_HEADER_LEN:end + _TLS_RECORD_HEADER_LEN + n] = \
+                _TLS_CLOSE_NOTIFY_BODY
+            end = self._tx.seal_in_place(_TLS_CT_ALERT, view, address, end, n)
+        return end
+
     def close_notify(self):
         """Our close_notify record, or b"" if it has been sealed already: it ends our side of
         the connection, so it goes out once."""
@@ -4343,6 +4449,12 @@ class RecordLayer(_TLSRecordReader):
             return b"", [], b""   # §6.1: data after a closure alert is ignored
         plaintext, events, to_send = sink = [], [], []
         self._read_records(data, sink)
+        if not self._reading():
+            self._inbuf.clear()   # nothing more is read, so nothing is kept either
+        return b"".join(plaintext), events, self._answer_key_update(to_send)
+
+    def _answer_key_update(self, to_send):
+        """to_send joined, with our KeyUpdate behind it if the peer asked for one."""
         if self._key_update_requested and not self.failed:
             # §4.6.3: answer with update_not_requested under the old key, then switch. One answer
             # covers every request in this batch, so a flood of requests gets few replies.
@@ -4350,9 +4462,47 @@ class RecordLayer(_TLSRecordReader):
             to_send.append(self._tx.seal(_TLS_CT_HANDSHAKE,
                                          _tls_handshake_message(_TLS_HS_KEY_UPDATE, b"\x00")))
             self._tx = self._tx.next_generation()
+        return b"".join(to_send)
+
+    def buffered(self):
+        """True while part of a record is held here: open_in_place cannot be used then."""
+        return bool(self._inbuf)
+
+    def open_in_place(self, view, address, start, end):
+        """open() for received bytes that lie in a buffer (address is view's), when nothing is
+        buffered(): each whole record in view[start:end] is decrypted where it lies, and its
+        application data moved down to follow the previous record's, from start on.  Returns
+        (end of the plaintext, events, to_send).  A record left incomplete at the end is kept
+        here, as open() keeps it, and the bytes that complete it go to open()."""
+        write = pos = start
         if not self._reading():
-            self._inbuf.clear()   # nothing more is read, so nothing is kept either
-        return b"".join(plaintext), events, b"".join(to_send)
+            return write, [], b""
+        sink = [], [], []
+        try:
+            while self._reading():
+                record = _tls_record_at(view, pos, end)
+                if record is None:
+                    break
+                content_type, body, next_pos = record
+                self._check_protected(content_type)
+                inner_type, n = self._open_in_place(view, address, pos, next_pos)
+                if inner_type == _TLS_CT_APPLICATION_DATA and not self._handshake.pending():
+                    view[write:write + n] = view[body:body + n]
+                    write += n
+                else:
+                    self._on_content(inner_type, bytes(view[body:body + n]), sink)
+                pos = next_pos
+        except Exception as exc:
+            self._stop_on(exc, sink)
+        if self._reading():
+            self._inbuf += view[pos:end]
+        return write, sink[1], self._answer_key_update(sink[2])
+
+    def _open_in_place(self, view, address, pos, end):
+        try:
+            return self._rx.open_in_place(view, address, pos, end)
+        except AEADError:
+            raise _TLSFatal(_TLS_ALERT_BAD_RECORD_MAC, "record failed to decrypt")
 
     def _reading(self):
         return not (self.closed or self.failed)
@@ -4365,14 +4515,21 @@ class RecordLayer(_TLSRecordReader):
         to_send.append(self._tx.seal(_TLS_CT_ALERT, bytes([_TLS_ALERT_FATAL, alert])))
 
     def _on_record(self, content_type, header, body, sink):
-        plaintext, events, _ = sink
-        if content_type != _TLS_CT_APPLICATION_DATA:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            f"unprotected record of type {content_type} after the handshake")
+        self._check_protected(content_type)
         try:
             inner_type, content = self._rx.open(header, body)
         except AEADError:
             raise _TLSFatal(_TLS_ALERT_BAD_RECORD_MAC, "record failed to decrypt")
+        self._on_content(inner_type, content, sink)
+
+    @staticmethod
+    def _check_protected(content_type):
+        if content_type != _TLS_CT_APPLICATION_DATA:
+            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
+                            f"unprotected record of type {content_type} after the handshake")
+
+    def _on_content(self, inner_type, content, sink):
+        plaintext, events, _ = sink
         if inner_type == _TLS_CT_HANDSHAKE:
             self._handshake.add(content)
             self._post_handshake_messages()
@@ -5090,7 +5247,17 @@ UD_TIMER, UD_REAP, UD_IGNORE, UD_STATX = (user_data(op) for op in (
 PLAIN, HANDSHAKE, KTLS, USERTLS = range(4)
 
 SEND_CHUNK = 256 * 1024      # a body goes out in pieces this big, so slow readers show progress
-USERTLS_CHUNK = 64 * 1024    # sealing in pure Python blocks the loop: smaller pieces
+# Userspace TLS seals records in place in a send area (see tx_area): every slot has one for a
+# record; a response longer than that borrows one of a few bulk areas, if one is free, and goes
+# out USERTLS_CHUNK at a time (sealing in pure Python blocks the loop: not more). Each area has
+# room for the KeyUpdate answers owed before its records, and for a close_notify behind them.
+USERTLS_CHUNK = 64 * 1024
+TX_OWED_ROOM = 512
+TX_RECORD = _TLS_MAX_PLAINTEXT + _TLS_RECORD_OVERHEAD
+TX_AREA = TX_OWED_ROOM + TX_RECORD + _TLS_CLOSE_NOTIFY_ROOM
+TX_BULK_RECORDS = USERTLS_CHUNK // _TLS_MAX_PLAINTEXT
+TX_BULK_AREA = TX_OWED_ROOM + TX_BULK_RECORDS * TX_RECORD + _TLS_CLOSE_NOTIFY_ROOM
+TX_BULK_AREAS = 32
 LINGER_TIMEOUT = 2.0         # how long a closing connection may keep sending us bytes
 RBUF_EXTRA = 4096            # read buffer room beyond the largest allowed request head
 HBUF_SIZE = 12 * 1024        # response head buffer: fits a 301 with an 8 KiB Location
@@ -5184,6 +5351,8 @@ class Slot:
         # TLS
         "tls",          # TLSServer during the handshake, then the userspace record layer
         "pending_out",  # TLS bytes owed to the client, sent before the next record
+        "tx_base",      # offset of the slot's send area in Server.tbuf (userspace TLS)
+        "bulk",         # offset of the bulk send area it borrowed, or None
         "spill",        # decrypted bytes that did not fit the read buffer yet
         # Timers and closing
         "deadline",     # monotonic time at which on_timer closes the connection
@@ -5194,6 +5363,7 @@ class Slot:
     def __init__(self, index):
         self.index, self.gen, self.fd = index, 0, -1
         self.peer = "-"
+        self.tx_base, self.bulk = 0, None
 
 
 class Limits:
@@ -5306,6 +5476,13 @@ class Server:
             self.slots.append(s)
         self.free = list(reversed(self.slots))
         self.active = 0
+        self.rview, self.rbuf_addr = memoryview(self.rbuf), raddr
+        if self.tls is not None:
+            self.tbuf = mmap.mmap(-1, n * TX_AREA + TX_BULK_AREAS * TX_BULK_AREA)
+            self.tview, self.tbuf_addr = memoryview(self.tbuf), buffer_address(self.tbuf)
+            for s in self.slots:
+                s.tx_base = s.index * TX_AREA
+            self.bulk_free = [n * TX_AREA + i * TX_BULK_AREA for i in range(TX_BULK_AREAS)]
         self.close_notify = ktls_close_notify_msg()
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -5577,27 +5754,52 @@ class Server:
             self.submit_send(slot, slot.haddr, head_len, body_addr, body, False)
 
     def send_next_sealed(self, slot, head_len):
-        """Userspace TLS: copy the head and a piece of the body into records we encrypt."""
-        body = min(slot.body_end - slot.body_pos, USERTLS_CHUNK)
+        """Userspace TLS: the head and the next piece of the body as records sealed in place in
+        a send area, the body read into them from the tar."""
+        start, room = self.tx_area(slot, head_len)
+        view, pos = self.tview, start
+        owed = slot.pending_out   # a KeyUpdate answer, sealed before these records
+        view[pos:pos + len(owed)] = owed
+        slot.pending_out = b""
+        body = min(slot.body_end - slot.body_pos, room * _TLS_MAX_PLAINTEXT - head_len)
+        records = _tls_record_layout(pos + len(owed), head_len + body)
+        first = records[0][0] + _TLS_RECORD_HEADER_LEN
         h = slot.index * HBUF_SIZE
-        offset = slot.body_pos - self.tar_addr
+        view[first:first + head_len] = self.hbuf[h:h + head_len]
+        pieces = [view[p + _TLS_RECORD_HEADER_LEN:p + _TLS_RECORD_HEADER_LEN + n]
+                  for p, n in records]
+        pieces[0] = pieces[0][head_len:]
         # pread, not the mapping: a tar truncated in place makes the mapping's end SIGBUS.
-        data = os.pread(self.tar_fd, body, offset)
-        if len(data) < body:
+        if os.preadv(self.tar_fd, pieces, slot.body_pos - self.tar_addr) < body:
             self.start_close(slot)  # the tar shrank: the rest of this body is gone
             return
-        plain = self.hbuf[h:h + head_len] + data
         slot.body_pos += body
         slot.deadline = self.now + self.limits.idle_timeout
         # The last piece of a connection's last response carries our close_notify too (one
-        # pass of the cipher, one send); linger() then has nothing more to seal.
+        # send); linger() then has nothing more to seal.
         last = slot.body_pos == slot.body_end
-        data = slot.pending_out + slot.tls.seal(plain, close=last and not slot.keep_alive)
-        slot.pending_out = b""
-        linked = last and slot.keep_alive and slot.rlen == 0 and not slot.spill
-        self.send_bytes(slot, data, linked)
+        end = slot.tls.seal_in_place(view, self.tbuf_addr, records,
+                                     close=last and not slot.keep_alive)
+        linked = last and slot.keep_alive and slot.rlen == 0 and slot.bulk is None
+        self.submit_send(slot, self.tbuf_addr + start, end - start, 0, 0, linked)
         if linked:
             self.post_recv(slot)
+
+    def tx_area(self, slot, head_len):
+        """(offset in tbuf, records it holds) of the area the next records are sealed in: the
+        slot's own, or a bulk one it borrows for a response longer than a record (given back
+        by release_bulk once the response is sent)."""
+        if slot.bulk is None and self.bulk_free and \
+                head_len + slot.body_end - slot.body_pos > _TLS_MAX_PLAINTEXT:
+            slot.bulk = self.bulk_free.pop()
+        if slot.bulk is None:
+            return slot.tx_base, 1
+        return slot.bulk, TX_BULK_RECORDS
+
+    def release_bulk(self, slot):
+        if slot.bulk is not None:
+            self.bulk_free.append(slot.bulk)
+            slot.bulk = None
 
     def submit_send(self, slot, head_addr, head_len, body_addr, body_len, linked):
         """SENDMSG of two iovecs (head, body). A linked send completes silently on success and
@@ -5647,7 +5849,13 @@ class Server:
             self.resume_send(slot, res)
         elif slot.body_pos < slot.body_end:
             self.send_next(slot)
-        elif not slot.keep_alive:
+        else:
+            self.response_sent(slot)
+
+    def response_sent(self, slot):
+        """The last byte of a response is with the kernel: linger, or on to the next request."""
+        self.release_bulk(slot)
+        if not slot.keep_alive:
             self.linger(slot)
         elif slot.rlen:
             self.process(slot)  # a pipelined request is already waiting
@@ -5751,8 +5959,14 @@ class Server:
             self.linger(slot)
 
     def on_usertls_recv(self, slot, res):
-        pos = slot.rbase + slot.rlen
-        plain, events, to_send = slot.tls.open(self.rbuf[pos:pos + res])
+        tls, pos = slot.tls, slot.rbase + slot.rlen
+        if tls.buffered():   # these bytes complete a record begun earlier: open() copies
+            plain, events, to_send = tls.open(self.rbuf[pos:pos + res])
+            slot.spill += plain
+            self.take_plaintext(slot)
+        else:   # whole records (the usual case) are decrypted where they lie
+            end, events, to_send = tls.open_in_place(self.rview, self.rbuf_addr, pos, pos + res)
+            slot.rlen = end - slot.rbase
         slot.pending_out += to_send
         if events:
             # close_notify gets ours back; a fatal alert or a record we rejected (our alert is
@@ -5764,8 +5978,9 @@ class Server:
             else:
                 self.start_close(slot)
             return
-        slot.spill += plain
-        self.take_plaintext(slot)
+        if len(slot.pending_out) > TX_OWED_ROOM:
+            self.start_close(slot)   # KeyUpdate requests pile up, and no request reads them
+            return
         self.process(slot)
 
     def take_plaintext(self, slot):
@@ -5827,6 +6042,7 @@ class Server:
         slot.fd = -1
         slot.gen = (slot.gen + 1) & GEN_MASK
         slot.out = slot.tls = None
+        self.release_bulk(slot)
         self.free.append(slot)
         self.active -= 1
         self.closed += 1
@@ -6346,5 +6562,35 @@ def main(argv=None):
     return 0
 
 
+# Run by relaunch_through_runpy: sys.path[0] becomes the script's directory before anything is
+# imported (as for a script; never the current directory, which -c would put there), then runpy
+# runs the file as __main__.
+_RELAUNCH = ("import sys, os; sys.argv.pop(0); "
+             "sys.path[0] = os.path.dirname(os.path.realpath(sys.argv[0])); "
+             "import runpy; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def relaunch_through_runpy():
+    """Run this file again in this process, through runpy rather than as a script.
+
+    CPython keeps a script's syntax tree (~13 MiB for this file) until the script ends, and
+    the server runs inside it; runpy compiles the file with compile(), which frees the tree at
+    once, halving the server's resident memory.  execv keeps the process id, the descriptors
+    (systemd's sockets) and the environment; the interpreter's options are passed on.  If it
+    cannot exec, the server runs here."""
+    import subprocess   # only for its list of the interpreter's options
+    if not sys.executable or not os.path.isfile(sys.argv[0]):
+        return
+    flags = subprocess._args_from_interpreter_flags()
+    try:
+        os.execv(sys.executable, [sys.executable, *flags, "-c", _RELAUNCH, *sys.argv])
+    except OSError:
+        pass
+
+
 if __name__ == "__main__":
+    # Only the interpreter's own file runner keeps the tree: its module frame has no caller,
+    # while runpy (the relaunch, python3 -m) and exec have one.
+    if sys._getframe().f_back is None:
+        relaunch_through_runpy()
     sys.exit(main())

@@ -2408,6 +2408,34 @@ class TestFdLimit(ArchiveCase):
 # Process lifecycle: signals, start-up errors, CLI
 # ---------------------------------------------------------------------------------------------
 
+class TestRelaunch(ArchiveCase):
+    """python3 tarweb.py runs the file again through runpy (tarweb.relaunch_through_runpy), so
+    that the script's syntax tree (~13 MiB) is not kept for the life of the server."""
+
+    def test_resident_memory_without_the_syntax_tree(self):
+        srv = ServerProc(MAIN_TAR)
+        try:
+            with open('/proc/%d/cmdline' % srv.proc.pid, 'rb') as f:
+                argv = f.read().split(b'\0')
+            self.assertIn(b'-c', argv)   # the same process, now running the runpy stub
+            self.assertIn(TARWEB.encode(), argv)
+            self.assertEqual(get1(srv.addr, '/index.html').status, 200)
+            # About 25 MiB with the tree (Python 3.11), about 12 without.
+            self.assertLess(srv.memory_mb()['RssAnon'], 20, srv.memory_mb())
+        finally:
+            srv.stop()
+
+    def test_interpreter_options_carry_over(self):
+        srv = ServerProc(MAIN_TAR, python=(PY, '-W', 'always', '-X', 'utf8'))
+        try:
+            with open('/proc/%d/cmdline' % srv.proc.pid, 'rb') as f:
+                argv = f.read().split(b'\0')
+            self.assertIn(b'-Walways', argv)
+            self.assertIn(b'utf8', argv)
+        finally:
+            srv.stop()
+
+
 class TestSignals(ArchiveCase):
 
     def test_sigterm_during_large_download(self):
@@ -4561,6 +4589,30 @@ class TestAEADBehaviour(unittest.TestCase):
             opened = aead.open(memoryview(nonce), memoryview(expected), memoryview(b'aad'))
             self.assertEqual(opened, b'payload')
 
+    def test_in_place_matches_seal_and_open(self):
+        for name, cls, key_len in all_aeads():
+            key, nonce, aad = os.urandom(key_len), os.urandom(12), os.urandom(5)
+            aead = cls(key)
+            for n in (0, 1, 17, 1200, 16385):
+                with self.subTest(aead=name, length=n):
+                    pt = os.urandom(n)
+                    buf = bytearray(3 + n + 16 + 3)   # inside a larger buffer, as in the server
+                    buf[3:3 + n] = pt
+                    view = memoryview(buf)[3:]
+                    address = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + 3
+                    aead.seal_in_place(nonce, aad, view, address, n)
+                    self.assertEqual(bytes(view[:n + 16]), aead.seal(nonce, pt, aad))
+                    self.assertEqual(bytes(buf[:3] + buf[-3:]), bytes(6))   # nothing outside
+                    aead.open_in_place(nonce, aad, view, address, n)
+                    self.assertEqual(bytes(view[:n]), pt)
+                    buf[3:3 + n + 16] = aead.seal(nonce, pt, aad)
+                    buf[3 + n] ^= 1   # the tag
+                    with self.assertRaises(AEADError):
+                        aead.open_in_place(nonce, aad, view, address, n)
+                    with self.assertRaises(AEADError):   # the right tag, the wrong header
+                        buf[3 + n] ^= 1
+                        aead.open_in_place(nonce, aad[:4], view, address, n)
+
     def test_aead_error_is_value_error(self):
         self.assertTrue(issubclass(AEADError, ValueError))
 
@@ -5158,6 +5210,7 @@ class TestLibcrypto(PKIKeysCase):
     test_wrong_key_and_truncation_rejected = TestAEADBehaviour.test_wrong_key_and_truncation_rejected
     test_round_trips_match_reference = TestAEADBehaviour.test_round_trips_match_reference
     test_accepts_bytearray_and_memoryview = TestAEADBehaviour.test_accepts_bytearray_and_memoryview
+    test_in_place_matches_seal_and_open = TestAEADBehaviour.test_in_place_matches_seal_and_open
     test_x25519_ephemeral_shared = TestX25519.test_ephemeral_shared_agrees_with_keypair_and_shared
     test_x25519_low_order_points_rejected = TestX25519.test_low_order_points_rejected
     test_x25519_bad_lengths_rejected = TestX25519.test_bad_lengths_rejected
@@ -6400,8 +6453,11 @@ class TestRecordLayerErrors(unittest.TestCase):
         self.server = RecordLayer(0x1303, secret_c, secret_s, crypto=crypto_backend())
         self.peer = RecordLayer(0x1303, secret_s, secret_c)
 
+    def server_open(self, data):
+        return self.server_open(data)
+
     def assert_error(self, data, code):
-        plaintext, events, to_send = self.server.open(data)
+        plaintext, events, to_send = self.server_open(data)
         self.assertEqual(events, ['error'])
         self.assertTrue(self.server.failed)
         _, peer_events, _ = self.peer.open(to_send)
@@ -6444,13 +6500,13 @@ class TestRecordLayerErrors(unittest.TestCase):
         self.assert_error(self.peer._tx.seal(22, b'\x18\x00') + self.peer.seal(b'x'), 10)
 
     def test_peer_fatal_alert(self):
-        _, events, to_send = self.server.open(self.peer._tx.seal(21, b'\x02\x50'))
+        _, events, to_send = self.server_open(self.peer._tx.seal(21, b'\x02\x50'))
         self.assertEqual((events, to_send), (['alert'], b''))
         self.assertIn('internal_error', self.server.error)
 
     def test_user_canceled_then_close(self):
         data = self.peer._tx.seal(21, b'\x01\x5a') + self.peer.close_notify() + self.peer.seal(b'ignored')
-        self.assertEqual(self.server.open(data), (b'', ['close'], b''))
+        self.assertEqual(self.server_open(data), (b'', ['close'], b''))
         self.assertEqual(self.server.open(self.peer.seal(b'also ignored')), (b'', [], b''))
         self.assertEqual(self.server.pending_bytes(), b'')   # not even buffered
 
@@ -6467,11 +6523,65 @@ class TestRecordLayerErrors(unittest.TestCase):
         data = self.peer.seal(b'abc') + self.peer.seal(b'def')
         got = b''
         for i in range(len(data)):
-            plaintext, events, _ = self.server.open(data[i:i + 1])
+            plaintext, events, _ = self.server_open(data[i:i + 1])
             got += plaintext
             self.assertEqual(events, [])
         self.assertEqual(got, b'abcdef')
         self.assertEqual(self.server.pending_bytes(), b'')
+
+
+class TestRecordLayerInPlace(TestRecordLayerErrors):
+    """RecordLayer.open_in_place and seal_in_place, the server's path for whole records, give
+    what open and seal give; the error cases above run through open_in_place too."""
+
+    def server_open(self, data):
+        if self.server.buffered():   # the server's rule: a record begun earlier goes to open()
+            return self.server.open(data)
+        view, address = self.buffer(8 + len(data))
+        view[8:] = data
+        end, events, to_send = self.server.open_in_place(view, address, 8, 8 + len(data))
+        self.assertEqual(bytes(view[:8]), bytes(8))   # nothing before start is touched
+        return bytes(view[8:end]), events, to_send
+
+    @staticmethod
+    def buffer(n):
+        buf = bytearray(n)
+        return memoryview(buf), ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+    def test_open_in_place_moves_the_plaintexts_together(self):
+        parts = [os.urandom(n) for n in (1, 70, 16384, 3000)]
+        wire = b''.join(self.peer.seal(part) for part in parts)
+        wire += self.peer._tx.seal(0, b'padded\x17')   # inner type 23, one byte of padding
+        self.assertEqual(self.server_open(wire), (b''.join(parts) + b'padded', [], b''))
+
+    def test_open_in_place_answers_a_key_update(self):
+        wire = self.peer._tx.seal(22, handshake_message(24, b'\x01'))
+        plaintext, events, to_send = self.server_open(wire + self.peer.seal(b'old key'))
+        self.assertEqual((plaintext, events), (b'', ['error']))   # the peer did not switch
+        self.setUp()
+        self.peer._tx, before = self.peer._tx.next_generation(), self.peer._tx
+        plaintext, events, to_send = self.server_open(
+            before.seal(22, handshake_message(24, b'\x01')) + self.peer.seal(b'new key'))
+        self.assertEqual((plaintext, events), (b'new key', []))
+        self.assertEqual(self.peer.open(to_send), (b'', [], b''))   # our KeyUpdate answer
+
+    def test_seal_in_place_equals_seal(self):
+        for suite in (0x1301, 0x1302, 0x1303):
+            for n, close in ((1, False), (1200, True), (16384, False), (16385, True),
+                             (65536, False)):
+                with self.subTest(suite=suite, length=n, close=close):
+                    secret = os.urandom(32)
+                    reference = RecordLayer(suite, secret, secret, crypto=crypto_backend())
+                    layer = RecordLayer(suite, secret, secret, crypto=crypto_backend())
+                    data = os.urandom(n)
+                    view, address = self.buffer(100 + n + 4 * 22 + 24)
+                    records = tarweb._tls_record_layout(100, n)
+                    offset = 0
+                    for pos, length in records:
+                        view[pos + 5:pos + 5 + length] = data[offset:offset + length]
+                        offset += length
+                    end = layer.seal_in_place(view, address, records, close=close)
+                    self.assertEqual(bytes(view[100:end]), reference.seal(data, close=close))
 
 
 class TestSharedRecordLoop(TLSCertsCase):
@@ -7611,6 +7721,71 @@ class TestHTTPS(HTTPSServerCase):
         plain, events, _ = layer.open(data)
         self.assertTrue(plain.endswith(RANGE_BIN), (plain[:100], events, layer.error))
         self.assertEqual(events, ['close'])
+        self.srv.assert_idle()
+
+
+class TestUserspaceSendAreas(HTTPSServerCase):
+    """Userspace TLS seals responses in place: a record's worth in each slot's own area, longer
+    responses in one of tarweb.TX_BULK_AREAS shared areas while one is free, in the slot's own
+    area (a record per send) when none is. More clients than bulk areas, each with a long
+    response the kernel cannot take at once, all get every byte, in order."""
+
+    CLIENTS = tarweb.TX_BULK_AREAS + 4
+
+    @classmethod
+    def server_options(cls):
+        return https_args('p256', '--max-connections', str(cls.CLIENTS + 4))
+
+    def client(self, barrier, results):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)   # the kernel holds little
+        try:
+            sock.connect(self.addr)
+            tls = ssl_client_context(self.ca).wrap_socket(sock, server_hostname='localhost')
+            conn = Conn(self.addr, T(60), sock=tls)
+            conn.send(request_bytes('/mid.bin') + request_bytes('/small.txt')
+                      + request_bytes('/mid.bin', headers=[('Range', 'bytes=1-40000'),
+                                                           ('Connection', 'close')]))
+            barrier.wait(T(30))   # every client's first response is under way: read now
+            results.append([(r.status, r.body) for r in (conn.read_response() for _ in range(3))])
+        except Exception as exc:
+            results.append(exc)
+        finally:
+            sock.close()
+
+    def test_more_long_responses_than_bulk_areas(self):
+        barrier, results = threading.Barrier(self.CLIENTS), []
+        threads = [threading.Thread(target=self.client, args=(barrier, results))
+                   for _ in range(self.CLIENTS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(T(120))
+        mid = self.files['/mid.bin']
+        expected = [(200, mid), (200, SMALL), (206, mid[1:40001])]
+        self.assertEqual(len(results), self.CLIENTS)
+        for result in results:
+            self.assertNotIsInstance(result, Exception)
+            self.assertEqual([status for status, _ in result], [200, 200, 206])
+            self.assertTrue(result == expected, 'a body differs')
+        self.assertNotIn('Traceback', self.srv.stderr_text())
+        self.srv.assert_idle()
+
+    def test_key_update_requests_without_requests_close(self):
+        c = NetClient(self.addr).connect()
+        layer = c.peer_record_layer()
+        c.send(c.finished_record())
+        key_update = handshake_message(24, b'\x01')
+        for _ in range(tarweb.TX_OWED_ROOM // 27 + 2):   # each answer is a 27-byte record
+            try:
+                c.send(layer._tx.seal(22, key_update))
+            except OSError:
+                break
+            layer._tx = layer._tx.next_generation()
+            time.sleep(T(0.02))   # one read each: one answer each
+        _, closed = c.read_all()
+        c.close()
+        self.assertTrue(closed, 'KeyUpdate answers piled up without limit')
         self.srv.assert_idle()
 
 
