@@ -3446,7 +3446,8 @@ class _LcAEAD:
               and c.EVP_EncryptUpdate(ctx, address, length, address, n) == 1
               and c.EVP_EncryptFinal_ex(ctx, address + n, length) == 1
               and c.EVP_CIPHER_CTX_ctrl(ctx, _LC_EVP_CTRL_AEAD_GET_TAG, 16, address + n) == 1)
-        _lc_check(c, ok, f"{self._name} seal")
+        if not ok:
+            _lc_check(c, ok, f"{self._name} seal")
 
     def open_in_place(self, nonce, aad, view, address, n):
         """As _AEADInPlace.open_in_place: view is not touched, only its address."""
@@ -3460,7 +3461,8 @@ class _LcAEAD:
               and c.EVP_DecryptUpdate(ctx, None, length, aad, len(aad)) == 1
               and c.EVP_DecryptUpdate(ctx, address, length, address, n) == 1
               and c.EVP_CIPHER_CTX_ctrl(ctx, _LC_EVP_CTRL_AEAD_SET_TAG, 16, address + n) == 1)
-        _lc_check(c, ok, f"{self._name} open")
+        if not ok:
+            _lc_check(c, ok, f"{self._name} open")
         # Final checks the tag: until it passes, the decrypted bytes must not be used.
         if c.EVP_DecryptFinal_ex(ctx, address + n, length) != 1:
             c.ERR_clear_error()
@@ -4455,6 +4457,8 @@ class RecordLayer(_TLSRecordReader):
 
     def _answer_key_update(self, to_send):
         """to_send joined, with our KeyUpdate behind it if the peer asked for one."""
+        if not to_send and not self._key_update_requested:
+            return b""
         if self._key_update_requested and not self.failed:
             # §4.6.3: answer with update_not_requested under the old key, then switch. One answer
             # covers every request in this batch, so a flood of requests gets few replies.
@@ -4475,16 +4479,15 @@ class RecordLayer(_TLSRecordReader):
         (end of the plaintext, events, to_send).  A record left incomplete at the end is kept
         here, as open() keeps it, and the bytes that complete it go to open()."""
         write = pos = start
-        if not self._reading():
-            return write, [], b""
         sink = [], [], []
         try:
-            while self._reading():
+            while not (self.closed or self.failed):   # _reading(), for the hot path
                 record = _tls_record_at(view, pos, end)
                 if record is None:
                     break
                 content_type, body, next_pos = record
-                self._check_protected(content_type)
+                if content_type != _TLS_CT_APPLICATION_DATA:
+                    self._unprotected(content_type)
                 inner_type, n = self._open_in_place(view, address, pos, next_pos)
                 if inner_type == _TLS_CT_APPLICATION_DATA and not self._handshake.pending():
                     view[write:write + n] = view[body:body + n]
@@ -4494,7 +4497,7 @@ class RecordLayer(_TLSRecordReader):
                 pos = next_pos
         except Exception as exc:
             self._stop_on(exc, sink)
-        if self._reading():
+        if pos < end and self._reading():
             self._inbuf += view[pos:end]
         return write, sink[1], self._answer_key_update(sink[2])
 
@@ -4515,7 +4518,8 @@ class RecordLayer(_TLSRecordReader):
         to_send.append(self._tx.seal(_TLS_CT_ALERT, bytes([_TLS_ALERT_FATAL, alert])))
 
     def _on_record(self, content_type, header, body, sink):
-        self._check_protected(content_type)
+        if content_type != _TLS_CT_APPLICATION_DATA:
+            self._unprotected(content_type)
         try:
             inner_type, content = self._rx.open(header, body)
         except AEADError:
@@ -4523,10 +4527,9 @@ class RecordLayer(_TLSRecordReader):
         self._on_content(inner_type, content, sink)
 
     @staticmethod
-    def _check_protected(content_type):
-        if content_type != _TLS_CT_APPLICATION_DATA:
-            raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
-                            f"unprotected record of type {content_type} after the handshake")
+    def _unprotected(content_type):
+        raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE,
+                        f"unprotected record of type {content_type} after the handshake")
 
     def _on_content(self, inner_type, content, sink):
         plaintext, events, _ = sink
@@ -5396,7 +5399,8 @@ class Server:
                     With every slot busy the client waits in self.waiting: reap, after the
                     batch, closes a connection that is getting nowhere, and maybe_free hands
                     its slot over
-      handshake ... recv_exact -> on_recv -> on_handshake_bytes, a record at a time ->
+      handshake ... recv_handshake -> on_recv -> on_handshake_bytes (a record at a time if kTLS
+                    may follow) ->
                     finish_handshake: the keys go to the kernel (KTLS) or stay here (USERTLS)
       requests .... post_recv -> on_recv (on_ktls_recv, on_usertls_recv) -> process ->
                     send_response -> send_next -> on_send; keep-alive: the last send is linked
@@ -5621,7 +5625,7 @@ class Server:
                 slot.mode = HANDSHAKE
                 slot.tls = TLSServer(self.tls.config)
                 slot.deadline = self.now + self.limits.handshake_timeout
-                self.recv_exact(slot, _TLS_RECORD_HEADER_LEN)
+                self.recv_handshake(slot)
             else:
                 slot.mode = PLAIN
                 slot.deadline = self.now + self.limits.header_timeout
@@ -5742,16 +5746,19 @@ class Server:
         slot.deadline = self.now + self.limits.idle_timeout
         if slot.body_pos == slot.body_end and slot.keep_alive and slot.rlen == 0 \
                 and slot.mode == PLAIN:
-            # The hot path: the rest of the response, then wait for the next request.
-            iovec2.pack_into(self.iovs, slot.index * iovec2.size, slot.haddr, head_len,
-                             body_addr, body)
-            slot.send_busy = slot.send_linked = slot.recv_busy = True
-            slot.send_ud = slot.ud | UD_SEND_LINKED
-            self.ring.prep_sendmsg_recv(slot.fd, slot.msg_addr, MSG_NOSIGNAL | MSG_WAITALL,
-                                        slot.send_ud, slot.raddr, self.rbuf_size,
-                                        slot.ud | UD_RECV)
+            self.send_then_recv(slot, slot.haddr, head_len, body_addr, body)
         else:
             self.submit_send(slot, slot.haddr, head_len, body_addr, body, False)
+
+    def send_then_recv(self, slot, head_addr, head_len, body_addr, body_len):
+        """The hot path: the rest of a keep-alive response (two iovecs), linked to the recv of
+        the next request into the empty read buffer. See submit_send for the link."""
+        iovec2.pack_into(self.iovs, slot.index * iovec2.size, head_addr, head_len, body_addr,
+                         body_len)
+        slot.send_busy = slot.send_linked = slot.recv_busy = True
+        slot.send_ud = slot.ud | UD_SEND_LINKED
+        self.ring.prep_sendmsg_recv(slot.fd, slot.msg_addr, MSG_NOSIGNAL | MSG_WAITALL,
+                                    slot.send_ud, slot.raddr, self.rbuf_size, slot.ud | UD_RECV)
 
     def send_next_sealed(self, slot, head_len):
         """Userspace TLS: the head and the next piece of the body as records sealed in place in
@@ -5762,17 +5769,21 @@ class Server:
         view[pos:pos + len(owed)] = owed
         slot.pending_out = b""
         body = min(slot.body_end - slot.body_pos, room * _TLS_MAX_PLAINTEXT - head_len)
-        records = _tls_record_layout(pos + len(owed), head_len + body)
+        n = head_len + body
+        records = _tls_record_layout(pos + len(owed), n)
         first = records[0][0] + _TLS_RECORD_HEADER_LEN
         h = slot.index * HBUF_SIZE
         view[first:first + head_len] = self.hbuf[h:h + head_len]
-        pieces = [view[p + _TLS_RECORD_HEADER_LEN:p + _TLS_RECORD_HEADER_LEN + n]
-                  for p, n in records]
-        pieces[0] = pieces[0][head_len:]
         # pread, not the mapping: a tar truncated in place makes the mapping's end SIGBUS.
-        if os.preadv(self.tar_fd, pieces, slot.body_pos - self.tar_addr) < body:
+        if os.preadv(self.tar_fd, [view[first + head_len:first + n]],
+                     slot.body_pos - self.tar_addr) < body:
             self.start_close(slot)  # the tar shrank: the rest of this body is gone
             return
+        # The content was read in one piece: move each record's part to its place (the last
+        # first, as they move up), leaving room for the headers and tags between them.
+        for i in range(len(records) - 1, 0, -1):
+            self.tbuf.move(records[i][0] + _TLS_RECORD_HEADER_LEN, first + i * _TLS_MAX_PLAINTEXT,
+                           records[i][1])
         slot.body_pos += body
         slot.deadline = self.now + self.limits.idle_timeout
         # The last piece of a connection's last response carries our close_notify too (one
@@ -5780,10 +5791,10 @@ class Server:
         last = slot.body_pos == slot.body_end
         end = slot.tls.seal_in_place(view, self.tbuf_addr, records,
                                      close=last and not slot.keep_alive)
-        linked = last and slot.keep_alive and slot.rlen == 0 and slot.bulk is None
-        self.submit_send(slot, self.tbuf_addr + start, end - start, 0, 0, linked)
-        if linked:
-            self.post_recv(slot)
+        if last and slot.keep_alive and slot.rlen == 0 and slot.bulk is None:
+            self.send_then_recv(slot, self.tbuf_addr + start, end - start, 0, 0)
+        else:
+            self.submit_send(slot, self.tbuf_addr + start, end - start, 0, 0, False)
 
     def tx_area(self, slot, head_len):
         """(offset in tbuf, records it holds) of the area the next records are sealed in: the
@@ -5865,15 +5876,22 @@ class Server:
 
     # -- TLS ---------------------------------------------------------------------------------------
 
-    def recv_exact(self, slot, n):
-        """Handshake reads take exactly one record (its header, then its body), so nothing
-        behind the client's Finished is read: kTLS must find it still in the socket."""
-        slot.hs_need = n
-        self.ring.prep_recv(slot.fd, slot.raddr, n, MSG_WAITALL, slot.ud | UD_RECV)
+    def recv_handshake(self, slot, n=_TLS_RECORD_HEADER_LEN):
+        """The handshake's next read. While kTLS may take the connection over, it reads exactly
+        one record, its header and then its body (n bytes), so that nothing behind the client's
+        Finished is read: the kernel must find that in the socket. Otherwise it reads whatever
+        has come, and what follows the Finished goes to the userspace record layer."""
+        if self.tls.ktls_suites:
+            slot.hs_need = n
+            self.ring.prep_recv(slot.fd, slot.raddr, n, MSG_WAITALL, slot.ud | UD_RECV)
+        else:
+            slot.hs_need = 0
+            self.ring.prep_recv(slot.fd, slot.raddr, self.rbuf_size, 0, slot.ud | UD_RECV)
         slot.recv_busy = True
 
     def on_handshake_bytes(self, slot, res):
-        """One record header or body arrived: feed the handshake state machine."""
+        """Handshake bytes arrived (a record header or body, or whatever came): feed the
+        handshake state machine."""
         if res < slot.hs_need:
             self.start_close(slot)  # the client closed in the middle of a record
             return
@@ -5897,12 +5915,13 @@ class Server:
         need = (data[3] << 8 | data[4]) if slot.hs_need == header and res == header else 0
         if out:
             self.send_bytes(slot, out, True)
-        self.recv_exact(slot, need or header)
+        self.recv_handshake(slot, need or header)
 
     def finish_handshake(self, slot):
         """The client's Finished is verified: hand the keys to the kernel, or keep the record
-        layer in Python, and start HTTP. recv_exact read the Finished record and nothing after
-        it, so no application data came along: it is all still in the socket."""
+        layer in Python, and start HTTP. If kTLS may take over, recv_handshake read the Finished
+        record and nothing after it: any application data is still in the socket. If not, the
+        record layer has what came behind the Finished (often the first request)."""
         hs = slot.tls
         self.handshakes += 1
         # We send nothing after the client's Finished (no tickets), so its ACK would wait for
@@ -5929,7 +5948,10 @@ class Server:
         slot.partial = False  # no request byte yet
         slot.rstart = slot.rlen = 0
         slot.deadline = self.now + self.limits.idle_timeout
-        self.post_recv(slot)
+        if slot.mode == USERTLS and slot.tls.buffered():
+            self.on_usertls_recv(slot, 0)  # open() reads the bytes it holds first
+        else:
+            self.post_recv(slot)
 
     def send_fatal_alert(self, slot, alert):
         """Send the alert that ends the connection, then linger. No TLS follows a fatal alert,

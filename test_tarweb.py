@@ -6454,7 +6454,7 @@ class TestRecordLayerErrors(unittest.TestCase):
         self.peer = RecordLayer(0x1303, secret_s, secret_c)
 
     def server_open(self, data):
-        return self.server_open(data)
+        return self.server.open(data)
 
     def assert_error(self, data, code):
         plaintext, events, to_send = self.server_open(data)
