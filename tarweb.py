@@ -4423,14 +4423,19 @@ class RecordLayer(_TLSRecordReader):
 
     def seal_in_place(self, view, address, records, close=False):
         """seal() for application data laid out in a buffer (address is view's): records lists
-        (position, length) of each record's content, which starts 5 bytes after the position,
-        with _TLS_RECORD_OVERHEAD bytes of room around it (see _tls_record_layout).  close=True
-        puts our close_notify behind the last record; it needs _TLS_CLOSE_NOTIFY_ROOM bytes.
-        Returns where the sealed bytes end."""
-        end = records[0][0] if records else 0
+        (position, length) of each record's content, one record at least; a content starts 5
+        bytes after its position, with _TLS_RECORD_OVERHEAD bytes of room around it (see
+        _tls_record_layout).  close=True puts our close_notify behind the last record; it needs
+        _TLS_CLOSE_NOTIFY_ROOM bytes.  Returns where the sealed bytes end."""
+        close = close and not self.close_notify_sealed
+        if len(records) > 1 or close:   # their keystreams in one ChaCha20 pass (seal_records)
+            lengths = [n + 1 for _, n in records]
+            if close:
+                lengths.append(len(_TLS_CLOSE_NOTIFY_BODY) + 1)
+            chacha20_poly1305_prefetch(self._tx.keystream_requests(lengths))
         for pos, n in records:
             end = self._tx.seal_in_place(_TLS_CT_APPLICATION_DATA, view, address, pos, n)
-        if close and not self.close_notify_sealed:
+        if close:
             self.close_notify_sealed = True
             n = len(_TLS_CLOSE_NOTIFY_BODY)
             view[end + _TLS_RECORD_HEADER_LEN:end + _TLS_RECORD_HEADER_LEN + n] = \
