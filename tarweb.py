@@ -705,8 +705,8 @@ def _member_name(name, prefix):
 # === 4. HTTP/1.1 ==================================================================================
 
 MAX_REQUEST_LINE = 8192
-RECENT_HEADS = 1024  # request heads whose plain 200 answers are remembered,
-RECENT_HEAD_BYTES = 512  # if no longer than this: at most 0.5 MiB
+RECENT_HEADS = 1024  # request heads whose keep-alive answers are remembered (Site.respond),
+RECENT_HEAD_BYTES = 2048  # if no longer than this (a browser's are 400-900): at most ~2.5 MiB
 TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 REQUEST_LINE = rb"(" + TOKEN + rb") ([\x21-\x7e]+) HTTP/(1\.[01])\r?\n"
 VERSION_LINE = re.compile(TOKEN + rb" [\x21-\x7e]+ HTTP/\d\.\d\r?")
@@ -951,7 +951,7 @@ class Site:
         self.archive = archive
         self.cache_control = cache_control
         self.not_found = archive.files.get(b"/404.html")
-        self.recent = {}  # request head -> hot-path answer (see respond)
+        self.recent = {}  # request head -> its answer after the Date line (see respond)
         self.draining = False  # set on shutdown: every response says Connection: close
         self.stale = False     # set when the tar changed on disk: every file answer is a 500
         for entry in archive.files.values():
@@ -987,19 +987,21 @@ class Site:
         self.recent.clear()
 
     def tick(self, now):
-        """Refresh the cached Date line; called once a second, not per request."""
+        """Refresh the cached Date line, and the status, Server and Date lines that begin every
+        response head (prefixes, by status); called once a second, not per request."""
         self.date = http_date(now)
-        self.prefix_200 = (f"HTTP/1.1 200 OK\r\nServer: {SERVER}\r\nDate: {self.date}\r\n"
-                           ).encode()
+        self.prefixes = {status: (f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER}\r\n"
+                                  f"Date: {self.date}\r\n").encode()
+                         for status, reason in REASONS.items()}
 
     def status_head(self, status, lines=(), close=False, keep_alive_10=False):
-        head = [f"HTTP/1.1 {status} {REASONS[status]}", f"Server: {SERVER}", f"Date: {self.date}"]
-        head += lines
+        lines = list(lines)
         if close:
-            head.append("Connection: close")
+            lines.append("Connection: close")
         elif keep_alive_10:
-            head.append("Connection: keep-alive")
-        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+            lines.append("Connection: keep-alive")
+        return self.prefixes[status] + "".join(line + "\r\n" for line in lines).encode(
+            "latin-1") + b"\r\n"
 
     def error(self, status, close, extra=(), method=b"GET", keep_alive_10=False):
         """A short text/plain error response: (status, head+body, 0, 0, keep_alive).
@@ -1040,10 +1042,27 @@ class Site:
     # -- responses ---------------------------------------------------------------------------------
 
     def respond(self, head):
-        """Request head -> (status, response head bytes, body offset, body length, keep_alive)."""
+        """Request head -> (status, response head bytes, body offset, body length, keep_alive).
+
+        The answer to a keep-alive request depends on nothing but the head's bytes while the
+        archive stands, the Date line aside: it is remembered, and the same head next time skips
+        the parser. Clients repeat their heads (a browser sends the same one for a resource on
+        every visit, cookies and all). Bounded: emptied when full, and when the tar changes."""
         hit = self.recent.get(head)
         if hit is not None and not self.draining:
-            return 200, self.prefix_200 + hit[0], hit[1], hit[2], True
+            status, rest, offset, length = hit
+            return status, self.prefixes[status] + rest, offset, length, True
+        answer = self._answer(head)
+        status, response_head, offset, length, keep_alive = answer
+        if keep_alive and len(head) <= RECENT_HEAD_BYTES:
+            if len(self.recent) >= RECENT_HEADS:
+                self.recent.clear()
+            # Every head begins with prefixes[status] (status_head, _full).
+            self.recent[head] = (status, response_head[len(self.prefixes[status]):], offset,
+                                 length)
+        return answer
+
+    def _answer(self, head):
         try:
             method, target, version, fields, keep_alive = self.parse(head)
         except HttpError as e:
@@ -1064,17 +1083,7 @@ class Site:
         entry = self.archive.lookup(path)
         if entry is None:
             return self._missing(method, target, version, path, close)
-        if len(fields) > 1 or version == 10 or close:
-            return self._full(method, version, fields, entry, close)
-        # The hot path: a plain keep-alive HTTP/1.1 GET or HEAD with no conditions. Its answer
-        # depends on nothing but these exact bytes (the archive never changes), so the same
-        # head next time skips the parse (clients repeat theirs); bounded, emptied when full.
-        answer = entry.head + b"\r\n", entry.offset, (entry.size if method == b"GET" else 0)
-        if len(head) <= RECENT_HEAD_BYTES:
-            if len(self.recent) >= RECENT_HEADS:
-                self.recent.clear()
-            self.recent[head] = answer
-        return 200, self.prefix_200 + answer[0], answer[1], answer[2], True
+        return self._full(method, version, fields, entry, close)
 
     def _missing(self, method, target, version, path, close):
         if not path.endswith(b"/") and self.archive.is_dir(path):
@@ -1089,8 +1098,8 @@ class Site:
         return 404, head, nf.offset, (0 if method == b"HEAD" else nf.size), not close
 
     def _full(self, method, version, fields, entry, close):
-        """Everything beyond the hot path: content negotiation, If-None-Match or
-        If-Modified-Since, Range with If-Range, HTTP/1.0 keep-alive and Connection: close."""
+        """A file's answer: content negotiation, If-None-Match or If-Modified-Since, Range with
+        If-Range, HTTP/1.0 keep-alive and Connection: close."""
         accept = fields.get(b"accept-encoding")
         if accept is not None and entry.variants:
             entry = accept_encoding_choice(entry, accept)
@@ -1106,7 +1115,7 @@ class Site:
                                   keep_alive_10=ka10)
             if span is not None:
                 return self._partial(entry, span, close, ka10)
-        head = self.prefix_200 + entry.head + (
+        head = self.prefixes[200] + entry.head + (
             b"Connection: close\r\n\r\n" if close else
             b"Connection: keep-alive\r\n\r\n" if ka10 else b"\r\n")
         return 200, head, entry.offset, (0 if is_head else entry.size), not close

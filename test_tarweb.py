@@ -1379,6 +1379,12 @@ class TestSiteRespond(unittest.TestCase):
         return status, fields, out[end + 4:], self.tar[offset:offset + length], keep_alive
 
     def run_row(self, head, status, keep_alive, headers, body):
+        for attempt in ("first", "again (remembered if keep-alive)"):
+            with self.subTest(attempt):
+                self.check_row(head, status, keep_alive, headers, body)
+        self.assertEqual(head in self.site.recent, keep_alive and len(head) <= tarweb.RECENT_HEAD_BYTES)
+
+    def check_row(self, head, status, keep_alive, headers, body):
         got_status, fields, inline, span, got_keep_alive = self.response(head)
         self.assertEqual((got_status, got_keep_alive), (status, keep_alive), fields)
         for name, value in headers.items():
@@ -1397,6 +1403,27 @@ class TestSiteRespond(unittest.TestCase):
         first = self.site.respond(head)
         self.assertIn(head, self.site.recent)
         self.assertEqual(self.site.respond(head), first)
+
+    def test_remembered_answer_follows_the_date(self):
+        etag = self.response(_h(b"GET /range.bin HTTP/1.1", _HOST))[1]["ETag"]
+        head = _h(b"GET /range.bin HTTP/1.1", _HOST, b"If-None-Match: " + etag.encode())
+        first = self.site.respond(head)
+        self.assertEqual(first[0], 304)
+        self.site.tick(time.time() + 86400)
+        try:
+            again = self.site.respond(head)
+        finally:
+            self.site.tick(time.time())
+        self.assertEqual(again[0], 304)
+        self.assertNotEqual(again[1], first[1])   # tomorrow's Date line
+        self.assertEqual(again[1].split(b"\r\n")[3:], first[1].split(b"\r\n")[3:])
+
+    def test_stale_archive_forgets_remembered_answers(self):
+        site = tarweb.Site(self.site.archive)   # its own: mark_stale is for good
+        head = _h(b"GET /range.bin HTTP/1.1", _HOST)
+        self.assertEqual(site.respond(head)[0], 200)
+        site.mark_stale()
+        self.assertEqual(site.respond(head)[0], 500)
 
     def test_draining_closes(self):
         self.site.draining = True
@@ -8797,12 +8824,13 @@ def _bench_wrk_time(text):
     return float(match.group(1)) * scale
 
 
-def _bench_wrk(url, conns, seconds, cpu, timeout=None):
+def _bench_wrk(url, conns, seconds, cpu, timeout=None, script=None):
     """Run wrk once → {'requests', 'seconds', 'bytes' (all bytes read, partial responses included),
     'p50_ms', 'p99_ms', 'errors'}. timeout: wrk's --timeout in seconds (its default is 2 s), for
-    responses that take seconds each."""
+    responses that take seconds each; script: a wrk Lua script (-s)."""
     cmd = _bench_pin(cpu) + ['wrk', '-t1', '-c%d' % conns, '-d%ds' % seconds, '--latency']
-    cmd += (['--timeout', '%ds' % timeout] if timeout else []) + [url]
+    cmd += (['--timeout', '%ds' % timeout] if timeout else []) + (['-s', script] if script else [])
+    cmd += [url]
     out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          timeout=seconds + (timeout or 0) + 60).stdout
     total = re.search(r'(\d+) requests in ([\d.]+\w+), ([\d.]+)([KMGT]?)B read', out)
@@ -8821,16 +8849,17 @@ def _bench_wrk(url, conns, seconds, cpu, timeout=None):
     return result
 
 
-def _bench_workload(server, label, path, size, conns, seconds, cpu):
-    """Warm up 1 s, then measure one wrk run bracketed by CPU and SIGUSR1 samples."""
+def _bench_workload(server, label, path, size, conns, seconds, cpu, script=None):
+    """Warm up 1 s, then measure one wrk run bracketed by CPU and SIGUSR1 samples. size: the
+    body's, for MB/s (None: a mix, no MB/s); script: a wrk Lua script choosing the requests."""
     url = _bench_url(server, path)
-    _bench_wrk(url, conns, 1, cpu)
+    _bench_wrk(url, conns, 1, cpu, script=script)
     stats0, cpu0 = _bench_stats(server), server.cpu_seconds()
-    run = _bench_wrk(url, conns, seconds, cpu)
+    run = _bench_wrk(url, conns, seconds, cpu, script=script)
     cpu1, stats1 = server.cpu_seconds(), _bench_stats(server)
     row = dict(run, label=label, mem=server.memory_mb())
     row['req_s'] = run['requests'] / run['seconds']
-    row['mb_s'] = run['requests'] * size / run['seconds'] / 1e6
+    row['mb_s'] = None if size is None else run['requests'] * size / run['seconds'] / 1e6
     # Per-request costs use the server's own count when it reports one: it covers exactly the
     # bracketed interval, while wrk drops the requests still in flight when its timer ends.
     served = run['requests']
@@ -8944,19 +8973,76 @@ def _bench_environment(seconds, pin_note):
     print('%s; %d s per workload after 1 s warm-up; loopback; MB = 10^6 bytes' % (pin_note, seconds))
 
 
+# W1b: what a browser sends for the demo site's pages, in Chrome 131's words: eight requests in
+# turn, a page, its assets (one gzip-encoded), revalidations (If-None-Match -> 304) and a
+# redirect. (path, extra fields, If-None-Match of which file (with Accept-Encoding: gzip?) or None)
+_BENCH_W1B = (
+    ('/', 'Accept: text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,'
+          '*/*;q=0.8\r\nSec-Fetch-Dest: document\r\nSec-Fetch-Mode: navigate\r\n'
+          'Upgrade-Insecure-Requests: 1', None),
+    ('/style.css', 'Accept: text/css,*/*;q=0.1\r\nSec-Fetch-Dest: style', ('/style.css', False)),
+    ('/app.js', 'Accept: */*\r\nSec-Fetch-Dest: script', None),
+    ('/img/logo.svg', 'Accept: image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8'
+                      '\r\nSec-Fetch-Dest: image', ('/img/logo.svg', False)),
+    ('/about/', 'Accept: text/html,*/*;q=0.8\r\nSec-Fetch-Dest: document', None),
+    ('/small.html', 'Accept: text/html,*/*;q=0.8\r\nSec-Fetch-Dest: document', None),
+    ('/about', 'Accept: text/html,*/*;q=0.8\r\nSec-Fetch-Dest: document', None),
+    ('/app.js', 'Accept: */*\r\nSec-Fetch-Dest: script', ('/app.js', True)),
+)
+_BENCH_BROWSER_FIELDS = (
+    'Connection: keep-alive\r\n'
+    'sec-ch-ua: "Chromium";v="131", "Not_A Brand";v="24"\r\nsec-ch-ua-mobile: ?0\r\n'
+    'sec-ch-ua-platform: "Linux"\r\n'
+    'User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) '
+    'Chrome/131.0.0.0 Safari/537.36\r\n'
+    'Sec-Fetch-Site: same-origin\r\nAccept-Encoding: gzip, deflate, br, zstd\r\n'
+    'Accept-Language: en-US,en;q=0.9\r\nCookie: session=4f6c1a2b9e; theme=dark\r\n')
+
+
+def _bench_w1b_script(server, directory):
+    """Write the W1b wrk script for server into directory; its path. The ETags come from the
+    server itself."""
+    host = '%s:%d' % (server.addr[0], server.addr[1])
+    requests = []
+    for path, fields, revalidate in _BENCH_W1B:
+        head = 'GET %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\nReferer: http://%s/\r\n' % (
+            path, host, _BENCH_BROWSER_FIELDS, fields, host)
+        if revalidate:
+            of, gzip_ok = revalidate
+            with Conn(server.addr) as c:
+                accept = [('Accept-Encoding', 'gzip')] if gzip_ok else []
+                etag = c.request('GET', of, accept).get('ETag')
+            head += 'If-None-Match: %s\r\n' % etag
+        requests.append(head + '\r\n')
+    lua = ''.join('  "%s",\n' % r.replace('\\', '\\\\').replace('"', '\\"').replace('\r', '\\r')
+                  .replace('\n', '\\n') for r in requests)
+    path = os.path.join(directory, 'w1b.lua')
+    with open(path, 'w') as f:
+        f.write('local requests = {\n%s}\nlocal i = 0\n'
+                'request = function()\n  i = i %% #requests + 1\n  return requests[i]\nend\n' % lua)
+    return path
+
+
 def _bench_http_runs(server, seconds, cpu):
-    """W1, W2, the idle connections and the strace summary on one plain-HTTP server → status."""
+    """W1, W1b, W2, the idle connections and the strace summary on one plain-HTTP server → status."""
     print()
-    rows = [
-        _bench_workload(server, 'W1 GET /small.html c=50', '/small.html',
-                        DEMO_SMALL_SIZE, 50, seconds, cpu),
-        _bench_workload(server, 'W2 GET /large.bin c=4', '/large.bin',
-                        DEMO_LARGE_SIZE, 4, seconds, cpu),
-    ]
+    with tempfile.TemporaryDirectory(prefix='tarweb-w1b-') as tmp:
+        rows = [
+            _bench_workload(server, 'W1 GET /small.html c=50', '/small.html',
+                            DEMO_SMALL_SIZE, 50, seconds, cpu),
+            _bench_workload(server, 'W1b browser-like mix c=50', '/', None, 50, seconds, cpu,
+                            script=_bench_w1b_script(server, tmp)),
+            _bench_workload(server, 'W2 GET /large.bin c=4', '/large.bin',
+                            DEMO_LARGE_SIZE, 4, seconds, cpu),
+        ]
     _bench_print_table(rows)
     if rows[0]['cpu_pct'] < 80:
         print('note: the server used only %.0f %% of its CPU in W1, so wrk or other load on this '
               'machine set the pace; compare runs with care' % rows[0]['cpu_pct'])
+    if rows[0]['cpu_us_req'] and rows[1]['cpu_us_req']:
+        print('W1b costs %.2fx the server CPU per request of W1 (%s: %s)'
+              % (rows[1]['cpu_us_req'] / rows[0]['cpu_us_req'], 'requests in turn',
+                 ', '.join(path for path, _, _ in _BENCH_W1B)))
     status = _bench_row_errors(rows)
     before, after, stats = _bench_idle(server, _BENCH_IDLE_CONNECTIONS)
     print('\n%d idle keep-alive connections (server says active=%s): RssAnon %.1f -> %.1f MiB '
