@@ -3240,12 +3240,20 @@ class TestRingHelpers(unittest.TestCase):
         send = (tw.IORING_OP_SENDMSG, tw.IOSQE_IO_LINK | tw.IOSQE_CQE_SKIP_SUCCESS, 0, 4, 0,
                 0x8000, 0, tw.MSG_NOSIGNAL | tw.MSG_WAITALL, 90)
         recv = (tw.IORING_OP_RECV, 0, 0, 4, 0, 0x9000, 512, 0, 91)
+        pair = self.ring.sendmsg_recv_pair(4, 0x8000, tw.MSG_NOSIGNAL | tw.MSG_WAITALL, 90,
+                                           0x9000, 512, 91)
         for _ in range(self.ring.sq_entries):
             self.ring.to_submit = 0
-            self.ring.prep_sendmsg_recv(4, 0x8000, tw.MSG_NOSIGNAL | tw.MSG_WAITALL, 90,
-                                        0x9000, 512, 91)
+            self.ring.prep_pair(pair)
             self.assertEqual((self.last_sqe(2), self.last_sqe(1)), (send, recv))
             self.ring.sq_tail -= 1  # the next pair starts one SQE further on
+
+    def test_setup_description_names_the_flags_it_got(self):
+        text = self.ring.setup_description()
+        for name in ('SUBMIT_ALL', 'COOP_TASKRUN', 'SINGLE_ISSUER', 'DEFER_TASKRUN'):
+            self.assertEqual(name in text, bool(self.ring.flags & getattr(tarweb, 'IORING_SETUP_' + name)),
+                             text)
+        self.assertIn('%d SQEs' % self.ring.sq_entries, text)
 
     def test_timeout_completes(self):
         """A submitted prep_timeout comes back with its user_data and -ETIME."""
