@@ -10,7 +10,7 @@ RUNS ?= 1
 # The server's --crypto in `make demo` and `make peerbench`: auto, libcrypto or python.
 CRYPTO ?= auto
 
-.PHONY: test test-tls test-ktls fuzz demo bench bench-quick peerbench clean
+.PHONY: test test-tls test-ktls fuzz demo bench bench-quick profile peerbench clean
 
 # Everything with the default crypto backend (TARWEB_TEST_CRYPTO unset: python), then the TLS
 # classes again with libcrypto.
@@ -69,6 +69,11 @@ bench bench-quick:
 	    fi; \
 	fi
 	$(PYTHON) test_tarweb.py bench $(if $(filter bench-quick,$@),--quick)
+
+# Where the server's CPU goes under W1 (WORKLOAD=W1b or W2 for the others): a sampling profile.
+WORKLOAD ?= W1
+profile:
+	$(PYTHON) test_tarweb.py profile $(WORKLOAD)
 
 peerbench:
 	@test -f $(PEERBENCH)/peerbench.sh || { echo "peerbench: $(PEERBENCH)/peerbench.sh not found (set PEERBENCH=DIR)"; exit 1; }

@@ -5,6 +5,7 @@
     make test-ktls                              the kTLS subset (KTLS_TESTS), inside ../shared/ktls-vm
     python3 test_tarweb.py bench [--quick]      benchmark: HTTP and HTTPS load (wrk, ab), crypto (section 5)
     python3 test_tarweb.py demo-site OUT.tar    write the demo site tar
+    python3 test_tarweb.py profile [W1|W1b|W2]  where the server's CPU goes (make profile)
     python3 test_tarweb.py fuzz [--http N] [--tls N] [--seed S] [--jobs J] [--only KIND:INDEX]
                                                 mutation fuzzing (make fuzz; section 6)
 
@@ -36,11 +37,11 @@ Contents, in the layer order of tarweb.py:
      ssl with http.client, curl, s_client, section 3's hand-driven client over TCP); interoperability
      and certificate types; HTTP over TLS, record buffering, few slots; hostile input, handshake
      deadline; plain and TLS listeners; TLS start-up errors; kernel TLS (TestKTLS, make test-ktls)
-  5. Demo site and benchmark harness: shared helpers; HTTP (W1, W2, idle connections, strace);
-     pure-Python crypto and server handshakes; TLS load (W3 handshakes, W4/W5 HTTPS)
+  5. Demo site and benchmark harness: shared helpers; HTTP (W1, W1b, W2, idle connections, strace);
+     pure-Python crypto and server handshakes; TLS load (W3 handshakes, W4/W5 HTTPS); profile
   6. Fuzzing: mutation fuzzers for Site.respond (and find_head_end, parse_range, normalise_path,
      accept_encoding_choice) and TLSServer.receive from captured client flights; TestFuzzSlice
-  7. Command line: bench, demo-site, fuzz, or the tests
+  7. Command line: bench, profile, demo-site, fuzz, or the tests
 Test classes are all named TestX.
 """
 
@@ -58,6 +59,7 @@ import hmac
 import http.client
 import importlib.util
 import io
+import json
 import os
 import platform
 import queue
@@ -9512,7 +9514,8 @@ def _bench_ktls_note():
         return True, ('kernel TLS available (%s): after the handshake the kernel encrypts records'
                       % ', '.join(_BENCH_SUITE_NAMES.get(s, hex(s)) for s in sorted(suites)))
     return False, ('kernel TLS unavailable (%s): W4/W5 measure the userspace record-layer fallback '
-                   '(records sealed and opened in pure Python), not kTLS' % why)
+                   '(records sealed and opened by each --crypto backend in this process), not kTLS'
+                   % why)
 
 
 def _bench_w3_runs(tar_path, seconds, server_cpu, client_cpu):
@@ -9606,6 +9609,55 @@ def bench_tls(quick=False):
     return status
 
 
+# --- profile: where the server's CPU goes under a workload -------------------------------------------
+
+# Runs in the server's process: counts the Python function running at every millisecond of its
+# CPU time (user and kernel: a sample in sys_io_uring_enter is the kernel's work; the kernel's tick
+# may space them wider, 4 ms at HZ=250), runs tarweb.py as __main__, and writes the counts to
+# $TARWEB_PROFILE_OUT when the server exits.
+_PROFILE_SAMPLER = (
+    'import atexit, collections, json, os, runpy, signal, sys\n'
+    'counts = collections.Counter()\n'
+    'signal.signal(signal.SIGPROF, lambda signum, frame: counts.update((frame.f_code.co_name,)))\n'
+    'signal.setitimer(signal.ITIMER_PROF, 0.001, 0.001)\n'
+    '@atexit.register\n'
+    'def dump():\n'
+    '    signal.setitimer(signal.ITIMER_PROF, 0, 0)\n'
+    '    with open(os.environ["TARWEB_PROFILE_OUT"], "w") as f:\n'
+    '        json.dump(counts, f)\n'
+    'sys.argv = sys.argv[1:]\n'
+    'runpy.run_path(sys.argv[0], run_name="__main__")\n')
+_PROFILE_WORKLOADS = ('W1', 'W1b', 'W2')
+
+
+def profile(workload, seconds=5):
+    """Sample the server's CPU under one plain-HTTP workload of bench_http and print where it
+    went, by Python function (a sampling profile: the tool, not a dependency) → exit status."""
+    if _bench_no_tools('wrk'):
+        return 1
+    server_cpu, client_cpu, pin_note = _bench_cpus()
+    with tempfile.TemporaryDirectory(prefix='tarweb-profile-') as tmp:
+        tar_path, out = os.path.join(tmp, 'site.tar'), os.path.join(tmp, 'samples.json')
+        make_demo_site(tar_path)
+        os.environ['TARWEB_PROFILE_OUT'] = out
+        server = ServerProc(tar_path, '-q', prefix=_bench_pin(server_cpu),
+                            python=(PY, '-c', _PROFILE_SAMPLER))
+        try:
+            path, conns, script = {'W1': ('/small.html', 50, None), 'W2': ('/large.bin', 4, None),
+                                   'W1b': ('/', 50, _bench_w1b_script(server, tmp))}[workload]
+            run = _bench_wrk(_bench_url(server, path), conns, seconds, client_cpu, script=script)
+        finally:
+            server.stop()
+        with open(out) as f:
+            counts = json.load(f)
+    total = sum(counts.values())
+    print('%s: %.0f req/s; %s; %d samples of the server\'s CPU, by function:'
+          % (workload, run['requests'] / run['seconds'], pin_note, total))
+    for name, n in sorted(counts.items(), key=lambda item: -item[1])[:25]:
+        print('%6.1f %%  %s' % (n * 100 / total, name))
+    return 0
+
+
 def bench(quick=False):
     """Every benchmark section; returns the exit status (non-zero if any section failed)."""
     try:
@@ -9625,6 +9677,12 @@ def run_command(argv):
             print('usage: %s bench [--quick]' % sys.argv[0], file=sys.stderr)
             return 2
         return bench(quick='--quick' in argv)
+    if argv[:1] == ['profile']:
+        if len(argv) > 2 or argv[1:] and argv[1] not in _PROFILE_WORKLOADS:
+            print('usage: %s profile [%s]' % (sys.argv[0], '|'.join(_PROFILE_WORKLOADS)),
+                  file=sys.stderr)
+            return 2
+        return profile(argv[1] if len(argv) > 1 else 'W1')
     if argv[:1] == ['fuzz']:
         return fuzz_main(argv[1:])
     if argv[:1] == ['demo-site']:
@@ -9659,9 +9717,10 @@ class TestDemoSite(unittest.TestCase):
 
     def test_command_line(self):
         with contextlib.redirect_stderr(io.StringIO()) as err:
-            for argv in (['bench', '--slow'], ['demo-site'], ['demo-site', 'a.tar', 'b.tar']):
+            for argv in (['bench', '--slow'], ['demo-site'], ['demo-site', 'a.tar', 'b.tar'],
+                         ['profile', 'W9'], ['profile', 'W1', 'W2']):
                 self.assertEqual(run_command(argv), 2, argv)
-        self.assertEqual(err.getvalue().count('usage: '), 3)
+        self.assertEqual(err.getvalue().count('usage: '), 5)
         self.assertIsNone(run_command(['-v']))   # anything else: the unit tests
 
 
