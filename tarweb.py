@@ -3227,6 +3227,27 @@ def check_key_matches_cert(key, cert_der):
                          f"certificate: {cert_desc})")
 
 
+_PKI_OID_SUBJECT_ALT_NAME = "2.5.29.17"
+
+
+def certificate_dns_names(cert_der):
+    """The dNSName entries of a certificate's subjectAltName (RFC 5280 §4.2.1.6), lower-case;
+    none without the extension."""
+    cert = der_sequence(cert_der, 3, "certificate")
+    for tag, value in der_children(der_field(cert[0], 0x30, "certificate")):
+        if tag != 0xa3:   # extensions: [3] EXPLICIT, the last field of tbsCertificate
+            continue
+        for extension in der_sequence(value, 0, "extensions"):
+            fields = der_children(der_field(extension, 0x30, "extension"))
+            if len(fields) >= 2 and der_to_oid(der_field(fields[0], 0x06, "extension")) == \
+                    _PKI_OID_SUBJECT_ALT_NAME:
+                names = der_sequence(der_field(fields[-1], 0x04, "subjectAltName"), 0,
+                                     "subjectAltName")
+                return [name.decode("ascii", "replace").lower() for kind, name in names
+                        if kind == 0x82]   # dNSName: [2] IMPLICIT IA5String
+    return []
+
+
 _PKI_OID_ECDSA_SHA256 = "1.2.840.10045.4.3.2"
 _PKI_OID_COMMON_NAME = "2.5.4.3"
 _PKI_OID_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
@@ -3952,7 +3973,9 @@ _TLS_SUITES = {
 
 TLS_GROUP_X25519 = 0x001d
 TLS_GROUP_SECP256R1 = 0x0017
-_TLS_GROUP_PREFERENCE = (TLS_GROUP_X25519, TLS_GROUP_SECP256R1)
+TLS_GROUP_SECP384R1 = 0x0018
+_TLS_GROUP_PREFERENCE = (TLS_GROUP_X25519, TLS_GROUP_SECP256R1, TLS_GROUP_SECP384R1)
+_TLS_GROUP_CURVES = {TLS_GROUP_SECP256R1: SECP256R1, TLS_GROUP_SECP384R1: SECP384R1}  # ECDHE
 
 _TLS_VERSION_13 = 0x0304
 _TLS_LEGACY_VERSION = 0x0303
@@ -4126,7 +4149,11 @@ def _tls_next_record(buf, pos):
 
 
 def _tls_check_alert_body(body):
-    # §5.1: alerts are never fragmented or coalesced, so an alert record holds exactly 2 bytes.
+    # §5.1: alerts are never fragmented or coalesced, so an alert record holds exactly 2 bytes;
+    # an empty one is not a short alert but a record that must not exist, as an empty handshake
+    # record is: unexpected_message (§5.1, §5.4).
+    if not body:
+        raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "empty alert record")
     if len(body) != 2:
         raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, f"alert record of {len(body)} bytes")
     return body[1]
@@ -4154,8 +4181,9 @@ class PythonCrypto:
         """(our key_share, shared secret); ValueError for a bad peer share."""
         if group == TLS_GROUP_X25519:
             return x25519_ephemeral_shared(peer_share)
-        private, public = ec_keypair(SECP256R1)
-        return public, ecdh_shared(SECP256R1, private, peer_share)
+        curve = _TLS_GROUP_CURVES[group]
+        private, public = ec_keypair(curve)
+        return public, ecdh_shared(curve, private, peer_share)
 
     def signing_key(self, key):
         return key
@@ -4182,7 +4210,7 @@ class LibcryptoCrypto:
         """(our key_share, shared secret); ValueError for a bad peer share."""
         if group == TLS_GROUP_X25519:
             return self.lib.x25519_ephemeral_shared(peer_share)
-        return self.lib.ecdh_ephemeral(SECP256R1, peer_share)
+        return self.lib.ecdh_ephemeral(_TLS_GROUP_CURVES[group], peer_share)
 
     def signing_key(self, key):
         """An object like key (a PrivateKey) whose sign() runs in libcrypto."""
@@ -4733,7 +4761,7 @@ class _TLSClientHello:
 
 class TLSConfig:
     """What every connection shares: key, certificate chain (DER, leaf first), ALPN, suites,
-    and the crypto backend.
+    and the crypto backend; with more, further (key, chain) pairs chosen by server_name.
 
     alpn is the server's order of preference; an empty alpn ignores the client's ALPN offer.
     cipher_preference is the server's order of preference among the three TLS 1.3 suites.
@@ -4743,23 +4771,50 @@ class TLSConfig:
 
     def __init__(self, key, cert_chain, alpn=(b"http/1.1",),
                  cipher_preference=(TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_GCM_SHA256,
-                                    TLS_AES_256_GCM_SHA384), crypto=PYTHON_CRYPTO):
-        if not cert_chain:
-            raise ValueError("TLSConfig: the certificate chain is empty")
+                                    TLS_AES_256_GCM_SHA384), crypto=PYTHON_CRYPTO, more=()):
         for suite in cipher_preference:
             if suite not in _TLS_SUITES:
                 raise ValueError(f"TLSConfig: unknown TLS 1.3 cipher suite 0x{suite:04x}")
         for protocol in alpn:
             if not 1 <= len(protocol) <= 255:
                 raise ValueError("TLSConfig: ALPN protocol names must be 1..255 bytes")
-        if not key.signature_schemes:
-            raise ValueError("TLSConfig: the key offers no signature scheme")
         self.crypto = crypto
-        self.key = crypto.signing_key(key)
-        self.cert_chain = [bytes(der) for der in cert_chain]
         self.alpn = tuple(bytes(p) for p in alpn)
         self.cipher_preference = tuple(cipher_preference)
-        # The Certificate message (§4.4.2) is the same for every handshake: build it once.
+        # more: further (key, chain) pairs, chosen by the client's server_name (identity_for).
+        self.identities = [_TLSIdentity(k, chain, crypto) for k, chain in [(key, cert_chain),
+                                                                           *more]]
+        self.key = self.identities[0].key
+        self.cert_chain = self.identities[0].cert_chain
+        self.certificate_message = self.identities[0].certificate_message
+
+    def identity_for(self, server_name):
+        """The identity whose certificate names server_name: an exact subjectAltName DNS name
+        first, then a "*." wildcard standing for its one leftmost label (RFC 6125 §6.4.3, as
+        browsers read it); the first identity without a server_name or a match."""
+        if server_name:
+            label, _, parent = server_name.partition(".")
+            for identity in self.identities:
+                if server_name in identity.names:
+                    return identity
+            for identity in self.identities:
+                if label and parent and "*." + parent in identity.names:
+                    return identity
+        return self.identities[0]
+
+
+class _TLSIdentity:
+    """A signing key and its certificate chain: the Certificate message (§4.4.2), built once,
+    and the DNS names the leaf certificate is for."""
+
+    def __init__(self, key, cert_chain, crypto):
+        if not cert_chain:
+            raise ValueError("TLSConfig: the certificate chain is empty")
+        if not key.signature_schemes:
+            raise ValueError("TLSConfig: the key offers no signature scheme")
+        self.key = crypto.signing_key(key)
+        self.cert_chain = [bytes(der) for der in cert_chain]
+        self.names = set(certificate_dns_names(self.cert_chain[0]))
         entries = b"".join(_tls_vec24(der) + _tls_vec16(b"") for der in self.cert_chain)
         self.certificate_message = _tls_handshake_message(_TLS_HS_CERTIFICATE,
                                                           _tls_vec8(b"") + _tls_vec24(entries))
@@ -4977,9 +5032,13 @@ class TLSServer(_TLSRecordReader):
         schemes = hello.uint16_extension(_TLS_EXT_SIGNATURE_ALGORITHMS, "signature_algorithms")
         shares = hello.key_shares()
         # §9.2: without a PSK, signature_algorithms, supported_groups and key_share are all
-        # mandatory. A PSK-only hello is well-formed, but we cannot complete it.
-        for present, name in ((schemes, "signature_algorithms"), (groups, "supported_groups"),
-                              (shares, "key_share")):
+        # mandatory. A PSK-only hello (psk_ke) is well-formed, but we cannot complete it. We
+        # always authenticate with a certificate, so no signature_algorithms is missing_extension
+        # whatever else the hello has (§4.2.3).
+        if schemes is None:
+            raise _TLSFatal(_TLS_ALERT_MISSING_EXTENSION,
+                            "ClientHello without signature_algorithms")
+        for present, name in ((groups, "supported_groups"), (shares, "key_share")):
             if present is None:
                 alert = (_TLS_ALERT_HANDSHAKE_FAILURE if _TLS_EXT_PRE_SHARED_KEY in hello.extensions
                          else _TLS_ALERT_MISSING_EXTENSION)
@@ -5019,11 +5078,12 @@ class TLSServer(_TLSRecordReader):
                         f"no common ALPN protocol (client offered {names})")
 
     def _choose_certificate(self, schemes):
-        """(key, Certificate message, signature scheme): the one certificate there is, signed
-        with our first scheme the client accepts. A choice by SNI or for a resumed session
-        would be made here."""
-        scheme = self._choose(self.config.key.signature_schemes, schemes, "signature scheme")
-        return self.config.key, self.config.certificate_message, scheme
+        """(key, Certificate message, signature scheme): the certificate for the client's
+        server_name (TLSConfig.identity_for), signed with our first scheme the client accepts
+        for its key."""
+        identity = self.config.identity_for(self.sni)
+        scheme = self._choose(identity.key.signature_schemes, schemes, "signature scheme")
+        return identity.key, identity.certificate_message, scheme
 
     def _check_retried_hello(self, hello):
         """§4.1.2: the second ClientHello repeats the first except for key_share and friends."""
@@ -5219,10 +5279,10 @@ def ktls_probe():
 
 
 class TLSContext:
-    """What every TLS connection shares: certificate, key, cipher policy, crypto backend and kTLS
-    support."""
+    """What every TLS connection shares: certificates and keys, cipher policy, crypto backend and
+    kTLS support."""
 
-    def __init__(self, key, chain, ktls_mode, crypto, log):
+    def __init__(self, identities, ktls_mode, crypto, log):
         self.ktls_suites, why = ktls_probe() if ktls_mode != "off" else (set(), "")
         if ktls_mode == "require" and not self.ktls_suites:
             raise StartupError(f"--ktls require: kernel TLS is not available ({why}); load it "
@@ -5233,7 +5293,8 @@ class TLSContext:
             log.warn(f"kernel TLS unavailable ({why}): TLS records are encrypted in userspace "
                      f"({crypto.name}), {slower}; fix: 'modprobe tls' (CONFIG_TLS)")
         self.log = log
-        self.config = TLSConfig(key, chain, alpn=(b"http/1.1",), crypto=crypto,
+        (key, chain), *more = identities
+        self.config = TLSConfig(key, chain, alpn=(b"http/1.1",), crypto=crypto, more=more,
                                 cipher_preference=self.cipher_preference(crypto))
 
     def cipher_preference(self, crypto):
@@ -6432,9 +6493,12 @@ def parse_args(argv):
                    "HTTPS when a certificate is given and there is no --tls-listen")
     p.add_argument("--tls-listen", action="append", type=parse_listen, metavar="ADDR:PORT",
                    help="address for HTTPS, repeatable; --listen addresses then stay plain HTTP")
-    p.add_argument("-C", "--tls-cert", "--cert", metavar="FILE",
-                   help="PEM certificate chain, leaf first (turns TLS on)")
-    p.add_argument("-P", "--tls-key", "--key", metavar="FILE", help="PEM private key")
+    p.add_argument("-C", "--tls-cert", "--cert", action="append", metavar="FILE",
+                   help="PEM certificate chain, leaf first (turns TLS on); repeatable with "
+                   "--tls-key, in pairs: a client gets the certificate whose subjectAltName "
+                   "names its server_name, else the first")
+    p.add_argument("-P", "--tls-key", "--key", action="append", metavar="FILE",
+                   help="PEM private key of the --tls-cert in the same position")
     p.add_argument("--tls-self-signed", action="store_true",
                    help="TLS with a certificate made at start for localhost (for trying out)")
     p.add_argument("--ktls", choices=("auto", "require", "off"), default="auto",
@@ -6465,8 +6529,8 @@ def parse_args(argv):
     p.add_argument("-q", "--quiet", action="count", default=0)
     p.add_argument("--version", action="version", version=f"tarweb.py {__version__}")
     opts = p.parse_args(argv)
-    if (opts.tls_cert is None) != (opts.tls_key is None):
-        p.error("--tls-cert and --tls-key go together")
+    if len(opts.tls_cert or ()) != len(opts.tls_key or ()):
+        p.error("--tls-cert and --tls-key go together, in pairs: give as many of each")
     if opts.tls_self_signed and opts.tls_cert:
         p.error("--tls-self-signed replaces --tls-cert/--tls-key: give one or the other")
     if opts.cache_control is not None and not HEADER_VALUE.fullmatch(opts.cache_control):
@@ -6491,27 +6555,37 @@ def listener_specs(opts):
     return [(spec, opts.tls) for spec in opts.listen]
 
 
-def load_tls_identity(opts):
-    """(PrivateKey, [DER certificates]) from the files, or a fresh self-signed pair."""
+def load_tls_identities(opts):
+    """[(PrivateKey, [DER certificates])], a pair per --tls-cert/--tls-key, or a fresh
+    self-signed pair."""
     if opts.tls_self_signed:
         key, cert = make_self_signed()
-        return key, [cert]
+        return [(key, [cert])]
+    return [load_tls_identity(cert, key) for cert, key in zip(opts.tls_cert, opts.tls_key)]
+
+
+def load_tls_identity(cert_path, key_path):
+    """(PrivateKey, [DER certificates]) from the files; a StartupError naming the one at fault."""
     try:
-        with open(opts.tls_key, "rb") as f:
+        with open(key_path, "rb") as f:
             key_pem = f.read()
-        with open(opts.tls_cert, "rb") as f:
+        with open(cert_path, "rb") as f:
             chain_pem = f.read()
     except OSError as e:
         raise StartupError(f"{e.filename}: cannot read: {e.strerror}")
     try:
         key = load_private_key(key_pem)
     except ValueError as e:
-        raise StartupError(f"{opts.tls_key}: {e}")
+        raise StartupError(f"{key_path}: {e}")
     try:
         chain = load_cert_chain(chain_pem)
+        certificate_dns_names(chain[0])   # what the SNI choice reads must be readable
+    except ValueError as e:
+        raise StartupError(f"{cert_path}: {e}")
+    try:
         check_key_matches_cert(key, chain[0])
     except ValueError as e:
-        raise StartupError(f"{opts.tls_cert}: {e}")
+        raise StartupError(f"{cert_path} and {key_path}: {e}")
     return key, chain
 
 
@@ -6574,12 +6648,12 @@ def release_startup_memory():
 
 def serve(opts, log):
     """Start-up in the order that fails fastest, then run until SIGTERM, SIGINT or SIGHUP."""
-    identity = load_tls_identity(opts) if opts.tls else None  # key files first, never logged
-    crypto = choose_crypto(opts.crypto, log) if identity else None
+    identities = load_tls_identities(opts) if opts.tls else None  # keys first, never logged
+    crypto = choose_crypto(opts.crypto, log) if identities else None
     access_log = open_access_log(opts.access_log, log)
     archive = Archive(opts.tar, opts.prefix, log)
     site = Site(archive, opts.cache_control)
-    tls = TLSContext(identity[0], identity[1], opts.ktls, crypto, log) if identity else None
+    tls = TLSContext(identities, opts.ktls, crypto, log) if identities else None
     specs = listener_specs(opts)
     limits = Limits(max_connections=raise_fd_limit(opts.max_connections, len(specs), log),
                     header_timeout=opts.header_timeout, idle_timeout=opts.idle_timeout,
