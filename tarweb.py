@@ -3926,6 +3926,7 @@ _TLS_EXT_EARLY_DATA = 42
 _TLS_EXT_SUPPORTED_VERSIONS = 43
 _TLS_EXT_PSK_KEY_EXCHANGE_MODES = 45
 _TLS_EXT_KEY_SHARE = 51
+_TLS_EXT_PADDING = 21   # RFC 7685
 
 _TLS_ALERT_CLOSE_NOTIFY = 0
 _TLS_ALERT_UNEXPECTED_MESSAGE = 10
@@ -4635,6 +4636,16 @@ class RecordLayer(_TLSRecordReader):
 _TLS_EXTENSION_HEADER = struct.Struct(">HH")
 
 
+def _tls_retry_invariant(hello):
+    """What a second ClientHello must repeat of the first (§4.1.2): every extension, in the same
+    order and with the same data, except that key_share (checked apart) and pre_shared_key (its
+    ages and binders are recomputed) may change their data, early_data may go (checked apart)
+    and padding may come, go or change."""
+    return [(ext_type, None if ext_type in (_TLS_EXT_KEY_SHARE, _TLS_EXT_PRE_SHARED_KEY) else data)
+            for ext_type, data in hello.extensions.items()
+            if ext_type not in (_TLS_EXT_EARLY_DATA, _TLS_EXT_PADDING)]
+
+
 def _tls_parse_extensions(block, extensions):
     """Fill extensions (type -> extension_data) from a ClientHello's extension block; return the
     last type.  A plain loop over struct headers: a browser's hello carries some twenty."""
@@ -4867,6 +4878,7 @@ class TLSServer(_TLSRecordReader):
         self._rx = None                  # client handshake traffic protection, once SH is out
         self._tx = None                  # server handshake traffic protection, once SH is out
         self._ccs_sent = False
+        self._ccs_received = False      # the client's compatibility CCS (one at most)
         self._early_data_budget = 0      # bytes of refused 0-RTT records we may still skip
         self._client_finished = None     # the verify_data the client must send
         self._app_secrets = None
@@ -4951,8 +4963,14 @@ class TLSServer(_TLSRecordReader):
     def _on_change_cipher_spec(self, body):
         # Appendix D.4: a compatibility CCS (exactly 0x01) may arrive after the first
         # ClientHello and before the client Finished; it is dropped. Anything else is fatal.
-        if self._first_hello is None or body != b"\x01" or self._handshake.pending():
+        # §5 says to drop "an unencrypted record of type change_cipher_spec", which some read as
+        # any number of them; a client sends one (D.4: "immediately before its second flight"),
+        # and more serve no middlebox, so a second one is unexpected_message, as TLS test
+        # suites expect.
+        if self._first_hello is None or body != b"\x01" or self._handshake.pending() \
+                or self._ccs_received:
             raise _TLSFatal(_TLS_ALERT_UNEXPECTED_MESSAGE, "unexpected change_cipher_spec")
+        self._ccs_received = True
 
     def _on_alert(self, code):
         if self._handshake.pending():
@@ -5091,10 +5109,8 @@ class TLSServer(_TLSRecordReader):
         same = (hello.legacy_version == first.legacy_version and hello.random == first.random
                 and hello.session_id == first.session_id
                 and hello.cipher_suites == first.cipher_suites
-                and hello.compression_methods == first.compression_methods)
-        for ext_type in (_TLS_EXT_SERVER_NAME, _TLS_EXT_SUPPORTED_GROUPS,
-                         _TLS_EXT_SIGNATURE_ALGORITHMS, _TLS_EXT_ALPN, _TLS_EXT_SUPPORTED_VERSIONS):
-            same = same and hello.extensions.get(ext_type) == first.extensions.get(ext_type)
+                and hello.compression_methods == first.compression_methods
+                and _tls_retry_invariant(hello) == _tls_retry_invariant(first))
         if not same:
             raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
                             "second ClientHello differs from the first")

@@ -6279,6 +6279,11 @@ class TestTLSServerErrors(TLSCertsCase):
         client.finish_server_flight(reply)
         out = client.send(plaintext_record(20, b'\x02'))
         self.assertEqual(client.decrypt_alert(out), 10)
+        # One compatibility CCS is dropped; a second one has no purpose: unexpected_message.
+        client = MiniClient()
+        client.finish_server_flight(client.start())
+        self.assertEqual(client.send(plaintext_record(20, b'\x01')), b'')
+        self.assertEqual(client.decrypt_alert(client.send(plaintext_record(20, b'\x01'))), 10)
 
     def test_records_interleaved_with_a_fragmented_message(self):
         for between in (plaintext_record(20, b'\x01'), plaintext_record(21, b'\x01\x00')):
@@ -6451,7 +6456,9 @@ class TestHelloRetryRequest(TLSCertsCase):
                           dict(share_groups=(X25519, P256)),  # more than one share
                           dict(early_data=True),
                           dict(alpn=(b'http/1.1', b'h2')),
-                          dict(suites=(0x1301,))):
+                          dict(suites=(0x1301,)),
+                          dict(omit=(0,), trailing=((0, vec16(b'\x00' + vec16(b'localhost'))),)),
+                          dict(extra=((0x1234, b'new'),))):   # reordered, added
             client = MiniClient(groups=(X25519, P256, X448), share_groups=(X448,))
             client.start()
             self.assertFalse(client.server.failed, client.server.error)
@@ -6459,6 +6466,14 @@ class TestHelloRetryRequest(TLSCertsCase):
             out = client.send(plaintext_record(22, second))
             self.assertTrue(client.server.failed, overrides)
             self.assertEqual(out, plaintext_alert(47), (overrides, client.server.error))
+
+    def test_second_client_hello_may_change_padding(self):
+        client = MiniClient(groups=(X25519, P256, X448), share_groups=(X448,),
+                            trailing=((21, bytes(7)),))
+        reply = client.start()
+        client.finish_server_flight(client.retry(reply, trailing=((21, bytes(30)),)))
+        client.send(client.finished_record())
+        self.assertEqual(self.assert_done(client).group, X25519)
 
     def test_second_client_hello_with_new_random(self):
         client = MiniClient(share_groups=())
@@ -8050,6 +8065,39 @@ class TestHostileTLS(HTTPSServerCase):
 
     def hello(self, **options):
         return plaintext_record(22, NetClient().client_hello(**options))
+
+    def test_one_alert_and_nothing_after_it(self):
+        # A Finished claiming ~16 MB: one decode_error, under the handshake key, and then
+        # nothing more, whatever the client still sends.
+        c = NetClient(self.addr).connect()
+        c.send(c.tx.seal(22, b'\x14' + (0xfffff0).to_bytes(3, 'big') + bytes(40)))
+        time.sleep(T(0.2))
+        c.send(c.tx.seal(22, bytes(100)) + plaintext_record(21, b'\x02\x0a'))
+        data, closed = c.read_all()
+        c.close()
+        self.assertTrue(closed)
+        self.assertEqual(len(parse_records(data)), 1, data)
+        self.assertEqual(c.decrypt_alert(data), 50)
+        self.assert_survived(1)
+
+    def test_large_client_hello_over_several_records(self):
+        # 30,000 signature schemes: a 60 KB ClientHello in four records is answered; one over
+        # the 64 KiB limit on a handshake message (_TLS_MAX_HANDSHAKE_MESSAGE) is decode_error.
+        c = NetClient(self.addr, schemes=tuple(range(0x0900, 0x0900 + 30000)) + DEFAULT_SCHEMES)
+        c.hello = c.client_hello()
+        self.assertGreater(len(c.hello), 60000)
+        c.send(b''.join(plaintext_record(22, c.hello[i:i + 16384])
+                        for i in range(0, len(c.hello), 16384)))
+        c.read_flight()
+        plain, events, _ = c.finish_with_request('/small.txt')
+        self.assertTrue(plain.endswith(SMALL), (plain[-100:], events))
+        self.srv.assert_idle()
+        self.before = self.srv.stats()   # assert_alert counts from here
+        big = NetClient(schemes=tuple(range(0x0900, 0x0900 + 30000)) + DEFAULT_SCHEMES,
+                        suites=(0x1301,) + tuple(range(0x2000, 0x2000 + 3000))).client_hello()
+        self.assertGreater(len(big) - 4, 1 << 16)
+        self.assert_alert(50, b''.join(plaintext_record(22, big[i:i + 16384])
+                                       for i in range(0, len(big), 16384)))
 
     def test_truncated_client_hello_then_close(self):
         hello = self.hello()
