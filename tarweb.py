@@ -3976,6 +3976,8 @@ TLS_GROUP_X25519 = 0x001d
 TLS_GROUP_SECP256R1 = 0x0017
 TLS_GROUP_SECP384R1 = 0x0018
 _TLS_GROUP_PREFERENCE = (TLS_GROUP_X25519, TLS_GROUP_SECP256R1, TLS_GROUP_SECP384R1)
+TLS_GROUP_NAMES = {"x25519": TLS_GROUP_X25519, "p256": TLS_GROUP_SECP256R1,   # --tls-groups
+                   "p384": TLS_GROUP_SECP384R1}
 _TLS_GROUP_CURVES = {TLS_GROUP_SECP256R1: SECP256R1, TLS_GROUP_SECP384R1: SECP384R1}  # ECDHE
 
 _TLS_VERSION_13 = 0x0304
@@ -4775,14 +4777,16 @@ class TLSConfig:
     and the crypto backend; with more, further (key, chain) pairs chosen by server_name.
 
     alpn is the server's order of preference; an empty alpn ignores the client's ALPN offer.
-    cipher_preference is the server's order of preference among the three TLS 1.3 suites.
+    cipher_preference is the server's order of preference among the three TLS 1.3 suites, and
+    groups among the key exchange groups (TLS_GROUP_*).
     crypto (section 6.3) does the key exchange and record protection; key becomes its signing
     key.
     """
 
     def __init__(self, key, cert_chain, alpn=(b"http/1.1",),
                  cipher_preference=(TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_GCM_SHA256,
-                                    TLS_AES_256_GCM_SHA384), crypto=PYTHON_CRYPTO, more=()):
+                                    TLS_AES_256_GCM_SHA384), crypto=PYTHON_CRYPTO, more=(),
+                 groups=_TLS_GROUP_PREFERENCE):
         for suite in cipher_preference:
             if suite not in _TLS_SUITES:
                 raise ValueError(f"TLSConfig: unknown TLS 1.3 cipher suite 0x{suite:04x}")
@@ -4792,6 +4796,9 @@ class TLSConfig:
         self.crypto = crypto
         self.alpn = tuple(bytes(p) for p in alpn)
         self.cipher_preference = tuple(cipher_preference)
+        if not groups or any(group not in _TLS_GROUP_PREFERENCE for group in groups):
+            raise ValueError(f"TLSConfig: groups must be among {_TLS_GROUP_PREFERENCE}")
+        self.groups = tuple(groups)
         # more: further (key, chain) pairs, chosen by the client's server_name (identity_for).
         self.identities = [_TLSIdentity(k, chain, crypto) for k, chain in [(key, cert_chain),
                                                                            *more]]
@@ -5067,7 +5074,7 @@ class TLSServer(_TLSRecordReader):
                                 f"key_share for group 0x{group:04x} not in supported_groups")
         suite = self._choose(self.config.cipher_preference, hello.cipher_suites, "cipher suite")
         certificate = self._choose_certificate(schemes)
-        common_groups = [g for g in _TLS_GROUP_PREFERENCE if g in groups]
+        common_groups = [g for g in self.config.groups if g in groups]
         if not common_groups:
             raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, "no common key exchange group")
         for group in common_groups:
@@ -5298,7 +5305,7 @@ class TLSContext:
     """What every TLS connection shares: certificates and keys, cipher policy, crypto backend and
     kTLS support."""
 
-    def __init__(self, identities, ktls_mode, crypto, log):
+    def __init__(self, identities, groups, ktls_mode, crypto, log):
         self.ktls_suites, why = ktls_probe() if ktls_mode != "off" else (set(), "")
         if ktls_mode == "require" and not self.ktls_suites:
             raise StartupError(f"--ktls require: kernel TLS is not available ({why}); load it "
@@ -5311,7 +5318,7 @@ class TLSContext:
         self.log = log
         (key, chain), *more = identities
         self.config = TLSConfig(key, chain, alpn=(b"http/1.1",), crypto=crypto, more=more,
-                                cipher_preference=self.cipher_preference(crypto))
+                                groups=groups, cipher_preference=self.cipher_preference(crypto))
 
     def cipher_preference(self, crypto):
         """The backend's order (cheapest first), except that suites the kernel's TLS lacks go
@@ -6488,6 +6495,16 @@ def listener_url(sock, tls):
     return f"{'https' if tls else 'http'}://{host}:{port}/"
 
 
+def tls_groups(text):
+    """--tls-groups: comma-separated TLS_GROUP_NAMES -> their codes, in that order."""
+    names = [name.strip().lower() for name in text.split(",")]
+    unknown = [name for name in names if name not in TLS_GROUP_NAMES]
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"'{text}': give some of {', '.join(TLS_GROUP_NAMES)}, "
+                                         f"each once, comma-separated")
+    return tuple(TLS_GROUP_NAMES[name] for name in names)
+
+
 def positive(kind):
     def check(text):
         try:
@@ -6524,6 +6541,9 @@ def parse_args(argv):
                    help="TLS crypto: the host's OpenSSL libcrypto (through ctypes), or pure "
                    "Python (no dependency, slow, not constant-time); auto: libcrypto if it "
                    "loads, else Python with a warning (default auto)")
+    p.add_argument("--tls-groups", type=tls_groups, default=_TLS_GROUP_PREFERENCE,
+                   metavar="LIST", help="key exchange groups in order of preference, from "
+                   f"{', '.join(TLS_GROUP_NAMES)} (default: all three, in that order)")
     p.add_argument("--handshake-timeout", type=positive(float), default=10.0, metavar="S",
                    help="time allowed for a TLS handshake (default 10)")
     p.add_argument("--prefix", default="", help="serve only members under this prefix, "
@@ -6669,7 +6689,7 @@ def serve(opts, log):
     access_log = open_access_log(opts.access_log, log)
     archive = Archive(opts.tar, opts.prefix, log)
     site = Site(archive, opts.cache_control)
-    tls = TLSContext(identities, opts.ktls, crypto, log) if identities else None
+    tls = TLSContext(identities, opts.tls_groups, opts.ktls, crypto, log) if identities else None
     specs = listener_specs(opts)
     limits = Limits(max_connections=raise_fd_limit(opts.max_connections, len(specs), log),
                     header_timeout=opts.header_timeout, idle_timeout=opts.idle_timeout,

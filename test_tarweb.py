@@ -6429,6 +6429,21 @@ class TestHelloRetryRequest(TLSCertsCase):
             server = self.assert_done(client)
             self.assertEqual((server.group, server.cipher_suite), (P384, 0x1302))
 
+    def test_server_group_preference(self):
+        # The server's order decides among the client's shares; a retry only without a usable one.
+        for groups, shares, chosen, retry in (((P256, X25519), (X25519, P256), P256, False),
+                                             ((P384,), (X25519,), P384, True),
+                                             ((P384, X25519), (X25519,), X25519, False)):
+            with self.subTest(groups=groups, shares=shares):
+                client = MiniClient(tls_config(groups=groups), groups=(X25519, P256, P384),
+                                    share_groups=shares)
+                reply = client.start()
+                if retry:
+                    reply = client.retry(reply)
+                client.finish_server_flight(reply)
+                client.send(client.finished_record())
+                self.assertEqual(self.assert_done(client).group, chosen)
+
     def test_hello_retry_request_for_p256(self):
         client = MiniClient(groups=(P256,), share_groups=(), suites=(0x1302,))
         client.finish_server_flight(client.retry(client.start()))
@@ -7471,6 +7486,16 @@ class TestHTTPSOpenSSL(HTTPSServerCase):
     def test_group_p384(self):
         self.assert_s_client_served('Server Temp Key: ECDH, secp384r1', '-groups', 'P-384')
 
+    def test_tls_groups_option(self):
+        # s_client shares X25519 only; a server that takes P-384 alone asks for it (retry).
+        srv = ServerProc(self.tar, *https_args('p256', '--tls-groups', 'p384'))
+        self.addCleanup(srv.stop)
+        rc, out = s_client(srv.addr[1], '-CAfile', tls_file(self.ca), '-groups', 'X25519:P-384',
+                           '-msg', data=request_bytes('/small.txt', headers=[('Connection', 'close')]))
+        self.assertIn('Server Temp Key: ECDH, secp384r1', out)
+        self.assertEqual(len(re.findall(r'>>> TLS 1.3, Handshake \[length \w+\], ClientHello', out)), 2, out)
+        self.assertIn(SMALL.decode(), out)
+
     def test_hello_retry_request(self):
         # s_client shares only its first group (X448, which the server lacks): the server must
         # ask again (HelloRetryRequest) for X25519.
@@ -8379,6 +8404,13 @@ class TestTLSStartupErrors(StartupErrorChecks, unittest.TestCase):
                 if len(key_line) >= 16 and '-----' not in key_line:
                     self.assertNotIn(key_line, out + err, 'key material printed')
         self.assertNotIn('PRIVATE KEY-----', out + err)
+
+    def test_unknown_or_repeated_group(self):
+        for value in ('x448', 'x25519,x25519', 'p256,,p384'):
+            with self.subTest(value=value):
+                self.assert_error(['--tls-cert', self.p256.chain, '--tls-key', self.p256.key,
+                                   '--tls-groups', value], r'--tls-groups.*x25519, p256, p384',
+                                  status=2)
 
     def test_key_not_matching_cert(self):
         self.assert_error(['--tls-cert', self.p256.chain, '--tls-key', self.other_p256_key],
