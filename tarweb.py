@@ -5908,7 +5908,7 @@ class Server:
         last = slot.body_pos == slot.body_end
         end = slot.tls.seal_in_place(view, self.tbuf_addr, records,
                                      close=last and not slot.keep_alive)
-        if last and slot.keep_alive and slot.rlen == 0 and slot.bulk is None:
+        if last and slot.keep_alive and slot.rlen == 0 and not slot.spill and slot.bulk is None:
             self.send_then_recv(slot, self.tbuf_addr + start, end - start, 0, 0)
         else:
             self.submit_send(slot, self.tbuf_addr + start, end - start, 0, 0, False)
