@@ -6125,14 +6125,16 @@ class TestMiniHandshake(TLSCertsCase):
         self.assertEqual(peer.open(to_send), (b'', [], b''))   # the server's KeyUpdate answer
         self.assertEqual(peer.open(server.seal(b'reply')), (b'reply', [], b''))
         self.assertEqual((server.rx_seq, server.tx_seq), (1, 1))
-        # Two requests in one batch get a single answer.
+        # 32 requests in a row (as a TLS test suite sends them) get 32 answers, each under the
+        # next key, before any application data.
         requests = b''
-        for _ in range(2):
+        for _ in range(32):
             requests += peer._tx.seal(22, handshake_message(24, b'\x01'))
             peer._tx = peer._tx.next_generation()
         plaintext, events, to_send = server.open(requests)
-        self.assertEqual(len(parse_records(to_send)), 1)
+        self.assertEqual(len(parse_records(to_send)), 32)
         self.assertEqual(peer.open(to_send + server.seal(b'z')), (b'z', [], b''))
+        self.assertEqual(server.tx_seq, 1)   # 32 generations on, one record into the last
 
     def test_key_update_not_requested_and_bad_value(self):
         client = MiniClient()
@@ -7878,15 +7880,19 @@ class TestHTTPS(HTTPSServerCase):
             data = c.sock.recv(65536)
             self.assertTrue(data, 'closed before the first response')
             reply += layer.open(data)[0]
-        # KeyUpdate(update_requested), then a request under the next client key.
-        c.send(layer._tx.seal(22, handshake_message(24, b'\x01')))
-        layer._tx = layer._tx.next_generation()
-        c.send(layer.seal(request_bytes('/range.bin', headers=[('Connection', 'close')])))
+        # 32 KeyUpdate(update_requested) in one write, then a request under the client's key
+        # of the moment: 32 answers (the server's key 32 generations on), then the response.
+        requests, expected = b'', layer._rx
+        for _ in range(32):
+            requests += layer._tx.seal(22, handshake_message(24, b'\x01'))
+            layer._tx, expected = layer._tx.next_generation(), expected.next_generation()
+        c.send(requests + layer.seal(request_bytes('/range.bin', headers=[('Connection', 'close')])))
         data, closed = c.read_all()
         c.close()
         plain, events, _ = layer.open(data)
         self.assertTrue(plain.endswith(RANGE_BIN), (plain[:100], events, layer.error))
         self.assertEqual(events, ['close'])
+        self.assertEqual(layer.rx_secret, expected.secret)
         self.srv.assert_idle()
 
 
