@@ -3163,10 +3163,15 @@ def load_private_key(pem):
 
 # === 5.17 Certificates (RFC 5280) =================================================================
 
+def _pki_tbs_fields(cert_der):
+    """The fields of Certificate -> tbsCertificate, as (tag, value) pairs."""
+    cert = der_sequence(cert_der, 3, "certificate")
+    return der_children(der_field(cert[0], 0x30, "certificate"))
+
+
 def _pki_cert_spki(cert_der):
     """The subjectPublicKeyInfo value from Certificate -> tbsCertificate."""
-    cert = der_sequence(cert_der, 3, "certificate")
-    tbs = der_children(der_field(cert[0], 0x30, "certificate"))
+    tbs = _pki_tbs_fields(cert_der)
     # The version is [0] EXPLICIT and absent in v1 certificates; then come serialNumber,
     # signature, issuer, validity, subject and subjectPublicKeyInfo.
     index = 6 if tbs and tbs[0][0] == 0xa0 else 5
@@ -3233,8 +3238,7 @@ _PKI_OID_SUBJECT_ALT_NAME = "2.5.29.17"
 def certificate_dns_names(cert_der):
     """The dNSName entries of a certificate's subjectAltName (RFC 5280 §4.2.1.6), lower-case;
     none without the extension."""
-    cert = der_sequence(cert_der, 3, "certificate")
-    for tag, value in der_children(der_field(cert[0], 0x30, "certificate")):
+    for tag, value in _pki_tbs_fields(cert_der):
         if tag != 0xa3:   # extensions: [3] EXPLICIT, the last field of tbsCertificate
             continue
         for extension in der_sequence(value, 0, "extensions"):
@@ -4805,9 +4809,15 @@ class TLSConfig:
         # more: further (key, chain) pairs, chosen by the client's server_name (identity_for).
         self.identities = [_TLSIdentity(k, chain, crypto) for k, chain in [(key, cert_chain),
                                                                            *more]]
-        self.key = self.identities[0].key
-        self.cert_chain = self.identities[0].cert_chain
-        self.certificate_message = self.identities[0].certificate_message
+
+    @property
+    def key(self):
+        """The first identity's signing key (the one used without SNI)."""
+        return self.identities[0].key
+
+    @property
+    def cert_chain(self):
+        return self.identities[0].cert_chain
 
     def identity_for(self, server_name):
         """The identity whose certificate names server_name: an exact subjectAltName DNS name
