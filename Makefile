@@ -23,7 +23,7 @@ CRYPTO_BACKENDS ?= python libcrypto
 TLS_TESTS ?= TestRFC8448KeySchedule TestMiniHandshake TestTLSServerErrors TestHelloRetryRequest \
 	TestTLSServerReceive TestRecordLayerErrors TestRecordLayerInPlace TestSharedRecordLoop \
 	TestPythonSSLClient TestOpenSSLClient TestHTTPSPythonSSL TestHTTPSOpenSSL TestHTTPSCertTypes \
-	TestCertificatesBySNI \
+	TestCertificatesBySNI TestSessionTickets TestResumption \
 	TestHTTPSSelfSignedOption TestHTTPS TestUserspaceSendAreas TestUserspaceRecordBuffer \
 	TestHTTPSFewSlots TestHostileTLS TestHandshakeDeadline TestPlainAndTLS TestTLSStartupErrors \
 	TestKTLS

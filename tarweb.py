@@ -39,8 +39,9 @@ prints this outline with line numbers; inside a class, `# -- name` lines group i
      6.4 Record protection and the record loop (§5.2-5.4)
      6.5 Userspace record layer for application data
      6.6 ClientHello parsing (§4.1.2, §4.2)
-     6.7 Server configuration and handshake state machine (§4, Appendix A.2)
-     6.8 kTLS hand-off (Linux Documentation/networking/tls.rst)
+     6.7 Session tickets (§4.6.1, §4.2.11)
+     6.8 Server configuration and handshake state machine (§4, Appendix A.2)
+     6.9 kTLS hand-off (Linux Documentation/networking/tls.rst)
   7. Connection loop - Server: fixed slots driven by io_uring completions
   8. CLI - argparse, one-line start-up errors, main()
 """
@@ -3875,9 +3876,24 @@ def _tls13_derived_from_early(hash_name):
     return derived
 
 
-def _tls13_handshake_secrets(hash_name, shared_secret, hello_hash):
-    """Handshake Secret and the client/server handshake traffic secrets (transcript CH..SH)."""
-    handshake_secret = hkdf_extract(hash_name, _tls13_derived_from_early(hash_name), shared_secret)
+def _tls13_early_secret(hash_name, psk):
+    """Early Secret = HKDF-Extract(0, PSK) (§7.1), for a resumed session."""
+    return hkdf_extract(hash_name, b"", psk)
+
+
+def _tls13_binder_key(hash_name, early_secret):
+    """binder_key of a resumption PSK (§7.1: "res binder"), whose Finished MAC is the binder."""
+    return derive_secret(hash_name, early_secret, b"res binder", _tls_empty_hash(hash_name))
+
+
+def _tls13_handshake_secrets(hash_name, shared_secret, hello_hash, early_secret=None):
+    """Handshake Secret and the client/server handshake traffic secrets (transcript CH..SH);
+    early_secret is a resumed session's, None without a PSK."""
+    if early_secret is None:
+        derived = _tls13_derived_from_early(hash_name)
+    else:
+        derived = derive_secret(hash_name, early_secret, b"derived", _tls_empty_hash(hash_name))
+    handshake_secret = hkdf_extract(hash_name, derived, shared_secret)
     client = derive_secret(hash_name, handshake_secret, b"c hs traffic", hello_hash)
     server = derive_secret(hash_name, handshake_secret, b"s hs traffic", hello_hash)
     return handshake_secret, client, server
@@ -3914,6 +3930,7 @@ _TLS_CT_APPLICATION_DATA = 23
 
 _TLS_HS_CLIENT_HELLO = 1
 _TLS_HS_SERVER_HELLO = 2
+_TLS_HS_NEW_SESSION_TICKET = 4
 _TLS_HS_ENCRYPTED_EXTENSIONS = 8
 _TLS_HS_CERTIFICATE = 11
 _TLS_HS_CERTIFICATE_VERIFY = 15
@@ -4763,21 +4780,200 @@ class _TLSClientHello:
             host = name.decode("ascii").lower()
         return host
 
+    def psk_modes(self):
+        """The psk_key_exchange_modes (§4.2.9) as bytes; empty when absent."""
+        data = self.extensions.get(_TLS_EXT_PSK_KEY_EXCHANGE_MODES)
+        if data is None:
+            return b""
+        reader = _TLSReader(data, "psk_key_exchange_modes")
+        modes = reader.vector(1, 1, 255)
+        reader.expect_end()
+        return modes
+
+    def pre_shared_key(self):
+        """(identities, binders, binders_len) of the pre_shared_key extension (§4.2.11), None
+        when absent: identities are (ticket, obfuscated_ticket_age) pairs, and binders_len is
+        the size of the binders list with its length, the end of the hello that the binders do
+        not cover (it is the last extension)."""
+        data = self.extensions.get(_TLS_EXT_PRE_SHARED_KEY)
+        if data is None:
+            return None
+        reader = _TLSReader(data, "pre_shared_key")
+        identities = _TLSReader(reader.vector(2, 7, 0xffff), "pre_shared_key identities")
+        binders_len = len(data) - reader.pos
+        binders = _TLSReader(reader.vector(2, 33, 0xffff), "pre_shared_key binders")
+        reader.expect_end()
+        offered = []
+        while not identities.at_end():
+            offered.append((identities.vector(2, 1, 0xffff), identities.uint(4)))
+        macs = []
+        while not binders.at_end():
+            macs.append(binders.vector(1, 32, 255))
+        if len(macs) != len(offered):
+            raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
+                            f"pre_shared_key: {len(offered)} identities, {len(macs)} binders")
+        return offered, macs, binders_len
+
     def check_minor_extensions(self):
         """Validate the extensions we only need to tolerate, so malformed ones still fail."""
-        modes = self.extensions.get(_TLS_EXT_PSK_KEY_EXCHANGE_MODES)
-        if modes is not None:
-            reader = _TLSReader(modes, "psk_key_exchange_modes")
-            reader.vector(1, 1, 255)
-            reader.expect_end()
-        elif _TLS_EXT_PRE_SHARED_KEY in self.extensions:
+        if not self.psk_modes() and _TLS_EXT_PRE_SHARED_KEY in self.extensions:
             raise _TLSFatal(_TLS_ALERT_MISSING_EXTENSION,
                             "pre_shared_key without psk_key_exchange_modes")
         if self.extensions.get(_TLS_EXT_EARLY_DATA, b"") != b"":
             raise _TLSFatal(_TLS_ALERT_DECODE_ERROR, "early_data extension is not empty")
 
 
-# === 6.7 Server configuration and handshake state machine (§4, Appendix A.2) =====================
+# === 6.7 Session tickets (§4.6.1, §4.2.11) ======================================================
+
+# A ticket is the resumption PSK and what it may be used for, sealed under a server ticket key:
+# nothing is stored per session, and any process that holds the key can resume it.
+#   ticket = key name (8) | nonce (12) | ChaCha20-Poly1305(key, nonce, state, aad = key name)
+#   state  = version (1) | suite (2) | issued, ms since 1970 (8) | ticket_age_add (4) |
+#            lifetime, s (4) | SNI <0..255> | ALPN <0..255> | PSK <32..48>
+# ChaCha20-Poly1305 whatever the crypto backend, so that processes with different backends
+# share tickets; it is also the cheaper AEAD in pure Python. Nonces are random: a key seals far
+# fewer than the 2^32 tickets after which random 96-bit nonces would risk a repeat.
+TLS_TICKET_LIFETIME = 24 * 3600          # seconds: the default ticket_lifetime
+TLS_TICKET_LIFETIME_MAX = 7 * 24 * 3600  # §4.6.1: servers MUST NOT use more than seven days
+TLS_TICKET_ROTATION = 12 * 3600          # a random ticket key seals this long, then opens only
+TLS_TICKET_AGE_TOLERANCE_MS = 30_000     # the client's and our idea of a ticket's age may differ
+_TLS_TICKET_VERSION = 1
+_TLS_TICKET_STATE = struct.Struct(">BHQII")
+_TLS_TICKET_NAME_LEN = 8
+_TLS_TICKET_NONCE_LEN = 12
+_TLS_PSK_DHE_KE = 1                      # psk_key_exchange_modes (§4.2.9); psk_ke (0) is refused
+
+
+class _TicketState:
+    """What a ticket says: the PSK and the session it came from."""
+
+    __slots__ = ("suite", "issued_ms", "age_add", "lifetime", "sni", "alpn", "psk")
+
+    def __init__(self, suite, issued_ms, age_add, lifetime, sni, alpn, psk):
+        self.suite, self.issued_ms, self.age_add = suite, issued_ms, age_add
+        self.lifetime, self.sni, self.alpn, self.psk = lifetime, sni, alpn, psk
+
+    def encode(self):
+        return (_TLS_TICKET_STATE.pack(_TLS_TICKET_VERSION, self.suite, self.issued_ms,
+                                       self.age_add, self.lifetime)
+                + _tls_vec8(self.sni) + _tls_vec8(self.alpn) + _tls_vec8(self.psk))
+
+    @classmethod
+    def decode(cls, data):
+        """The state in an authenticated ticket, or None if this version cannot read it."""
+        size = _TLS_TICKET_STATE.size
+        if len(data) < size or data[0] != _TLS_TICKET_VERSION:
+            return None
+        _, suite, issued_ms, age_add, lifetime = _TLS_TICKET_STATE.unpack_from(data)
+        reader = _TLSReader(data[size:], "ticket")
+        try:
+            sni, alpn, psk = (reader.vector(1, 0, 255), reader.vector(1, 0, 255),
+                              reader.vector(1, 32, 48))
+            reader.expect_end()
+        except _TLSFatal:
+            return None
+        if suite not in _TLS_SUITES:
+            return None
+        return cls(suite, issued_ms, age_add, lifetime, sni, alpn, psk)
+
+    def usable(self, now_ms, obfuscated_age, sni, alpn):
+        """Within its lifetime by our clock and by the client's (§4.2.11.1: the client's age is
+        obfuscated_ticket_age - ticket_age_add), and for the same server name and protocol."""
+        age = now_ms - self.issued_ms
+        client_age = (obfuscated_age - self.age_add) & 0xffffffff
+        return (0 <= age <= self.lifetime * 1000
+                and abs(client_age - age) <= TLS_TICKET_AGE_TOLERANCE_MS
+                and self.sni == sni and self.alpn == alpn)
+
+
+class _TicketKey:
+    """One ticket key: its name (which ticket it sealed) and its AEAD, both derived from the
+    secret, so that the secret alone is shared between processes."""
+
+    def __init__(self, secret, crypto):
+        prk = hkdf_extract("sha256", b"tarweb.py session ticket key", secret)
+        self.name = hkdf_expand("sha256", prk, b"name", _TLS_TICKET_NAME_LEN)
+        self.aead = crypto.aead_class(TLS_CHACHA20_POLY1305_SHA256)(
+            hkdf_expand("sha256", prk, b"chacha20-poly1305", 32))
+        self.retired = None   # when it stopped sealing (time.time()), None while it seals
+
+
+class TicketKeys:
+    """The server's ticket keys: the first seals new tickets, every one opens them.
+
+    ticket_secrets: 32-byte secrets from a ticket key file (--tls-ticket-key), kept as given; None:
+    a random key, replaced every TLS_TICKET_ROTATION seconds, each old one kept while tickets
+    it sealed may live. count is the number of tickets sent per handshake."""
+
+    def __init__(self, crypto, ticket_secrets=None, lifetime=TLS_TICKET_LIFETIME, count=2,
+                 clock=time.time):
+        if not 0 < lifetime <= TLS_TICKET_LIFETIME_MAX:
+            raise ValueError(f"ticket lifetime must be 1..{TLS_TICKET_LIFETIME_MAX} seconds")
+        self.crypto = crypto
+        self.lifetime = lifetime
+        self.count = count
+        self.clock = clock
+        self.rotating = ticket_secrets is None
+        self.keys = [_TicketKey(s, crypto) for s in ticket_secrets or [os.urandom(32)]]
+        self.created = clock()
+
+    def seal(self, state):
+        """A ticket (the identity a client sends back) holding state."""
+        self._rotate()
+        key = self.keys[0]
+        nonce = os.urandom(_TLS_TICKET_NONCE_LEN)
+        return key.name + nonce + key.aead.seal(nonce, state.encode(), key.name)
+
+    def open(self, ticket):
+        """The _TicketState in a ticket one of our keys sealed, or None: any ticket a client
+        sends, valid, expired, forged or from another server, only costs a full handshake."""
+        name = ticket[:_TLS_TICKET_NAME_LEN]
+        nonce = ticket[_TLS_TICKET_NAME_LEN:_TLS_TICKET_NAME_LEN + _TLS_TICKET_NONCE_LEN]
+        for key in self.keys:
+            if key.name == name:
+                try:
+                    plain = key.aead.open(nonce, ticket[len(name) + len(nonce):], name)
+                except AEADError:
+                    return None
+                return _TicketState.decode(plain)
+        return None
+
+    def _rotate(self):
+        """A random key seals for TLS_TICKET_ROTATION seconds; the old keys open tickets for a
+        lifetime more, then go."""
+        if not self.rotating:
+            return
+        now = self.clock()
+        if now - self.created >= TLS_TICKET_ROTATION:
+            self.keys[0].retired = now
+            self.keys = [_TicketKey(os.urandom(32), self.crypto)] + [
+                k for k in self.keys if now - k.retired < self.lifetime]
+            self.created = now
+
+
+def parse_ticket_keys(text):
+    """The secrets of a ticket key file: one per line, 64 hex digits (`openssl rand -hex 32`),
+    the first sealing, all opening; blank lines and # comments ignored. ValueError names the
+    line at fault."""
+    secrets = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            secret = bytes.fromhex(line)
+        except ValueError:
+            secret = b""
+        if len(secret) != 32:
+            raise ValueError(f"line {number}: not 64 hex digits (make a key with "
+                             f"'openssl rand -hex 32')")
+        secrets.append(secret)
+    if not secrets:
+        raise ValueError("no key in it (make one with 'openssl rand -hex 32')")
+    return secrets
+
+
+# === 6.8 Server configuration and handshake state machine (§4, Appendix A.2) =====================
 
 class TLSConfig:
     """What every connection shares: key, certificate chain (DER, leaf first), ALPN, suites,
@@ -4787,13 +4983,13 @@ class TLSConfig:
     cipher_preference is the server's order of preference among the three TLS 1.3 suites, and
     groups among the key exchange groups (TLS_GROUP_*).
     crypto (section 6.3) does the key exchange and record protection; key becomes its signing
-    key.
+    key. tickets (TicketKeys, section 6.7) turns on session tickets and resumption.
     """
 
     def __init__(self, key, cert_chain, alpn=(b"http/1.1",),
                  cipher_preference=(TLS_CHACHA20_POLY1305_SHA256, TLS_AES_128_GCM_SHA256,
                                     TLS_AES_256_GCM_SHA384), crypto=PYTHON_CRYPTO, more=(),
-                 groups=_TLS_GROUP_PREFERENCE):
+                 groups=_TLS_GROUP_PREFERENCE, tickets=None):
         for suite in cipher_preference:
             if suite not in _TLS_SUITES:
                 raise ValueError(f"TLSConfig: unknown TLS 1.3 cipher suite 0x{suite:04x}")
@@ -4806,6 +5002,7 @@ class TLSConfig:
         if not groups or any(group not in _TLS_GROUP_PREFERENCE for group in groups):
             raise ValueError(f"TLSConfig: groups must be among {_TLS_GROUP_PREFERENCE}")
         self.groups = tuple(groups)
+        self.tickets = tickets
         # more: further (key, chain) pairs, chosen by the client's server_name (identity_for).
         self.identities = [_TLSIdentity(k, chain, crypto) for k, chain in [(key, cert_chain),
                                                                            *more]]
@@ -4872,9 +5069,9 @@ def _tls_key_exchange(crypto, group, peer_share):
 class TLSServer(_TLSRecordReader):
     """One server-side TLS 1.3 handshake, driven by receive(bytes) -> bytes to send.
 
-    When done: cipher_suite, group, alpn, sni, record_layer (continues the connection; bytes
-    that came after the client Finished wait in it, unread), traffic_keys(), rx_seq, tx_seq,
-    client_app_secret, server_app_secret.
+    When done: cipher_suite, group, alpn, sni, resumed (a session ticket's PSK was used),
+    record_layer (continues the connection; bytes that came after the client Finished wait in
+    it, unread), traffic_keys(), rx_seq, tx_seq, client_app_secret, server_app_secret.
     When failed: error (short text) and alert (the code sent, None if the peer sent one).
     """
 
@@ -4889,6 +5086,7 @@ class TLSServer(_TLSRecordReader):
         self.cipher_suite = None
         self.group = None
         self.signature_scheme = None
+        self.resumed = False
         self.record_layer = None
         self._state = _TLS_STATE_START
         self._inbuf = bytearray()
@@ -4901,7 +5099,8 @@ class TLSServer(_TLSRecordReader):
         self._ccs_received = False      # the client's compatibility CCS (one at most)
         self._early_data_budget = 0      # bytes of refused 0-RTT records we may still skip
         self._client_finished = None     # the verify_data the client must send
-        self._app_secrets = None
+        self._app_secrets = None         # (client, server) application traffic secrets
+        self._app_tx = None              # their server side's protection, once our Finished is out
 
     # -- public surface ----------------------------------------------------------------------------
 
@@ -4955,10 +5154,8 @@ class TLSServer(_TLSRecordReader):
         body = bytes([_TLS_ALERT_FATAL, alert])
         if self._tx is None:
             out.append(_tls_plaintext_records(_TLS_CT_ALERT, body))
-        elif self._app_secrets is not None:
-            app_tx = _TLSRecordCipher(self.cipher_suite, self._app_secrets[1],
-                                      crypto=self.config.crypto)
-            out.append(app_tx.seal(_TLS_CT_ALERT, body))
+        elif self._app_tx is not None:
+            out.append(self._app_tx.seal(_TLS_CT_ALERT, body))
         else:
             out.append(self._tx.seal(_TLS_CT_ALERT, body))
 
@@ -5054,8 +5251,9 @@ class TLSServer(_TLSRecordReader):
             self._send_server_flight(hello, params, out)
 
     def _negotiate(self, hello):
-        """(suite, group, peer share, (key, Certificate message, scheme)) for hello, or None
-        when a HelloRetryRequest is needed."""
+        """(suite, group, peer share, resumption, (key, Certificate message, scheme)) for hello,
+        or None when a HelloRetryRequest is needed. resumption is (selected identity, Early
+        Secret) of a session ticket to resume, and then there is no certificate (None)."""
         if hello.legacy_version != _TLS_LEGACY_VERSION:
             raise _TLSFatal(_TLS_ALERT_PROTOCOL_VERSION,
                             f"ClientHello legacy_version 0x{hello.legacy_version:04x}")
@@ -5070,10 +5268,10 @@ class TLSServer(_TLSRecordReader):
         schemes = hello.uint16_extension(_TLS_EXT_SIGNATURE_ALGORITHMS, "signature_algorithms")
         shares = hello.key_shares()
         # §9.2: without a PSK, signature_algorithms, supported_groups and key_share are all
-        # mandatory. A PSK-only hello (psk_ke) is well-formed, but we cannot complete it. We
-        # always authenticate with a certificate, so no signature_algorithms is missing_extension
-        # whatever else the hello has (§4.2.3).
-        if schemes is None:
+        # mandatory. A PSK-only hello (psk_ke) is well-formed, but we cannot complete it. A
+        # PSK we cannot resume leaves a certificate to authenticate us, so no
+        # signature_algorithms is missing_extension unless we resume (§4.2.3).
+        if schemes is None and _TLS_EXT_PRE_SHARED_KEY not in hello.extensions:
             raise _TLSFatal(_TLS_ALERT_MISSING_EXTENSION,
                             "ClientHello without signature_algorithms")
         for present, name in ((groups, "supported_groups"), (shares, "key_share")):
@@ -5086,13 +5284,18 @@ class TLSServer(_TLSRecordReader):
                 raise _TLSFatal(_TLS_ALERT_ILLEGAL_PARAMETER,
                                 f"key_share for group 0x{group:04x} not in supported_groups")
         suite = self._choose(self.config.cipher_preference, hello.cipher_suites, "cipher suite")
-        certificate = self._choose_certificate(schemes)
         common_groups = [g for g in self.config.groups if g in groups]
         if not common_groups:
             raise _TLSFatal(_TLS_ALERT_HANDSHAKE_FAILURE, "no common key exchange group")
         for group in common_groups:
             if group in shares:
-                return suite, group, shares[group], certificate
+                resumption = self._resumption(hello, suite)
+                if resumption is not None:
+                    return suite, group, shares[group], resumption, None
+                if schemes is None:
+                    raise _TLSFatal(_TLS_ALERT_MISSING_EXTENSION,
+                                    "ClientHello without signature_algorithms")
+                return suite, group, shares[group], None, self._choose_certificate(schemes)
         # No share we can use (never the case for a second hello, _check_retried_hello saw to it).
         self.cipher_suite = suite
         self.group = common_groups[0]
@@ -5122,6 +5325,42 @@ class TLSServer(_TLSRecordReader):
         identity = self.config.identity_for(self.sni)
         scheme = self._choose(identity.key.signature_schemes, schemes, "signature scheme")
         return identity.key, identity.certificate_message, scheme
+
+    def _resumption(self, hello, suite):
+        """(selected identity, Early Secret) of the first offered ticket of ours that this
+        connection may resume (§4.2.11), or None for a full handshake. We resume only with
+        psk_dhe_ke, which keeps forward secrecy. A ticket whose binder fails is decrypt_error."""
+        tickets = self.config.tickets
+        offer = hello.pre_shared_key()
+        if tickets is None or offer is None or _TLS_PSK_DHE_KE not in hello.psk_modes():
+            return None
+        hash_name = _TLS_SUITES[suite].hash_name
+        now_ms = int(tickets.clock() * 1000)
+        sni, alpn = (self.sni or "").encode("ascii"), self.alpn or b""
+        identities, binders, binders_len = offer
+        for index, (ticket, obfuscated_age) in enumerate(identities):
+            state = tickets.open(ticket)
+            # §4.2.11: a PSK goes only with a suite of its hash (the binder is made with it).
+            if state is None or _TLS_SUITES[state.suite].hash_name != hash_name:
+                continue
+            early_secret = _tls13_early_secret(hash_name, state.psk)
+            self._check_binder(hello, hash_name, early_secret, binders[index], binders_len)
+            if state.usable(now_ms, obfuscated_age, sni, alpn):
+                return index, early_secret
+        return None
+
+    def _check_binder(self, hello, hash_name, early_secret, binder, binders_len):
+        """§4.2.11.2: a binder is a Finished MAC under the PSK's binder key over the transcript
+        up to this hello without its binders list (after a HelloRetryRequest, the first hello's
+        message_hash and the HelloRetryRequest come first). Compared in constant time, before
+        anything else of the ticket is believed."""
+        transcript = self._transcript.copy() if self._transcript is not None else \
+            hashlib.new(hash_name)
+        transcript.update(hello.message[:len(hello.message) - binders_len])
+        expected = _tls13_finished_mac(hash_name, _tls13_binder_key(hash_name, early_secret),
+                                       transcript.digest())
+        if not hmac.compare_digest(binder, expected):
+            raise _TLSFatal(_TLS_ALERT_DECRYPT_ERROR, "PSK binder does not verify")
 
     def _check_retried_hello(self, hello):
         """§4.1.2: the second ClientHello repeats the first except for key_share and friends."""
@@ -5168,12 +5407,15 @@ class TLSServer(_TLSRecordReader):
             return _TLS_CCS_RECORD
         return b""
 
-    def _server_hello_message(self, random, hello, suite, key_share):
+    def _server_hello_message(self, random, hello, suite, key_share, psk_identity=None):
         """ServerHello (§4.1.3), or a HelloRetryRequest by its random: TLS 1.3 as the version
-        (§4.2.1) and the key_share extension (§4.2.8)."""
+        (§4.2.1), the key_share extension (§4.2.8) and, when resuming, the index of the PSK
+        identity taken (§4.2.11)."""
         version = struct.pack(">H", _TLS_VERSION_13)
         extensions = (_tls_extension(_TLS_EXT_SUPPORTED_VERSIONS, version)
                       + _tls_extension(_TLS_EXT_KEY_SHARE, key_share))
+        if psk_identity is not None:
+            extensions += _tls_extension(_TLS_EXT_PRE_SHARED_KEY, struct.pack(">H", psk_identity))
         body = (struct.pack(">H", _TLS_LEGACY_VERSION) + random + _tls_vec8(hello.session_id)
                 + struct.pack(">HB", suite, 0) + _tls_vec16(extensions))
         return _tls_handshake_message(_TLS_HS_SERVER_HELLO, body)
@@ -5194,9 +5436,11 @@ class TLSServer(_TLSRecordReader):
 
     def _send_server_flight(self, hello, params, out):
         """NEGOTIATED -> WAIT_FINISHED: ServerHello in the clear, then EncryptedExtensions,
-        Certificate, CertificateVerify and Finished under our handshake traffic key (§2).
-        Nothing goes out until all is built: an error on the way is answered in the clear."""
-        suite, group, peer_share, (key, certificate_message, scheme) = params
+        Certificate, CertificateVerify (neither when resuming) and Finished under our handshake
+        traffic key (§2), then session tickets under our application traffic key. Nothing goes
+        out until all is built: an error on the way is answered in the clear."""
+        suite, group, peer_share, resumption, certificate = params
+        psk_identity, early_secret = resumption or (None, None)
         hash_name = _TLS_SUITES[suite].hash_name
         crypto = self.config.crypto
         our_share, shared_secret = _tls_key_exchange(crypto, group, peer_share)
@@ -5206,22 +5450,26 @@ class TLSServer(_TLSRecordReader):
         clear, flight = [], []   # messages sent in the clear, and under the handshake key
         key_share = struct.pack(">H", group) + _tls_vec16(our_share)
         random = secrets.token_bytes(32)
-        self._write(clear, self._server_hello_message(random, hello, suite, key_share))  # §4.1.3
+        self._write(clear, self._server_hello_message(random, hello, suite, key_share,  # §4.1.3
+                                                      psk_identity))
         # §7.1: the handshake traffic secrets cover ClientHello..ServerHello.
         handshake_secret, client_hs, server_hs = _tls13_handshake_secrets(
-            hash_name, shared_secret, self._transcript.digest())
+            hash_name, shared_secret, self._transcript.digest(), early_secret)
         self._write(flight, self._encrypted_extensions())          # §4.3.1
-        self._write(flight, certificate_message)                    # §4.4.2
-        self._write(flight, self._certificate_verify(key, scheme))  # §4.4.3
+        if certificate is not None:
+            key, certificate_message, self.signature_scheme = certificate
+            self._write(flight, certificate_message)                                  # §4.4.2
+            self._write(flight, self._certificate_verify(key, self.signature_scheme))  # §4.4.3
         self._write(flight, self._finished(hash_name, server_hs))   # §4.4.4
         tx = _TLSRecordCipher(suite, server_hs, crypto=crypto)
         rx = _TLSRecordCipher(suite, client_hs, crypto=crypto)
-        self._client_finished, self._app_secrets = self._expect_client_finished(  # §7.1
-            hash_name, handshake_secret, client_hs)
+        master_secret = self._expect_client_finished(hash_name, handshake_secret, client_hs)
+        self._app_tx = _TLSRecordCipher(suite, self._app_secrets[1], crypto=crypto)
         out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, clear[0])
-                   + self._compat_ccs(hello) + self._seal_flight(tx, rx, b"".join(flight)))
+                   + self._compat_ccs(hello) + self._seal_flight(tx, rx, b"".join(flight))
+                   + self._session_tickets(hello, suite, master_secret))
         self._tx, self._rx = tx, rx
-        self.cipher_suite, self.group, self.signature_scheme = suite, group, scheme
+        self.cipher_suite, self.group, self.resumed = suite, group, resumption is not None
         self._remember_hello(hello)
         self._state = _TLS_STATE_WAIT_FINISHED
 
@@ -5244,13 +5492,43 @@ class TLSServer(_TLSRecordReader):
         return _tls_handshake_message(_TLS_HS_FINISHED, verify_data)
 
     def _expect_client_finished(self, hash_name, handshake_secret, client_hs):
-        """(the client's Finished verify_data, (client, server) application traffic secrets):
-        both cover the transcript up to our Finished (§4.4.4, §7.1)."""
+        """The client's Finished verify_data and the application traffic secrets: both cover
+        the transcript up to our Finished (§4.4.4, §7.1). Returns the Master Secret."""
         server_finished_hash = self._transcript.digest()
-        _, client_app, server_app = _tls13_application_secrets(
+        master_secret, client_app, server_app = _tls13_application_secrets(
             hash_name, handshake_secret, server_finished_hash)
-        client_finished = _tls13_finished_mac(hash_name, client_hs, server_finished_hash)
-        return client_finished, (client_app, server_app)
+        self._client_finished = _tls13_finished_mac(hash_name, client_hs, server_finished_hash)
+        self._app_secrets = client_app, server_app
+        return master_secret
+
+    def _session_tickets(self, hello, suite, master_secret):
+        """NewSessionTicket messages (§4.6.1) as a record under our application traffic key,
+        or b"" when tickets are off or the client cannot resume with psk_dhe_ke. They go with
+        our Finished rather than after the client's: the note in §4.6.1 lets a server that
+        does not authenticate clients compute the client's Finished, and so a browser's
+        parallel connections can resume at once. Each ticket gets its own PSK (its nonce)."""
+        tickets = self.config.tickets
+        if tickets is None or not tickets.count or _TLS_PSK_DHE_KE not in hello.psk_modes():
+            return b""
+        hash_name = _TLS_SUITES[suite].hash_name
+        transcript = self._transcript.copy()
+        transcript.update(_tls_handshake_message(_TLS_HS_FINISHED, self._client_finished))
+        resumption_secret = derive_secret(hash_name, master_secret, b"res master",  # §7.1
+                                          transcript.digest())
+        sni, alpn = (self.sni or "").encode("ascii"), self.alpn or b""
+        issued_ms = int(tickets.clock() * 1000)
+        messages = []
+        for i in range(tickets.count):
+            nonce = bytes([i])
+            psk = hkdf_expand_label(hash_name, resumption_secret, b"resumption", nonce,
+                                    _tls_hash_len(hash_name))
+            age_add = secrets.randbits(32)
+            ticket = tickets.seal(_TicketState(suite, issued_ms, age_add, tickets.lifetime, sni,
+                                               alpn, psk))
+            body = (struct.pack(">II", tickets.lifetime, age_add) + _tls_vec8(nonce)
+                    + _tls_vec16(ticket) + _tls_vec16(b""))
+            messages.append(_tls_handshake_message(_TLS_HS_NEW_SESSION_TICKET, body))
+        return self._app_tx.seal(_TLS_CT_HANDSHAKE, b"".join(messages))
 
     def _seal_flight(self, tx, rx, flight):
         # The client's Finished will come as one record of known size (unpadded, as clients
@@ -5276,13 +5554,16 @@ class TLSServer(_TLSRecordReader):
     def _start_record_layer(self):
         # The handshake reads no application record: what came after the client Finished
         # goes to the record layer unread, for its first open().
+        # Our session tickets (if any) went under the application key: its sequence goes on.
         client_app, server_app = self._app_secrets
         self.record_layer = RecordLayer(self.cipher_suite, client_app, server_app,
-                                        received=bytes(self._inbuf), crypto=self.config.crypto)
-        self._app_secrets = self._rx = self._tx = self._transcript = self._inbuf = None
+                                        tx_seq=self._app_tx.seq, received=bytes(self._inbuf),
+                                        crypto=self.config.crypto)
+        self._app_secrets = self._app_tx = self._rx = self._tx = None
+        self._transcript = self._inbuf = None
 
 
-# === 6.8 kTLS hand-off (Linux Documentation/networking/tls.rst) ===================================
+# === 6.9 kTLS hand-off (Linux Documentation/networking/tls.rst) ===================================
 
 
 def ktls_enable(fd, hs):
@@ -5315,10 +5596,10 @@ def ktls_probe():
 
 
 class TLSContext:
-    """What every TLS connection shares: certificates and keys, cipher policy, crypto backend and
-    kTLS support."""
+    """What every TLS connection shares: certificates and keys, cipher policy, crypto backend,
+    session ticket keys (TicketKeys or None) and kTLS support."""
 
-    def __init__(self, identities, groups, ktls_mode, crypto, log):
+    def __init__(self, identities, groups, ktls_mode, crypto, log, tickets=None):
         self.ktls_suites, why = ktls_probe() if ktls_mode != "off" else (set(), "")
         if ktls_mode == "require" and not self.ktls_suites:
             raise StartupError(f"--ktls require: kernel TLS is not available ({why}); load it "
@@ -5331,7 +5612,8 @@ class TLSContext:
         self.log = log
         (key, chain), *more = identities
         self.config = TLSConfig(key, chain, alpn=(b"http/1.1",), crypto=crypto, more=more,
-                                groups=groups, cipher_preference=self.cipher_preference(crypto))
+                                groups=groups, cipher_preference=self.cipher_preference(crypto),
+                                tickets=tickets)
 
     def cipher_preference(self, crypto):
         """The backend's order (cheapest first), except that suites the kernel's TLS lacks go
@@ -5568,7 +5850,7 @@ class Server:
         self.stats_requested = False  # set by request_stats(), likewise
         self.stop_deadline = None
         self.accepted = self.requests = self.closed = self.timeouts = 0  # for the stats line
-        self.handshakes = self.tls_failures = self.reaped = self.errors = 0
+        self.handshakes = self.resumed = self.tls_failures = self.reaped = self.errors = 0
         self.timespec = bytearray(kernel_timespec.pack(1, 0))
         self.reap_timespec = bytearray(kernel_timespec.pack(0, int(REAP_IDLE_AGE * 1e9)))
         self.reap_timer_armed = False
@@ -6037,7 +6319,7 @@ class Server:
             else:
                 self.start_close(slot)
             return
-        if hs.done:  # nothing to send after the client's Finished: no session tickets
+        if hs.done:  # nothing to send after the client's Finished: the tickets went before it
             self.finish_handshake(slot)
             return
         # After a header read its body (if any); after a body the next header.
@@ -6054,15 +6336,18 @@ class Server:
         record layer has what came behind the Finished (often the first request)."""
         hs = slot.tls
         self.handshakes += 1
-        # We send nothing after the client's Finished (no tickets), so its ACK would wait for
-        # the delayed-ACK timer, and a client using Nagle holds its first request until then
-        # (~40 ms). Ask for the ACK now: one setsockopt per connection, at hand-over time.
+        self.resumed += hs.resumed
+        # We send nothing after the client's Finished (our session tickets went before it), so
+        # its ACK would wait for the delayed-ACK timer, and a client using Nagle holds its first
+        # request until then (~40 ms). Ask for the ACK now: one setsockopt per connection, at
+        # hand-over time.
         try:
             setsockopt_fd(slot.fd, socket.IPPROTO_TCP, socket.TCP_QUICKACK, ONE)
         except OSError:
             pass  # an ACK that is merely late
         if hs.sni:
-            self.log.info(f"TLS {hs.cipher_suite:#06x} for SNI {hs.sni}")
+            resumed = ", resumed" if hs.resumed else ""
+            self.log.info(f"TLS {hs.cipher_suite:#06x} for SNI {hs.sni}{resumed}")
         slot.mode = USERTLS
         if self.tls.ktls_suites and hs.cipher_suite in self.tls.ktls_suites:
             try:
@@ -6357,7 +6642,8 @@ class Server:
                 f"timeouts={self.timeouts} reaped={self.reaped} errors={self.errors} "
                 f"enters={self.ring.enters}")
         if self.tls is not None:
-            line += f" handshakes={self.handshakes} tls_failures={self.tls_failures}"
+            line += (f" handshakes={self.handshakes} resumed={self.resumed}"
+                     f" tls_failures={self.tls_failures}")
         if self.access_log:
             line += f" log_dropped={self.access_log.dropped}"
         return line
@@ -6518,6 +6804,19 @@ def tls_groups(text):
     return tuple(TLS_GROUP_NAMES[name] for name in names)
 
 
+def ticket_count(text):
+    if not text.isdigit() or int(text) > 8:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of tickets from 0 to 8")
+    return int(text)
+
+
+def ticket_lifetime(text):
+    if not text.isdigit() or not 0 < int(text) <= TLS_TICKET_LIFETIME_MAX:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds from 1 to "
+                                         f"{TLS_TICKET_LIFETIME_MAX} (RFC 8446's 7 days)")
+    return int(text)
+
+
 def positive(kind):
     def check(text):
         try:
@@ -6557,6 +6856,16 @@ def parse_args(argv):
     p.add_argument("--tls-groups", type=tls_groups, default=_TLS_GROUP_PREFERENCE,
                    metavar="LIST", help="key exchange groups in order of preference, from "
                    f"{', '.join(TLS_GROUP_NAMES)} (default: all three, in that order)")
+    p.add_argument("--tls-tickets", type=ticket_count, default=2, metavar="N",
+                   help="session tickets sent per handshake, for clients to resume with "
+                   "(0 turns resumption off; default 2)")
+    p.add_argument("--tls-ticket-key", metavar="FILE",
+                   help="ticket keys, one per line, 64 hex digits ('openssl rand -hex 32'): the "
+                   "first seals, all open; share the file so that servers resume each other's "
+                   "sessions (default: a random key, replaced every 12 h)")
+    p.add_argument("--tls-ticket-lifetime", type=ticket_lifetime, default=TLS_TICKET_LIFETIME,
+                   metavar="S", help="how long a ticket can be resumed, at most 604800 (7 days; "
+                   f"default {TLS_TICKET_LIFETIME})")
     p.add_argument("--handshake-timeout", type=positive(float), default=10.0, metavar="S",
                    help="time allowed for a TLS handshake (default 10)")
     p.add_argument("--prefix", default="", help="serve only members under this prefix, "
@@ -6638,6 +6947,30 @@ def load_tls_identity(cert_path, key_path):
     return key, chain
 
 
+def load_ticket_keys(opts, crypto, log):
+    """TicketKeys for the options, or None when --tls-tickets 0 turns resumption off."""
+    if not opts.tls_tickets:
+        return None
+    ticket_secrets = None
+    if opts.tls_ticket_key:
+        path = opts.tls_ticket_key
+        try:
+            with open(path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                text = f.read().decode("ascii")
+            ticket_secrets = parse_ticket_keys(text)
+        except OSError as e:
+            raise StartupError(f"{path}: cannot read the ticket keys: {e.strerror}")
+        except (UnicodeDecodeError, ValueError) as e:
+            reason = "not ASCII text" if isinstance(e, UnicodeDecodeError) else e
+            raise StartupError(f"{path}: {reason}")
+        if mode & 0o077:
+            log.warn(f"{path}: ticket keys readable by group or others, who could pose as this "
+                     f"server to clients that resume; fix: chmod 600 {path}")
+    return TicketKeys(crypto, ticket_secrets, lifetime=opts.tls_ticket_lifetime,
+                      count=opts.tls_tickets)
+
+
 def choose_crypto(mode, log):
     """The TLS crypto backend for --crypto (serve names it once start-up has succeeded)."""
     crypto = PYTHON_CRYPTO
@@ -6699,10 +7032,12 @@ def serve(opts, log):
     """Start-up in the order that fails fastest, then run until SIGTERM, SIGINT or SIGHUP."""
     identities = load_tls_identities(opts) if opts.tls else None  # keys first, never logged
     crypto = choose_crypto(opts.crypto, log) if identities else None
+    tickets = load_ticket_keys(opts, crypto, log) if identities else None
     access_log = open_access_log(opts.access_log, log)
     archive = Archive(opts.tar, opts.prefix, log)
     site = Site(archive, opts.cache_control)
-    tls = TLSContext(identities, opts.tls_groups, opts.ktls, crypto, log) if identities else None
+    tls = TLSContext(identities, opts.tls_groups, opts.ktls, crypto, log, tickets) \
+        if identities else None
     specs = listener_specs(opts)
     limits = Limits(max_connections=raise_fd_limit(opts.max_connections, len(specs), log),
                     header_timeout=opts.header_timeout, idle_timeout=opts.idle_timeout,

@@ -5472,6 +5472,17 @@ RFC8448 = {name: unhex(value) for name, value in {
 RFC8448_APP_DATA = bytes(range(50))
 
 
+def flight_done(data):
+    """True when data is whole handshake messages, the last a Finished."""
+    last = None
+    while data:
+        length = 4 + int.from_bytes(data[1:4], 'big')
+        if len(data) < length:
+            return False
+        last, data = data[0], data[length:]
+    return last == 20
+
+
 def split_messages(data):
     """Handshake messages (header included) packed back to back."""
     messages = []
@@ -5787,6 +5798,9 @@ class MiniClient:
         self.session_id = options.get('session_id', b'\x42' * 32)
         self.transcript = b''
         self.s_ap = None  # the server's application traffic secret, once its Finished is in
+        self.s_ap_seq = 0  # records the server sent under it (its session tickets)
+        self.tickets = []  # the server's NewSessionTicket fields, as dicts (see read_tickets)
+        self.early_secret = None  # set when offering a ticket (options: resume=a ticket dict)
 
     def in_process_server(self, config):
         """The TLSServer this client talks to (section 4's NetClient talks to tarweb.py instead)."""
@@ -5807,7 +5821,8 @@ class MiniClient:
         o = dict(legacy_version=0x0303, suites=(0x1301, 0x1302, 0x1303), compression=b'\x00',
                  versions=(0x0304,), groups=(X25519, P256), share_groups=(X25519,), shares=None,
                  schemes=DEFAULT_SCHEMES, alpn=(b'http/1.1',), sni=b'localhost', early_data=False,
-                 psk=False, extra=(), trailing=(), omit=(), duplicate=None, truncate=0)
+                 psk=False, resume=None, psk_modes=b'\x01', age_skew_ms=0, bad_binder=False,
+                 extra=(), trailing=(), omit=(), duplicate=None, truncate=0)
         o.update(self.options)
         o.update(overrides)
         if share_groups is not None:
@@ -5831,10 +5846,10 @@ class MiniClient:
         if o['early_data']:
             exts.append((42, b''))
         exts.extend(o['extra'])
-        if o['psk']:
-            exts.append((45, b'\x01\x01'))
-            identity = vec16(b'ticket') + b'\x00\x00\x00\x00'
-            exts.append((41, vec16(identity) + vec16(vec8(b'\x00' * 32))))
+        if o['psk_modes'] is not None:   # as real clients send it, able to take tickets
+            exts.append((45, vec8(o['psk_modes'])))
+        if o['psk'] or o['resume']:
+            exts.append((41, self.psk_offer(o['resume'], o['age_skew_ms'])))
         exts.extend(o['trailing'])
         exts = [(t, d) for t, d in exts if t not in o['omit']]
         if o['duplicate'] is not None:
@@ -5844,7 +5859,33 @@ class MiniClient:
                 + vec16(u16s(o['suites'])) + vec8(o['compression']) + vec16(ext_block))
         if o['truncate']:
             body = body[:-o['truncate']]
-        return handshake_message(1, body)
+        message = handshake_message(1, body)
+        if o['resume']:
+            message = self.bind(message, o['resume'], o['bad_binder'])
+        return message
+
+    def psk_offer(self, ticket, age_skew_ms):
+        """pre_shared_key extension data (RFC 8446 §4.2.11): one identity, and a binder of the
+        right size left zero for bind() to fill (or 32 zero bytes for psk=True)."""
+        if ticket is None:
+            return vec16(vec16(b'ticket') + bytes(4)) + vec16(vec8(bytes(32)))
+        age = int((time.time() - ticket['received']) * 1000) + age_skew_ms
+        identity = vec16(ticket['ticket']) + struct.pack('>I', (age + ticket['age_add']) % 2**32)
+        return vec16(identity) + vec16(vec8(bytes(hashlib.new(ticket['hash']).digest_size)))
+
+    def bind(self, message, ticket, bad):
+        """Fill the binder in (§4.2.11.2): the Finished MAC under the binder key over the
+        transcript so far and the hello up to its binders list."""
+        hash_name = ticket['hash']
+        size = hashlib.new(hash_name).digest_size
+        self.early_secret = tarweb._tls13_early_secret(hash_name, ticket['psk'])
+        binder_key = tarweb._tls13_binder_key(hash_name, self.early_secret)
+        partial = message[:-(3 + size)]
+        binder = tarweb._tls13_finished_mac(hash_name, binder_key,
+                                            hashlib.new(hash_name, self.transcript + partial).digest())
+        if bad:
+            binder = bytes([binder[0] ^ 1]) + binder[1:]
+        return partial + vec16(vec8(binder))
 
     def send(self, data):
         return self.server.receive(data)
@@ -5873,10 +5914,9 @@ class MiniClient:
         assert sorted(extensions) == [43, 51] and extensions[43] == b'\x03\x04'
         self.hrr = hrr
         self.hrr_group = struct.unpack('>H', extensions[51])[0]
-        first = self.hello
-        self.hello = self.client_hello(share_groups=(self.hrr_group,), early_data=False, **overrides)
         hash_name = tarweb._TLS_SUITES[suite][0]
-        self.transcript = (handshake_message(254, hashlib.new(hash_name, first).digest()) + hrr)
+        self.transcript = (handshake_message(254, hashlib.new(hash_name, self.hello).digest()) + hrr)
+        self.hello = self.client_hello(share_groups=(self.hrr_group,), early_data=False, **overrides)
         return self.send(plaintext_record(22, self.hello))
 
     def finish_server_flight(self, reply):
@@ -5884,6 +5924,9 @@ class MiniClient:
         server_hello, self.ccs, records = self.read_server_hello(reply)
         random, session_id, self.suite, extensions = server_hello_fields(server_hello)
         assert random != HRR_RANDOM and session_id == self.session_id
+        self.resumed = 41 in extensions
+        if self.resumed:
+            assert extensions.pop(41) == b'\x00\x00'   # our one identity was taken
         assert sorted(extensions) == [43, 51] and extensions[43] == b'\x03\x04'
         self.hash_name = tarweb._TLS_SUITES[self.suite][0]
         group, length = struct.unpack('>HH', extensions[51][:4])
@@ -5894,26 +5937,60 @@ class MiniClient:
         else:
             shared = ecdh_shared(SECP256R1 if group == P256 else SECP384R1, self.privates[group], share)
         self.transcript += self.hello + server_hello
-        hs, self.c_hs, self.s_hs = tarweb._tls13_handshake_secrets(self.hash_name, shared,
-                                                                   self.hash(self.transcript))
+        hs, self.c_hs, self.s_hs = tarweb._tls13_handshake_secrets(
+            self.hash_name, shared, self.hash(self.transcript),
+            self.early_secret if self.resumed else None)
         self.rx = tarweb._TLSRecordCipher(self.suite, self.s_hs)
         self.tx = tarweb._TLSRecordCipher(self.suite, self.c_hs)
         flight = b''
-        for content_type, header, body in records:
+        while records and not flight_done(flight):
+            content_type, header, body = records.pop(0)
             assert content_type == 23
             inner_type, content = self.rx.open(header, body)
             assert inner_type == 22
             flight += content
         self.messages = split_messages(flight)
-        assert [m[0] for m in self.messages] == [8, 11, 15, 20], [m[0] for m in self.messages]
-        self.transcript += b''.join(self.messages[:2])
-        self.check_certificate_verify(self.messages[2])
-        self.transcript += self.messages[2]
+        if self.resumed:   # no Certificate, no CertificateVerify
+            assert [m[0] for m in self.messages] == [8, 20], [m[0] for m in self.messages]
+            self.transcript += self.messages[0]
+        else:
+            assert [m[0] for m in self.messages] == [8, 11, 15, 20], [m[0] for m in self.messages]
+            self.transcript += b''.join(self.messages[:2])
+            self.check_certificate_verify(self.messages[2])
+            self.transcript += self.messages[2]
         expected = tarweb._tls13_finished_mac(self.hash_name, self.s_hs, self.hash(self.transcript))
-        assert self.messages[3][4:] == expected, 'server Finished does not verify'
-        self.transcript += self.messages[3]
-        _, self.c_ap, self.s_ap = tarweb._tls13_application_secrets(self.hash_name, hs,
-                                                                    self.hash(self.transcript))
+        assert self.messages[-1][4:] == expected, 'server Finished does not verify'
+        self.transcript += self.messages[-1]
+        self.master, self.c_ap, self.s_ap = tarweb._tls13_application_secrets(
+            self.hash_name, hs, self.hash(self.transcript))
+        self.read_tickets(records)
+
+    def read_tickets(self, records):
+        """The records after the server's Finished: NewSessionTicket messages (§4.6.1) under
+        its application traffic key, kept in self.tickets as what resume= needs."""
+        cipher = tarweb._TLSRecordCipher(self.suite, self.s_ap)
+        data = b''
+        for content_type, header, body in records:
+            inner_type, content = cipher.open(header, body)
+            assert (content_type, inner_type) == (23, 22)
+            data += content
+        self.s_ap_seq = cipher.seq
+        # The resumption secret covers the client's Finished too (§7.1).
+        transcript = self.transcript + self.finished_message()
+        resumption = tarweb.derive_secret(self.hash_name, self.master, b'res master',
+                                          self.hash(transcript))
+        for message in split_messages(data):
+            assert message[0] == 4, message[0]
+            lifetime, age_add, nonce_len = struct.unpack('>IIB', message[4:13])
+            nonce = message[13:13 + nonce_len]
+            pos = 13 + nonce_len
+            ticket_len = struct.unpack('>H', message[pos:pos + 2])[0]
+            ticket = message[pos + 2:pos + 2 + ticket_len]
+            assert message[pos + 2 + ticket_len:] == b'\x00\x00', 'ticket extensions'
+            psk = tarweb.hkdf_expand_label(self.hash_name, resumption, b'resumption', nonce,
+                                           hashlib.new(self.hash_name).digest_size)
+            self.tickets.append(dict(lifetime=lifetime, age_add=age_add, nonce=nonce, ticket=ticket,
+                                     psk=psk, hash=self.hash_name, received=time.time()))
 
     def check_certificate_verify(self, message):
         scheme, length = struct.unpack('>HH', message[4:8])
@@ -5939,13 +6016,14 @@ class MiniClient:
 
     def peer_record_layer(self):
         """The client's side of the application traffic."""
-        return RecordLayer(self.suite, self.s_ap, self.c_ap)
+        return RecordLayer(self.suite, self.s_ap, self.c_ap, rx_seq=self.s_ap_seq)
 
     def decrypt_alert(self, data):
         """The alert code in an encrypted alert record: under the server's application traffic
         key once its Finished is out (RFC 8446 §4.4.4), else its handshake key."""
         (content_type, header, body), = parse_records(data)
-        cipher = tarweb._TLSRecordCipher(self.suite, self.s_ap) if self.s_ap else self.rx
+        cipher = tarweb._TLSRecordCipher(self.suite, self.s_ap, self.s_ap_seq) if self.s_ap \
+            else self.rx
         inner_type, content = cipher.open(header, body)
         assert inner_type == 21 and content[0] == 2
         return content[1]
@@ -6504,6 +6582,190 @@ class TestHelloRetryRequest(TLSCertsCase):
         client.start()
         out = client.send(b'\x17\x03\x03\x00\x05hello')   # no early_data offered: not skipped
         self.assert_plaintext_alert(client, out, 10)
+
+
+class FakeClock:
+    """time.time() for TicketKeys, moved by the test."""
+
+    def __init__(self):
+        self.now = 1.8e9
+
+    def __call__(self):
+        return self.now
+
+
+def ticket_config(kind='p256', **ticket_options):
+    """A config with session tickets; ticket_options go to TicketKeys (clock, ticket_secrets...)."""
+    base = CONFIGS[kind]
+    return tls_config(kind, tickets=tarweb.TicketKeys(base.crypto, **ticket_options))
+
+
+def full_handshake(config, **options):
+    """A MiniClient that completed a full handshake with config's server; its tickets are in
+    client.tickets."""
+    client = MiniClient(config, **options)
+    client.handshake()
+    assert client.server.done and not client.server.resumed, client.server.error
+    return client
+
+
+class TestSessionTickets(TLSCertsCase):
+    """RFC 8446 §4.6.1 and §4.2.11: tickets sent with the server's Finished, and resumption with
+    psk_dhe_ke, driven byte by byte (the servers' tests use openssl and Python's ssl)."""
+
+    def resume(self, config, ticket, **options):
+        """A second MiniClient offering ticket to a new server with config; returns it."""
+        client = MiniClient(config, resume=ticket, **options)
+        client.handshake()
+        self.assertTrue(client.server.done, client.server.error)
+        return client
+
+    def test_full_handshake_sends_two_tickets(self):
+        client = full_handshake(ticket_config())
+        tickets = client.tickets
+        self.assertEqual([t['nonce'] for t in tickets], [b'\x00', b'\x01'])
+        self.assertEqual({t['lifetime'] for t in tickets}, {24 * 3600})
+        self.assertNotEqual(tickets[0]['age_add'], tickets[1]['age_add'])
+        self.assertNotEqual(tickets[0]['ticket'], tickets[1]['ticket'])
+        self.assertNotEqual(tickets[0]['psk'], tickets[1]['psk'])   # a PSK per ticket nonce
+        self.assertEqual(client.server.tx_seq, 1)   # both in one record under the app key
+        # Nothing in a ticket is readable: the PSK is sealed.
+        for ticket in tickets:
+            self.assertNotIn(ticket['psk'], ticket['ticket'])
+            self.assertNotIn(b'localhost', ticket['ticket'])
+
+    def test_resumption_skips_the_certificate(self):
+        config = ticket_config()
+        ticket = full_handshake(config).tickets[0]
+        client = self.resume(config, ticket)
+        server = client.server
+        self.assertTrue(server.resumed and client.resumed)
+        self.assertEqual([m[0] for m in client.messages], [8, 20])   # EncryptedExtensions, Finished
+        self.assertIsNone(server.signature_scheme)
+        self.assertEqual(len(client.tickets), 2)   # fresh tickets for the next connection
+        self.assertEqual(server.client_app_secret, client.c_ap)
+        peer = client.peer_record_layer()
+        self.assertEqual(server.record_layer.open(peer.seal(b'GET / HTTP/1.1\r\n'))[0],
+                         b'GET / HTTP/1.1\r\n')
+
+    def test_each_ticket_resumes_and_chains(self):
+        config = ticket_config()
+        first = full_handshake(config)
+        for ticket in first.tickets:
+            self.assertTrue(self.resume(config, ticket).server.resumed)
+        # A ticket from a resumed connection resumes too.
+        second = self.resume(config, first.tickets[0])
+        self.assertTrue(self.resume(config, second.tickets[1]).server.resumed)
+
+    def test_bad_binder_is_decrypt_error(self):
+        config = ticket_config()
+        ticket = full_handshake(config).tickets[0]
+        client = MiniClient(config, resume=ticket, bad_binder=True)
+        out = client.start()
+        self.assertEqual(out, plaintext_alert(51))
+        self.assertIn('binder', client.server.error)
+
+    def test_binder_covers_the_whole_hello(self):
+        # The binder is computed, then a byte of the hello before it changes: decrypt_error.
+        config = ticket_config()
+        ticket = full_handshake(config).tickets[0]
+        client = MiniClient(config, resume=ticket)
+        hello = bytearray(client.client_hello())
+        hello[10] ^= 1   # in the client random
+        self.assertEqual(client.send(plaintext_record(22, bytes(hello))), plaintext_alert(51))
+
+    def test_psk_ke_only_gets_a_full_handshake_and_no_tickets(self):
+        config = ticket_config()
+        ticket = full_handshake(config).tickets[0]
+        client = MiniClient(config, resume=ticket, psk_modes=b'\x00')
+        client.handshake()
+        self.assertTrue(client.server.done)
+        self.assertFalse(client.server.resumed or client.resumed)
+        self.assertEqual(client.tickets, [])   # it could not use them
+
+    def test_unusable_tickets_get_a_full_handshake(self):
+        clock = FakeClock()
+        config = ticket_config(clock=clock, lifetime=3600)
+        ticket = full_handshake(config).tickets[0]
+        other_server = ticket_config()   # another random ticket key
+        sha384_only = tls_config(tickets=config.tickets, cipher_preference=(0x1302,))
+        cases = (('unknown key', other_server, {}),
+                 ('other server name', config, dict(sni=b'other.example')),
+                 ('no server name', config, dict(sni=None)),
+                 ('age off by a minute', config, dict(age_skew_ms=60_000)),
+                 ('other hash', sha384_only, {}),
+                 ('forged ticket', config, dict(resume=dict(ticket, ticket=bytes(len(ticket['ticket']))))))
+        for name, server_config, options in cases:
+            with self.subTest(name):
+                client = self.resume(server_config, options.pop('resume', ticket), **options)
+                self.assertFalse(client.server.resumed or client.resumed)
+        clock.now += 3601
+        with self.subTest('expired'):
+            client = self.resume(config, dict(ticket, received=ticket['received'] - 3601))
+            self.assertFalse(client.server.resumed)
+
+    def test_resumption_after_hello_retry(self):
+        # The second hello's binder covers the first hello's hash and the HelloRetryRequest.
+        config = ticket_config()
+        ticket = full_handshake(config).tickets[0]
+        retry_config = tls_config(tickets=config.tickets, groups=(P256,))
+        client = MiniClient(retry_config, resume=ticket, groups=(X25519, P256))
+        client.finish_server_flight(client.retry(client.start()))
+        client.send(client.finished_record())
+        self.assertTrue(client.server.done, client.server.error)
+        self.assertTrue(client.server.resumed and client.resumed)
+        self.assertEqual(client.server.group, P256)
+
+    def test_resumption_without_signature_algorithms(self):
+        # §9.2: signature_algorithms is needed only for a certificate; a resumed hello may omit it.
+        config = ticket_config()
+        ticket = full_handshake(config).tickets[0]
+        self.assertTrue(self.resume(config, ticket, omit=(13,)).server.resumed)
+
+    def test_mismatched_binder_count_is_illegal_parameter(self):
+        config = ticket_config()
+        client = MiniClient(config)
+        offer = vec16(vec16(b'a') + bytes(4) + vec16(b'b') + bytes(4)) + vec16(vec8(bytes(32)))
+        self.assertEqual(client.start(trailing=((45, b'\x01\x01'), (41, offer))),
+                         plaintext_alert(47))
+
+    def test_tickets_off(self):
+        for config in (tls_config(), ticket_config(count=0)):
+            client = full_handshake(config)
+            self.assertEqual(client.tickets, [])
+            self.assertEqual(client.server.tx_seq, 0)
+
+    def test_a_shared_ticket_key_resumes_on_another_server(self):
+        secrets_ = [os.urandom(32), os.urandom(32)]
+        ticket = full_handshake(ticket_config(ticket_secrets=secrets_)).tickets[0]
+        # The other server seals with a new key but still opens with the old one.
+        other = ticket_config(ticket_secrets=[os.urandom(32), secrets_[0]])
+        self.assertTrue(self.resume(other, ticket).server.resumed)
+        stranger = ticket_config(ticket_secrets=[secrets_[1]])
+        self.assertFalse(self.resume(stranger, ticket).server.resumed)
+
+    def test_random_ticket_keys_rotate(self):
+        clock = FakeClock()
+        keys = tarweb.TicketKeys(CONFIGS['p256'].crypto, clock=clock, lifetime=24 * 3600)
+        state = tarweb._TicketState(0x1301, 0, 1, 3600, b'', b'', bytes(32))
+        old = keys.seal(state)
+        clock.now += tarweb.TLS_TICKET_ROTATION
+        new = keys.seal(state)
+        self.assertNotEqual(old[:8], new[:8])   # a new key, by its name
+        self.assertEqual(keys.open(old).psk, bytes(32))   # the old key still opens
+        clock.now += 24 * 3600   # a lifetime after the old key retired ...
+        keys.seal(state)         # ... the next rotation drops it
+        self.assertIsNone(keys.open(old))
+        self.assertEqual(keys.open(new).psk, bytes(32))
+
+    def test_ticket_key_file(self):
+        text = f'# ticket keys\n{"ab" * 32}\n\n  {"CD" * 32}  # the previous one\n'
+        self.assertEqual(tarweb.parse_ticket_keys(text), [b'\xab' * 32, b'\xcd' * 32])
+        for bad, why in ((f'{"ab" * 31}\n', 'line 1'), (f'\n{"zz" * 32}\n', 'line 2'),
+                         ('# nothing\n', 'no key')):
+            with self.subTest(bad=bad):
+                with self.assertRaisesRegex(ValueError, why):
+                    tarweb.parse_ticket_keys(bad)
 
 
 class TestTLSServerReceive(TLSCertsCase):
@@ -7199,6 +7461,9 @@ class NetClient(MiniClient):
     can be made wrong on purpose. Without addr it only builds ClientHellos."""
 
     def __init__(self, addr=None, **options):
+        # No psk_key_exchange_modes unless asked: then tarweb.py sends no session tickets, and
+        # its flight ends with its Finished.
+        options.setdefault('psk_modes', None)
         super().__init__(**options)
         self.inbuf = b''
         self.sock = None
@@ -7546,6 +7811,119 @@ class TestHTTPSOpenSSL(HTTPSServerCase):
         self.assertEqual(rc, 0, err)
         self.assertIn(b'HTTP/1.1 200', head)
         self.assertIn(b'content-length: %d' % len(SMALL), head.lower())
+
+
+def s_client_session(addr, ca, session_file, *args, save=True):
+    """(exit status, output) of s_client GET /small.txt, saving its session to session_file
+    (save=True) or offering the one saved there."""
+    return https_s_client(addr, ca, '-sess_out' if save else '-sess_in', session_file, *args)
+
+
+class TestResumption(StartupErrorChecks, HTTPSServerCase):
+    """Session tickets and resumption against real clients (RFC 8446 §2.2, §4.6.1)."""
+
+    def session_file(self, name='session.pem'):
+        path = tls_file(name)
+        if os.path.exists(path):
+            os.unlink(path)
+        return path
+
+    def assert_resumes(self, first_addr, second_addr, *args, reused=True):
+        """openssl s_client saves a session from first_addr and offers it to second_addr."""
+        path = self.session_file()
+        rc, out = s_client_session(first_addr, self.ca, path, *args)
+        self.assertEqual(rc, 0, out)
+        self.assertIn('New, TLSv1.3', out)
+        rc, out = s_client_session(second_addr, self.ca, path, *args, save=False)
+        self.assertEqual(rc, 0, out)
+        self.assertIn('HTTP/1.1 200 OK', out)
+        self.assertIn('Reused, TLSv1.3' if reused else 'New, TLSv1.3', out)
+
+    def test_openssl_resumes(self):
+        before = self.srv.stats()
+        self.assert_resumes(self.addr, self.addr)
+        after = self.srv.stats()
+        self.assertEqual(int(after['handshakes']) - int(before['handshakes']), 2)
+        self.assertEqual(int(after['resumed']) - int(before['resumed']), 1)
+
+    def test_two_tickets_per_handshake_full_or_resumed(self):
+        path = self.session_file()
+        for save in (True, False):
+            rc, out = s_client_session(self.addr, self.ca, path, '-msg', save=save)
+            self.assertEqual(rc, 0, out)
+            self.assertIn('New, TLSv1.3' if save else 'Reused, TLSv1.3', out)
+            self.assertEqual(out.count('NewSessionTicket'), 2, out)
+
+    def test_python_ssl_resumes(self):
+        context = ssl_client_context(self.ca)
+        with https_conn(self.addr, context) as c:
+            c.sock.sendall(request_bytes('/small.txt'))
+            self.assertEqual(c.read_response().body, SMALL)
+            session = c.sock.session
+            self.assertFalse(c.sock.session_reused)
+        self.assertTrue(session.has_ticket)
+        with https_conn(self.addr, context, session=session) as c:
+            self.assertTrue(c.sock.session_reused)
+            c.sock.sendall(request_bytes('/small.txt'))
+            self.assertEqual(c.read_response().body, SMALL)
+
+    def test_hello_retry_then_resume(self):
+        # A server that wants P-256 from a client whose key share is X25519: HelloRetryRequest,
+        # and the second hello's binder covers it.
+        srv = ServerProc(self.tar, *https_args('p256', '--tls-groups', 'p256'))
+        self.addCleanup(srv.stop)
+        self.assert_resumes(srv.addr_of('https'), srv.addr_of('https'), '-groups', 'X25519:P-256')
+
+    def test_shared_ticket_key_file(self):
+        key_file = tls_file('tickets.key', ('# shared\n%s\n' % os.urandom(32).hex()).encode())
+        os.chmod(key_file, 0o600)
+        servers = [ServerProc(self.tar, *https_args('p256', '--tls-ticket-key', key_file)) for _ in range(2)]
+        for srv in servers:
+            self.addCleanup(srv.stop)
+        a, b = (srv.addr_of('https') for srv in servers)
+        self.assert_resumes(a, b)
+        self.assert_resumes(b, a)
+        self.assert_resumes(a, self.addr, reused=False)   # a server with its own random key
+        self.assertEqual(servers[0].count_stderr('ticket keys readable'), 0)
+
+    def test_tickets_off(self):
+        srv = ServerProc(self.tar, *https_args('p256', '--tls-tickets', '0'))
+        self.addCleanup(srv.stop)
+        addr = srv.addr_of('https')
+        rc, out = s_client_session(addr, self.ca, self.session_file(), '-msg')
+        self.assertEqual(rc, 0, out)
+        self.assertNotIn('NewSessionTicket', out)
+        with https_conn(addr, ssl_client_context(self.ca)) as c:
+            c.sock.sendall(request_bytes('/small.txt'))
+            self.assertEqual(c.read_response().body, SMALL)
+            self.assertFalse(c.sock.session.has_ticket)
+
+    def test_ticket_key_file_errors(self):
+        missing = tls_file('no-such-tickets.key')
+        bad = tls_file('bad-tickets.key', b'%s\nnot hex\n' % os.urandom(32).hex().encode())
+        empty = tls_file('empty-tickets.key', b'# nothing yet\n')
+        binary = tls_file('binary-tickets.key', os.urandom(32) + b'\xff')
+        for path, pattern in ((missing, 'no-such-tickets.key: cannot read the ticket keys'),
+                              (bad, 'bad-tickets.key: line 2: not 64 hex digits'),
+                              (empty, 'empty-tickets.key: no key in it'),
+                              (binary, 'binary-tickets.key: not ASCII text')):
+            with self.subTest(path=path):
+                p = self.run_server(*https_args('p256', '--tls-ticket-key', path), self.tar)
+                self.assertRegex(self.assertStartupError(p), re.escape(pattern))
+        for option, value in (('--tls-tickets', '9'), ('--tls-tickets', '-1'),
+                              ('--tls-ticket-lifetime', '604801'), ('--tls-ticket-lifetime', '0')):
+            with self.subTest(option=option, value=value):
+                p = self.run_server(*https_args('p256', option, value), self.tar)
+                self.assertIn(option, self.assertStartupError(p, 2))
+
+    def test_readable_ticket_key_file_is_warned_about(self):
+        key_file = tls_file('open-tickets.key', os.urandom(32).hex().encode() + b'\n')
+        os.chmod(key_file, 0o644)
+        srv = ServerProc(self.tar, *https_args('p256', '--tls-ticket-key', key_file))
+        self.addCleanup(srv.stop)
+        self.assertEqual(srv.count_stderr('open-tickets.key: ticket keys readable by group or others'), 1,
+                         srv.stderr_text())
+        self.assert_resumes(srv.addr_of('https'), srv.addr_of('https'))
 
 
 class TestCertificatesBySNI(StartupErrorChecks, TLSCertsCase):
@@ -8689,6 +9067,23 @@ class TestKTLS(StartupErrorChecks, HTTPSServerCase):
             c.sock.unwrap().close()   # ours, answered by the server's
             return 2
         self.counters_around(traffic)
+
+    def test_resumed_connection(self):
+        # The session tickets go under the application key before the kernel takes over: its
+        # record sequence numbers must start behind them, in a full and in a resumed handshake.
+        def traffic():
+            context = ssl_client_context(self.ca)
+            session = None
+            for reused in (False, True, True):
+                with https_conn(self.addr, context, session=session) as c:
+                    self.assertEqual(c.sock.session_reused, reused)
+                    c.sock.sendall(request_bytes('/mid.bin'))
+                    self.assertEqual(c.read_response().body, self.files['/mid.bin'])
+                    session = c.sock.session
+            return 3
+        before = self.srv.stats()
+        self.counters_around(traffic)
+        self.assertEqual(int(self.srv.stats()['resumed']) - int(before['resumed']), 2)
 
     def test_request_in_the_finished_write(self):
         # The request record right behind the client Finished must reach HTTP (with kTLS the
