@@ -4917,12 +4917,18 @@ class TicketKeys:
         self.keys = [_TicketKey(s, crypto) for s in ticket_secrets or [os.urandom(32)]]
         self.created = clock()
 
-    def seal(self, state):
-        """A ticket (the identity a client sends back) holding state."""
+    def seal(self, states):
+        """Tickets (the identities clients send back) holding states: one per state."""
         self._rotate()
         key = self.keys[0]
-        nonce = os.urandom(_TLS_TICKET_NONCE_LEN)
-        return key.name + nonce + key.aead.seal(nonce, state.encode(), key.name)
+        plains = [state.encode() for state in states]
+        nonces = [os.urandom(_TLS_TICKET_NONCE_LEN) for _ in states]
+        # Pure Python: the keystreams of all the tickets in one ChaCha20 pass.
+        chacha20_poly1305_prefetch([(key.aead, nonce, len(plain))
+                                    for nonce, plain in zip(nonces, plains)]
+                                   if isinstance(key.aead, ChaCha20Poly1305) else [])
+        return [key.name + nonce + key.aead.seal(nonce, plain, key.name)
+                for nonce, plain in zip(nonces, plains)]
 
     def open(self, ticket):
         """The _TicketState in a ticket one of our keys sealed, or None: any ticket a client
@@ -5465,9 +5471,9 @@ class TLSServer(_TLSRecordReader):
         rx = _TLSRecordCipher(suite, client_hs, crypto=crypto)
         master_secret = self._expect_client_finished(hash_name, handshake_secret, client_hs)
         self._app_tx = _TLSRecordCipher(suite, self._app_secrets[1], crypto=crypto)
-        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, clear[0])
-                   + self._compat_ccs(hello) + self._seal_flight(tx, rx, b"".join(flight))
-                   + self._session_tickets(hello, suite, master_secret))
+        tickets = self._session_tickets(hello, suite, master_secret)
+        out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, clear[0]) + self._compat_ccs(hello)
+                   + self._seal_flight(tx, rx, b"".join(flight), tickets))
         self._tx, self._rx = tx, rx
         self.cipher_suite, self.group, self.resumed = suite, group, resumption is not None
         self._remember_hello(hello)
@@ -5502,8 +5508,8 @@ class TLSServer(_TLSRecordReader):
         return master_secret
 
     def _session_tickets(self, hello, suite, master_secret):
-        """NewSessionTicket messages (§4.6.1) as a record under our application traffic key,
-        or b"" when tickets are off or the client cannot resume with psk_dhe_ke. They go with
+        """NewSessionTicket messages (§4.6.1), to go under our application traffic key, or b""
+        when tickets are off or the client cannot resume with psk_dhe_ke. They go with
         our Finished rather than after the client's: the note in §4.6.1 lets a server that
         does not authenticate clients compute the client's Finished, and so a browser's
         parallel connections can resume at once. Each ticket gets its own PSK (its nonce)."""
@@ -5517,25 +5523,27 @@ class TLSServer(_TLSRecordReader):
                                           transcript.digest())
         sni, alpn = (self.sni or "").encode("ascii"), self.alpn or b""
         issued_ms = int(tickets.clock() * 1000)
-        messages = []
-        for i in range(tickets.count):
-            nonce = bytes([i])
-            psk = hkdf_expand_label(hash_name, resumption_secret, b"resumption", nonce,
-                                    _tls_hash_len(hash_name))
-            age_add = secrets.randbits(32)
-            ticket = tickets.seal(_TicketState(suite, issued_ms, age_add, tickets.lifetime, sni,
-                                               alpn, psk))
-            body = (struct.pack(">II", tickets.lifetime, age_add) + _tls_vec8(nonce)
-                    + _tls_vec16(ticket) + _tls_vec16(b""))
-            messages.append(_tls_handshake_message(_TLS_HS_NEW_SESSION_TICKET, body))
-        return self._app_tx.seal(_TLS_CT_HANDSHAKE, b"".join(messages))
+        states = [_TicketState(suite, issued_ms, secrets.randbits(32), tickets.lifetime, sni,
+                               alpn, hkdf_expand_label(hash_name, resumption_secret,
+                                                       b"resumption", bytes([i]),
+                                                       _tls_hash_len(hash_name)))
+                  for i in range(tickets.count)]
+        messages = [_tls_handshake_message(_TLS_HS_NEW_SESSION_TICKET, (
+            struct.pack(">II", tickets.lifetime, state.age_add) + _tls_vec8(bytes([i]))
+            + _tls_vec16(ticket) + _tls_vec16(b"")))
+            for i, (state, ticket) in enumerate(zip(states, tickets.seal(states)))]
+        return b"".join(messages)
 
-    def _seal_flight(self, tx, rx, flight):
-        # The client's Finished will come as one record of known size (unpadded, as clients
-        # send it): its keystream is made in the same pass as the flight's.
+    def _seal_flight(self, tx, rx, flight, tickets):
+        """The flight under the handshake key, then the tickets (if any) under the application
+        key. The client's Finished will come as one record of known size (unpadded, as clients
+        send it): its keystream is made in the same pass as ours."""
         chacha20_poly1305_prefetch(tx.keystream_requests(_tls_record_lengths(len(flight)))
-                                   + rx.keystream_requests([4 + len(self._client_finished) + 1]))
-        return tx.seal_records(_TLS_CT_HANDSHAKE, flight)
+                                   + rx.keystream_requests([4 + len(self._client_finished) + 1])
+                                   + self._app_tx.keystream_requests([len(tickets) + 1]
+                                                                     if tickets else []))
+        return tx.seal_records(_TLS_CT_HANDSHAKE, flight) + (
+            self._app_tx.seal(_TLS_CT_HANDSHAKE, tickets) if tickets else b"")
 
     # -- client Finished: WAIT_FINISHED -> CONNECTED -----------------------------------------------
 

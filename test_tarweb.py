@@ -6748,13 +6748,13 @@ class TestSessionTickets(TLSCertsCase):
         clock = FakeClock()
         keys = tarweb.TicketKeys(CONFIGS['p256'].crypto, clock=clock, lifetime=24 * 3600)
         state = tarweb._TicketState(0x1301, 0, 1, 3600, b'', b'', bytes(32))
-        old = keys.seal(state)
+        old, = keys.seal([state])
         clock.now += tarweb.TLS_TICKET_ROTATION
-        new = keys.seal(state)
+        new, = keys.seal([state])
         self.assertNotEqual(old[:8], new[:8])   # a new key, by its name
         self.assertEqual(keys.open(old).psk, bytes(32))   # the old key still opens
         clock.now += 24 * 3600   # a lifetime after the old key retired ...
-        keys.seal(state)         # ... the next rotation drops it
+        keys.seal([state])       # ... the next rotation drops it
         self.assertIsNone(keys.open(old))
         self.assertEqual(keys.open(new).psk, bytes(32))
 
@@ -9741,10 +9741,11 @@ def _bench_first_us(fn):
     return (time.perf_counter() - start) * 1e6
 
 
-def _bench_one_handshake(tw, config, ctx):
-    """One full handshake, client ↔ TLSServer over MemoryBIO → (seconds inside receive(), server)."""
+def _bench_one_handshake(tw, config, ctx, session=None):
+    """One handshake, client ↔ TLSServer over MemoryBIO, full or resuming session →
+    (seconds inside receive(), server, the client's session for the next resumption)."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = ctx.wrap_bio(incoming, outgoing, server_hostname='localhost')
+    client = ctx.wrap_bio(incoming, outgoing, server_hostname='localhost', session=session)
     server = tw.TLSServer(config)
     spent = 0.0
     for _ in range(8):
@@ -9766,23 +9767,33 @@ def _bench_one_handshake(tw, config, ctx):
             break
     else:
         raise RuntimeError('handshake did not finish in 8 flights')
+    try:
+        client.read(1)   # the client takes the session tickets that came with the Finished
+    except ssl.SSLWantReadError:
+        pass
     # The keys must work, not just the handshake: one application record client -> server.
     client.write(b'ping')
     plain, _events, _to_send = server.record_layer.open(outgoing.read())
     if plain != b'ping':
         raise RuntimeError('first application record decrypted to %r' % plain)
-    return spent, server
+    return spent, server, client.session
 
 
-def _bench_handshakes(tw, config, ctx, rounds):
+def _bench_handshakes(tw, config, ctx, rounds, resume=False):
     """Median µs inside TLSServer.receive() per handshake, after 2 warm-up handshakes; and the
-    last server (to read what was negotiated)."""
+    last server (to read what was negotiated). resume: each resumes the session of the one
+    before (config needs tickets)."""
+    session = None
     for _ in range(2):
-        _bench_one_handshake(tw, config, ctx)
+        session = _bench_one_handshake(tw, config, ctx)[2]
     samples = []
     server = None
     for _ in range(rounds):
-        spent, server = _bench_one_handshake(tw, config, ctx)
+        spent, server, next_session = _bench_one_handshake(tw, config, ctx,
+                                                           session if resume else None)
+        if resume and not server.resumed:
+            raise RuntimeError('the session was not resumed')
+        session = next_session
         samples.append(spent)
     return statistics.median(samples) * 1e6, server
 
@@ -9935,6 +9946,32 @@ def _bench_crypto_rows(tw, import_s, budget, rounds):
                           format(us, ',.0f'), format(1e6 / us, ',.0f')))
         except (RuntimeError, ValueError, ssl.SSLError) as exc:
             print('!! %s %s: %s' % (cert_name, _BENCH_SUITE_NAMES[suite], exc))
+            status = 1
+    return _bench_resumption_rows(tw, certs, backends, rounds) or status
+
+
+def _bench_resumption_rows(tw, certs, backends, rounds):
+    """Full and resumed server handshakes (RFC 8446 §2.2) with tickets on, as a client that
+    offers the ticket of its last session does: the resumed one skips the certificate's
+    signature. Each backend's first suite, X25519."""
+    print('\nresumption: the same, with session tickets; resumed = a client offering its last '
+          'ticket (psk_dhe_ke)')
+    line = '%-12s %-10s %10s %10s %12s %12s %8s'
+    print(line % ('certificate', 'crypto', 'full us/hs', 'resumed', 'full hs/s', 'resumed hs/s',
+                  'ratio'))
+    status = 0
+    for (cert_name, key, chain, ca_name), crypto in [(c, b) for c in certs for b in backends]:
+        try:
+            config = tw.TLSConfig(key, chain, cipher_preference=crypto.suite_preference[:1],
+                                  crypto=crypto, tickets=tw.TicketKeys(crypto))
+            ctx = _bench_client_context(ca_name)
+            full, _ = _bench_handshakes(tw, config, ctx, rounds)
+            resumed, _ = _bench_handshakes(tw, config, ctx, rounds, resume=True)
+            print(line % (cert_name, crypto.name, format(full, ',.0f'), format(resumed, ',.0f'),
+                          format(1e6 / full, ',.0f'), format(1e6 / resumed, ',.0f'),
+                          '%.2fx' % (full / resumed)))
+        except (RuntimeError, ValueError, ssl.SSLError) as exc:
+            print('!! %s %s resumption: %s' % (cert_name, crypto.name, exc))
             status = 1
     return status
 
