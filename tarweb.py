@@ -4961,7 +4961,7 @@ def parse_ticket_keys(text):
     """The secrets of a ticket key file: one per line, 64 hex digits (`openssl rand -hex 32`),
     the first sealing, all opening; blank lines and # comments ignored. ValueError names the
     line at fault."""
-    secrets = []
+    keys = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -4973,10 +4973,10 @@ def parse_ticket_keys(text):
         if len(secret) != 32:
             raise ValueError(f"line {number}: not 64 hex digits (make a key with "
                              f"'openssl rand -hex 32')")
-        secrets.append(secret)
-    if not secrets:
+        keys.append(secret)
+    if not keys:
         raise ValueError("no key in it (make one with 'openssl rand -hex 32')")
-    return secrets
+    return keys
 
 
 # === 6.8 Server configuration and handshake state machine (§4, Appendix A.2) =====================

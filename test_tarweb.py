@@ -6694,7 +6694,8 @@ class TestSessionTickets(TLSCertsCase):
                  ('no server name', config, dict(sni=None)),
                  ('age off by a minute', config, dict(age_skew_ms=60_000)),
                  ('other hash', sha384_only, {}),
-                 ('forged ticket', config, dict(resume=dict(ticket, ticket=bytes(len(ticket['ticket']))))))
+                 ('forged ticket', config, dict(resume=dict(ticket, ticket=bytes(len(ticket['ticket']))))),
+                 ('cut short', config, dict(resume=dict(ticket, ticket=ticket['ticket'][:13]))))
         for name, server_config, options in cases:
             with self.subTest(name):
                 client = self.resume(server_config, options.pop('resume', ticket), **options)
