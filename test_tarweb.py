@@ -4654,6 +4654,524 @@ class TestAEADBehaviour(unittest.TestCase):
         self.assertTrue(issubclass(AEADError, ValueError))
 
 
+# ---------------------------------------------------------------------------------------------
+# ML-KEM-768 (FIPS 203): tarweb.py encapsulates; the test's side written as FIPS 203 reads
+# ---------------------------------------------------------------------------------------------
+# The vectors: C2SP Wycheproof's mlkem_768_encaps_test.json, a few embedded here (test vectors are
+# facts) and the whole file from ../shared/vectors/ (or $TARWEB_VECTORS, which .ci/run sets: then
+# a missing file fails the test).
+MLKEM_VECTOR_DIR = os.environ.get('TARWEB_VECTORS') or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'vectors')
+MLKEM_VECTOR_FILE = os.path.join(MLKEM_VECTOR_DIR, 'mlkem_768_encaps_test.json')
+
+# Vectors copied from the C2SP Wycheproof file mlkem_768_encaps_test.json (Apache License 2.0).
+MLKEM_VECTORS = [
+    {  # tcId 14: valid, Test vector based on official round 3 seeds 0
+        "result": "valid",
+        "m": (
+            "147c03f7a5bebba406c8fae1874d7f13c80efe79a3a9a874cc09fe76f6997615"),
+        "ek": (
+            "a8e651a1e685f22478a8954f007bc7711b930772c78f092e82878e3e937f367967532913a8d53dfdf4bf"
+            "b1f8846746596705cf345142b972a3f16325c40c2952a37b25897e5ef35fbaeb73a4acbeb6a0b89942ce"
+            "b195531cfc0a07993954483e6cbc87c06aa74ff0cac5207e535b260aa98d1198c07da605c4d11020f6c9"
+            "f7bb68bb3456c73a01b710bc99d17739a51716aa01660c8b628b2f5602ba65f07ea993336e896e83f2c5"
+            "731bbf03460c5b6c8afecb748ee391e98934a2c57d4d069f50d88b30d6966f38c37bc649b82634ce7722"
+            "645ccd625063364646d6d699db57b45eb67465e16de4d406a818b9eae1ca916a2594489708a43cea88b0"
+            "2a4c03d09b44815c97101caf5048bbcb247ae2366cdc254ba22129f45b3b0eb399ca91a303402830ec01"
+            "db7b2ca480cf350409b216094b7b0c3ae33ce10a9124e89651ab901ea253c8415bd7825f02bb229369af"
+            "972028f22875ea55af16d3bc69f70c2ee8b75f28b47dd391f989ade314729c331fa04c1917b278c3eb60"
+            "2868512821adc825c64577ce1e63b1d9644a612948a3483c7f1b9a258000e30196944a403627609c76c7"
+            "ea6b5de01764d24379117b9ea29848dc555c454bceae1ba5cc72c74ab96b9c91b910d26b88b25639d477"
+            "8ae26c7c6151a19c6cd7938454372465e4c5ec29245acb3db5379de3dabfa629a7c04a8353a8530c95ac"
+            "b732bb4bb81932bb2ca7a848cd366801444abe23c83b366a87d6a3cf360924c002bae90af65c48060b37"
+            "52f2badf1ab2722072554a5059753594e6a702761fc97684c8c4a7540a6b07fbc9de87c974aa8809d928"
+            "c7f4cbbf8045aea5bc667825fd05a521f1a4bf539210c7113bc37b3e58b0cbfc53c841cbb0371de2e511"
+            "b989cb7c70c023366d78f9c37ef047f8720be1c759a8d96b93f65a94114ffaf60d9a81795e995c71152a"
+            "4691a5a602a9e1f3599e37c768c7bc108994c0669f3adc957d46b4b6256968e290d7892ea85464ee7a75"
+            "0f39c5e3152c2dfc56d8b0c924ba8a959a68096547f66423c838982a5794b9e1533771331a9a656c2882"
+            "8beb9126a60e95e8c5d906832c7710705576b1fb9507269ddaf8c95ce9719b2ca8dd112be10bcc9f4a37"
+            "bd1b1eeeb33ecda76ae9f69a5d4b2923a86957671d619335be1c4c2c77ce87c41f98a8cc466460fa300a"
+            "af5b301f0a1d09c88e65da4d8ee64f68c02189bbb3584baff716c85db654048a004333489393a07427cd"
+            "3e217e6a345f6c2c2b13c27b337271c0b27b2dbaa00d237600b5b594e8cf2dd625ea76cf0ed899122c97"
+            "96b4b0187004258049a477cd11d68c49b9a0e7b00bce8cac7864cbb375140084744c93062694ca795c4f"
+            "40e7acc9c5a1884072d8c38dafb501ee4184dd5a819ec24ec1651261f962b17a7215aa4a748c15836c38"
+            "9137678204838d7195a85b4f98a1b574c4cd7909cd1f833effd1485543229d3748d9b5cd6c17b9b3b84a"
+            "ef8bce13e683733659c79542d615782a71cdeee792bab51bdc4bbfe8308e663144ede8491830ad98b463"
+            "4f64aba8b9c042272653920f380c1a17ca87ced7aac41c82888793181a6f76e197b7b90ef90943bb3844"
+            "912911d8551e5466c5767ab0bc61a1a3f736162ec098a900b12dd8fabbfb3fe8cb1dc4e8315f2af0d32f"
+            "0017ae136e19f028"),
+        "c": (
+            "c8391085b8d3ea9794212541b2914f08964d33521d3f67ad66096ebfb1f706424b49558f755b5625bae2"
+            "36f2e0079601c766f7d960808f7e2bb0c7a5e066ed346de628f8c57eebabbb0c22d911548463693ef3ce"
+            "52a53f7ff415f00e657ae1c5a48fa5ec6e4be5cf462daffc84d2f6d5ff55dc9bbe8bb0d725ec64fd4cd4"
+            "bd8dba0a844e8b5ce4b6a28934d7f7a050991fe185b506b451dabfad52d52cb2114ca7d9a5cf986c8fdc"
+            "1bc10ec0c1869e50c03c55a76192a1049aca636ba9020bdaa8d0f58c763b0b89845ca06d4c4ddc21433e"
+            "16b9c62e44871fdbc05ba218af871fdd7dcfa464e60faa5265264ce1391bd9a8c5faa7626d5f159b9805"
+            "b975710a3503a0b858a11c6a647cc0e19ac88b1be9056c95b4d2087d0951d1d2f4992491117e6347794b"
+            "a54571ec49bba71af3413d38a30bf5872248d1f6d07c86baf782e73d2637f043d341a00921857d8b21dd"
+            "f3e1d6310036ed27af49e5de1b900fe4de79808ff29f9570859612b15adc01fbb265b305b1e3a12ae419"
+            "da5b74261fa284c101da3d8dca8b2e4521aca571ef44a058e844ff32b16d5aaea05f7f3af8e2ab16222e"
+            "347662eddfb891d0ecc2a55c5638f9dde92d9a3d544a5f901ac501acd1ea6a010201fcb10ad702c425a9"
+            "4bdf5890d500a2a147eee1d1fcba8c3abe7c2dfe70f346f033d816a0b2791b4f0b2d956d9ee597171539"
+            "9a5688302495e2e07c1c8c01527184bcd0c208bc159f2e13318c0bb3dd24a6a7fc849f83385ed4dba07f"
+            "e1d7bd5640cc9ed5ccfdd68763cb0d0edf61b292177fc1d2d3c11dd0495056bcb12558aebcfddef9feb4"
+            "aebc57afd9023c65cfe65a24e33f1b00111e92e63e011eaf0b212cf95743cd07f5189ece1f205b7f6fcb"
+            "2e6b1961b5404cebe47c8cd13b8599d5b49e6d87eeda36e9b8fc4c00635896aa2b75896e336d1b612ee1"
+            "3db811e1f07e61748d920f4865f3f11741399dc6162c91ca168a02329dff821d58198712dd558abb099b"
+            "3a0baf9da1b730b2aa73bcf58d74f357b06f7211c804b6c8af16ff3509fad1d35b14bfdced7db8a6a25c"
+            "48e5956480724daa057cd660b67ee3e472574182679d485838a6476eac02141075c812af7967ba7c9185"
+            "cc2abd2a4545b80f3d3104d58d654a57792dcfabbe9c0715e8de2ef81ef404c8168fd7a43efab3d448e6"
+            "86a088efd26a26159948926723d7eccc39e3c1b719cf8becb7be7e964f22cd8cb1b7e25e800ea97d60a6"
+            "4cc0bbd9cb407a3ab9f88f5e29169eeafd4e0322fde6590ae093ce8feeae98b622caa7556ff426c9e7a4"
+            "04ce69355830a7a67767a76c7d9a97b84bfcf50a02f75c235d2f9c671138049ffc7c8055926c03eb3fb8"
+            "7f9695185a42eca9a41655873d30a6b3bf428b246223484a8ff61ee3eeafff10e99c2c13a76284d063e5"
+            "6ab711a35a85b5383df81da23490f66e8ea3fcba067f5530c6541c2b8f74717c35023e7b9b3956c3ee2f"
+            "f84ba03ccf4b4b5321b9240895481bc6d63c1693c1847852f8e97f50a133532ac3ee1e52d464"),
+        "K": (
+            "e7184a0975ee3470878d2d159ec83129c8aec253d4ee17b4810311d198cd0368"),
+    },
+    {  # tcId 15: valid, Test vector based on official round 3 seeds 1
+        "result": "valid",
+        "m": (
+            "cde797df8ce67231f6c5d15811843e01eb2ab84c7490931240822adbddd72046"),
+        "ek": (
+            "93c140f6c47b7e53b96f72bb18447d277cc021c144a0f7a35e30b57386a78ac976376262320a5e7e1cb4"
+            "2e290de684462ce1067e920ee86c32418b130a5a41a0e8268cfa7e0db2b441cb927d7897c42b1d50f9b3"
+            "2868a35a2c04cfe91040e9a9208902f20c477e1b1ee5c290d2e5244eb1b4b7b4c6ad074533b58d9914a6"
+            "aa8829f96789f5cb87607569983003f3a2461c33c81a3672af5924c4ba37e6827fccf86d8b4103fbe9c0"
+            "f6226dd0a2145a6b7aec76b186466f9c67bf169039259574456497140c8cf4ac05091973ac8c08d80946"
+            "5785a677a032ac09ad1d666e8c48462813ce5ac75f184b38251c30e362b0e2501d6800c8ad103c8b7737"
+            "80b6717cf15c401139acd54b1598b2b7c79492a86631090268c70d875bc040cb2b75a386fa96b092b8cb"
+            "c25c47f70aa76cd8b9afc12b42b536e27c5578831a96dbbab7138c3f247e955a6c08b4407d4708f1914b"
+            "fa48af4b28533f747b860b7076c028e245c9727b42f3248fb0408b3ef0c4918ab76ab96daca81afb1211"
+            "ab3a0329ba1a5b069a68934c1ce84c2f72839311257fa19e72c62fb5686b61416caf8b22d2b26a6dd01b"
+            "b7387f88eb8606980a5e2259cbd56ca1ec051cfc66f96239991a2360d75dafa1534c8a05ab9c95e2e586"
+            "853714600a3455511b62d94525d8b1a965ce69f986731888d1ecce536000e4863322a83e3c8475d9eba5"
+            "414a65b0561d24a7b09dca6ffe23836058bec0a85671641008c831233c7890783dafe8c359a263e79686"
+            "9118c4e74002dc3b0ec5b1c4ac641bafe30eb2bb743713bfed2c1e79c4a6f46593006acb35f7031f1948"
+            "07b893aa7a9323162168d384d0e96f2f23368626a2e027891ac94f12f30a044b85f0322ce2b16517d36a"
+            "a3f23b5f391be394b54ddc28e5a9775372869a7b50b4898c072c0669d43c641a3cb5e8c170ba63bed6ad"
+            "1008615201305e292e1c818e1ef64f3e0c52fba67e7249c1ec4a140dc89ce0050647f1c19f5897c77b90"
+            "59040b4b5b4282e0669cb4c658f48f67338413c92fc7412e444bc635dabc93c51b030784f21461dca210"
+            "cc6a54fdc25bba09705baa77c1826636b16644a5ada51270d8317a787abf53192d40dc765bfb45c7dcae"
+            "58481af3a49fe762b90bac1f6f69a5de8045981c67906b9f692625fcb6a4df2641688aba61fa49a84b47"
+            "c96661e4701e5826c1108069c4b9c6e480251c4b021d11cfdaca12bbf9c09a0234186668e389454ac404"
+            "6f5b2468aa2fa9b117868574e729574ee57ea7495af310627b85916d6b4c708374f9fb0c9c3aa4664c66"
+            "51281d8eeb98132c1af13a816ca5b869f50b50b291efd466dea090918630c6fc77247c458aa82568a41d"
+            "d9d4708af3bbca5a5716447e8c2c24ad788a8632473fdc4a257196bd2b549091176fe654d3694e10a118"
+            "f7b66d1cd5af199b6e90b3bffa88a92e36717fd4bbfcc78b0e08634bc080c86885c92c8ef67aa4933c7d"
+            "f097891369bac5fc5d0c36737aa60971310adf02c257f76a7a7b3f7e132c2a71c52ff4affb6846391c08"
+            "68241a3df13408d419a78bcffd49619b03a192c683900a244289c9f7b4564823900ceacffd9a9371260d"
+            "5e57a8271196f4759eead0ceac318966e76f68de95ab9db2ba4fbf83c3b27092cd339cfe48d5ca0ba115"
+            "91d04566f4ed24a5"),
+        "c": (
+            "b3b339d73dfe8e3db262cdea792b4e3ecd712a75750a3b206800f11116637b58bc75ea61bd74070d7132"
+            "309176608c33989fc510852c0f8d07e9862b79b069cfb3e5b78f277a74dcc832ada24f7d522e53a7cf16"
+            "a7c7d952ed9f4dd4be4910d880e2e7c5b23c6cf9077e3d350ed3e7bb54ca7b39a9f68e98d2fc844c62f3"
+            "eed092c8c008e4c2a28b3b1d9f34488655741ddcc440be7828ae39f25f52f57d8b1cfe3967af165e5aff"
+            "addc8a85cd4939221762be2f71155c780ada5103976c77a76f838bc52a72544b22cfde6b6e843b4e552f"
+            "1ba47419a8a8bf53c388537c1c08c272a02f4923d9edcc54dc767e6613c6f832889ec05ca805fc09e326"
+            "d242517e91607005af03cd1acb242e630d6c20499dec187d8e5f6d421e2ceef7e3f74b751214fd58b658"
+            "3bdc5ede65bbb643974d5cb45533f0a733a3353724e2d7e6821d99d317eec8781d3f1e03528fda480da8"
+            "cd8e8adc51585a14acb5da154a68573b0566e5e49a53b4cb8061cdc795d13899032d549ac8f7c35099eb"
+            "2ba0f0df4c9558444f4fe5f88bc46c6fca1b257c62d2116efd1c8cdef5717068405201c086da4143de27"
+            "7649f32538f537f8bf13a65c05747cd44f740736966422bd247f4be9a05acbcce53b9c1b0019096f93df"
+            "a86948d7b01d10952926b7a6e0e51792f9be6bab620b9fec660a2348818e4b47cd5934ffbcef5aaf20c3"
+            "acf9494ae4df9d23f62a2571eca8d37fb1c8d29d5df0fa30c2f17fe3788032d124090dfbd000155ad8de"
+            "ca87190d66bcc9b1e3de392bacad79dc62be0d96eaf448feec5ef03544db3a782e5f9ffa20493d5ae6a5"
+            "8481d23cac7d3eaad57887bdd706eebf15f505d07e3592766710a658513598c94d2ff3eda5b5e900fcc9"
+            "da8c012633c96a8b9e1da548dff60b1a763bb3f5ada6eea3290a01f7367f7c2384097ebee2960d904141"
+            "b6c7bb30bf640350da34b9516d9f73100476e7bc077e0f88dfdeeaf9a2855448393cc26e14ac50b67065"
+            "bb3694933bc64c622958a11637f9c995e17f15cfa663e7121c4ebd5fc1e153bea84c66843c90110e5874"
+            "62c623dc67ff0da5dadbade9b9724ff804227e188a00aa6c70bba00aaace8a035b96a595ee726fab666a"
+            "08a4979ebd1e230a9c48afe7779cdd9f0d019e2400db9f686011ab05c4109db273c236646b481ac7251f"
+            "d70d23188f943f6f282bf059279464645c9552de905996f2ef355a4d307448aed53728b490baf108a7d2"
+            "579dc46e44334d1d99f310c8c953d4b3fbbf6b15a99b263775a1f9f0c0fbdfa260415ff4f61c263362c9"
+            "5fe9fa72767b8625f09b91c393fed48bc8f628ccc76b5ca49d9c01223ab4c1a9f25ac97ada8783b57657"
+            "5fa699140394e53daedf683ee53172ca9ff70c27a3f940675e3239e44a24804098486decb72ac8d41bda"
+            "6e2d3585e2edc1e47cf1999fc67aa000677ba66ac22576ea087b6e7affd5c1617b3d94fdd314d17e6d37"
+            "f9e5347807fe21fc5a9d75b3a25541cfe4a2d2c9efd00859d713cd6f67314cba4cc270fdb2e6"),
+        "K": (
+            "5f0c5d9f39d3e724b5a2bd54e69e360f72ffab5d4d6cc5e572fecba80acd4796"),
+    },
+    {  # tcId 2: invalid, ModulusOverflow
+        "result": "invalid",
+        "m": (
+            "4242424242424242424242424242424242424242424242424242424242424242"),
+        "ek": (
+            "016d4cd2120d97581838192bb56463ee2b9a96e620bc7976bf3634f441ab0641ba3a904cfd4b55ba40cc"
+            "6fdb906ac1a95637112c7a48dbf311d67004bb583e068b9936b32463245da31685a878a90d205162b587"
+            "a322cebe475fc70186b8b52cab2c9e838873406a98574c65e83b0063d316a8654b5ef7537b487a25114c"
+            "521bbfdb4780d58804c1c172cfac59b9bb8ba804a10fc6607633cc89d18bc5579d7a0825a2a72bc32869"
+            "ba8518fafa522a9950ef7ab4625c417e6b6fa3f0165dd47d78ab8587f22b99abad73a90880b2b08c4876"
+            "b61ca536f675b4b8a37460ad4400910d265e5146ae4be61a09c30a1de01f4636a802413fc8f051cde78e"
+            "4fc51ba8f3a2cad1474775a7d7ec513a57541861702d6480c70cce8912bd2c01bf11378604005695d64c"
+            "1969cf25714ae287c019da020d66af70c1528e12365fe25106e8179b04ccf0cba724fb6a89b83ca9f550"
+            "12b66267337f6618484a7a70e8a1163cb17426ea132e1a56e53ab86e491e39dbbe4e4465a785106b5255"
+            "dc2190d2f2bbe896a8cc64a228c2b9a8943214f97a3b40a8e41053fd4346a7fcab06fa72de8c33cca788"
+            "e2e09e09dacd7034038ec13d1a065cf7d14c5de44a6d56873232ba84585b9d0811320659be5a19cdc759"
+            "969a0bdeca5410977e40163dc2da6665c45954b900e3a97512897d1c7a6cc2a60acfb2175151043ae29a"
+            "0d240e760c1d100a6877b5a10fb69054d0cf80dca4c15350fc685001899a7a6515e9c7ac3325938997b4"
+            "387c16022a91ee5c2fa2ab8bd6fa898667831af38349fb1badb52b472210e36bca63342a0cd869a44a04"
+            "a7e68859f66094d8c104c33b38444b8fb168025b479a5a7772c1bacd73b3ef88ae6fe66aab1846723c65"
+            "d3d106c1722e2235ac7865a04584324062826e463edc13803c9796e54bce6b80933057abb9328ab50168"
+            "8e69148fbaa811ea9792316068a9abfa583e45ab6549ccb7e9e70d9139c0ebc7b995ec1463fc321f38bf"
+            "f2b2b995192eaa305daf1c44352371089637ed673dd82b8ad8bb3bb2299b9e5369f104a454357e5a2238"
+            "e6315fa720343064be4ff8657da81d7c5c4b51c5b896669f029483f7c273f763ce26150ce3550c4ddcb2"
+            "6f37b2dea19b2dd197d449c9b693c10a3cb04de8c9f425a523d173240a69c4f0479bc177d836cda34b2c"
+            "b64440acd464d904b66662295f0950460b710f089090b49fc7a6276e219eb4f19ee4dc12d20451414970"
+            "64c4beae80a8ded00438d90a012963de54380f137666b2ab09844198ba807a4972f1b35f7b9789d847cc"
+            "3e5a4a08cb17d4d9065ce09a74609ae935218c5bcd51f9bd774aa720e6423f75a974a3c21835a6018886"
+            "dd119766909413aa576144c10b49c17ba1c793f78f7c580eba195bd8407f00f568c4d546c7d677dd02c7"
+            "8930c3e969b5584129e1815c6ce32162f09d6f7303f69c5f0216625c782666f9c8cf8678f1b636350673"
+            "92aa3fba56204a1831491c2eee759ce674abd34251732949f9874059b35b66089a1905896c94111511a4"
+            "49f695e2c036d87b585a74834d676b9a2b2aa74a386cfa446f86934b844068147013396fa2d3bb8fa11d"
+            "97b992a04a6ba65c189b238106cb8d15837bade3c278034d6d86bd50a3049feb37499b08aba61b38ffea"
+            "f94bc84cdb360fbc"),
+    },
+    {  # tcId 114: invalid, Public key not reduced
+        "result": "invalid",
+        "m": (
+            "147c03f7a5bebba406c8fae1874d7f13c80efe79a3a9a874cc09fe76f6997615"),
+        "ek": (
+            "a8e651a1e685f22478a8954f007bc7711b93087fc78f19fe82878e3e937f3679675339e3a8d53dfdf4bf"
+            "b1f8846746596705cf355e42ba7fa3f173f5c41cf952a37b25897e5ef35fbaeb73a4acbeb7adb89a4fce"
+            "b195531c0cdb07993954483e6cbc87c06aa750fdcac62d7e536bf60aa98d1198c07db6d5c5eee020f6c9"
+            "f7bb68bb3456c74ad1b81dbc9ade7739b5e716bad1660c8b629bff570fba66fd7ea993336e896e84ffc5"
+            "731bbf0356dc5b6c8afecb748ee391e98934a2c57d4d069f50d88b30d6966f38c37bc649b82634ce87f2"
+            "645ccd635d63364646d6d699db57b45eb67466ee6de4e4d6a818b9ebeeca917af594489708a43cea88b0"
+            "2a5cd3d09b44815c97101caf5048bbcb247ae2366cdc254ba33ef9f45b3b0eb399cb9ea3045df830fcd1"
+            "db8bfca58dcf3514d9b226d94b8bdc3ae33ce10a9124e89651ab901faf53c94e5bd88f5f02cbf29369af"
+            "983df8f22875ea55af16d3bc6907dd2ee8b75f28b47dd391f989ade314729c43efa05ce918bf78c3eb60"
+            "286851292eadc825c64577ce1e63b1d9644a612948a3483c7f1b9a269dd0e40e96944a403627609c76c7"
+            "ea6b5de01764d24379117b9ea29848dc555c454bceae1ba5cd7fc74ab96b9d9eb911df6b89bf5639d477"
+            "8bef6c7d6e51a19c6cd793845447f465e4c5ec39f45acb3db5379de3dabfa629a7c04a8353a8530c95ac"
+            "b83fbb4bc8e932cbfca7a848cd366801444abe23c83b366a87d6a3cf46d925ddd2baf9daf65c48060b37"
+            "53ffbadf1ab2732d72554a5059753594e6a70286efc97684c8c4a7540a6b07fbc9de87c974aa8809e9f8"
+            "c7f4cbc08d45aea5bc6688f5fd05a522fea4bf539210d7e13bc37b3e58b0cbfc53c94ecbb047ede2f5e1"
+            "b989cb7d7dc023366d78f9c37ffd47f98fdbe1c759a8d96b93f65a951e4ffa06de9b8e795e995c7125fa"
+            "479ea5a70fa9e1f3599e37c768c7bc108994c0669f3adc957d46b4b6256969ef90d799fea85464ee7a75"
+            "0f39c5e325fc2dfc56d9bdc924ba8a959a68096547f674f3c838982a5794baee53387e331a9a656c2882"
+            "8beb9126b6de95e8c5d906832c87e0705576b1fb9507269ddaf8c95ce9719b2ca8de2efbe10bcc9f4a37"
+            "bd2beeeeb33ecda76ae9f69a5d5bf923a8695777ed619335be1c4c2c77ce87d4ef98a8cc466460fb4dda"
+            "af5b301f1aed09c88e65da4d8ee64f69ddf189bbb3584baff716c85db654049ad04333489393a07427cd"
+            "3f2e7e6a345f6c3cfb14cf7b347f71c1bf7b2dbaa00d237600b5b594e8cf2de6f5ea76cf0ed899122c97"
+            "96b4b0198dd4268d49a477cd11d68c49b9a0e8cddbce8cac7864cbb385e40084744ca3d62694ca795c4f"
+            "40e7acc9c5a1894d72d8c38dafc5d1ef4e84dd5a819fcf4ec175e261f962b17a7215aa4a749ce5836c38"
+            "9137678204838e7e95a85b4f99aeb574c4cd7909cd1f833e00df485553f29d3748d9b5cd6c17b9b3b84a"
+            "ef8bce13e683733659c79542d615782b7ecdeee792bac5ebdc4bbfe93d8e673e44ede849193dad98b463"
+            "4f64aba8b9c04237f654afdf381cea17ca87ced7aac41c82888793181a6f77ee97b7c9def90943bb3844"
+            "9139e1d865ee5466c5767ab0bd6ea1a3f736162ec098a900b12dd8fabbfb3fe8cb1dc4e8315f2af0d32f"
+            "0017ae136e19f028"),
+    },
+    {  # tcId 214: invalid, Public key is too short
+        "result": "invalid",
+        "m": (
+            "e7aa41194214caa340115002a25d547f794ea33200dc8a9ee0fd033e181ac23a"),
+        "ek": (
+            "d4c11aa4c8497e7240cdc5c240f1aa81f68c0f2264d5b3436bbcc75952067ec974c8b709273717a496b9"
+            "1288c802d433c824933f9c9cfc862b6b51c5111a1284a43bf6540406756f335ac7e7fc8ad25bc7d16868"
+            "803c5e5cfc7fe22839b987629e49022ff91f074c7d5ea006bb95a38b806fb7805bf4621633e2a2cf9a0b"
+            "ec5817f2f716778acc26b22fe789bc4d9847513065e5f64527774e89cac530ab1488cb7761f58b03aa79"
+            "5a627d074a1bf3390dc958054a249c13e12bf7016dee169376c253f0b1a42e15b4bfc0355a0641032492"
+            "dda19f69348c8bdb450ba670b66537e1ea83612ba790174c5a873a185c0f165b0a522270e023854cd5b6"
+            "64028ec7d7c67750adf7097175833796d53c3aaac403f86425060363754013a9b47586a982347525d318"
+            "a2361fb25773977262f475a495e56821d0206b89170441a2666798fc3678202cc8c7c54b3102260e70a1"
+            "c6e38e4485847335be02452626d13c12270490e33d6b7145d426666b0a635b9a7df78927e8b5c89d7bbd"
+            "7e4b535b6822e6a2781cccb30dec75c701bd4e25c320181dc7d674f4d9720a736d9f526cea78c11ec03e"
+            "cfb34b52325732cc9a8ee0cd927b5c8c0c6e07e41742e5461fc051489b5b48"),
+    },
+]
+
+
+MLKEM_Q, MLKEM_ZETA = 3329, 17
+
+
+def ref_bitrev7(k):
+    return int(f'{k:07b}'[::-1], 2)
+
+
+def ref_mlkem_ntt(f):
+    """NTT, FIPS 203 Algorithm 9, as written."""
+    f = list(f)
+    i, length = 1, 128
+    while length >= 2:
+        for start in range(0, 256, 2 * length):
+            zeta = pow(MLKEM_ZETA, ref_bitrev7(i), MLKEM_Q)
+            i += 1
+            for j in range(start, start + length):
+                t = zeta * f[j + length] % MLKEM_Q
+                f[j + length] = (f[j] - t) % MLKEM_Q
+                f[j] = (f[j] + t) % MLKEM_Q
+        length //= 2
+    return f
+
+
+def ref_mlkem_ntt_inverse(f):
+    """NTT^-1, Algorithm 10, as written."""
+    f = list(f)
+    i, length = 127, 2
+    while length <= 128:
+        for start in range(0, 256, 2 * length):
+            zeta = pow(MLKEM_ZETA, ref_bitrev7(i), MLKEM_Q)
+            i -= 1
+            for j in range(start, start + length):
+                t = f[j]
+                f[j] = (t + f[j + length]) % MLKEM_Q
+                f[j + length] = zeta * (f[j + length] - t) % MLKEM_Q
+        length *= 2
+    return [x * 3303 % MLKEM_Q for x in f]   # 3303 = 128^-1 mod q
+
+
+def ref_mlkem_multiply(a, b):
+    """MultiplyNTTs, Algorithm 11 (BaseCaseMultiply, Algorithm 12, per pair)."""
+    c = []
+    for i in range(128):
+        gamma = pow(MLKEM_ZETA, 2 * ref_bitrev7(i) + 1, MLKEM_Q)
+        a0, a1, b0, b1 = a[2 * i], a[2 * i + 1], b[2 * i], b[2 * i + 1]
+        c += [(a0 * b0 + a1 * b1 * gamma) % MLKEM_Q, (a0 * b1 + a1 * b0) % MLKEM_Q]
+    return c
+
+
+def ref_mlkem_add(*polys):
+    return [sum(values) % MLKEM_Q for values in zip(*polys)]
+
+
+def ref_mlkem_sample_ntt(seed):
+    """SampleNTT, Algorithm 7, as written (reading the SHAKE128 stream three bytes at a time)."""
+    stream = hashlib.shake_128(seed).digest(168 * 8)
+    a, pos = [], 0
+    while len(a) < 256:
+        c0, c1, c2 = stream[pos:pos + 3]
+        pos += 3
+        for d in (c0 + 256 * (c1 % 16), c1 // 16 + 16 * c2):
+            if d < MLKEM_Q and len(a) < 256:
+                a.append(d)
+    return a
+
+
+def ref_mlkem_cbd(seed, n):
+    """SamplePolyCBD_2(PRF_2(seed, n)), Algorithms 8 and §4.1's PRF."""
+    data = hashlib.shake_256(seed + bytes([n])).digest(128)
+    bits = [data[i // 8] >> (i % 8) & 1 for i in range(1024)]
+    return [(bits[4 * i] + bits[4 * i + 1] - bits[4 * i + 2] - bits[4 * i + 3]) % MLKEM_Q
+            for i in range(256)]
+
+
+def ref_mlkem_encode(f, d):
+    """ByteEncode_d, Algorithm 5."""
+    return sum(x << (d * i) for i, x in enumerate(f)).to_bytes(32 * d, 'little')
+
+
+def ref_mlkem_decode(data, d):
+    """ByteDecode_d, Algorithm 6."""
+    x = int.from_bytes(data, 'little')
+    return [(x >> (d * i) & ((1 << d) - 1)) % (MLKEM_Q if d == 12 else 1 << d) for i in range(256)]
+
+
+def ref_mlkem_compress(f, d):
+    return [((x << d) + MLKEM_Q // 2) // MLKEM_Q % (1 << d) for x in f]
+
+
+def ref_mlkem_decompress(f, d):
+    return [(y * MLKEM_Q + (1 << (d - 1))) >> d for y in f]
+
+
+def ref_mlkem_matrix(rho):
+    """Â[i][j] = SampleNTT(rho || j || i) (Algorithms 13 and 14)."""
+    return [[ref_mlkem_sample_ntt(rho + bytes([j, i])) for j in range(3)] for i in range(3)]
+
+
+def ref_mlkem_keygen(d=None, z=None):
+    """ML-KEM.KeyGen_internal (Algorithms 16 and 13) for ML-KEM-768: (ek, dk)."""
+    d, z = d or os.urandom(32), z or os.urandom(32)
+    g = hashlib.sha3_512(d + b'\x03').digest()
+    rho, sigma = g[:32], g[32:]
+    a_hat = ref_mlkem_matrix(rho)
+    s_hat = [ref_mlkem_ntt(ref_mlkem_cbd(sigma, n)) for n in range(3)]
+    e_hat = [ref_mlkem_ntt(ref_mlkem_cbd(sigma, 3 + n)) for n in range(3)]
+    t_hat = [ref_mlkem_add(e_hat[i], *(ref_mlkem_multiply(a_hat[i][j], s_hat[j]) for j in range(3)))
+             for i in range(3)]
+    ek = b''.join(ref_mlkem_encode(t, 12) for t in t_hat) + rho
+    dk = b''.join(ref_mlkem_encode(s, 12) for s in s_hat) + ek + hashlib.sha3_256(ek).digest() + z
+    return ek, dk
+
+
+def ref_mlkem_encrypt(ek, m, r):
+    """K-PKE.Encrypt, Algorithm 14."""
+    t_hat = [ref_mlkem_decode(ek[384 * i:384 * i + 384], 12) for i in range(3)]
+    a_hat = ref_mlkem_matrix(ek[1152:])
+    y_hat = [ref_mlkem_ntt(ref_mlkem_cbd(r, n)) for n in range(3)]
+    u = [ref_mlkem_add(ref_mlkem_cbd(r, 3 + i), ref_mlkem_ntt_inverse(ref_mlkem_add(
+        *(ref_mlkem_multiply(a_hat[j][i], y_hat[j]) for j in range(3))))) for i in range(3)]
+    mu = ref_mlkem_decompress(ref_mlkem_decode(m, 1), 1)
+    v = ref_mlkem_add(ref_mlkem_cbd(r, 6), mu, ref_mlkem_ntt_inverse(ref_mlkem_add(
+        *(ref_mlkem_multiply(t_hat[j], y_hat[j]) for j in range(3)))))
+    return (b''.join(ref_mlkem_encode(ref_mlkem_compress(p, 10), 10) for p in u)
+            + ref_mlkem_encode(ref_mlkem_compress(v, 4), 4))
+
+
+def ref_mlkem_decaps(dk, c):
+    """ML-KEM.Decaps_internal (Algorithms 18 and 15): the shared key, the implicit rejection's
+    J(z || c) when c is not what re-encryption gives."""
+    dk_pke, ek, h, z = dk[:1152], dk[1152:2336], dk[2336:2368], dk[2368:]
+    u = [ref_mlkem_decompress(ref_mlkem_decode(c[320 * i:320 * i + 320], 10), 10) for i in range(3)]
+    v = ref_mlkem_decompress(ref_mlkem_decode(c[960:], 4), 4)
+    s_hat = [ref_mlkem_decode(dk_pke[384 * i:384 * i + 384], 12) for i in range(3)]
+    w = ref_mlkem_add(v, [-x for x in ref_mlkem_ntt_inverse(ref_mlkem_add(
+        *(ref_mlkem_multiply(s_hat[j], ref_mlkem_ntt(u[j])) for j in range(3))))])
+    m = ref_mlkem_encode(ref_mlkem_compress(w, 1), 1)
+    kr = hashlib.sha3_512(m + h).digest()
+    if ref_mlkem_encrypt(ek, m, kr[32:]) != c:
+        return hashlib.shake_256(z + c).digest(32)
+    return kr[:32]
+
+
+def ref_mlkem_unpair(pairs):
+    """tarweb's slot pairs a_2k + a_2k+1 * 2^32 back to the list of 256 values."""
+    return [v for p in pairs for v in (p & 0xffffffff, p >> 32)]
+
+
+class TestMLKEM(unittest.TestCase):
+    """tarweb.py's ML-KEM-768 encapsulation: the Wycheproof vectors, a round trip through FIPS
+    203's own KeyGen and Decaps, and its shortcuts (section 5.12) against the algorithms."""
+
+    def check_vector(self, vector):
+        ek, m = bytes.fromhex(vector['ek']), bytes.fromhex(vector['m'])
+        if vector['result'] == 'valid':
+            key, c = tarweb.mlkem768_encaps(ek, m)
+            self.assertEqual((c.hex(), key.hex()), (vector['c'], vector['K']))
+        else:
+            self.assertRaises(ValueError, tarweb.mlkem768_encaps, ek, m)
+
+    def test_embedded_vectors(self):
+        for vector in MLKEM_VECTORS:
+            with self.subTest(ek=vector['ek'][:16]):
+                self.check_vector(vector)
+
+    def test_wycheproof_file(self):
+        if not os.path.exists(MLKEM_VECTOR_FILE):
+            self.assertNotIn('TARWEB_VECTORS', os.environ, MLKEM_VECTOR_FILE + ' is missing')
+            print('\n*** %s not found: only the embedded ML-KEM vectors ran ***' % MLKEM_VECTOR_FILE,
+                  file=sys.stderr)
+            return
+        with open(MLKEM_VECTOR_FILE) as f:
+            groups = json.load(f)['testGroups']
+        counts = {'valid': 0, 'invalid': 0}
+        for group in groups:
+            self.assertEqual(group['parameterSet'], 'ML-KEM-768')
+            for vector in group['tests']:
+                with self.subTest(tcId=vector['tcId']):
+                    self.check_vector(vector)
+                counts[vector['result']] += 1
+        self.assertEqual(counts, {'valid': 133, 'invalid': 132})
+
+    def test_round_trip_with_fips_decaps(self):
+        for _ in range(3):
+            ek, dk = ref_mlkem_keygen()
+            key, c = tarweb.mlkem768_encaps(ek)
+            self.assertEqual(len(c), 1088)
+            self.assertEqual(ref_mlkem_decaps(dk, c), key)
+            m = os.urandom(32)   # and the same ciphertext as Algorithm 14 as written
+            self.assertEqual(tarweb.mlkem768_encaps(ek, m)[1], ref_mlkem_encrypt(
+                ek, m, hashlib.sha3_512(m + hashlib.sha3_256(ek).digest()).digest()[32:]))
+
+    def test_sample_ntt_squeezing_more(self):
+        # With one block squeezed first, every SampleNTT takes the "one more block" path.
+        with mock.patch.object(tarweb, '_MLKEM_SAMPLE_NTT_BYTES', 168):
+            for vector in MLKEM_VECTORS[:2]:
+                self.check_vector(vector)
+            rng = random.Random(1)
+            for _ in range(20):
+                seed = rng.randbytes(34)
+                self.assertEqual(ref_mlkem_unpair(tarweb._mlkem_sample_ntt(seed)),
+                                 ref_mlkem_sample_ntt(seed))
+
+    def test_bad_inputs(self):
+        ek = bytes.fromhex(MLKEM_VECTORS[0]['ek'])
+        for bad in (ek[:-1], ek + b'\0', b''):
+            self.assertRaises(ValueError, tarweb.mlkem768_encaps, bad, bytes(32))
+        self.assertRaises(ValueError, tarweb.mlkem768_encaps, ek, bytes(31))
+        key1, c1 = tarweb.mlkem768_encaps(ek)
+        key2, c2 = tarweb.mlkem768_encaps(bytearray(ek))
+        self.assertTrue(key1 != key2 and c1 != c2)   # fresh randomness each time
+
+    def test_modulus_check_boundary(self):
+        # One 12-bit value (the first or the last of the 768) set to q - 1, q and 4095 (§7.2).
+        ek = bytes.fromhex(MLKEM_VECTORS[0]['ek'])
+        for index in (0, 1, 766, 767):
+            for value, ok in ((MLKEM_Q - 1, True), (MLKEM_Q, False), (4095, False)):
+                x = int.from_bytes(ek[:1152], 'little')
+                x = x & ~(0xfff << 12 * index) | value << 12 * index
+                bad = x.to_bytes(1152, 'little') + ek[1152:]
+                with self.subTest(index=index, value=value):
+                    if ok:
+                        tarweb.mlkem768_encaps(bad, bytes(32))
+                    else:
+                        self.assertRaises(ValueError, tarweb.mlkem768_encaps, bad, bytes(32))
+
+    def test_sample_poly_cbd(self):
+        r = bytes(range(32))
+        even, odd = tarweb._mlkem_sample_poly_cbd(r, 5)
+        self.assertEqual([(v - 2) % MLKEM_Q for pair in zip(even, odd) for v in pair],
+                         ref_mlkem_cbd(r, 5))
+
+    def test_ntt(self):
+        # tarweb's slot k, unscaled by zeta^(r^2), against Algorithm 9's outputs 2k, 2k + 1.
+        rng = random.Random(2)
+        even = bytes(rng.randrange(5) for _ in range(128))
+        odd = bytes(rng.randrange(5) for _ in range(128))
+        expected = ref_mlkem_ntt([(v - 2) % MLKEM_Q for pair in zip(even, odd) for v in pair])
+        for k, lanes in enumerate(tarweb._mlkem_ntt(even, odd)):
+            r = ref_bitrev7(k)
+            gamma = pow(MLKEM_ZETA, 2 * r + 1, MLKEM_Q)
+            f0, f1 = (lanes >> 32) & 0xffffffff, lanes >> 64
+            scale = pow(MLKEM_ZETA, r * r, MLKEM_Q)
+            self.assertEqual((f0 * scale % MLKEM_Q, f1 * scale % MLKEM_Q),
+                             (expected[2 * k], expected[2 * k + 1]))
+            self.assertEqual(lanes & 0xffffffff, gamma * f1 % MLKEM_Q)
+            self.assertLess(max(f0, f1), MLKEM_Q)
+
+    def test_ntt_inverse(self):
+        # NTT(tarweb's inverse, with its final factors) == x, for scaled slot values x.
+        rng = random.Random(3)
+        c0 = [rng.randrange(MLKEM_Q) for _ in range(128)]
+        c1 = [rng.randrange(MLKEM_Q) for _ in range(128)]
+        g0, g1 = tarweb._mlkem_ntt_inverse([a | b << 32 for a, b in zip(c0, c1)])
+        post = tarweb._MLKEM_INTT_POST
+        ntt = ref_mlkem_ntt([g[m] * post[m] % MLKEM_Q for m in range(128) for g in (g0, g1)])
+        for k in range(128):
+            scale = pow(MLKEM_ZETA, ref_bitrev7(k) ** 2, MLKEM_Q)
+            self.assertEqual((ntt[2 * k], ntt[2 * k + 1]),
+                             (c0[k] * scale % MLKEM_Q, c1[k] * scale % MLKEM_Q))
+
+    def test_multiply_ntts(self):
+        # Against BaseCaseMultiply (Algorithm 12), summed over j.
+        rng = random.Random(4)
+        a = [[rng.randrange(MLKEM_Q) for _ in range(256)] for _ in range(3)]
+        b = [[rng.randrange(MLKEM_Q) for _ in range(256)] for _ in range(3)]
+        a_pairs = [[x[2 * k] | x[2 * k + 1] << 32 for k in range(128)] for x in a]
+        y_hat = [[tarweb._MLKEM_GAMMA[k] * x[2 * k + 1] % MLKEM_Q | x[2 * k] << 32 | x[2 * k + 1] << 64
+                  for k in range(128)] for x in b]
+        expected = ref_mlkem_add(*(ref_mlkem_multiply(x, y) for x, y in zip(a, b)))
+        for k, c in enumerate(tarweb._mlkem_multiply_ntts(a_pairs, y_hat)):
+            self.assertEqual(((c & 0xffffffff) % MLKEM_Q, (c >> 32) % MLKEM_Q),
+                             (expected[2 * k], expected[2 * k + 1]))
+
+    def test_reduce_lanes(self):
+        # Every a = v >> 11 below 2^15, with the lowest and the highest low bits, and random v:
+        # each lane ends below 2q, equal mod q, and borrows nothing from the next.
+        rng = random.Random(5)
+        values = [a << 11 | low for a in range(1 << 15) for low in (0, 2047)]
+        values += [rng.randrange(1 << 26) for _ in range(1 << 14)]
+        for i in range(0, len(values), 128):
+            chunk = values[i:i + 128]
+            x = int.from_bytes(struct.pack('<128I', *chunk), 'little')
+            reduced = struct.unpack('<128I', tarweb._mlkem_reduce_lanes(x).to_bytes(512, 'little'))
+            for v, w in zip(chunk, reduced):
+                self.assertTrue(w < 2 * MLKEM_Q and w % MLKEM_Q == v % MLKEM_Q, (v, w))
+
+
 def openssl_enc(cipher, key, data, iv=None):
     args = ['openssl', 'enc', '-' + cipher, '-K', key.hex(), '-nosalt']
     args += ['-nopad'] if iv is None else ['-iv', iv.hex()]
@@ -5711,6 +6229,7 @@ def tls_config(kind='p256', **kwargs):
 
 X25519, P256, P384 = 0x001d, 0x0017, 0x0018
 X448 = 0x001e   # a group tarweb.py does not support: for HelloRetryRequest and failure cases
+HYBRID = 0x11ec  # X25519MLKEM768
 DEFAULT_SCHEMES = (0x0403, 0x0804, 0x0807, 0x0805, 0x0806)
 HRR_RANDOM = unhex('cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c')
 
@@ -5807,6 +6326,11 @@ class MiniClient:
         return TLSServer(config or tls_config())
 
     def key_share(self, group):
+        if group == HYBRID:   # an ML-KEM-768 encapsulation key, then an X25519 public key
+            ek, dk = ref_mlkem_keygen()
+            private, public = x25519_keypair()
+            self.privates[group] = dk, private
+            return ek + public
         if group == X25519:
             private, public = x25519_keypair()
         elif group in (P256, P384):
@@ -5932,7 +6456,10 @@ class MiniClient:
         group, length = struct.unpack('>HH', extensions[51][:4])
         share = extensions[51][4:]
         assert len(share) == length
-        if group == X25519:
+        if group == HYBRID:   # the ML-KEM ciphertext, then the server's X25519 key
+            dk, private = self.privates[group]
+            shared = ref_mlkem_decaps(dk, share[:1088]) + x25519(private, share[1088:])
+        elif group == X25519:
             shared = x25519(self.privates[group], share)
         else:
             shared = ecdh_shared(SECP256R1 if group == P256 else SECP384R1, self.privates[group], share)
@@ -6115,15 +6642,13 @@ class TestMiniHandshake(TLSCertsCase):
 
     def test_browser_like_hello_with_grease_and_hybrid_share(self):
         grease = 0x0a0a
-        hybrid = 0x11ec   # X25519MLKEM768, which we do not implement: its 1216-byte share is ignored
         client = MiniClient(suites=(grease, 0x1301, 0x1302, 0x1303), versions=(grease, 0x0304, 0x0303),
-                            groups=(grease, hybrid, X25519, P256), schemes=(grease,) + DEFAULT_SCHEMES,
+                            groups=(grease, HYBRID, X25519, P256), schemes=(grease,) + DEFAULT_SCHEMES,
                             alpn=(b'h2', b'http/1.1'), extra=((grease, b''), (0xff01, b'\x00'), (21, bytes(300))))
-        hybrid_share = os.urandom(1216)
-        x25519_share = client.key_share(X25519)
-        client.handshake(shares=[(grease, b'\x00'), (hybrid, hybrid_share), (X25519, x25519_share)])
+        shares = [(grease, b'\x00'), (HYBRID, client.key_share(HYBRID)), (X25519, client.key_share(X25519))]
+        client.handshake(shares=shares)
         server = self.assert_done(client)
-        self.assertEqual((server.group, server.alpn), (X25519, b'http/1.1'))
+        self.assertEqual((server.group, server.alpn), (HYBRID, b'http/1.1'))
 
     def test_fragmented_byte_by_byte(self):
         client = MiniClient()
@@ -6475,6 +7000,52 @@ class TestTLSServerErrors(TLSCertsCase):
         out = client.start()
         self.assert_plaintext_alert(client, out, 80)
         self.assertIn('signing device unplugged', client.server.error)
+
+
+class TestHybridKeyExchange(TLSCertsCase):
+    """X25519MLKEM768 (draft-ietf-tls-ecdhe-mlkem): chosen first, completed by a client that
+    decapsulates as FIPS 203 writes it, and refused when either half of the share is bad."""
+
+    assert_done = TestMiniHandshake.assert_done
+    hello_alert = TestTLSServerErrors.hello_alert
+    assert_plaintext_alert = TestTLSServerErrors.assert_plaintext_alert
+
+    def test_hybrid_first_among_the_shares(self):
+        client = MiniClient(groups=(X25519, HYBRID), share_groups=(X25519, HYBRID))
+        reply = client.start()
+        server_hello = client.read_server_hello(reply)[0]
+        share = server_hello_fields(server_hello)[3][51]
+        self.assertEqual((share[:2], len(share)), (b'\x11\xec', 4 + 1088 + 32))
+        client.finish_server_flight(reply)
+        client.send(client.finished_record())
+        server = self.assert_done(client)
+        self.assertEqual(server.group, HYBRID)
+
+    def test_server_order_decides(self):
+        # --tls-groups x25519 first: the X25519 share wins; without the hybrid group, it is ignored.
+        for groups in ((X25519, HYBRID), (X25519, P256)):
+            client = MiniClient(tls_config(groups=groups), groups=(HYBRID, X25519),
+                                share_groups=(HYBRID, X25519))
+            client.handshake()
+            self.assertEqual(self.assert_done(client).group, X25519)
+
+    def test_hello_retry_for_the_hybrid_group(self):
+        client = MiniClient(groups=(X448, HYBRID, X25519), share_groups=(X448,))
+        reply = client.retry(client.start())
+        self.assertEqual(client.hrr_group, HYBRID)
+        client.finish_server_flight(reply)
+        client.send(client.finished_record())
+        self.assertEqual(self.assert_done(client).group, HYBRID)
+
+    def test_bad_shares_are_illegal_parameter(self):
+        good = MiniClient().key_share(HYBRID)
+        overflow = b'\xff\xff' + good[2:]   # two 12-bit values of 4095 >= q: FIPS 203 §7.2
+        low_order = good[:1184] + bytes(32)  # an all-zero X25519 key
+        for name, share in (('modulus', overflow), ('x25519', low_order), ('short', good[:-1]),
+                            ('long', good + b'\x00'), ('x25519 only', good[1184:])):
+            with self.subTest(name):
+                client = self.hello_alert(47, groups=(HYBRID,), shares=[(HYBRID, share)])
+                self.assertIn('invalid key share', client.server.error)
 
 
 class TestHelloRetryRequest(TLSCertsCase):
