@@ -139,11 +139,12 @@ def crypto_backend(name=TEST_CRYPTO):
     return _CRYPTO_BACKENDS[name]
 
 
-def need_tool(name):
-    """Fail (never skip) when an external tool a test needs is missing: CI installs it."""
+def need_tool(name, package=None):
+    """Fail (never skip) when an external tool a test needs is missing: CI installs it.
+    package: the Debian package that has it, when its name is not the tool's."""
     if shutil.which(name) is None:
         raise AssertionError("%s is not installed and this test needs it: apt-get install -y %s"
-                             % (name, name))
+                             % (name, package or name))
 
 
 def run_tool(args, data=None, check=True, timeout=120):
