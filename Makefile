@@ -18,7 +18,8 @@ test:
 	$(PYTHON) test_tarweb.py -v
 	$(MAKE) --no-print-directory test-tls CRYPTO_BACKENDS=libcrypto
 
-# The TLS and HTTPS test classes, once per crypto backend (tarweb.py --crypto, section 6.3).
+# The TLS and HTTPS test classes, once per crypto backend (tarweb.py --crypto, section 6.3). The
+# browser classes too (some 15 s a backend): key exchange and session tickets go through the backend.
 CRYPTO_BACKENDS ?= python libcrypto
 TLS_TESTS ?= TestRFC8448KeySchedule TestMiniHandshake TestTLSServerErrors TestHelloRetryRequest \
 	TestTLSServerReceive TestRecordLayerErrors TestRecordLayerInPlace TestSharedRecordLoop \
@@ -26,7 +27,7 @@ TLS_TESTS ?= TestRFC8448KeySchedule TestMiniHandshake TestTLSServerErrors TestHe
 	TestCertificatesBySNI TestSessionTickets TestResumption \
 	TestHTTPSSelfSignedOption TestHTTPS TestUserspaceSendAreas TestUserspaceRecordBuffer \
 	TestHTTPSFewSlots TestHostileTLS TestHandshakeDeadline TestPlainAndTLS TestTLSStartupErrors \
-	TestKTLS
+	TestKTLS TestBrowserChromium TestBrowserFirefox
 test-tls:
 	set -e; for crypto in $(CRYPTO_BACKENDS); do \
 	    echo "== TLS tests with TARWEB_TEST_CRYPTO=$$crypto"; \

@@ -11,9 +11,10 @@
 
 The HTTP tests and the benchmark run the real server as a subprocess on loopback: TARWEB
 (default: the tarweb.py next to this file). The crypto and TLS tests import the tarweb.py next to
-this file. Tests that need `openssl` or `curl` fail, never skip, when the tool is missing, naming
-the package to install (CI installs them). Each class builds the fixtures it needs (archives,
-keys, certificates) on first use, in one scratch folder that tearDownModule removes.
+this file. Tests that need `openssl`, `curl`, `strace` or a browser (`chromium`, `firefox-esr` with
+`certutil`) fail, never skip, when the tool is missing, naming the package to install (CI installs
+them). Each class builds the fixtures it needs (archives, keys, certificates) on first use, in one
+scratch folder that tearDownModule removes.
 Environment: TARWEB (the server), TARWEB_TEST_TIMEOUT_SCALE (multiplies the timeouts of servers and
 tools; make test-ktls sets 10 for the emulated VM), TARWEB_EXPECT_KTLS ('1': the kernel has kTLS and
 the server must use it, as make test-ktls sets; unset or '0': no record may go through the kernel),
@@ -36,7 +37,8 @@ Contents, in the layer order of tarweb.py:
   4. HTTPS server: tarweb.py with TLS on loopback; site, certificates (section 3's), clients (Python's
      ssl with http.client, curl, s_client, section 3's hand-driven client over TCP); interoperability
      and certificate types; HTTP over TLS, record buffering, few slots; hostile input, handshake
-     deadline; plain and TLS listeners; TLS start-up errors; kernel TLS (TestKTLS, make test-ktls)
+     deadline; plain and TLS listeners; TLS start-up errors; kernel TLS (TestKTLS, make test-ktls);
+     real browsers (headless Chromium and Firefox load a page and report; Chromium's net-log)
   5. Demo site and benchmark harness: shared helpers; HTTP (W1, W1b, W2, idle connections, strace);
      pure-Python crypto and server handshakes; TLS load (W3 handshakes, W4/W5 HTTPS); profile
   6. Fuzzing: mutation fuzzers for Site.respond (and find_head_end, parse_range, normalise_path,
@@ -83,6 +85,7 @@ import tokenize
 import types
 import unittest
 import urllib.parse
+import zlib
 from datetime import datetime
 from unittest import mock
 
@@ -139,11 +142,12 @@ def crypto_backend(name=TEST_CRYPTO):
     return _CRYPTO_BACKENDS[name]
 
 
-def need_tool(name):
-    """Fail (never skip) when an external tool a test needs is missing: CI installs it."""
+def need_tool(name, package=None):
+    """Fail (never skip) when an external tool a test needs is missing: CI installs it.
+    package: the Debian package that has it, when its name is not the tool's."""
     if shutil.which(name) is None:
         raise AssertionError("%s is not installed and this test needs it: apt-get install -y %s"
-                             % (name, name))
+                             % (name, package or name))
 
 
 def run_tool(args, data=None, check=True, timeout=120):
@@ -7847,7 +7851,8 @@ class TestOpenSSLClient(TLSCertsCase):
 # 4. HTTPS server: the real tarweb.py serving TLS on 127.0.0.1 (section 1's ServerProc), real
 #    clients (Python's ssl with http.client, curl, openssl s_client) verifying section 3's
 #    certificates, section 3's hand-driven client over TCP for the bytes no real client sends,
-#    and kernel TLS (TestKTLS: `make test-ktls` runs it inside ../shared/ktls-vm)
+#    kernel TLS (TestKTLS: `make test-ktls` runs it inside ../shared/ktls-vm), and real browsers
+#    (headless Chromium and Firefox ESR: TestBrowserChromium, TestBrowserFirefox)
 # =============================================================================================
 
 # TARWEB_EXPECT_KTLS=1: the kernel has kTLS and the server must use it; unset or 0: no record may go
@@ -9736,6 +9741,441 @@ class TestKTLS(StartupErrorChecks, HTTPSServerCase):
             if before is not None:
                 self.assertEqual(after['TlsTxSw'], before['TlsTxSw'])
             self.assertEqual(srv.count_stderr(NO_KTLS_LINE), 0, srv.stderr_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Real browsers: headless Chromium and Firefox load a page from the server and report what arrived
+# ---------------------------------------------------------------------------------------------
+
+BROWSER_BLOB_SIZE = 4 * 1024 * 1024    # /blob.bin, fetched whole and checked by SHA-256
+BROWSER_RANGE = (1000000, 1000099)     # first and last byte, as the Range header says them
+BROWSER_IMAGE = (7, 5)                 # the PNG's width and height
+BROWSER_IDLE = 2                       # the server's --idle-timeout (before T()) in these tests
+BROWSER_JS = (b'// tarweb.py serves app.js.gz in place of this file to clients that accept gzip\n' * 40
+              + b"window.tarwebScript = 'ran';\n")
+BROWSER_AFTER_IDLE = b'fetched after the idle timeout\n'
+X25519MLKEM768 = 4588                  # TLS group code point (0x11ec), hybrid post-quantum
+_BROWSER_SITE = []                     # [(tar path, expected access log entries)], on first use
+
+# The page's checks, in order. Each returns true, or what it saw instead; run() then requests
+# /result/<name=ok|FAIL what;...> (a 404), which the server's access log shows to the test.
+BROWSER_CHECKS_JS = r"""'use strict';
+const EXPECT = @EXPECT@;
+function hex(buffer) {
+  return Array.from(new Uint8Array(buffer), b => b.toString(16).padStart(2, '0')).join('');
+}
+// no-store: every fetch reaches the server (the HTTP cache could answer the Range itself)
+function get(path, headers) {
+  return fetch(path, {cache: 'no-store', headers: headers || {}});
+}
+const CHECKS = [
+  ['css', () => {
+    const style = getComputedStyle(document.getElementById('probe'));
+    return (style.width === '123px' && style.color === 'rgb(1, 2, 3)')
+      || 'width ' + style.width + ', color ' + style.color;
+  }],
+  ['image', () => {
+    const img = document.getElementById('image');
+    return (img.naturalWidth === EXPECT.image[0] && img.naturalHeight === EXPECT.image[1])
+      || 'natural size ' + img.naturalWidth + 'x' + img.naturalHeight;
+  }],
+  ['script', () => {
+    // encodedBodySize: the bytes on the wire (app.js.gz); decodedBodySize: app.js itself
+    const entry = performance.getEntriesByName(new URL('/app.js', location).href)[0] || {};
+    return (window.tarwebScript === 'ran' && entry.encodedBodySize === EXPECT.script[0]
+            && entry.decodedBodySize === EXPECT.script[1])
+      || 'ran ' + window.tarwebScript + ', ' + entry.encodedBodySize + ' bytes encoded, '
+         + entry.decodedBodySize + ' decoded';
+  }],
+  ['fetch', async () => {
+    const response = await get('/blob.bin');
+    const body = await response.arrayBuffer();
+    const digest = hex(await crypto.subtle.digest('SHA-256', body));
+    return (response.status === 200 && digest === EXPECT.sha256)
+      || 'status ' + response.status + ', ' + body.byteLength + ' bytes, SHA-256 ' + digest;
+  }],
+  ['range', async () => {
+    const response = await get('/blob.bin', {Range: 'bytes=' + EXPECT.range});
+    const body = hex(await response.arrayBuffer());
+    const contentRange = response.headers.get('Content-Range');
+    return (response.status === 206 && contentRange === EXPECT.contentRange
+            && body === EXPECT.rangeHex)
+      || 'status ' + response.status + ', Content-Range ' + contentRange + ', body ' + body;
+  }],
+  ['missing', async () => {
+    const response = await get('/no-such-file');
+    return response.status === 404 || 'status ' + response.status;
+  }],
+  ['after_idle', async () => {
+    // Past the server's idle timeout the pooled connections are closed: this needs a new one
+    // (Chromium's net-log shows whether it resumed the session). Resource Timing tells: on a
+    // reused connection connectEnd is fetchStart, a new one takes time to set up.
+    await new Promise(resolve => setTimeout(resolve, EXPECT.pauseMs));
+    const response = await get('/after-idle.txt');
+    const text = await response.text();
+    const entry = performance.getEntriesByName(new URL('/after-idle.txt', location).href)[0] || {};
+    return (response.status === 200 && text === EXPECT.afterIdle && entry.connectEnd > entry.fetchStart)
+      || 'status ' + response.status + ', ' + text.slice(0, 60) + ', connection set up in '
+         + (entry.connectEnd - entry.fetchStart) + ' ms';
+  }],
+  ['alpn', () => {
+    // nextHopProtocol: the ALPN protocol of the connection each response came on
+    const entries = performance.getEntriesByType('navigation')
+      .concat(performance.getEntriesByType('resource'));
+    const other = entries.filter(e => e.nextHopProtocol !== 'http/1.1');
+    return (entries.length >= 7 && other.length === 0)
+      || entries.length + ' entries; ' + other.map(e => e.name + ' ' + e.nextHopProtocol).join(', ');
+  }],
+];
+async function run() {
+  const results = [];
+  for (const [name, check] of CHECKS) {
+    let seen;
+    try {
+      seen = await check();
+    } catch (e) {
+      seen = 'threw ' + e;
+    }
+    results.push(name + '=' + (seen === true ? 'ok' : 'FAIL ' + String(seen).slice(0, 200)));
+  }
+  await get('/result/' + encodeURIComponent(results.join(';')));
+}
+window.addEventListener('load', run);
+"""
+BROWSER_CHECKS = ('css', 'image', 'script', 'fetch', 'range', 'missing', 'after_idle', 'alpn')
+
+BROWSER_INDEX = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>tarweb.py in a browser</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/style.css">
+<script src="/app.js"></script>
+</head><body>
+<p id="probe">styled by /style.css</p>
+<img id="image" src="/pixel.png" alt="a 7x5 PNG">
+<script>
+@CHECKS@</script>
+</body></html>
+"""
+
+
+def png_image(width, height):
+    """A width x height RGB PNG of one colour, made here: the browser must decode it."""
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    rows = (b'\x00' + bytes([40, 120, 200]) * width) * height   # each row: filter 0, then pixels
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+
+
+def browser_site():
+    """(tar path, [(request line, status, bytes sent)]) of the page the browsers load, built on
+    first use: index.html (its checks inline), style.css, pixel.png, app.js with app.js.gz beside
+    it, a 4 MiB blob.bin, after-idle.txt. The list is what the access log must show (None: any
+    size, as for the 404 page)."""
+    if not _BROWSER_SITE:
+        first, last = BROWSER_RANGE
+        blob = hashlib.shake_256(b'tarweb browser blob').digest(BROWSER_BLOB_SIZE)
+        gz = gzip.compress(BROWSER_JS, mtime=0)
+        expect = {'sha256': hashlib.sha256(blob).hexdigest(), 'range': '%d-%d' % BROWSER_RANGE,
+                  'contentRange': 'bytes %d-%d/%d' % (first, last, len(blob)),
+                  'rangeHex': blob[first:last + 1].hex(), 'image': list(BROWSER_IMAGE),
+                  'script': [len(gz), len(BROWSER_JS)], 'afterIdle': BROWSER_AFTER_IDLE.decode(),
+                  'pauseMs': int(T(BROWSER_IDLE + 2) * 1000)}
+        checks = BROWSER_CHECKS_JS.replace('@EXPECT@', json.dumps(expect))
+        index = BROWSER_INDEX.replace('@CHECKS@', checks).encode()
+        members = [('index.html', 'file', index),
+                   ('style.css', 'file', b'#probe { width: 123px; color: rgb(1, 2, 3); }\n'),
+                   ('pixel.png', 'file', png_image(*BROWSER_IMAGE)),
+                   ('app.js', 'file', BROWSER_JS), ('app.js.gz', 'file', gz),
+                   ('blob.bin', 'file', blob), ('after-idle.txt', 'file', BROWSER_AFTER_IDLE)]
+        path = work_file('browsers', 'site.tar')
+        build_tar(path, members)
+        arrived = [('GET / HTTP/1.1', 200, len(index)),
+                   ('GET /style.css HTTP/1.1', 200, len(members[1][2])),
+                   ('GET /pixel.png HTTP/1.1', 200, len(members[2][2])),
+                   ('GET /app.js HTTP/1.1', 200, len(gz)),
+                   ('GET /blob.bin HTTP/1.1', 206, last + 1 - first),
+                   ('GET /blob.bin HTTP/1.1', 200, len(blob)),
+                   ('GET /no-such-file HTTP/1.1', 404, None),
+                   ('GET /after-idle.txt HTTP/1.1', 200, len(BROWSER_AFTER_IDLE))]
+        _BROWSER_SITE.append((path, arrived))
+    return _BROWSER_SITE[0]
+
+
+RESULT_LINE_RE = re.compile(r'"GET /result/(\S*) HTTP/1\.1" 404 ')
+HANDSHAKE_LINE_RE = re.compile(r'tarweb\.py: TLS 0x13[0-9a-f]{2} for SNI localhost$')
+
+
+def browser_env(folder):
+    """The environment of a browser run: its own HOME and XDG folders in folder, so it writes
+    nothing (NSS databases, caches, crash reports) into the real home."""
+    home = os.path.join(folder, 'home')
+    os.makedirs(home, exist_ok=True)
+    return dict(os.environ, HOME=home, XDG_CONFIG_HOME=os.path.join(home, '.config'),
+                XDG_CACHE_HOME=os.path.join(home, '.cache'), XDG_DATA_HOME=os.path.join(home, '.local'))
+
+
+def start_browser(cmd, folder):
+    """Popen of cmd in a process group of its own (stop_browser ends all of it); output to files."""
+    out = open(os.path.join(folder, 'browser.log'), 'wb')
+    try:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=browser_env(folder), cwd=folder, start_new_session=True)
+    finally:
+        out.close()
+
+
+def stop_browser(proc):
+    """SIGTERM to the browser's process group, SIGKILL to what is left of it after T(15) s."""
+    for sig, wait in ((signal.SIGTERM, T(15)), (signal.SIGKILL, T(15))):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+    # The group outlives its leader while any child lives: the SIGKILL above reaches them too.
+
+
+def browser_tail(folder, n=15):
+    """The last n lines of the browser's own output (for failure messages)."""
+    with open(os.path.join(folder, 'browser.log'), 'rb') as f:
+        return ' | '.join(f.read().decode('utf-8', 'replace').splitlines()[-n:])
+
+
+def wait_page_result(srv, proc, timeout):
+    """{check name: 'ok' or 'FAIL what it saw'} from the page's /result/ request in the server's
+    access log (written once a second); None if it has not come within timeout (before T()) or
+    the browser exited without it."""
+    deadline = time.monotonic() + T(timeout)
+    exited = None
+    while time.monotonic() < deadline:
+        for line in list(srv.out_all):
+            m = RESULT_LINE_RE.search(line)
+            if m:
+                pairs = urllib.parse.unquote(m.group(1)).split(';')
+                return dict(pair.partition('=')[::2] for pair in pairs)
+        if exited is None and proc.poll() is not None:
+            exited = time.monotonic()
+        if exited is not None and time.monotonic() - exited > T(3):   # the log's last flush
+            return None
+        time.sleep(0.2)
+    return None
+
+
+def access_log_entries(srv):
+    """[(request line, status, bytes sent)] of the server's access log (on its stdout) so far."""
+    entries = []
+    for line in list(srv.out_all):
+        m = CLF_RE.match(line)
+        if m:
+            entries.append((m.group(5), int(m.group(6)), None if m.group(7) == '-' else int(m.group(7))))
+    return entries
+
+
+# Firefox's user.js for the test profile: no updates, telemetry, studies, safe-browsing lists, remote
+# settings, captive-portal or connectivity probes, DNS over HTTPS or OCSP (calls out that a closed
+# network refuses, slowing the run), and no HTTP/3 (the server speaks TCP only).
+FIREFOX_PREFS = b"""\
+user_pref("app.update.enabled", false);
+user_pref("app.update.auto", false);
+user_pref("app.normandy.enabled", false);
+user_pref("browser.shell.checkDefaultBrowser", false);
+user_pref("browser.startup.homepage_override.mstone", "ignore");
+user_pref("browser.aboutwelcome.enabled", false);
+user_pref("browser.newtabpage.enabled", false);
+user_pref("browser.safebrowsing.malware.enabled", false);
+user_pref("browser.safebrowsing.phishing.enabled", false);
+user_pref("browser.safebrowsing.downloads.enabled", false);
+user_pref("browser.safebrowsing.update.enabled", false);
+user_pref("datareporting.policy.dataSubmissionEnabled", false);
+user_pref("datareporting.healthreport.uploadEnabled", false);
+user_pref("toolkit.telemetry.enabled", false);
+user_pref("toolkit.telemetry.unified", false);
+user_pref("extensions.update.enabled", false);
+user_pref("extensions.getAddons.cache.enabled", false);
+user_pref("services.settings.server", "http://127.0.0.1:9/");
+user_pref("network.captive-portal-service.enabled", false);
+user_pref("network.connectivity-service.enabled", false);
+user_pref("network.dns.disablePrefetch", true);
+user_pref("network.prefetch-next", false);
+user_pref("network.trr.mode", 5);
+user_pref("network.http.http3.enable", false);
+user_pref("security.OCSP.enabled", 0);
+"""
+
+
+def spki_sha256_base64(cert_path):
+    """Base64 of the SHA-256 of the first certificate's SubjectPublicKeyInfo in cert_path, as
+    Chromium's --ignore-certificate-errors-spki-list takes it; openssl reads the certificate."""
+    pem = run_tool(['openssl', 'x509', '-in', cert_path, '-pubkey', '-noout']).stdout
+    der = run_tool(['openssl', 'pkey', '-pubin', '-outform', 'DER'], data=pem).stdout
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def read_netlog(path):
+    """Chromium's net-log JSON. It is complete only after a clean exit; stopped by a signal it ends
+    after some event line (one event a line, each followed by a comma), or inside one: keep the
+    whole lines and close the list and the object."""
+    with open(path, encoding='utf-8', errors='replace') as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return json.loads(text[:text.rfind('\n')].rstrip().rstrip(',') + ']}')
+
+
+def netlog_connections(path, port):
+    """The parameters of the SSL_CONNECT end event (version, next_proto, key_exchange_group,
+    is_resumed, cipher_suite...) of each connection the net-log at path shows to 127.0.0.1:port,
+    in the order the connections were opened (their source ids)."""
+    log = read_netlog(path)
+    names = {v: k for k, v in log['constants']['logEventTypes'].items()}
+    end = log['constants']['logEventPhase']['PHASE_END']
+    remote, handshakes = {}, {}
+    for event in log['events']:
+        name, source, params = names.get(event['type']), event['source']['id'], event.get('params') or {}
+        if name == 'TCP_CONNECT' and 'remote_address' in params:
+            remote[source] = params['remote_address']
+        elif name == 'SSL_CONNECT' and event['phase'] == end:
+            handshakes[source] = params
+    return [handshakes[s] for s in sorted(handshakes) if remote.get(s) == '127.0.0.1:%d' % port]
+
+
+def describe_connections(conns):
+    """netlog_connections() on one line each: what a failure message needs."""
+    return ''.join('\n  connection %d: %s, ALPN %s, cipher 0x%04x, group %s, is_resumed %s'
+                   % (i, c.get('version'), c.get('next_proto'), c.get('cipher_suite', 0),
+                      c.get('key_exchange_group'), c.get('is_resumed'))
+                   + ('' if 'net_error' not in c else ', net_error %s' % c['net_error'])
+                   for i, c in enumerate(conns, 1))
+
+
+class _BrowserMixin:
+    """The browser tests, mixed into one TestCase class per browser (a mixin, so that unittest does
+    not run them without one): one headless run per class, against one tarweb.py serving
+    browser_site() over HTTPS (section 3's certificate chain: a P-256 leaf under an intermediate and
+    a root CA) with a short --idle-timeout, an access log and -v. The page runs its checks and
+    requests /result/<checks>; the tests read that, the access log and the server's handshake lines.
+    A missing browser fails every test of the class (never a skip). Classes: BROWSER, TOOLS,
+    browser_command()."""
+    BROWSER = None    # its command, also the name of its scratch folder
+    TOOLS = ()        # (command, Debian package) of each tool the run needs, the browser first
+    PAGE_TIMEOUT = 240     # seconds (before T()) for the browser to start, load the page and report
+
+    @classmethod
+    def browser_command(cls, url, folder):
+        raise NotImplementedError
+
+    @classmethod
+    def setUpClass(cls):
+        for tool, package in cls.TOOLS:
+            need_tool(tool, package)
+        tar, cls.arrived = browser_site()
+        cls.cert = https_cert('chain')
+        cls.folder = work_file('browser-' + cls.BROWSER, 'run')
+        shutil.rmtree(cls.folder, ignore_errors=True)
+        os.makedirs(cls.folder)
+        cls.addClassCleanup(shutil.rmtree, cls.folder, ignore_errors=True)
+        cls.srv = ServerProc(tar, *https_args('chain', '--idle-timeout', str(T(BROWSER_IDLE)),
+                                              '--access-log', '-', '-v'))
+        cls.addClassCleanup(cls.srv.stop)
+        cls.url = 'https://localhost:%d/' % cls.srv.addr_of('https')[1]
+        started = time.monotonic()
+        proc = start_browser(cls.browser_command(cls.url, cls.folder), cls.folder)
+        cls.addClassCleanup(stop_browser, proc)
+        cls.result = wait_page_result(cls.srv, proc, cls.PAGE_TIMEOUT)
+        cls.seconds = time.monotonic() - started
+        stop_browser(proc)     # before the tests read what it wrote (Chromium's net-log)
+        cls.browser_output = browser_tail(cls.folder)
+
+    def diagnosis(self):
+        return ('after %.0f s; access log: %r; server: %s; browser: %s'
+                % (self.seconds, access_log_entries(self.srv), self.srv.stderr_tail(), self.browser_output))
+
+    def test_page_checks(self):
+        self.assertIsNotNone(self.result, 'the page never reported its checks ' + self.diagnosis())
+        self.assertEqual(self.result, {name: 'ok' for name in BROWSER_CHECKS}, self.diagnosis())
+
+    def test_requests_arrived(self):
+        """Every resource of the page reached the server and got the status and size it should
+        (app.js: the size of app.js.gz)."""
+        entries = access_log_entries(self.srv)
+        missing = [e for e in self.arrived
+                   if not any(e[:2] == got[:2] and e[2] in (None, got[2]) for got in entries)]
+        self.assertEqual(missing, [], self.diagnosis())
+
+    def test_handshakes_in_server_log(self):
+        """TLS 1.3 (the 0x13xx suites) with SNI localhost, and at least two handshakes: the fetch
+        after the idle timeout came on a connection of its own."""
+        handshakes = [line for line in self.srv.err_all if HANDSHAKE_LINE_RE.search(line)]
+        self.assertGreaterEqual(len(handshakes), 2, self.diagnosis())
+
+
+class TestBrowserChromium(_BrowserMixin, unittest.TestCase):
+    """Headless Chromium; its net-log shows what it negotiated, connection by connection."""
+    BROWSER = 'chromium'
+    TOOLS = (('chromium', 'chromium'), ('openssl', 'openssl'))
+
+    @classmethod
+    def browser_command(cls, url, folder):
+        cls.netlog = os.path.join(folder, 'netlog.json')
+        # Running as root needs --no-sandbox; the --disable-* flags keep it from calling Google
+        # (refused on a closed network, and noise in the net-log). The certificate is trusted by
+        # its key (the leaf's SPKI hash): verification then succeeds, so sessions are cached for
+        # resumption, unlike with --ignore-certificate-errors.
+        return ['chromium', '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                '--disable-background-networking', '--disable-component-update', '--disable-sync',
+                '--user-data-dir=' + os.path.join(folder, 'profile'),
+                '--ignore-certificate-errors-spki-list=' + spki_sha256_base64(cls.cert.chain),
+                '--log-net-log=' + cls.netlog, '--net-log-capture-mode=Default', url]
+
+    def connections(self):
+        """netlog_connections() to the server; at least one."""
+        port = self.srv.addr_of('https')[1]
+        conns = netlog_connections(self.netlog, port)
+        self.assertTrue(conns, 'no TLS connection to port %d in the net-log %s' % (port, self.diagnosis()))
+        return conns
+
+    def test_netlog_tls13_and_alpn_http11(self):
+        conns = self.connections()
+        self.assertEqual([(c.get('version'), c.get('next_proto')) for c in conns],
+                         [('TLS 1.3', 'http/1.1')] * len(conns), describe_connections(conns))
+
+    def test_netlog_key_exchange_x25519mlkem768(self):
+        """Chromium sends an X25519MLKEM768 key share first: the server should take it, on every
+        connection (a resumed one too: Chromium offers only psk_dhe_ke)."""
+        conns = self.connections()
+        self.assertEqual([c.get('key_exchange_group') for c in conns], [X25519MLKEM768] * len(conns),
+                         'key_exchange_group %d (X25519MLKEM768) expected; 29 is X25519: %s'
+                         % (X25519MLKEM768, describe_connections(conns)))
+
+    def test_netlog_second_connection_resumed(self):
+        """The connection opened after the idle timeout (the last) resumes the session of an
+        earlier one."""
+        # The page saw that fetch set up a connection of its own, so it is the last one here.
+        self.assertEqual((self.result or {}).get('after_idle'), 'ok', 'no new connection after the '
+                         'idle timeout, see test_page_checks: %r' % self.result)
+        conns = self.connections()
+        self.assertGreaterEqual(len(conns), 2, describe_connections(conns))
+        self.assertIs(conns[-1].get('is_resumed'), True, 'the last connection was not resumed: %s'
+                      % describe_connections(conns))
+
+
+class TestBrowserFirefox(_BrowserMixin, unittest.TestCase):
+    """Headless Firefox ESR, trusting section 3's root CA in its profile's NSS database."""
+    BROWSER = 'firefox-esr'
+    TOOLS = (('firefox-esr', 'firefox-esr'), ('certutil', 'libnss3-tools'))
+
+    @classmethod
+    def browser_command(cls, url, folder):
+        profile = os.path.join(folder, 'profile')
+        os.makedirs(profile)
+        write_bytes(os.path.join(profile, 'user.js'), FIREFOX_PREFS)
+        nssdb = 'sql:' + profile
+        # A root CA trusted for TLS servers ("C,,"): Firefox has no flag to trust a certificate.
+        run_tool(['certutil', '-N', '-d', nssdb, '--empty-password'])
+        run_tool(['certutil', '-A', '-d', nssdb, '-n', 'tarweb test root', '-t', 'C,,',
+                  '-i', tls_file(cls.cert.ca)])
+        return ['firefox-esr', '--headless', '--no-remote', '--profile', profile, url]
 
 
 # =============================================================================================
