@@ -47,6 +47,8 @@ fuzz:
 # The kTLS subset (test classes), for a kernel that has kTLS: CI runs it inside ../shared/ktls-vm,
 # whose emulated CPU needs ten times the timeouts. It fails unless /proc/net/tls_stat shows the
 # kernel carried the traffic. Once per crypto backend: the handshake is theirs, the records the kernel's.
+# TARWEB_EXPECT_KTLS_REKEY=1 or 0 from the environment: the kernel must (must not) rekey kTLS on a
+# client's KeyUpdate; unset, the kernel's version decides (6.14+ rekeys).
 KTLS_TESTS ?= TestKTLS
 test-ktls:
 	set -e; for crypto in $(CRYPTO_BACKENDS); do \

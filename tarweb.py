@@ -277,16 +277,17 @@ def ktls_crypto_info(suite, key, iv, seq):
                                                   iv, key, seq)
 
 
-def ktls_close_notify_msg():
-    """A constant sendmsg for a kTLS socket: one alert record holding close_notify. The record
-    type travels in a TLS_SET_RECORD_TYPE control message. Returns (buffer, msghdr address)."""
+def ktls_record_msg(content_type, content):
+    """A constant sendmsg for a kTLS socket: one record of content_type (an alert, a handshake
+    message) holding content, up to 32 bytes. The record type travels in a TLS_SET_RECORD_TYPE
+    control message. Returns (buffer, msghdr address)."""
     buf = mmap.mmap(-1, 128)
     base = buffer_address(buf)
     msghdr.pack_into(buf, 0, 0, 0, base + 56, 1, base + 72, CMSG_SPACE_1, 0)
-    struct.pack_into("<QQ", buf, 56, base + 96, 2)
+    struct.pack_into("<QQ", buf, 56, base + 96, len(content))
     cmsghdr.pack_into(buf, 72, cmsghdr.size + 1, SOL_TLS, TLS_SET_RECORD_TYPE)
-    buf[88] = 21                   # content type: alert
-    buf[96:98] = b"\x01\x00"       # warning, close_notify
+    buf[88] = content_type
+    buf[96:96 + len(content)] = content
     return buf, base
 
 
@@ -5923,6 +5924,16 @@ def ktls_enable(fd, hs):
     setsockopt_fd(fd, SOL_TLS, TLS_RX, ktls_crypto_info(hs.cipher_suite, rx_key, rx_iv, hs.rx_seq))
 
 
+# A client's KeyUpdate costs the server two setsockopts under kTLS (and a send when it asks for
+# ours): it may send KEY_UPDATE_BURST at once, then KEY_UPDATE_RATE a second; one more ends its
+# connection.
+KEY_UPDATE_BURST = 32
+KEY_UPDATE_RATE = 1.0
+# The two whole KeyUpdate messages (RFC 8446 §4.6.3): update_not_requested, update_requested.
+_TLS_KEY_UPDATES = (_tls_handshake_message(_TLS_HS_KEY_UPDATE, b"\x00"),
+                    _tls_handshake_message(_TLS_HS_KEY_UPDATE, b"\x01"))
+
+
 def ktls_probe():
     """The cipher suites this kernel's TLS ULP accepts, tried on a loopback connection, and
     the reason when there are none."""
@@ -5944,6 +5955,66 @@ def ktls_probe():
     return suites, "" if suites else "no TLS 1.3 cipher suite is accepted by the kernel"
 
 
+def ktls_rekey_probe(suite):
+    """Whether this kernel changes a kTLS socket's keys (TLS 1.3 KeyUpdate, Linux 6.14+), and how
+    we know: a second TLS_TX on a loopback socket, which older kernels refuse (EBUSY)."""
+    info = ktls_crypto_info(suite, bytes(_TLS_SUITES[suite].key_len), bytes(12), 0)
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as srv, \
+                socket.create_connection(srv.getsockname()) as conn:
+            conn.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+            conn.setsockopt(SOL_TLS, TLS_TX, info)
+            try:
+                conn.setsockopt(SOL_TLS, TLS_TX, info)
+            except OSError as e:
+                return False, f"a second TLS_TX was refused: {e.strerror}"
+    except OSError as e:
+        return False, f"the probe failed: {e.strerror}"
+    return True, "a second TLS_TX was accepted"
+
+
+def ktls_next_key(fd, option, cipher_suite, secret):
+    """application_traffic_secret_N+1 of secret (RFC 8446 §7.2) and its key and IV (§7.3) to the
+    kernel, with TLS_RX or TLS_TX (option) set again, sequence 0. Returns the new secret."""
+    secret = _tls13_next_traffic_secret(_TLS_SUITES[cipher_suite].hash_name, secret)
+    keys = _TLSRecordCipher(cipher_suite, secret)   # for its key and IV: its AEAD is never made
+    setsockopt_fd(fd, SOL_TLS, option, ktls_crypto_info(cipher_suite, keys.key, keys.iv, 0))
+    return secret
+
+
+class KTLSKeys:
+    """A kTLS connection's traffic secrets, kept for the client's KeyUpdates (RFC 8446 §4.6.3)
+    on a kernel that rekeys: each moves one direction a generation on (ktls_next_key), TLS_RX
+    for the client's records, TLS_TX for ours. allow() holds a client to KEY_UPDATE_BURST and
+    KEY_UPDATE_RATE."""
+    __slots__ = ("cipher_suite", "rx_secret", "tx_secret", "allowance", "stamp")
+
+    def __init__(self, record_layer, now):
+        """The secrets of the moment of the record layer whose keys the kernel took over."""
+        self.cipher_suite = record_layer.cipher_suite
+        self.rx_secret, self.tx_secret = record_layer.rx_secret, record_layer.tx_secret
+        self.allowance, self.stamp = KEY_UPDATE_BURST, now
+
+    def allow(self, now):
+        """Spend one KeyUpdate of the client's allowance, which refills at KEY_UPDATE_RATE a
+        second up to KEY_UPDATE_BURST; False once it is spent."""
+        self.allowance = min(KEY_UPDATE_BURST,
+                             self.allowance + (now - self.stamp) * KEY_UPDATE_RATE)
+        self.stamp = now
+        if self.allowance < 1:
+            return False
+        self.allowance -= 1
+        return True
+
+    def update_rx(self, fd):
+        """The client's KeyUpdate was read: its next key, for the records behind it."""
+        self.rx_secret = ktls_next_key(fd, TLS_RX, self.cipher_suite, self.rx_secret)
+
+    def update_tx(self, fd):
+        """Our KeyUpdate is sent: our next key, for the records after it."""
+        self.tx_secret = ktls_next_key(fd, TLS_TX, self.cipher_suite, self.tx_secret)
+
+
 class TLSContext:
     """What every TLS connection shares: certificates and keys, cipher policy, crypto backend,
     session ticket keys (TicketKeys or None) and kTLS support."""
@@ -5958,11 +6029,22 @@ class TLSContext:
                 "with copies that kTLS would save"
             log.warn(f"kernel TLS unavailable ({why}): TLS records are encrypted in userspace "
                      f"({crypto.name}), {slower}; fix: 'modprobe tls' (CONFIG_TLS)")
+        self.ktls_rekey = bool(self.ktls_suites) and self.probe_rekey(log)
         self.log = log
         (key, chain), *more = identities
         self.config = TLSConfig(key, chain, alpn=(b"http/1.1",), crypto=crypto, more=more,
                                 groups=groups, cipher_preference=self.cipher_preference(crypto),
                                 tickets=tickets)
+
+    def probe_rekey(self, log):
+        """Whether a client's KeyUpdate can rekey the kernel; -v says which, and how we know."""
+        rekey, how = ktls_rekey_probe(min(self.ktls_suites))
+        if rekey:
+            log.info(f"kTLS rekey: yes ({how}): a client's KeyUpdate gives the kernel new keys")
+        else:
+            log.info(f"kTLS rekey: no ({how}; Linux 6.14+ rekeys): a client's KeyUpdate ends its "
+                     f"connection cleanly")
+        return rekey
 
     def cipher_preference(self, crypto):
         """The backend's order (cheapest first), except that suites the kernel's TLS lacks go
@@ -5986,7 +6068,7 @@ class TLSContext:
 #               its slot was freed and reused is recognised and dropped
 # user_data() encodes; Server.run() decodes inline (see there), with the same names.
 OP_ACCEPT, OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX = range(5)
-OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER = range(5, 9)
+OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER, OP_KEY_UPDATE = range(5, 10)
 UD_INDEX_MASK = 0xFFFFFFFF
 UD_OP_SHIFT, UD_OP_MASK = 32, 0xFF
 UD_GEN_SHIFT, GEN_MASK = 40, (1 << 24) - 1
@@ -5998,8 +6080,8 @@ def user_data(op, index=0, gen=0):
 
 
 # A slot's operations: slot.ud (its index and generation) | UD_RECV, and so on.
-UD_RECV, UD_SEND, UD_SEND_LINKED, UD_LINGER = (user_data(op) for op in (
-    OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER))
+UD_RECV, UD_SEND, UD_SEND_LINKED, UD_LINGER, UD_KEY_UPDATE = (user_data(op) for op in (
+    OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER, OP_KEY_UPDATE))
 UD_TIMER, UD_REAP, UD_IGNORE, UD_STATX = (user_data(op) for op in (
     OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX))
 
@@ -6110,7 +6192,8 @@ class Slot:
         "keep_alive",   # the response under way leaves the connection open
         "partial",      # a request head (or TLS handshake) has begun: see need_more, reap
         # TLS
-        "tls",          # TLSServer during the handshake, then the userspace record layer
+        "tls",          # TLSServer during the handshake, then the userspace record layer, or
+                        # under kTLS the secrets for KeyUpdates (KTLSKeys) if the kernel rekeys
         "pending_out",  # TLS bytes owed to the client, sent before the next record
         "tx_base",      # offset of the slot's send area in Server.tbuf (userspace TLS)
         "bulk",         # offset of the bulk send area it borrowed, or None
@@ -6163,6 +6246,8 @@ class Server:
       requests .... post_recv -> on_recv (on_ktls_recv, on_usertls_recv) -> process ->
                     send_response -> send_next -> on_send; keep-alive: the last send is linked
                     to the next recv, one completion a request
+      rekey ....... kTLS: on_ktls_recv -> on_ktls_key_update (the client's next key to the
+                    kernel) -> if asked, send_key_update -> on_key_update_sent (ours) -> post_recv
       closing ..... linger: close_notify, SHUT_WR, read until the client closes; or at once
                     start_close: cancel what is in flight. Then maybe_free, once nothing is:
                     close the socket, bump the generation, back on self.free
@@ -6245,7 +6330,8 @@ class Server:
             for s in self.slots:
                 s.tx_base = s.index * TX_AREA
             self.bulk_free = [n * TX_AREA + i * TX_BULK_AREA for i in range(TX_BULK_AREAS)]
-        self.close_notify = ktls_close_notify_msg()
+        self.close_notify = ktls_record_msg(_TLS_CT_ALERT, _TLS_CLOSE_NOTIFY_BODY)
+        self.key_update = ktls_record_msg(_TLS_CT_HANDSHAKE, _TLS_KEY_UPDATES[0])
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -6269,6 +6355,8 @@ class Server:
                             self.on_recv(slot, res)
                         elif op == OP_LINGER:
                             self.on_link_broken(slot)
+                        elif op == OP_KEY_UPDATE:
+                            self.on_key_update_sent(slot, res)
                         else:
                             self.on_send(slot, res, op == OP_SEND_LINKED)
                     except Exception:
@@ -6708,7 +6796,8 @@ class Server:
                 self.tls.ktls_failed(hs.cipher_suite, e, self.log)
                 self.start_close(slot)
                 return
-        slot.tls = hs.record_layer if slot.mode == USERTLS else None
+        slot.tls = hs.record_layer if slot.mode == USERTLS else \
+            KTLSKeys(hs.record_layer, self.now) if self.tls.ktls_rekey else None
         slot.partial = False  # no request byte yet
         slot.rstart = slot.rlen = 0
         slot.deadline = self.now + self.limits.idle_timeout
@@ -6735,14 +6824,71 @@ class Server:
         if record_type == _TLS_CT_APPLICATION_DATA:
             slot.rlen += res
             self.process(slot)
-            return
-        # An alert (close_notify or fatal) or a post-handshake message such as KeyUpdate, which
-        # this kernel cannot rekey for: either way the connection ends, cleanly.
-        if record_type == _TLS_CT_ALERT and res == 2 and \
+        elif record_type == _TLS_CT_HANDSHAKE and slot.tls is not None:
+            self.on_ktls_key_update(slot, res)
+        elif record_type == _TLS_CT_ALERT and res == 2 and \
                 self.rbuf[slot.rbase + slot.rlen + 1] != _TLS_ALERT_CLOSE_NOTIFY:
             self.start_close(slot)  # a fatal alert: no close_notify back
         else:
+            # close_notify, or a post-handshake message (a KeyUpdate) that a kernel without
+            # rekey cannot follow: either way the connection ends, cleanly.
             self.linger(slot)
+
+    def on_ktls_key_update(self, slot, res):
+        """A handshake record from a kernel that rekeys: a KeyUpdate, the one post-handshake
+        message a client sends us (RFC 8446 §4.6.3). The kernel holds the records behind it
+        until it has the client's next key: a read fails with EKEYEXPIRED until then, so the
+        next recv is posted only after. With update_requested, our KeyUpdate goes out under our
+        key of the moment, before any response, and our key moves on behind it."""
+        pos = slot.rbase + slot.rlen
+        message = self.rbuf[pos:pos + res]
+        if message not in _TLS_KEY_UPDATES or not slot.tls.allow(self.now):
+            # Not one whole KeyUpdate, or one too many: end cleanly. (With the kernel holding
+            # the records, linger's read fails with EKEYEXPIRED and closes.)
+            self.linger(slot)
+            return
+        try:
+            slot.tls.update_rx(slot.fd)
+        except OSError as e:
+            self.ktls_rekey_failed(slot, e)
+            return
+        if message == _TLS_KEY_UPDATES[1]:
+            self.send_key_update(slot)
+        else:
+            self.post_recv(slot)
+
+    def send_key_update(self, slot):
+        """Our KeyUpdate(update_not_requested), a handshake record through kTLS; no recv is in
+        flight, nor any other send."""
+        slot.send_busy = True
+        slot.send_linked = False
+        slot.send_ud = slot.ud | UD_KEY_UPDATE
+        self.ring.prep_sendmsg(slot.fd, self.key_update[1], MSG_NOSIGNAL, slot.send_ud)
+
+    def on_key_update_sent(self, slot, res):
+        """Our KeyUpdate is with the kernel, sealed under our old key: our next key follows it."""
+        slot.send_busy = False
+        if slot.closing:
+            self.maybe_free(slot)
+            return
+        if res != len(_TLS_KEY_UPDATES[0]):
+            self.start_close(slot)
+            return
+        try:
+            slot.tls.update_tx(slot.fd)
+        except OSError as e:
+            self.ktls_rekey_failed(slot, e)
+            return
+        if self.stopping and not slot.rlen:
+            self.linger(slot)  # stopping began meanwhile, and no request has begun: see begin_stop
+        else:
+            self.post_recv(slot)
+
+    def ktls_rekey_failed(self, slot, err):
+        """The kernel refused a new key: the socket's keys are in doubt, so end it at once."""
+        self.log.limited(("ktls rekey", err.errno),
+                         f"kTLS rekey failed ({err.strerror}): connection closed")
+        self.start_close(slot)
 
     def on_usertls_recv(self, slot, res):
         tls, pos = slot.tls, slot.rbase + slot.rlen

@@ -7858,6 +7858,20 @@ class TestOpenSSLClient(TLSCertsCase):
 # TARWEB_EXPECT_KTLS=1: the kernel has kTLS and the server must use it; unset or 0: no record may go
 # through the kernel, the userspace fallback carries everything.
 EXPECT_KTLS = os.environ.get('TARWEB_EXPECT_KTLS', '0') == '1'
+
+
+def kernel_release():
+    """(major, minor) of the running kernel."""
+    return tuple(int(n) for n in re.match(r'(\d+)\.(\d+)', os.uname().release).groups())
+
+
+# TARWEB_EXPECT_KTLS_REKEY=1 (with TARWEB_EXPECT_KTLS=1): the kernel can change a kTLS socket's keys,
+# so a client's KeyUpdate rekeys it; 0: it cannot, and the connection ends cleanly. Unset: as the
+# kernel's version says (Linux 6.14 brought kTLS rekey). .ci/run says it for each kernel it boots.
+EXPECT_KTLS_REKEY = EXPECT_KTLS and os.environ.get(
+    'TARWEB_EXPECT_KTLS_REKEY', '1' if kernel_release() >= (6, 14) else '0') == '1'
+# A client's KeyUpdate leaves its connection going: the userspace record layer, or kTLS with rekey.
+KEY_UPDATES_CONTINUE = EXPECT_KTLS_REKEY or not EXPECT_KTLS
 NO_KTLS_LINE = 'kernel TLS unavailable'
 SUITES = ('TLS_AES_128_GCM_SHA256', 'TLS_AES_256_GCM_SHA384', 'TLS_CHACHA20_POLY1305_SHA256')
 
@@ -8217,6 +8231,105 @@ def ktls_counters():
             return {k: int(v) for k, v in (line.split() for line in f if line.strip())}
     except FileNotFoundError:
         return None
+
+
+class SClientSession:
+    """openssl s_client to the server at addr, driven a step at a time: what is written to it goes
+    out as application data, except its commands 'K' and 'k' (a KeyUpdate with and without
+    update_requested), which it reads only as a line of their own; so each step waits for s_client's
+    own sign that it read the one before. Threads collect its stdout (-quiet: the responses, nothing
+    else) and stderr (KEYUPDATE for each command). -no_ign_eof: -ign_eof would ignore the commands."""
+
+    def __init__(self, addr, ca, timeout=60):
+        need_tool('openssl')
+        self.timeout = T(timeout)
+        self.proc = subprocess.Popen(
+            ['openssl', 's_client', '-connect', '%s:%d' % addr, '-tls1_3', '-servername', 'localhost',
+             '-quiet', '-no_ign_eof', '-verify_return_error', '-verify_hostname', 'localhost',
+             '-CAfile', tls_file(ca)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.out, self.err = bytearray(), bytearray()
+        self.changed = threading.Condition()
+        self.pumps = [threading.Thread(target=self._pump, args=(stream, buf), daemon=True)
+                      for stream, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for pump in self.pumps:
+            pump.start()
+
+    def _pump(self, stream, buf):
+        for chunk in iter(lambda: stream.read1(65536), b''):
+            with self.changed:
+                buf += chunk
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_for(self, done, what):
+        """Until done() holds (checked as output arrives); fails, showing the output, if it does not."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: done() or self.proc.poll() is not None and not any(
+                    pump.is_alive() for pump in self.pumps), self.timeout) or not done():
+                raise AssertionError('s_client: no %s; stdout ends %r, stderr %r'
+                                     % (what, bytes(self.out[-300:]), bytes(self.err[-500:])))
+
+    def send(self, data):
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def requests(self, *paths, close=False):
+        """Pipelined GETs in one write, the last with Connection: close if close; waits until
+        their responses are in."""
+        expected = len(self.responses()) + len(paths)
+        last = [('Connection', 'close')] if close else []
+        self.send(b''.join(request_bytes(path, headers=last if i == len(paths) - 1 else [])
+                           for i, path in enumerate(paths)))
+        self.wait_for(lambda: len(self.responses()) >= expected, '%d responses' % expected)
+
+    def key_update(self, requested):
+        """The command K (update_requested) or k, and s_client's word that it sent the KeyUpdate."""
+        sent = self.err.count(b'KEYUPDATE')
+        self.send(b'K\n' if requested else b'k\n')
+        self.wait_for(lambda: self.err.count(b'KEYUPDATE') > sent, 'KEYUPDATE')
+
+    def responses(self):
+        """[(status line, body)] of the complete responses on stdout so far."""
+        return self._parse()[0]
+
+    def leftover(self):
+        """What stdout holds after the last complete response."""
+        return self._parse()[1]
+
+    def _parse(self):
+        out, pos, found = bytes(self.out), 0, []
+        while True:
+            head_end = out.find(b'\r\n\r\n', pos)
+            if head_end < 0:
+                break
+            head = out[pos:head_end].decode('latin-1').split('\r\n')
+            length = int(next(line.split(':')[1] for line in head
+                              if line.lower().startswith('content-length:')))
+            if head_end + 4 + length > len(out):
+                break
+            found.append((head[0], out[head_end + 4:head_end + 4 + length]))
+            pos = head_end + 4 + length
+        return found, out[pos:]
+
+    def close(self):
+        """Wait for s_client to end (the server closes), then stop it if it did not."""
+        try:
+            self.proc.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError('s_client still running: the server did not close')
+        finally:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            for pump in self.pumps:
+                pump.join(self.timeout)
+            self.proc.stdout.close()
+            self.proc.stderr.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -9570,18 +9683,25 @@ class TestCryptoBackends(StartupErrorChecks, TLSCertsCase):
 
 class TestKTLS(StartupErrorChecks, HTTPSServerCase):
     """Proof that records go through the kernel (TARWEB_EXPECT_KTLS=1, in the kTLS VM), or that
-    the userspace fallback is announced once and carries everything (otherwise)."""
+    the userspace fallback is announced once and carries everything (otherwise); and that a
+    client's KeyUpdate rekeys the kernel where it can (TARWEB_EXPECT_KTLS_REKEY), ends the
+    connection cleanly where it cannot, and is answered by the userspace record layer."""
+    BIG = True   # a 10 MiB response across a KeyUpdate
 
     @classmethod
     def server_options(cls):
-        return https_args('p256', '--ktls', 'auto')
+        return https_args('p256', '--ktls', 'auto', '-v')
 
-    def counters_around(self, traffic):
-        """Run traffic() -> number of TLS connections it made; check /proc/net/tls_stat moved."""
+    def counters_around(self, traffic, rekeys=None):
+        """Run traffic() -> number of TLS connections it made; check /proc/net/tls_stat moved.
+        rekeys: where the kernel rekeys, {counter: change (a number or a range)} of the rekey
+        counters; the others, and TlsDecryptError, must not move."""
         before = ktls_counters()
         n = traffic()
         self.srv.assert_idle(10)
         after = ktls_counters()
+        if EXPECT_KTLS_REKEY and rekeys is not None:
+            self.assert_rekey_counters(before, after, rekeys)
         if EXPECT_KTLS:
             self.assertIsNotNone(before, '/proc/net/tls_stat missing: no kTLS in this kernel')
             for name in ('TlsTxSw', 'TlsRxSw'):
@@ -9597,6 +9717,15 @@ class TestKTLS(StartupErrorChecks, HTTPSServerCase):
                 self.assertLessEqual(after[name], before[name], (name, before, after))
         elif before is not None:
             self.assertEqual((after['TlsTxSw'], after['TlsRxSw']), (before['TlsTxSw'], before['TlsRxSw']))
+
+    def assert_rekey_counters(self, before, after, rekeys):
+        for name in ('TlsRxRekeyReceived', 'TlsRxRekeyOk', 'TlsTxRekeyOk', 'TlsRxRekeyError',
+                     'TlsTxRekeyError', 'TlsDecryptError'):
+            self.assertIn(name, before, 'this kernel has no rekey counters: no kTLS rekey')
+            expected = rekeys.get(name, 0)
+            if isinstance(expected, int):
+                expected = range(expected, expected + 1)
+            self.assertIn(after[name] - before[name], expected, (name, before, after))
 
     def test_ktls_announcement(self):
         https_get(self.addr, '/small.txt', self.ca)
@@ -9700,23 +9829,142 @@ class TestKTLS(StartupErrorChecks, HTTPSServerCase):
         self.srv.assert_idle(10)
         self.assert_healthy()
 
-    def test_client_key_update(self):
-        # Userspace: answered and the connection goes on. kTLS (no rekeying in the kernels we
-        # run): the connection ends with a close_notify under the old key, nothing else.
-        c = NetClient(self.addr).connect()
-        layer = c.peer_record_layer()
-        c.send(c.finished_record())
-        c.send(layer._tx.seal(22, handshake_message(24, b'\x01')))
-        layer._tx = layer._tx.next_generation()
-        c.send(layer.seal(request_bytes('/small.txt', headers=[('Connection', 'close')])))
-        data, closed = c.read_all(10)
-        c.close()
-        plain, events, _ = layer.open(data)
+    def test_rekey_support_announced(self):
+        # -v: one line at start says whether the kernel can change a kTLS socket's keys (probed),
+        # and it must say what the kernel we were told we run on can do.
+        lines = [line for line in self.srv.stderr_text().splitlines() if 'kTLS rekey' in line]
         if EXPECT_KTLS:
-            self.assertEqual((plain, events), (b'', ['close']), layer.error)
+            self.assertEqual(len(lines), 1, self.srv.stderr_text())
+            self.assertIn('kTLS rekey: %s' % ('yes' if EXPECT_KTLS_REKEY else 'no'), lines[0])
         else:
-            self.assertTrue(plain.endswith(SMALL), (plain[:100], events, layer.error))
-        self.srv.assert_idle(10)
+            self.assertEqual(lines, [])   # no kTLS, nothing to rekey
+
+    def test_key_updates_from_openssl_between_pipelined_requests(self):
+        # s_client's KeyUpdates (K: update_requested, k: not) between pipelined requests, the
+        # first while a 10 MiB response is under way. Rekeying kTLS (and userspace TLS): every
+        # response arrives, byte for byte, under the keys of the moment, and each K gets the
+        # server's KeyUpdate. kTLS without rekey: the responses before the KeyUpdate, then a
+        # clean close.
+        files = self.files
+        session = SClientSession(self.addr, self.ca)
+        expected = ['/small.txt', '/big.bin']
+
+        def traffic():
+            try:
+                session.send(request_bytes('/small.txt') + request_bytes('/big.bin'))
+                session.wait_for(lambda: len(session.out) > 1 << 20, 'first MiB of /big.bin')
+                session.key_update(True)
+                session.wait_for(lambda: len(session.responses()) == 2, '10 MiB response')
+                if KEY_UPDATES_CONTINUE:
+                    session.requests('/range.bin', '/small.txt')
+                    session.key_update(False)
+                    session.key_update(True)
+                    session.key_update(True)
+                    session.requests('/big.bin', '/small.txt', close=True)
+                    expected.extend(['/range.bin', '/small.txt', '/big.bin', '/small.txt'])
+            finally:
+                session.close()
+            return 1
+        self.counters_around(traffic, rekeys={'TlsRxRekeyReceived': 4, 'TlsRxRekeyOk': 4,
+                                              'TlsTxRekeyOk': 3})
+        got = session.responses()
+        self.assertEqual([status for status, _ in got], ['HTTP/1.1 200 OK'] * len(expected))
+        for (_, body), path in zip(got, expected):
+            self.assertTrue(body == files[path], '%s: %d bytes differ from the file' % (path, len(body)))
+        self.assertEqual(session.leftover(), b'')
+        self.assertEqual(session.err.count(b'KEYUPDATE'), 4 if KEY_UPDATES_CONTINUE else 1)
+
+    def test_client_key_updates_in_a_row(self):
+        # 32 KeyUpdate(update_requested) in one write with the Finished, then a request under the
+        # client's key of the moment. Rekeying kTLS (and userspace): 32 answers, the server's key
+        # 32 generations on, then the response. kTLS without rekey: a close_notify under the
+        # first key, nothing else.
+        def traffic():
+            c = NetClient(self.addr).connect()
+            layer = c.peer_record_layer()
+            flight, expected = c.finished_record(), layer._rx
+            for _ in range(32):
+                flight += layer._tx.seal(22, handshake_message(24, b'\x01'))
+                layer._tx, expected = layer._tx.next_generation(), expected.next_generation()
+            c.send(flight + layer.seal(request_bytes('/small.txt', headers=[('Connection', 'close')])))
+            data, _closed = c.read_all(10)
+            c.close()
+            plain, events, _ = layer.open(data)
+            if KEY_UPDATES_CONTINUE:
+                self.assertTrue(plain.endswith(SMALL), (plain[:100], events, layer.error))
+                self.assertEqual(events, ['close'])
+                self.assertEqual(layer.rx_secret, expected.secret)
+            else:
+                self.assertEqual((plain, events), (b'', ['close']), layer.error)
+            return 1
+        self.counters_around(traffic, rekeys={'TlsRxRekeyReceived': 32, 'TlsRxRekeyOk': 32,
+                                              'TlsTxRekeyOk': 32})
+
+    def test_key_update_allowance(self):
+        # What a kTLS connection allows (tarweb.KTLSKeys, with the secrets of the record layer
+        # the kernel took over): KEY_UPDATE_BURST KeyUpdates at once, then KEY_UPDATE_RATE a second.
+        layer = tarweb.RecordLayer(0x1301, bytes(range(32)), bytes(range(32, 64)))
+        keys, burst = tarweb.KTLSKeys(layer, 100.0), tarweb.KEY_UPDATE_BURST
+        second = 1 / tarweb.KEY_UPDATE_RATE
+        self.assertEqual((keys.cipher_suite, keys.rx_secret, keys.tx_secret),
+                         (0x1301, layer.rx_secret, layer.tx_secret))
+        self.assertEqual([keys.allow(100.0) for _ in range(burst + 1)], [True] * burst + [False])
+        self.assertEqual([keys.allow(100.0 + second / 2), keys.allow(100.0 + second),
+                          keys.allow(100.0 + second)], [False, True, False])
+        self.assertEqual([keys.allow(1000.0) for _ in range(burst + 1)], [True] * burst + [False])
+
+    def test_key_update_flood(self):
+        # Three times tarweb.KEY_UPDATE_BURST KeyUpdates at once, then a request. kTLS: the
+        # connection ends, the request unanswered: with rekey once the client's allowance is spent
+        # (each KeyUpdate costs the server two setsockopts), without at the first KeyUpdate. The
+        # userspace record layer has no such limit (a KeyUpdate costs it no system call): answered.
+        burst = tarweb.KEY_UPDATE_BURST
+        n = 3 * burst
+
+        def traffic():
+            c = NetClient(self.addr).connect()
+            layer = c.peer_record_layer()
+            flight = c.finished_record()
+            for _ in range(n):
+                flight += layer._tx.seal(22, handshake_message(24, b'\x00'))
+                layer._tx = layer._tx.next_generation()
+            c.send(flight + layer.seal(request_bytes('/small.txt', headers=[('Connection', 'close')])))
+            data, closed = c.read_all(30)
+            c.close()
+            self.assertTrue(closed)
+            plain, events, _ = layer.open(data)
+            if EXPECT_KTLS:
+                self.assertEqual((plain, events), (b'', ['close']), layer.error)
+            else:
+                self.assertTrue(plain.endswith(SMALL), (plain[:100], events, layer.error))
+            return 1
+        # The kernel counts the KeyUpdate that was one too many, which the server leaves unkeyed.
+        self.counters_around(traffic, rekeys={'TlsRxRekeyReceived': range(burst + 1, n),
+                                              'TlsRxRekeyOk': range(burst, n - 1)})
+        self.assert_healthy()
+
+    def test_bad_key_update(self):
+        # request_update 2, and a KeyUpdate a byte too long. kTLS: the connection ends cleanly (a
+        # kernel that rekeys then holds the records behind it until it has a key: the server's
+        # read fails with EKEYEXPIRED and closes); userspace: its alert. The slots come free.
+        def traffic():
+            for body, alert in ((b'\x02', ILLEGAL_PARAMETER), (b'\x01\x00', DECODE_ERROR)):
+                c = NetClient(self.addr).connect()
+                layer = c.peer_record_layer()
+                c.send(c.finished_record() + layer._tx.seal(22, handshake_message(24, body))
+                       + layer.seal(request_bytes('/small.txt')))
+                data, closed = c.read_all(10)
+                c.close()
+                self.assertTrue(closed)
+                plain, events, _ = layer.open(data)
+                if EXPECT_KTLS:
+                    self.assertEqual((plain, events), (b'', ['close']), layer.error)
+                else:
+                    self.assertEqual((plain, events), (b'', ['alert']))
+                    self.assertIn('(%d)' % alert, layer.error)
+            return 2
+        self.counters_around(traffic, rekeys={'TlsRxRekeyReceived': 2})
+        self.assert_healthy()
 
     def test_ktls_require(self):
         if EXPECT_KTLS:
