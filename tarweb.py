@@ -750,6 +750,14 @@ INTERESTING = frozenset((b"host", b"connection", b"content-length", b"transfer-e
                          b"range", b"if-range", b"if-none-match", b"if-modified-since",
                          b"accept-encoding"))
 SINGLETONS = frozenset((b"host", b"content-length", b"transfer-encoding"))
+# Lines every response carries after its Date line, unless --header removes or changes them
+# (response_headers). nosniff: a browser must not run a file served as text/plain as a script.
+DEFAULT_HEADERS = (("Server", SERVER), ("X-Content-Type-Options", "nosniff"))
+# Lines the server writes for each response on its own: a fixed one would contradict them.
+PER_RESPONSE_HEADERS = frozenset((
+    "date", "content-type", "content-length", "content-encoding", "content-range",
+    "transfer-encoding", "connection", "keep-alive", "etag", "last-modified", "accept-ranges",
+    "vary", "location", "allow", "trailer", "upgrade"))
 
 # The web's types by lower-case extension (IANA registrations; WHATWG's where browsers differ,
 # as image/x-icon and text/javascript): the same answer on every host and Python version.
@@ -923,6 +931,42 @@ def accept_encoding_choice(entry, header):
     return best
 
 
+def response_headers(options):
+    """--header 'Name: value' options over DEFAULT_HEADERS -> [(name, value)], the lines added
+    to every response. A name given again (in any case) replaces the earlier line in its place;
+    an empty value removes it. ValueError, naming the option, for a line we may not send."""
+    headers = {name.lower(): (name, value) for name, value in DEFAULT_HEADERS}
+    for option in options:
+        try:
+            name, value = header_option(option)
+        except ValueError as e:
+            raise ValueError(f"'{log_escape(option)}': {e}")
+        if value:
+            headers[name.lower()] = (name, value)
+        else:
+            headers.pop(name.lower(), None)
+    return list(headers.values())
+
+
+def header_option(option):
+    """'Name: value' -> (name, value): a field line (RFC 9110 §5) this server may add to every
+    response; ValueError saying why not."""
+    name, colon, value = option.partition(":")
+    value = value.strip(" ")
+    if not colon:
+        raise ValueError("give Name: value (or Name: to remove a default header)")
+    if not name.isascii() or not re.fullmatch(TOKEN, name.encode()):
+        raise ValueError("the name must be a token (letters, digits, !#$%&'*+-.^_`|~)")
+    if not HEADER_VALUE.fullmatch(value):
+        raise ValueError("the value may hold visible ASCII characters and spaces only, no "
+                         "control characters")
+    if name.lower() == "cache-control":
+        raise ValueError("files get it from --cache-control")
+    if name.lower() in PER_RESPONSE_HEADERS:
+        raise ValueError("the server writes this header per response")
+    return name, value
+
+
 def request_head_error(head):
     """Status for a head that REQUEST_HEAD rejected: 414, 505 or 400."""
     line = head.split(b"\n", 1)[0]
@@ -963,9 +1007,11 @@ class HttpError(Exception):
 class Site:
     """HTTP/1.1 semantics over an Archive: request head in, response head and body span out."""
 
-    def __init__(self, archive, cache_control=None):
+    def __init__(self, archive, cache_control=None, headers=DEFAULT_HEADERS):
         self.archive = archive
         self.cache_control = cache_control
+        # Fixed lines (Server, --header) go into the status prefixes, built once a second.
+        self.fixed_lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
         self.not_found = archive.files.get(b"/404.html")
         self.recent = {}  # request head -> its answer after the Date line (see respond)
         self.draining = False  # set on shutdown: every response says Connection: close
@@ -1003,11 +1049,12 @@ class Site:
         self.recent.clear()
 
     def tick(self, now):
-        """Refresh the cached Date line, and the status, Server and Date lines that begin every
-        response head (prefixes, by status); called once a second, not per request."""
+        """Refresh the cached Date line, and the status, Date and fixed lines (Server,
+        --header) that begin every response head (prefixes, by status); called once a second,
+        not per request."""
         self.date = http_date(now)
-        self.prefixes = {status: (f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER}\r\n"
-                                  f"Date: {self.date}\r\n").encode()
+        self.prefixes = {status: (f"HTTP/1.1 {status} {reason}\r\nDate: {self.date}\r\n"
+                                  f"{self.fixed_lines}").encode()
                          for status, reason in REASONS.items()}
 
     def status_head(self, status, lines=(), close=False, keep_alive_10=False):
@@ -6888,6 +6935,10 @@ def parse_args(argv):
                    help="largest request head accepted; larger gets 431 (default 8192)")
     p.add_argument("--cache-control", metavar="VALUE",
                    help="Cache-Control header for files (default: none)")
+    p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="a header line for every response, repeatable; 'NAME:' removes a "
+                   "default one (Server, X-Content-Type-Options: nosniff), a NAME given again "
+                   "replaces it")
     p.add_argument("--grace", type=positive(float), default=5.0, metavar="S",
                    help="on SIGTERM/SIGINT, time to finish responses in flight (default 5)")
     p.add_argument("--access-log", metavar="FILE|-", help="Common Log Format access log")
@@ -6902,6 +6953,10 @@ def parse_args(argv):
     if opts.cache_control is not None and not HEADER_VALUE.fullmatch(opts.cache_control):
         p.error("--cache-control: give visible ASCII characters and spaces only (it becomes a "
                 "header line)")
+    try:
+        opts.headers = response_headers(opts.header)
+    except ValueError as e:
+        p.error(f"--header {e}")
     opts.tls = bool(opts.tls_cert or opts.tls_self_signed)
     if opts.tls_listen and not opts.tls:
         p.error("--tls-listen needs --tls-cert and --tls-key (or --tls-self-signed)")
@@ -7043,7 +7098,7 @@ def serve(opts, log):
     tickets = load_ticket_keys(opts, crypto, log) if identities else None
     access_log = open_access_log(opts.access_log, log)
     archive = Archive(opts.tar, opts.prefix, log)
-    site = Site(archive, opts.cache_control)
+    site = Site(archive, opts.cache_control, opts.headers)
     tls = TLSContext(identities, opts.tls_groups, opts.ktls, crypto, log, tickets) \
         if identities else None
     specs = listener_specs(opts)

@@ -1897,6 +1897,84 @@ class TestHeaders(ServerCase):
         self.assertEqual(r.status, 405)
         self.assertEqual({p.strip() for p in r.get("Allow").split(",")}, {"GET", "HEAD"})
 
+    def test_nosniff_by_default(self):
+        for path in ("/small.txt", "/nope", "/docs", "/img.png"):
+            with self.subTest(path=path):
+                self.assertEqual(self.get(path).get_all("X-Content-Type-Options"), ["nosniff"])
+
+
+# Requests whose answers cover every way a response head is built: a file, a remembered answer
+# (the same keep-alive head again), a variant, 206, 304, 301, 404, 405, 416, 400 and 505.
+EVERY_KIND_OF_ANSWER = (
+    (b"GET /small.txt HTTP/1.1\r\nHost: t\r\n\r\n", 200),
+    (b"GET /small.txt HTTP/1.1\r\nHost: t\r\n\r\n", 200),
+    (b"GET /app.js HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip\r\n\r\n", 200),
+    (b"GET /range.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=1-5\r\n\r\n", 206),
+    (b"GET /range.bin HTTP/1.1\r\nHost: t\r\nIf-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT"
+     b"\r\n\r\n", 304),
+    (b"GET /docs HTTP/1.1\r\nHost: t\r\n\r\n", 301),
+    (b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n", 404),
+    (b"DELETE /small.txt HTTP/1.1\r\nHost: t\r\n\r\n", 405),
+    (b"GET /range.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=5000-\r\n\r\n", 416),
+    (b"GET /small.txt HTTP/1.1\r\n\r\n", 400),
+)
+
+
+class TestExtraHeaders(ServerCase):
+    """--header lines go into every response; the defaults can be overridden or removed."""
+    ARGS = ("--header", "X-Frame-Options: DENY",
+            "--header", "Content-Security-Policy:default-src 'self'; img-src *",
+            "--header", "x-content-type-options: nosniff, again",
+            "--header", "Server:",
+            "--header", "X-Frame-Options:  SAMEORIGIN  ")
+
+    def test_every_response_has_them(self):
+        for data, status in EVERY_KIND_OF_ANSWER + ((b"GET / HTTP/2.0\r\n\r\n", 505),):
+            with self.subTest(request=data.split(b"\r\n")[0], status=status):
+                r = exchange(self.addr, data, n=1)[0][0]
+                self.assertEqual(r.status, status, r)
+                self.assertEqual(r.get_all("X-Frame-Options"), ["SAMEORIGIN"], r)
+                self.assertEqual(r.get_all("Content-Security-Policy"),
+                                 ["default-src 'self'; img-src *"], r)
+                self.assertEqual(r.get_all("X-Content-Type-Options"), ["nosniff, again"], r)
+                self.assertEqual(r.get_all("Server"), [], r)
+                self.assertEqual(len(r.get_all("Date")), 1, r)
+
+    def test_keep_alive_and_pipelined(self):
+        data = b"".join(d for d, _ in EVERY_KIND_OF_ANSWER[:-1]) * 2
+        responses, _ = exchange(self.addr, data, heads=(), n=2 * (len(EVERY_KIND_OF_ANSWER) - 1))
+        self.assertEqual([r.status for r in responses], [s for _, s in EVERY_KIND_OF_ANSWER[:-1]] * 2)
+        for r in responses:
+            self.assertEqual(r.get_all("X-Frame-Options"), ["SAMEORIGIN"], r)
+
+
+class TestResponseHeadersOption(unittest.TestCase):
+    """tarweb.response_headers: the --header values over the defaults, in-process."""
+
+    def test_defaults(self):
+        self.assertEqual(tarweb.response_headers([]),
+                         [("Server", tarweb.SERVER), ("X-Content-Type-Options", "nosniff")])
+
+    def test_override_keeps_the_place_remove_and_add(self):
+        self.assertEqual(tarweb.response_headers(
+            ["server: x/1", "X-Content-Type-Options:", "Permissions-Policy: camera=()",
+             "permissions-policy: geolocation=()", "Link: </s.css>; rel=preload"]),
+            [("server", "x/1"), ("permissions-policy", "geolocation=()"),
+             ("Link", "</s.css>; rel=preload")])
+
+    def test_refused(self):
+        rows = [("X-A", "give Name: value"), ("X A: b", "token"), ("X\x00A: b", "token"), (": b", "token"),
+                ("X-A: b\r\nX-B: c", "control"), ("X-A: b\n", "control"), ("X-A: \x7f", "control"),
+                ("X-A: caf\u00e9", "control"), ("X-A: a\tb", "control"),
+                ("Content-Length: 5", "per response"), ("date: x", "per response"),
+                ("Connection: close", "per response"), ("Transfer-Encoding: chunked", "per response"),
+                ("Cache-Control: no-store", "--cache-control")]
+        for spec, words in rows:
+            with self.subTest(spec=spec):
+                with self.assertRaises(ValueError) as cm:
+                    tarweb.response_headers([spec])
+                self.assertIn(words, str(cm.exception))
+
 
 class TestHugeNumbers(ServerCase):
     """Numbers from the wire longer than CPython's int() digit limit (4300) or any file size."""
@@ -2720,6 +2798,15 @@ class TestOptionInjection(StartupErrorChecks, unittest.TestCase):
                 line = self.assertStartupError(self.run_server("--cache-control", value, "x.tar"),
                                                code=2)
                 self.assertIn("--cache-control", line)
+
+    def test_header_option_refused(self):
+        for value in ("X-A: b\r\nX-Injected: yes", "X-A: b\n", "Bad Name: x", "no-colon",
+                      "X-A: \x1b[31m", "Content-Length: 0"):
+            with self.subTest(value=value):
+                line = self.assertStartupError(self.run_server("--header", value, "x.tar"),
+                                               code=2)
+                self.assertIn("--header", line)
+                self.assertNotIn("\x1b", line)
 
 
 class TestStartupErrors(StartupErrorChecks, ArchiveCase):
