@@ -748,7 +748,7 @@ REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304: "No
 # Fields whose values the responder looks at; all others are checked for syntax and skipped.
 INTERESTING = frozenset((b"host", b"connection", b"content-length", b"transfer-encoding",
                          b"range", b"if-range", b"if-none-match", b"if-modified-since",
-                         b"accept-encoding"))
+                         b"accept-encoding", b"accept"))
 SINGLETONS = frozenset((b"host", b"content-length", b"transfer-encoding"))
 # Lines every response carries after its Date line, unless --header removes or changes them
 # (response_headers). nosniff: a browser must not run a file served as text/plain as a script.
@@ -967,6 +967,19 @@ def header_option(option):
     return name, value
 
 
+def is_navigation(path, accept):
+    """Does a request for a missing path look like a browser opening a page of a single-page
+    app (--fallback)? Its last segment has no file extension, and it accepts text/html (fetch()
+    and curl send */*, which is not enough: a missing script or API call stays a 404)."""
+    if b"." in path.rpartition(b"/")[2] or accept is None:
+        return False
+    for item in accept.split(b","):
+        media_type, _, params = item.partition(b";")
+        if media_type.strip().lower() == b"text/html":
+            return not re.search(rb"(?:^|;)[ \t]*q=0(?:\.0*)?[ \t]*(?:;|$)", params.lower())
+    return False
+
+
 def request_head_error(head):
     """Status for a head that REQUEST_HEAD rejected: 414, 505 or 400."""
     line = head.split(b"\n", 1)[0]
@@ -1007,9 +1020,10 @@ class HttpError(Exception):
 class Site:
     """HTTP/1.1 semantics over an Archive: request head in, response head and body span out."""
 
-    def __init__(self, archive, cache_control=None, headers=DEFAULT_HEADERS):
+    def __init__(self, archive, cache_control=None, headers=DEFAULT_HEADERS, fallback=None):
         self.archive = archive
         self.cache_control = cache_control
+        self.fallback = fallback  # Entry answering navigations to missing paths (is_navigation)
         # Fixed lines (Server, --header) go into the status prefixes, built once a second.
         self.fixed_lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
         self.not_found = archive.files.get(b"/404.html")
@@ -1145,14 +1159,16 @@ class Site:
             return self.error(500, True, method=method)
         entry = self.archive.lookup(path)
         if entry is None:
-            return self._missing(method, target, version, path, close)
+            return self._missing(method, target, version, fields, path, close)
         return self._full(method, version, fields, entry, close)
 
-    def _missing(self, method, target, version, path, close):
+    def _missing(self, method, target, version, fields, path, close):
         if not path.endswith(b"/") and self.archive.is_dir(path):
             location = redirect_location(path + b"/", target.partition(b"?")[2])
             return self.error(301, close, ("Location: " + location,), method,
                               version == 10 and not close)
+        if self.fallback is not None and is_navigation(path, fields.get(b"accept")):
+            return self._full(method, version, fields, self.fallback, close)
         nf = self.not_found
         if nf is None:
             return self.error(404, close, method=method, keep_alive_10=version == 10 and not close)
@@ -6925,6 +6941,9 @@ def parse_args(argv):
                    help="time allowed for a TLS handshake (default 10)")
     p.add_argument("--prefix", default="", help="serve only members under this prefix, "
                    "with the prefix stripped (e.g. site/)")
+    p.add_argument("--fallback", metavar="PATH", help="for single-page apps: the file (e.g. "
+                   "/index.html) that answers a request for a missing page, one whose last path "
+                   "segment has no extension, from a client that accepts text/html")
     p.add_argument("--max-connections", type=positive(int), default=1024, metavar="N",
                    help="connection slots allocated at start (default 1024)")
     p.add_argument("--idle-timeout", type=positive(float), default=10.0, metavar="S",
@@ -7034,6 +7053,20 @@ def load_ticket_keys(opts, crypto, log):
                       count=opts.tls_tickets)
 
 
+def fallback_entry(opts, archive):
+    """The Entry of --fallback, a file in the tar (under --prefix), or None without it."""
+    if opts.fallback is None:
+        return None
+    name = _member_name(opts.fallback, [])
+    entry = archive.files.get(name) if name is not None else None
+    if entry is None:
+        where = f" under --prefix {opts.prefix}" if opts.prefix else ""
+        raise StartupError(f"--fallback {log_escape(opts.fallback)}: no such file in "
+                           f"{opts.tar}{where}; "
+                           f"give the path of a file in it, such as /index.html")
+    return entry
+
+
 def choose_crypto(mode, log):
     """The TLS crypto backend for --crypto (serve names it once start-up has succeeded)."""
     crypto = PYTHON_CRYPTO
@@ -7098,7 +7131,7 @@ def serve(opts, log):
     tickets = load_ticket_keys(opts, crypto, log) if identities else None
     access_log = open_access_log(opts.access_log, log)
     archive = Archive(opts.tar, opts.prefix, log)
-    site = Site(archive, opts.cache_control, opts.headers)
+    site = Site(archive, opts.cache_control, opts.headers, fallback_entry(opts, archive))
     tls = TLSContext(identities, opts.tls_groups, opts.ktls, crypto, log, tickets) \
         if identities else None
     specs = listener_specs(opts)

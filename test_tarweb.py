@@ -1976,6 +1976,60 @@ class TestResponseHeadersOption(unittest.TestCase):
                 self.assertIn(words, str(cm.exception))
 
 
+HTML_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+class TestFallback(ServerCase):
+    """--fallback: a miss that looks like a navigation (no extension in the last segment, Accept
+    with text/html) gets the fallback file; every other miss keeps its 404."""
+    ARGS = ("--fallback", "docs/index.html")
+
+    def assertFallback(self, r, method="GET"):
+        want = MAIN["docs/index.html"][0]
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(norm_ctype(r.get("Content-Type")), "text/html;charset=utf-8")
+        self.assertEqual(r.get("ETag"), self.get("/docs/index.html").get("ETag"))
+        self.assertEqual(int(r.get("Content-Length")), len(want))
+        self.assertEqual(r.body, b"" if method == "HEAD" else want)
+
+    def test_navigations_get_the_fallback(self):
+        for path in ("/app", "/app/users/42", "/app/users/", "/nodir/sub/", "/emptydir/",
+                     "/app?tab=2", "/%E2%9C%93"):
+            for accept in (HTML_ACCEPT, "text/html", "TEXT/HTML;q=0.5", "application/json, text/html"):
+                with self.subTest(path=path, accept=accept):
+                    self.assertFallback(self.get(path, [("Accept", accept)]))
+        self.assertFallback(self.get("/app", [("Accept", HTML_ACCEPT)], method="HEAD"), "HEAD")
+
+    def test_other_misses_keep_their_404(self):
+        rows = [("/app", ()), ("/app", (("Accept", "*/*"),)), ("/app", (("Accept", "text/*"),)),
+                ("/app", (("Accept", "text/html;q=0"),)), ("/app", (("Accept", "text/htmlx"),)),
+                ("/missing.js", (("Accept", HTML_ACCEPT),)), ("/app/v1.2", (("Accept", HTML_ACCEPT),)),
+                ("/a.b/c.css", (("Accept", "text/html"),))]
+        for path, headers in rows:
+            with self.subTest(path=path, headers=headers):
+                r = self.get(path, headers)
+                self.assertEqual((r.status, r.body), (404, MAIN["404.html"][0]), r)
+
+    def test_files_and_redirects_are_untouched(self):
+        self.assertBody(self.get("/small.txt", [("Accept", HTML_ACCEPT)]), MAIN["small.txt"][0])
+        self.assertBody(self.get("/", [("Accept", HTML_ACCEPT)]), MAIN["index.html"][0])
+        r = self.get("/docs", [("Accept", HTML_ACCEPT)])
+        self.assertEqual((r.status, r.get("Location")), (301, "/docs/"))
+
+    def test_conditional_and_encoded_fallback(self):
+        etag = self.get("/docs/index.html").get("ETag")
+        r = self.get("/route", [("Accept", "text/html"), ("If-None-Match", etag)])
+        self.assertEqual(r.status, 304, r)
+        r = self.get("/route", [("Accept", "text/html"), ("Accept-Encoding", "gzip")])
+        self.assertEqual((r.status, r.get("Content-Encoding"), r.body), (200, "gzip", b"DOCSGZ"))
+
+    def test_remembered_on_keep_alive(self):
+        head = "GET /deep/link HTTP/1.1\r\nHost: t\r\nAccept: text/html\r\n\r\n".encode()
+        responses, _ = exchange(self.addr, head * 3, n=3)
+        self.assertEqual([r.status for r in responses], [200] * 3)
+        self.assertEqual({r.body for r in responses}, {MAIN["docs/index.html"][0]})
+
+
 class TestHugeNumbers(ServerCase):
     """Numbers from the wire longer than CPython's int() digit limit (4300) or any file size."""
     NINES = "9" * 5000
@@ -2860,6 +2914,13 @@ class TestStartupErrors(StartupErrorChecks, ArchiveCase):
                           % err.strip())
         line = self.assertStartupError(p)
         self.assertIn("unreadable.tar", line)
+
+    def test_fallback_not_in_the_tar(self):
+        for value in ("nope.html", "/docs/", "docs"):
+            with self.subTest(value=value):
+                line = self.assertStartupError(self.run_server("--fallback", value, MAIN_TAR))
+                self.assertIn("--fallback", line)
+                self.assertIn(value, line)
 
     def test_port_in_use(self):
         with ServerProc(MAIN_TAR) as srv:
@@ -10551,6 +10612,7 @@ FUZZ_HTTP_SEEDS = [
     b"GET /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"GET /empty.txt HTTP/1.1\nHost: t\nRange: bytes=0-0\n\n",
     b"GET / HTTP/2.0\r\nHost: t\r\n\r\n",
+    b"GET /app/route HTTP/1.1\r\nHost: t\r\nAccept: text/html,*/*;q=0.8\r\n\r\n",
     b"\r\n\r\nGET /link.html HTTP/1.1\r\nHost: a\r\n\r\nGET /app.js HTTP/1.1\r\nHost: a\r\n\r\n",
 ]
 FUZZ_HTTP_FIELDS = [
@@ -10568,7 +10630,8 @@ FUZZ_HTTP_FIELDS = [
     b"Accept-Encoding: *", b"Accept-Encoding: *;q=0", b"Accept-Encoding: gzip;q=nan",
     b"Accept-Encoding: gzip;q=1e309, br;q=-1", b"Accept-Encoding: identity;q=0, zstd",
     b"Accept-Encoding: ,;q=,", b"X-Long: " + b"a" * 3000, b"X-Obs: \x80\xff", b"X-Empty:",
-    b"Bad Name: x", b": empty name", b"X-Tab:\tv\t",
+    b"Bad Name: x", b": empty name", b"X-Tab:\tv\t", b"Accept: text/html", b"Accept: */*",
+    b"Accept: text/html;q=0", b"Accept: TEXT/HTML;level=1;q=0.000", b"Accept: ;;,text/html;q",
 ]
 FUZZ_HTTP_TARGETS = [
     b"/", b"/index.html", b"/docs", b"/docs/", b"/docs/sub", b"/%2e%2e/%2e%2e/etc/passwd",
@@ -10584,7 +10647,7 @@ FUZZ_HTTP_EOLS = [b"\r\n", b"\n", b"\r", b"\n\r", b"\r\r\n", b"\r\n\r\n", b""]
 
 class FuzzHTTP:
     """The HTTP target: two sites (with and without 404.html and Cache-Control, one under a
-    prefix) over small tars in the scratch folder."""
+    prefix, with --fallback and --header) over small tars in the scratch folder."""
 
     MAX_HEAD = 8192   # the server's default --max-header-bytes
 
@@ -10594,8 +10657,10 @@ class FuzzHTTP:
         build_tar(plain, FUZZ_SITE_MEMBERS)
         prefixed = work_file('fuzz', 'prefixed.tar')
         build_tar(prefixed, [m for m in FUZZ_SITE_MEMBERS if m[0] != '404.html'], prefix='www/')
+        under_www = tarweb.Archive(prefixed, 'www', log)
         self.sites = [tarweb.Site(tarweb.Archive(plain, '', log), cache_control='max-age=60'),
-                      tarweb.Site(tarweb.Archive(prefixed, 'www', log))]
+                      tarweb.Site(under_www, headers=tarweb.response_headers(['X-Frame-Options: DENY']),
+                                  fallback=under_www.files[b'/index.html'])]
         self.app = self.sites[0].archive.files[b'/app.js']
         assert self.app.variants, 'app.js.gz and app.js.br are variants of app.js'
         self.seeds = FUZZ_HTTP_SEEDS
