@@ -6858,6 +6858,74 @@ def make_listener(spec):
     return s
 
 
+# sd_listen_fds(3): systemd (or systemd-socket-activate) passes its sockets from descriptor 3 on.
+SD_LISTEN_FDS_START = 3
+TLS_FD_NAMES = ("https", "tls")  # LISTEN_FDNAMES that mean --tls-listen (see activated_listeners)
+ACTIVATION_FIX = ("tarweb.py takes listening TCP sockets: ListenStream=[ADDR:]PORT in the .socket "
+                  "unit, with Accept=no")
+
+
+def sd_listen_fds():
+    """sd_listen_fds(3) with unset_environment: [(fd, name)] of the sockets systemd passed to
+    this process (LISTEN_PID is ours: relaunch_through_runpy's execv keeps the pid, the
+    environment and these descriptors), made close-on-exec as sd_listen_fds makes them. The
+    variables are removed in any case, so that no child takes the sockets for its own."""
+    pid, count, names = (os.environ.pop(name, None)
+                         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
+    if count is None or pid != str(os.getpid()):
+        return []  # not for us: another process's, or no sockets passed
+    if not count.isdigit() or int(count) == 0:
+        raise StartupError(f"LISTEN_FDS={log_escape(count)} (socket activation) is not a number "
+                           f"of descriptors; {ACTIVATION_FIX}")
+    fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count))
+    names = ["unknown"] * len(fds) if names is None else names.split(":")
+    if len(names) != len(fds):
+        raise StartupError(f"LISTEN_FDNAMES={log_escape(':'.join(names))} names {len(names)} "
+                           f"sockets but LISTEN_FDS={count}: give each socket one name")
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError as e:
+            raise StartupError(f"fd {fd} from socket activation (LISTEN_FDS={count}): "
+                               f"{e.strerror}; {ACTIVATION_FIX}")
+    return list(zip(fds, names))
+
+
+def activated_listeners(opts):
+    """[(socket, is_tls)] for the sockets systemd passed (sd_listen_fds), which replace --listen
+    and --tls-listen. Their names (FileDescriptorName=) choose as those flags would: https or
+    tls is a --tls-listen, http is plain, any other name (systemd's default is the unit's name)
+    is a --listen: HTTPS when a certificate is given and no socket is named https or tls."""
+    passed = sd_listen_fds()
+    named_tls = any(name in TLS_FD_NAMES for _, name in passed)
+    listeners = []
+    for fd, name in passed:
+        tls = name in TLS_FD_NAMES or name != "http" and opts.tls and not named_tls
+        if tls and not opts.tls:
+            raise StartupError(f"fd {fd} from socket activation is named {log_escape(name)}, "
+                               f"for HTTPS: give --tls-cert and --tls-key (or --tls-self-signed), "
+                               f"or name it http")
+        listeners.append((activated_socket(fd, name), tls))
+    return listeners
+
+
+def activated_socket(fd, name):
+    """A socket object for a passed descriptor, checked: a listening TCP socket. It gets
+    TCP_NODELAY, as make_listener's sockets do, for the connections it accepts to inherit."""
+    what = f"fd {fd} from socket activation ({log_escape(name)})"
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise StartupError(f"{what} is not a socket ({e.strerror}); {ACTIVATION_FIX}")
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM or \
+            not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise StartupError(f"{what} is not a listening stream socket; {ACTIVATION_FIX}")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise StartupError(f"{what} is not a TCP socket; {ACTIVATION_FIX}")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def listener_url(sock, tls):
     host, port = sock.getsockname()[:2]
     if sock.family == socket.AF_INET6:
@@ -7126,6 +7194,7 @@ def release_startup_memory():
 
 def serve(opts, log):
     """Start-up in the order that fails fastest, then run until SIGTERM, SIGINT or SIGHUP."""
+    activated = activated_listeners(opts)  # first: the variables go at once
     identities = load_tls_identities(opts) if opts.tls else None  # keys first, never logged
     crypto = choose_crypto(opts.crypto, log) if identities else None
     tickets = load_ticket_keys(opts, crypto, log) if identities else None
@@ -7134,12 +7203,13 @@ def serve(opts, log):
     site = Site(archive, opts.cache_control, opts.headers, fallback_entry(opts, archive))
     tls = TLSContext(identities, opts.tls_groups, opts.ktls, crypto, log, tickets) \
         if identities else None
-    specs = listener_specs(opts)
-    limits = Limits(max_connections=raise_fd_limit(opts.max_connections, len(specs), log),
+    specs = [] if activated else listener_specs(opts)
+    limits = Limits(max_connections=raise_fd_limit(opts.max_connections,
+                                                   len(activated or specs), log),
                     header_timeout=opts.header_timeout, idle_timeout=opts.idle_timeout,
                     handshake_timeout=opts.handshake_timeout,
                     max_header_bytes=opts.max_header_bytes, grace=opts.grace)
-    listeners = [(make_listener(spec), is_tls) for spec, is_tls in specs]
+    listeners = activated or [(make_listener(spec), is_tls) for spec, is_tls in specs]
     server = Server(site, listeners, limits, log, tls, access_log)
     # Handlers only set a flag (see Server.request_stop): the loop must not be re-entered
     # halfway through writing an SQE, and a write to a stderr that is gone must not raise inside

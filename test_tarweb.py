@@ -444,9 +444,11 @@ def with_test_crypto(args):
 class ServerProc:
     """A running tarweb.py. stdout/stderr lines are collected by reader threads.
     prefix: a command to run it under (the benchmark pins it to a CPU with taskset); python: the
-    interpreter command that runs TARWEB."""
+    interpreter command that runs TARWEB; env: variables added to its environment; pass_fds:
+    descriptors it inherits."""
 
-    def __init__(self, tar, *args, listen=("127.0.0.1:0",), prefix=(), python=(PY,)):
+    def __init__(self, tar, *args, listen=("127.0.0.1:0",), prefix=(), python=(PY,), env=None,
+                 pass_fds=()):
         if not os.path.exists(TARWEB):
             raise AssertionError("server not found at %s (set TARWEB=/path/to/tarweb.py)" % TARWEB)
         cmd = list(prefix) + list(python) + [TARWEB]
@@ -454,7 +456,8 @@ class ServerProc:
             cmd += ["--listen", addr]
         self.cmd = cmd + with_test_crypto(args) + [tar]
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, pass_fds=pass_fds,
+                                     env=dict(os.environ, **env) if env else None)
         self.out = queue.Queue()
         self.err = queue.Queue()
         self.err_all = []
@@ -2958,6 +2961,225 @@ class TestStartupErrors(StartupErrorChecks, ArchiveCase):
         with ServerProc(MAIN_TAR) as srv:
             self.assertRegex(srv.start_line, r"^tarweb\.py .*http://127\.0\.0\.1:\d+/")
             self.assertNotEqual(srv.addr[1], 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running as a service: socket activation, sd_notify, --user
+# ---------------------------------------------------------------------------------------------
+
+def free_ports(n):
+    """n TCP ports on 127.0.0.1 that were free a moment ago (systemd-socket-activate wants
+    numbers, not port 0)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def socket_activate(listen, names=None, datagram=False):
+    """The systemd-socket-activate command line that listens on 127.0.0.1:PORT for each of
+    listen and passes the sockets (named names, colon-separated) to the command after it."""
+    need_tool("systemd-socket-activate")
+    cmd = ["systemd-socket-activate"] + (["--datagram"] if datagram else [])
+    for port in listen:
+        cmd += ["--listen", "127.0.0.1:%d" % port]
+    return cmd + (["--fdname=" + names] if names else [])
+
+
+class FirstClient(threading.Thread):
+    """systemd-socket-activate starts the server at the first client: this one, which connects
+    (retrying until the socket is there), sends GET /small.txt (over TLS if tls) and keeps the
+    answer, from the server that its connection started."""
+
+    def __init__(self, port, tls=False):
+        super().__init__(daemon=True)
+        self.port, self.tls, self.response, self.error = port, tls, None, None
+        self.start()
+
+    def run(self):
+        deadline = time.monotonic() + T(15)
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=T(15))
+                if self.tls:
+                    sock = insecure_tls_context().wrap_socket(sock, server_hostname="localhost")
+                with Conn(None, timeout=T(15), sock=sock) as c:
+                    self.response = c.request("GET", "/small.txt")
+                return
+            except ConnectionRefusedError as e:
+                if time.monotonic() > deadline:
+                    self.error = e
+                    return
+                time.sleep(0.02)
+            except OSError as e:
+                self.error = e
+                return
+
+    def result(self):
+        self.join(T(15))
+        if self.error is not None or self.response is None:
+            raise AssertionError("the first client got no answer: %r" % (self.error,))
+        return self.response
+
+
+def descriptor_flags(pid, fd):
+    """The flags line of /proc/PID/fdinfo/FD, as an int (O_CLOEXEC is 0o2000000)."""
+    with open("/proc/%d/fdinfo/%d" % (pid, fd)) as f:
+        return int(re.search(r"^flags:\s*(\d+)", f.read(), re.M).group(1), 8)
+
+
+def peer_socket_option(pid, fd, level, option):
+    """getsockopt on descriptor fd of process pid, through pidfd_getfd(2) (root may)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        copy = libc.syscall(438, pidfd, fd, 0)   # pidfd_getfd: 438 on x86_64 and aarch64
+        if copy < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+        with socket.socket(fileno=copy) as s:
+            return s.getsockopt(level, option)
+    finally:
+        os.close(pidfd)
+
+
+def insecure_tls_context():
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class TestSocketActivation(StartupErrorChecks, ArchiveCase):
+    """LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES (sd_listen_fds), from the real
+    systemd-socket-activate: the sockets survive the relaunch (execv) and replace --listen."""
+
+    def assertSmall(self, r):
+        self.assertEqual((r.status, r.body), (200, MAIN["small.txt"][0]), r)
+
+    def activated(self, ports, names, *args, first_tls=False):
+        first = FirstClient(ports[0], first_tls)
+        srv = ServerProc(MAIN_TAR, *args, listen=(), prefix=socket_activate(ports, names))
+        self.addCleanup(srv.stop)
+        self.assertSmall(first.result())
+        return srv
+
+    def test_named_http_and_https(self):
+        ports = free_ports(2)
+        srv = self.activated(ports, "http:https", "--tls-self-signed", "--listen", "127.0.0.1:0")
+        self.assertEqual(srv.listeners, [("http", "127.0.0.1", ports[0]),
+                                         ("https", "127.0.0.1", ports[1])], srv.start_line)
+        self.assertSmall(get1(("127.0.0.1", ports[0]), "/small.txt"))
+        with socket.create_connection(("127.0.0.1", ports[1]), timeout=T(10)) as raw:
+            with insecure_tls_context().wrap_socket(raw, server_hostname="localhost") as tls:
+                r = Conn(None, timeout=T(10), sock=tls).request("GET", "/small.txt")
+        self.assertSmall(r)
+        with open("/proc/%d/cmdline" % srv.proc.pid, "rb") as f:
+            self.assertIn(b"-c", f.read().split(b"\0"), "not the relaunched server")
+        for fd in (3, 4):
+            self.assertTrue(descriptor_flags(srv.proc.pid, fd) & os.O_CLOEXEC, fd)
+            self.assertEqual(peer_socket_option(srv.proc.pid, fd, socket.IPPROTO_TCP,
+                                                socket.TCP_NODELAY), 1, fd)
+
+    def test_unnamed_sockets_are_like_listen(self):
+        """Without names (or with other ones) a socket is what --listen would be: HTTPS with a
+        certificate, else plain; one named http stays plain."""
+        for names, args, schemes in ((None, (), ["http"]), (None, ("--tls-self-signed",), ["https"]),
+                                     ("web:http", ("--tls-self-signed",), ["https", "http"]),
+                                     ("web:tls", ("--tls-self-signed",), ["http", "https"])):
+            with self.subTest(names=names, args=args):
+                ports = free_ports(len(schemes))
+                srv = self.activated(ports, names, *args, first_tls=schemes[0] == "https")
+                self.assertEqual([s for s, _h, _p in srv.listeners], schemes, srv.start_line)
+                srv.stop()
+
+    def test_only_for_this_process(self):
+        """LISTEN_PID of another process: the variables are not for us (sd_listen_fds)."""
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            fd3 = ["sh", "-c", 'exec 3<&%d; exec "$@"' % other.fileno(), "sh"]
+            srv = ServerProc(MAIN_TAR, prefix=fd3, pass_fds=(other.fileno(),), env={
+                "LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"})
+            with srv:
+                self.assertNotEqual(srv.addr[1], other.getsockname()[1])
+                self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+
+    def test_wrong_descriptors_refused(self):
+        """Each passed descriptor must be a listening TCP socket: anything else is a one-line
+        start-up error naming the descriptor and the fix."""
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        unbound = socket.socket()
+        unix = socket.socket(socket.AF_UNIX)
+        unix.bind("\0tarweb-test-%d" % os.getpid())
+        unix.listen()
+        regular = open(MAIN_TAR, "rb")
+        for what, fd in (("udp", udp.fileno()), ("not listening", unbound.fileno()),
+                         ("unix", unix.fileno()), ("file", regular.fileno())):
+            with self.subTest(what=what):
+                p = self.run_with_fd3(fd, {"LISTEN_FDS": "1"})
+                line = self.assertStartupError(p)
+                self.assertIn("fd 3", line)
+                self.assertIn("ListenStream=", line)
+        for s in (udp, unbound, unix, regular):
+            s.close()
+
+    def test_malformed_variables_refused(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            for env, words in (({"LISTEN_FDS": "x"}, "LISTEN_FDS"), ({"LISTEN_FDS": "0"}, "LISTEN_FDS"),
+                               ({"LISTEN_FDS": "2"}, "fd 4"),
+                               ({"LISTEN_FDS": "1", "LISTEN_FDNAMES": "http:https"}, "LISTEN_FDNAMES"),
+                               ({"LISTEN_FDS": "1", "LISTEN_FDNAMES": "https"}, "--tls-cert")):
+                with self.subTest(env=env):
+                    self.assertIn(words, self.assertStartupError(self.run_with_fd3(s.fileno(), env)))
+
+    def test_datagram_socket_from_systemd_socket_activate(self):
+        port = free_ports(1)[0]
+        p = subprocess.Popen(socket_activate([port], "http", datagram=True) + [PY, TARWEB, MAIN_TAR],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            time.sleep(T(0.5))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"wake up", ("127.0.0.1", port))
+            out, err = p.communicate(timeout=T(15))
+        finally:
+            p.kill()
+            p.wait()
+        err = "\n".join(l for l in err.decode().splitlines()
+                        if not l.startswith(("Listening on", "Communication attempt", "Execing")))
+        line = self.assertStartupError(subprocess.CompletedProcess(p.args, p.returncode, out,
+                                                                   err.encode()))
+        self.assertIn("fd 3", line)
+
+    def test_variables_are_removed(self):
+        """Read once, then gone from the environment: a child of ours cannot take the sockets
+        for its own."""
+        port = free_ports(1)[0]
+        code = ("import os, sys; sys.path.insert(0, %r); import tarweb; "
+                "print(tarweb.sd_listen_fds(), sorted(k for k in os.environ if k.startswith('LISTEN_')))"
+                % os.path.dirname(TARWEB))
+        p = subprocess.Popen(socket_activate([port], "https") + [PY, "-c", code],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(T(0.5))
+            socket.create_connection(("127.0.0.1", port), timeout=T(5)).close()
+            out = p.communicate(timeout=T(15))[0].decode()
+        finally:
+            p.kill()
+            p.wait()
+        self.assertEqual(out.strip(), "[(3, 'https')] []")
+
+    def run_with_fd3(self, fd, env):
+        """The server with descriptor fd as its 3, LISTEN_PID its own pid, env added."""
+        script = 'exec 3<&%d; export LISTEN_PID=$$; exec "$@"' % fd
+        return subprocess.run(["sh", "-c", script, "sh", PY, TARWEB, "--listen", "127.0.0.1:0",
+                               MAIN_TAR], pass_fds=(fd,),
+                              env=dict(os.environ, **env), capture_output=True, timeout=T(15))
 
 
 # ---------------------------------------------------------------------------------------------
