@@ -5707,8 +5707,8 @@ class TLSContext:
 #   bits 40-63  slot generation, bumped when a slot is freed, so that a completion arriving after
 #               its slot was freed and reused is recognised and dropped
 # user_data() encodes; Server.run() decodes inline (see there), with the same names.
-OP_ACCEPT, OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX = range(5)
-OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER = range(5, 9)
+OP_ACCEPT, OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX, OP_WATCHDOG, OP_NOTIFY = range(7)
+OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER = range(7, 11)
 UD_INDEX_MASK = 0xFFFFFFFF
 UD_OP_SHIFT, UD_OP_MASK = 32, 0xFF
 UD_GEN_SHIFT, GEN_MASK = 40, (1 << 24) - 1
@@ -5722,8 +5722,8 @@ def user_data(op, index=0, gen=0):
 # A slot's operations: slot.ud (its index and generation) | UD_RECV, and so on.
 UD_RECV, UD_SEND, UD_SEND_LINKED, UD_LINGER = (user_data(op) for op in (
     OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER))
-UD_TIMER, UD_REAP, UD_IGNORE, UD_STATX = (user_data(op) for op in (
-    OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX))
+UD_TIMER, UD_REAP, UD_IGNORE, UD_STATX, UD_WATCHDOG, UD_NOTIFY = (user_data(op) for op in (
+    OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX, OP_WATCHDOG, OP_NOTIFY))
 
 # What sits between a slot's socket and HTTP.
 PLAIN, HANDSHAKE, KTLS, USERTLS = range(4)
@@ -5789,6 +5789,55 @@ class AccessLog:
                 self.failures.add(e.errno)
                 self.log.warn(f"access log {self.name}: {e.strerror}; dropping its lines while "
                               f"that lasts (counted as log_dropped in the stats line)")
+
+
+class SdNotify:
+    """sd_notify(3): tells systemd, through the unix datagram socket named by $NOTIFY_SOCKET,
+    how the server is doing: READY=1 and STATUS= once serving, STOPPING=1 when a stop begins
+    (send), and WATCHDOG=1 every half $WATCHDOG_USEC while the loop runs (Server.on_watchdog).
+    Every message is one datagram sent without waiting: a systemd that is slow (its queue full)
+    or gone costs the message, never the server, and each kind of failure is logged once.
+    The reload (SIGHUP, to come) sends RELOADING=1 with MONOTONIC_USEC= (CLOCK_MONOTONIC, in
+    microseconds) when it begins and READY=1 when done, through send(): Type=notify-reload."""
+
+    def __init__(self, address, watchdog_usec, log):
+        self.address, self.log = address, log  # a path, or NUL and an abstract name (bytes)
+        self.failures = set()                  # errno values already reported
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.watchdog = None  # the ring's timeout between two pings: half of WATCHDOG_USEC
+        if watchdog_usec:
+            half = watchdog_usec * 500  # nanoseconds
+            self.watchdog = bytearray(kernel_timespec.pack(half // 10**9, half % 10**9))
+        # The ping is a sendmsg through the ring, as sd_notify addresses its datagrams (no
+        # connect: a systemd that re-creates its socket is found again): msghdr, iovec,
+        # sockaddr_un, "WATCHDOG=1". Packed once; ping_addr is the msghdr's address.
+        self.ping = bytearray(msghdr.size + 16 + 2 + len(address) + len(WATCHDOG_PING))
+        base = buffer_address(self.ping)
+        iov, name = base + msghdr.size, base + msghdr.size + 16
+        data = name + 2 + len(address)
+        msghdr.pack_into(self.ping, 0, name, 2 + len(address), iov, 1, 0, 0, 0)
+        struct.pack_into(f"<QQH{len(address)}s{len(WATCHDOG_PING)}s", self.ping, msghdr.size,
+                         data, len(WATCHDOG_PING), socket.AF_UNIX, address, WATCHDOG_PING)
+        self.ping_addr = base
+
+    def send(self, *fields):
+        """One datagram of NAME=value lines (a one-off, at start or stop: a plain sendto)."""
+        try:
+            self.sock.sendto("\n".join(fields).encode(), self.address)
+        except OSError as e:
+            self.failed(e.errno)
+
+    def failed(self, err):
+        if err not in self.failures:
+            self.failures.add(err)
+            where = log_escape(self.address.replace(b"\0", b"@", 1))
+            self.log.warn(f"NOTIFY_SOCKET {where}: {os.strerror(err)}; systemd misses this "
+                          f"server's messages (READY, STOPPING, WATCHDOG) while that lasts")
+
+
+WATCHDOG_PING = b"WATCHDOG=1"
 
 
 def bytes_address(data):
@@ -5892,8 +5941,9 @@ class Server:
 
     An exception in a handler costs its connection (internal_error), not the server."""
 
-    def __init__(self, site, listeners, limits, log, tls=None, access_log=None):
+    def __init__(self, site, listeners, limits, log, tls=None, access_log=None, notify=None):
         self.site, self.limits, self.log = site, limits, log
+        self.notify = notify      # SdNotify, or None when systemd does not listen
         self.listeners = [sock for sock, _ in listeners]
         self.listener_tls = [is_tls for _, is_tls in listeners]
         self.tls = tls            # TLSContext: certificate, key and kTLS support; None for HTTP
@@ -5975,6 +6025,8 @@ class Server:
         """Until stopped: submit, wait for completions, hand each to its handler."""
         self.arm_accepts()
         self.arm_timer()
+        if self.notify and self.notify.watchdog:
+            self.arm_watchdog()
         ring, slots = self.ring, self.slots
         while True:
             ring.enter(True)
@@ -6004,6 +6056,10 @@ class Server:
                     self.reap_due = bool(self.waiting)
                 elif op == OP_STATX:
                     self.contain(self.on_statx, res)
+                elif op == OP_WATCHDOG:
+                    self.contain(self.on_watchdog)
+                elif op == OP_NOTIFY:
+                    self.contain(self.notify.failed, -res)
             if self.reap_due:
                 self.contain(self.reap)
             if self.stats_requested:
@@ -6651,6 +6707,17 @@ class Server:
         self.ring.prep_statx(self.tar_fd, bytes_address(b""), AT_EMPTY_PATH,
                              STATX_SIZE | STATX_MTIME, buffer_address(self.statx_buf), UD_STATX)
 
+    def arm_watchdog(self):
+        self.ring.prep_timeout(buffer_address(self.notify.watchdog), 0, 0, UD_WATCHDOG)
+
+    def on_watchdog(self):
+        """Half of systemd's watchdog interval has passed: WATCHDOG=1, sent through the ring
+        (the loop makes no system call of its own; MSG_DONTWAIT: a full queue is an error at
+        once, not a send left waiting), then the next wait. Only a failure completes."""
+        self.ring.prep_sendmsg(self.notify.fd, self.notify.ping_addr, socket.MSG_DONTWAIT,
+                               UD_NOTIFY, IOSQE_CQE_SKIP_SUCCESS)
+        self.arm_watchdog()
+
     def on_statx(self, res):
         self.statx_busy = False
         if res < 0:
@@ -6674,6 +6741,8 @@ class Server:
     def begin_stop(self, grace):
         """SIGTERM/SIGINT/SIGHUP: stop accepting, close idle connections, let the rest finish."""
         self.pause_accepts()
+        if self.notify:
+            self.notify.send("STOPPING=1", "STATUS=stopping: finishing the responses in flight")
         self.stopping = True
         self.site.draining = True
         self.stop_deadline = time.monotonic() + grace
@@ -6924,6 +6993,34 @@ def activated_socket(fd, name):
         raise StartupError(f"{what} is not a TCP socket; {ACTIVATION_FIX}")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def sd_notify_socket(log):
+    """SdNotify for $NOTIFY_SOCKET, a path or an @abstract name (sd_notify(3)), pinging the
+    watchdog when $WATCHDOG_USEC is set and $WATCHDOG_PID is ours or unset (as
+    sd_watchdog_enabled(3)); None when no systemd listens. An unusable value is one warning:
+    systemd then times the start out, with this line in the journal saying why."""
+    value = os.environ.get("NOTIFY_SOCKET")
+    if not value:
+        return None
+    address = os.fsencode(value)
+    if address.startswith(b"@"):
+        address = b"\0" + address[1:]
+    if not address.startswith((b"/", b"\0")) or len(address) > SUN_PATH_MAX:
+        log.warn(f"NOTIFY_SOCKET={log_escape(value)} is not an absolute path or an @name of at "
+                 f"most {SUN_PATH_MAX} bytes: systemd will not hear that the server is ready")
+        return None
+    usec = os.environ.get("WATCHDOG_USEC")
+    if os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+        usec = None  # the watchdog of another process
+    if usec is not None and not usec.isdigit():
+        log.warn(f"WATCHDOG_USEC={log_escape(usec)} is not a number of microseconds: no "
+                 f"watchdog pings")
+        usec = None
+    return SdNotify(address, int(usec) if usec else 0, log)
+
+
+SUN_PATH_MAX = 107  # struct sockaddr_un's sun_path holds 108 bytes, a path's NUL included
 
 
 def listener_url(sock, tls):
@@ -7195,6 +7292,7 @@ def release_startup_memory():
 def serve(opts, log):
     """Start-up in the order that fails fastest, then run until SIGTERM, SIGINT or SIGHUP."""
     activated = activated_listeners(opts)  # first: the variables go at once
+    notify = sd_notify_socket(log)
     identities = load_tls_identities(opts) if opts.tls else None  # keys first, never logged
     crypto = choose_crypto(opts.crypto, log) if identities else None
     tickets = load_ticket_keys(opts, crypto, log) if identities else None
@@ -7210,7 +7308,7 @@ def serve(opts, log):
                     handshake_timeout=opts.handshake_timeout,
                     max_header_bytes=opts.max_header_bytes, grace=opts.grace)
     listeners = activated or [(make_listener(spec), is_tls) for spec, is_tls in specs]
-    server = Server(site, listeners, limits, log, tls, access_log)
+    server = Server(site, listeners, limits, log, tls, access_log, notify)
     # Handlers only set a flag (see Server.request_stop): the loop must not be re-entered
     # halfway through writing an SQE, and a write to a stderr that is gone must not raise inside
     # it. They are in place before the URL line, which tells the world the server is up.
@@ -7223,6 +7321,8 @@ def serve(opts, log):
         log.warn(f"crypto: {tls.config.crypto.description}")  # a note, not a problem
     urls = " ".join(listener_url(sock, is_tls) for sock, is_tls in listeners)
     emit(sys.stdout, f"tarweb.py {__version__}: serving {opts.tar} on {urls}")
+    if notify:
+        notify.send("READY=1", f"STATUS=serving {len(archive.files)} files on {urls}")
     log.info(f"{len(archive.files)} files, {limits.max_connections} slots, io_uring: "
              f"{server.ring.setup_description()}")
     server.run()

@@ -3182,6 +3182,131 @@ class TestSocketActivation(StartupErrorChecks, ArchiveCase):
                               env=dict(os.environ, **env), capture_output=True, timeout=T(15))
 
 
+class NotifySocket:
+    """A stand-in for systemd's notify socket: a unix datagram socket bound at a path in the
+    scratch folder, or at an abstract name; NOTIFY_SOCKET for the server in .env."""
+
+    def __init__(self, abstract=False):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = "tarweb-test-notify-%d-%s" % (os.getpid(), secrets.token_hex(4))
+            self.sock.bind("\0" + name)
+            self.env = {"NOTIFY_SOCKET": "@" + name}
+        else:
+            path = work_file("notify", "notify-%s" % secrets.token_hex(4))
+            self.sock.bind(path)
+            self.env = {"NOTIFY_SOCKET": path}
+        self.seen = []   # every datagram so far, decoded
+
+    def receive(self, timeout):
+        """The next datagram within timeout, or None."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096).decode()
+        except socket.timeout:
+            return None
+        self.seen.append(data)
+        return data
+
+    def wait_for(self, field, timeout=10.0):
+        """The first datagram (from now) with the line field; fails after timeout."""
+        deadline = time.monotonic() + T(timeout)
+        while time.monotonic() < deadline:
+            data = self.receive(max(0.01, deadline - time.monotonic()))
+            if data is not None and field in data.split("\n"):
+                return data
+        raise AssertionError("no %s on the notify socket within %g s; got %r"
+                             % (field, T(timeout), self.seen))
+
+    def count(self, field, seconds):
+        """How many datagrams with the line field arrive in the next seconds."""
+        n = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            data = self.receive(max(0.01, deadline - time.monotonic()))
+            n += data is not None and field in data.split("\n")
+        return n
+
+    def close(self):
+        self.sock.close()
+
+
+class TestSdNotify(ArchiveCase):
+    """sd_notify over $NOTIFY_SOCKET: READY=1 and STATUS once serving, STOPPING=1 at a stop,
+    WATCHDOG=1 every half WATCHDOG_USEC (through the ring: see TestSteadyStateSyscalls);
+    a systemd that is gone or slow costs messages, never the server."""
+
+    def notify_socket(self, abstract=False):
+        ns = NotifySocket(abstract)
+        self.addCleanup(ns.close)
+        return ns
+
+    def test_ready_status_and_stopping(self):
+        for abstract in (False, True):
+            with self.subTest(abstract=abstract):
+                ns = self.notify_socket(abstract)
+                srv = ServerProc(MAIN_TAR, env=ns.env)
+                try:
+                    ready = ns.wait_for("READY=1")
+                    self.assertIn("STATUS=serving %d files on http://127.0.0.1:%d/"
+                                  % (len(MAIN), srv.addr[1]), ready.split("\n"))
+                    self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+                    srv.proc.send_signal(signal.SIGTERM)
+                    self.assertIn("STATUS=stopping", ns.wait_for("STOPPING=1"))
+                    self.assertEqual(srv.proc.wait(timeout=T(10)), 0)
+                finally:
+                    srv.stop()
+                self.assertEqual(ns.count("READY=1", 0.1), 0)
+                self.assertNotIn("Traceback", srv.stderr_text())
+
+    def test_watchdog_every_half_interval(self):
+        ns = self.notify_socket()
+        with ServerProc(MAIN_TAR, env=dict(ns.env, WATCHDOG_USEC="400000")) as srv:
+            ns.wait_for("READY=1")
+            n = ns.count("WATCHDOG=1", 2.0)
+            self.assertTrue(7 <= n <= 12, "%d pings in 2 s at an interval of 0.2 s" % n)
+            self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+
+    def test_watchdog_for_another_process_is_not_ours(self):
+        ns = self.notify_socket()
+        env = dict(ns.env, WATCHDOG_USEC="200000", WATCHDOG_PID="1")
+        with ServerProc(MAIN_TAR, env=env):
+            ns.wait_for("READY=1")
+            self.assertEqual(ns.count("WATCHDOG=1", 1.0), 0)
+        ns = self.notify_socket()
+        own = ["sh", "-c", 'export WATCHDOG_PID=$$; exec "$@"', "sh"]
+        with ServerProc(MAIN_TAR, env=dict(ns.env, WATCHDOG_USEC="200000"), prefix=own):
+            ns.wait_for("READY=1")
+            self.assertGreater(ns.count("WATCHDOG=1", 1.0), 3)
+
+    def test_systemd_gone_or_slow(self):
+        """No socket at the path, or one that never reads (its queue fills up: EAGAIN): the
+        server serves on, and says so once per kind of failure."""
+        ns = self.notify_socket()
+        env = dict(ns.env, WATCHDOG_USEC="20000")   # a ping every 10 ms
+        with ServerProc(MAIN_TAR, env=env) as srv:
+            time.sleep(T(1))     # ns never reads: after ~10 datagrams its queue is full
+            for _ in range(20):
+                self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+            ns.close()
+            os.unlink(ns.env["NOTIFY_SOCKET"])   # systemd gone
+            time.sleep(T(0.5))
+            self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+            srv.proc.send_signal(signal.SIGTERM)
+            self.assertEqual(srv.proc.wait(timeout=T(10)), 0)
+            lines = [l for l in srv.stderr_text().splitlines() if "NOTIFY_SOCKET" in l]
+            self.assertEqual(len(lines), 2, lines)
+            self.assertTrue(any("Resource temporarily unavailable" in l for l in lines), lines)
+            self.assertTrue(any("No such file or directory" in l for l in lines), lines)
+
+    def test_unusable_address_is_one_warning(self):
+        for value in ("relative/path", "@" + "x" * 200):
+            with self.subTest(value=value[:20]):
+                with ServerProc(MAIN_TAR, env={"NOTIFY_SOCKET": value}) as srv:
+                    self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+                    self.assertEqual(srv.count_stderr("NOTIFY_SOCKET"), 1, srv.stderr_tail())
+
+
 # ---------------------------------------------------------------------------------------------
 # Hostile archives: tars built to hurt the indexer (issue 8)
 # ---------------------------------------------------------------------------------------------
@@ -3704,6 +3829,25 @@ class TestSteadyStateSyscalls(unittest.TestCase):
     else, and far fewer of those than requests."""
 
     def test_only_io_uring_enter(self):
+        self.trace()
+
+    def test_only_io_uring_enter_with_the_watchdog(self):
+        """systemd's watchdog pings (WATCHDOG=1 every 50 ms here) go through the ring too."""
+        ns = NotifySocket()
+        done = threading.Event()
+        reader = threading.Thread(target=lambda: [ns.receive(0.05) for _ in iter(done.is_set, True)])
+        reader.start()
+        try:
+            self.trace(dict(ns.env, WATCHDOG_USEC="100000"))
+        finally:
+            done.set()
+            reader.join()
+            ns.close()
+        self.assertGreater(ns.seen.count("WATCHDOG=1"), 20, ns.seen)
+
+    def trace(self, env=None):
+        """{syscall: count} of the server under keep-alive load; fails unless io_uring_enter
+        is among them, fewer times than requests. env: variables added for the server."""
         self.assertIsNotNone(shutil.which("strace"), "strace missing: apt-get install strace")
         with tempfile.TemporaryDirectory() as tmp:
             tar = os.path.join(tmp, "site.tar")
@@ -3712,7 +3856,8 @@ class TestSteadyStateSyscalls(unittest.TestCase):
                 info.size = 1024
                 tf.addfile(info, io.BytesIO(b"x" * 1024))
             server = subprocess.Popen([PY, TARWEB, tar, "--listen", "127.0.0.1:0", "-q"],
-                                      stdout=subprocess.PIPE, text=True)
+                                      stdout=subprocess.PIPE, text=True,
+                                      env=dict(os.environ, **env) if env else None)
             try:
                 port = int(re.search(r":(\d+)/", server.stdout.readline()).group(1))
                 socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
@@ -3737,6 +3882,7 @@ class TestSteadyStateSyscalls(unittest.TestCase):
         self.assertIn("io_uring_enter", calls, summary)
         self.assertEqual(set(calls) - {"io_uring_enter"}, set(), summary)
         self.assertLess(calls["io_uring_enter"], n, summary)
+        return calls
 
     @staticmethod
     def load(socks, request, rounds):
