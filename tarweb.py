@@ -54,12 +54,14 @@ import collections
 import ctypes
 import email.utils
 import errno
+import grp
 import hashlib
 import hmac
 import ipaddress
 import mimetypes
 import mmap
 import os
+import pwd
 import re
 import secrets
 import signal
@@ -7126,6 +7128,9 @@ def parse_args(argv):
     p.add_argument("--grace", type=positive(float), default=5.0, metavar="S",
                    help="on SIGTERM/SIGINT, time to finish responses in flight (default 5)")
     p.add_argument("--access-log", metavar="FILE|-", help="Common Log Format access log")
+    p.add_argument("--user", metavar="NAME[:GROUP]", help="once the ports are bound and the "
+                   "keys, the tar and the logs open, serve as this user (its group, or GROUP; "
+                   "its supplementary groups); needed as root on a port below 1024")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="count", default=0)
     p.add_argument("--version", action="version", version=f"tarweb.py {__version__}")
@@ -7281,6 +7286,54 @@ def raise_fd_limit(n, listeners, log):
     return n
 
 
+def resolve_user(spec):
+    """--user NAME[:GROUP] -> (name, uid, gid), the group GROUP's or else the user's own."""
+    name, _, group = spec.partition(":")
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        raise StartupError(f"--user {log_escape(spec)}: no user named '{log_escape(name)}'; "
+                           f"name one from /etc/passwd (such as www-data), or create it")
+    gid = user.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartupError(f"--user {log_escape(spec)}: no group named "
+                               f"'{log_escape(group)}'; name one from /etc/group")
+    return user.pw_name, user.pw_uid, gid
+
+
+def refuse_root(opts, ports):
+    """Root serving the world is one bug away from owning the machine: on a port below 1024
+    (which only root binds, so root is likely) say --user, or --user root to mean it."""
+    low = sorted(port for port in ports if 0 < port < 1024)  # 0: the kernel picks one above
+    if low and os.geteuid() == 0 and opts.user is None:
+        raise StartupError(f"running as root on port {low[0]}: add --user NAME (such as "
+                           f"www-data) to serve as that user once the port is bound, or "
+                           f"--user root to serve as root")
+
+
+def drop_privileges(spec, name, uid, gid):
+    """Become the --user: supplementary groups (the user's, from the group database, as login
+    and systemd's User= set them), then the group, then the user - in that order, as only root
+    may change groups. /proc/self/status then shows whether all four ids (real, effective,
+    saved, filesystem) changed; a server that still holds root must not serve."""
+    if (os.getresuid(), os.getresgid()) != ((uid,) * 3, (gid,) * 3):
+        try:
+            os.initgroups(name, gid)
+            os.setgid(gid)
+            os.setuid(uid)
+        except OSError as e:
+            raise StartupError(f"--user {log_escape(spec)}: cannot become uid {uid}, gid {gid}: "
+                               f"{e.strerror}; start as root (or as that user)")
+    with open("/proc/self/status") as f:
+        ids = dict(line.split(":", 1) for line in f if line.startswith(("Uid:", "Gid:")))
+    if ids["Uid"].split() != [str(uid)] * 4 or ids["Gid"].split() != [str(gid)] * 4:
+        raise StartupError(f"--user {log_escape(spec)}: still Uid {ids['Uid'].split()} Gid "
+                           f"{ids['Gid'].split()} after setuid({uid}) and setgid({gid})")
+
+
 def release_startup_memory():
     """Compiling this file and indexing the tar leave megabytes of freed heap behind; hand them
     back to the kernel so that the resident size reflects the server, not its start-up."""
@@ -7293,6 +7346,10 @@ def serve(opts, log):
     """Start-up in the order that fails fastest, then run until SIGTERM, SIGINT or SIGHUP."""
     activated = activated_listeners(opts)  # first: the variables go at once
     notify = sd_notify_socket(log)
+    user = resolve_user(opts.user) if opts.user is not None else None
+    specs = [] if activated else listener_specs(opts)
+    refuse_root(opts, [sock.getsockname()[1] for sock, _ in activated] or
+                [spec[2] for spec, _ in specs])
     identities = load_tls_identities(opts) if opts.tls else None  # keys first, never logged
     crypto = choose_crypto(opts.crypto, log) if identities else None
     tickets = load_ticket_keys(opts, crypto, log) if identities else None
@@ -7301,7 +7358,6 @@ def serve(opts, log):
     site = Site(archive, opts.cache_control, opts.headers, fallback_entry(opts, archive))
     tls = TLSContext(identities, opts.tls_groups, opts.ktls, crypto, log, tickets) \
         if identities else None
-    specs = [] if activated else listener_specs(opts)
     limits = Limits(max_connections=raise_fd_limit(opts.max_connections,
                                                    len(activated or specs), log),
                     header_timeout=opts.header_timeout, idle_timeout=opts.idle_timeout,
@@ -7309,6 +7365,8 @@ def serve(opts, log):
                     max_header_bytes=opts.max_header_bytes, grace=opts.grace)
     listeners = activated or [(make_listener(spec), is_tls) for spec, is_tls in specs]
     server = Server(site, listeners, limits, log, tls, access_log, notify)
+    if user:
+        drop_privileges(opts.user, *user)
     # Handlers only set a flag (see Server.request_stop): the loop must not be re-entered
     # halfway through writing an SQE, and a write to a stderr that is gone must not raise inside
     # it. They are in place before the URL line, which tells the world the server is up.

@@ -3307,6 +3307,94 @@ class TestSdNotify(ArchiveCase):
                     self.assertEqual(srv.count_stderr("NOTIFY_SOCKET"), 1, srv.stderr_tail())
 
 
+def process_ids(pid):
+    """{'Uid': [real, effective, saved, fs], 'Gid': [...], 'Groups': [...]} from /proc/PID/status."""
+    ids = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid", "Groups"):
+                ids[key] = [int(v) for v in value.split()]
+    return ids
+
+
+def free_low_port():
+    """A TCP port below 1024 free on 127.0.0.1 (root only)."""
+    for port in random.sample(range(600, 1000), 400):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise AssertionError("no free port below 1024 on 127.0.0.1")
+
+
+class TestUser(StartupErrorChecks, ArchiveCase):
+    """--user NAME[:GROUP]: bind, read the keys and the tar, open the logs as root, then serve
+    as NAME; root without --user may not serve a port below 1024."""
+
+    def setUp(self):
+        self.assertEqual(os.geteuid(), 0, "--user tests run as root (as CI does)")
+
+    def test_serves_as_nobody(self):
+        logs = tempfile.mkdtemp(prefix="tarweb-root-only-")   # mode 0700: nobody cannot open it
+        self.addCleanup(shutil.rmtree, logs)
+        log = os.path.join(logs, "access.log")
+        for user, uid, gid, groups in (("nobody", 65534, 65534, [65534]),
+                                       ("nobody:daemon", 65534, 1, [1])):
+            with self.subTest(user=user):
+                with ServerProc(MAIN_TAR, "--user", user, "--access-log", log,
+                                "--tls-self-signed", "--tls-listen", "127.0.0.1:0") as srv:
+                    ids = process_ids(srv.proc.pid)
+                    self.assertEqual((ids["Uid"], ids["Gid"], ids["Groups"]),
+                                     ([uid] * 4, [gid] * 4, groups), ids)
+                    self.assertEqual(get1(srv.addr, "/small.txt").body, MAIN["small.txt"][0])
+                    self.assertEqual(get1(srv.addr, "/big.bin", method="HEAD").status, 200)
+                    with socket.create_connection(srv.addr_of("https"), timeout=T(10)) as raw:
+                        with insecure_tls_context().wrap_socket(raw, server_hostname="localhost") as s:
+                            r = Conn(None, timeout=T(10), sock=s).request("GET", "/small.txt")
+                    self.assertEqual(r.status, 200)
+                    self.assertEqual(srv.stats()["requests"], 3)
+                    srv.proc.send_signal(signal.SIGTERM)
+                    self.assertEqual(srv.proc.wait(timeout=T(10)), 0, srv.stderr_tail())
+                with open(log) as f:
+                    self.assertEqual(f.read().count(" 200 "), 3)
+                os.unlink(log)
+
+    def test_a_port_below_1024_needs_a_user(self):
+        port = free_low_port()
+        p = self.run_server("--listen", "127.0.0.1:%d" % port, MAIN_TAR)
+        line = self.assertStartupError(p)
+        self.assertIn("--user", line)
+        self.assertIn(str(port), line)
+        for user in ("nobody", "root"):
+            with self.subTest(user=user):
+                with ServerProc(MAIN_TAR, "--user", user, listen=("127.0.0.1:%d" % port,)) as srv:
+                    self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+                    self.assertEqual(process_ids(srv.proc.pid)["Uid"][0], 0 if user == "root" else 65534)
+
+    def test_socket_activated_port_below_1024_needs_a_user(self):
+        port = free_low_port()
+        first = FirstClient(port)
+        p = subprocess.run(socket_activate([port], "http") + [PY, TARWEB, MAIN_TAR],
+                           capture_output=True, timeout=T(20))
+        first.join(T(15))
+        err = "\n".join(l for l in p.stderr.decode().splitlines()
+                        if not l.startswith(("Listening on", "Communication attempt", "Execing")))
+        line = self.assertStartupError(subprocess.CompletedProcess(p.args, p.returncode, p.stdout,
+                                                                   err.encode()))
+        self.assertIn("--user", line)
+
+    def test_unknown_user_or_group(self):
+        for user, words in (("tarweb-no-such-user", "no user"), ("nobody:tarweb-no-such-group", "no group"),
+                            ("", "no user"), (":daemon", "no user")):
+            with self.subTest(user=user):
+                line = self.assertStartupError(self.run_server("--user", user, MAIN_TAR))
+                self.assertIn("--user", line)
+                self.assertIn(words, line)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hostile archives: tars built to hurt the indexer (issue 8)
 # ---------------------------------------------------------------------------------------------
