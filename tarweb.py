@@ -43,7 +43,7 @@ prints this outline with line numbers; inside a class, `# -- name` lines group i
      6.8 Server configuration and handshake state machine (§4, Appendix A.2)
      6.9 kTLS hand-off (Linux Documentation/networking/tls.rst)
   7. Connection loop - Server: fixed slots driven by io_uring completions
-  8. CLI - argparse, one-line start-up errors, main()
+  8. CLI - argparse, one-line start-up errors, systemd's sockets and notify socket, --user, main()
 """
 
 import argparse
@@ -5793,6 +5793,9 @@ class AccessLog:
                               f"that lasts (counted as log_dropped in the stats line)")
 
 
+WATCHDOG_PING = b"WATCHDOG=1"
+
+
 class SdNotify:
     """sd_notify(3): tells systemd, through the unix datagram socket named by $NOTIFY_SOCKET,
     how the server is doing: READY=1 and STATUS= once serving, STOPPING=1 when a stop begins
@@ -5812,9 +5815,13 @@ class SdNotify:
         if watchdog_usec:
             half = watchdog_usec * 500  # nanoseconds
             self.watchdog = bytearray(kernel_timespec.pack(half // 10**9, half % 10**9))
-        # The ping is a sendmsg through the ring, as sd_notify addresses its datagrams (no
-        # connect: a systemd that re-creates its socket is found again): msghdr, iovec,
-        # sockaddr_un, "WATCHDOG=1". Packed once; ping_addr is the msghdr's address.
+            self._pack_ping()
+
+    def _pack_ping(self):
+        """The ping is a sendmsg through the ring, addressed as sd_notify addresses its
+        datagrams (no connect: a systemd that re-creates its socket is found again): msghdr,
+        iovec, sockaddr_un, "WATCHDOG=1", packed once; ping_addr is the msghdr's address."""
+        address = self.address
         self.ping = bytearray(msghdr.size + 16 + 2 + len(address) + len(WATCHDOG_PING))
         base = buffer_address(self.ping)
         iov, name = base + msghdr.size, base + msghdr.size + 16
@@ -5837,9 +5844,6 @@ class SdNotify:
             where = log_escape(self.address.replace(b"\0", b"@", 1))
             self.log.warn(f"NOTIFY_SOCKET {where}: {os.strerror(err)}; systemd misses this "
                           f"server's messages (READY, STOPPING, WATCHDOG) while that lasts")
-
-
-WATCHDOG_PING = b"WATCHDOG=1"
 
 
 def bytes_address(data):
@@ -5940,6 +5944,7 @@ class Server:
                     start_close: cancel what is in flight. Then maybe_free, once nothing is:
                     close the socket, bump the generation, back on self.free
       timeouts .... on_timer, once a second: a slot past its deadline -> start_close
+      watchdog .... on_watchdog, every half WATCHDOG_USEC under systemd: WATCHDOG=1 (SdNotify)
 
     An exception in a handler costs its connection (internal_error), not the server."""
 

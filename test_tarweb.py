@@ -26,7 +26,8 @@ Contents, in the layer order of tarweb.py:
   1. Archive and HTTP/1.1 server
      fixture archive, server process, raw HTTP client; archive rules and tar formats; hostile
      requests; Site.respond and the HTTP helpers in-process (no server); connections; ranges, conditionals, precompressed variants; response headers;
-     limits, timeouts and load; signals, start-up errors and the command line
+     limits, timeouts and load; signals, start-up errors and the command line; running as a
+     service (socket activation, sd_notify, --user)
   2. Crypto primitives
      2.1 X25519 and Ed25519   2.2 P-256/P-384: ECDH and ECDSA   2.3 AES-GCM and ChaCha20-Poly1305
      2.4 PEM, DER, RSA-PSS, private keys, certificates
