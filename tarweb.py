@@ -44,7 +44,7 @@ prints this outline with line numbers; inside a class, `# -- name` lines group i
      6.8 Server configuration and handshake state machine (§4, Appendix A.2)
      6.9 kTLS hand-off (Linux Documentation/networking/tls.rst)
   7. Connection loop - Server: fixed slots driven by io_uring completions
-  8. CLI - argparse, one-line start-up errors, main()
+  8. CLI - argparse, one-line start-up errors, systemd's sockets and notify socket, --user, main()
 """
 
 import argparse
@@ -56,6 +56,7 @@ import ctypes
 import email.utils
 import errno
 import functools
+import grp
 import hashlib
 import hmac
 import ipaddress
@@ -63,6 +64,7 @@ import mimetypes
 import mmap
 import operator
 import os
+import pwd
 import re
 import secrets
 import signal
@@ -752,8 +754,16 @@ REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304: "No
 # Fields whose values the responder looks at; all others are checked for syntax and skipped.
 INTERESTING = frozenset((b"host", b"connection", b"content-length", b"transfer-encoding",
                          b"range", b"if-range", b"if-none-match", b"if-modified-since",
-                         b"accept-encoding"))
+                         b"accept-encoding", b"accept"))
 SINGLETONS = frozenset((b"host", b"content-length", b"transfer-encoding"))
+# Lines every response carries after its Date line, unless --header removes or changes them
+# (response_headers). nosniff: a browser must not run a file served as text/plain as a script.
+DEFAULT_HEADERS = (("Server", SERVER), ("X-Content-Type-Options", "nosniff"))
+# Lines the server writes for each response on its own: a fixed one would contradict them.
+PER_RESPONSE_HEADERS = frozenset((
+    "date", "content-type", "content-length", "content-encoding", "content-range",
+    "transfer-encoding", "connection", "keep-alive", "etag", "last-modified", "accept-ranges",
+    "vary", "location", "allow", "trailer", "upgrade"))
 
 # The web's types by lower-case extension (IANA registrations; WHATWG's where browsers differ,
 # as image/x-icon and text/javascript): the same answer on every host and Python version.
@@ -927,6 +937,55 @@ def accept_encoding_choice(entry, header):
     return best
 
 
+def response_headers(options):
+    """--header 'Name: value' options over DEFAULT_HEADERS -> [(name, value)], the lines added
+    to every response. A name given again (in any case) replaces the earlier line in its place;
+    an empty value removes it. ValueError, naming the option, for a line we may not send."""
+    headers = {name.lower(): (name, value) for name, value in DEFAULT_HEADERS}
+    for option in options:
+        try:
+            name, value = header_option(option)
+        except ValueError as e:
+            raise ValueError(f"'{log_escape(option)}': {e}")
+        if value:
+            headers[name.lower()] = (name, value)
+        else:
+            headers.pop(name.lower(), None)
+    return list(headers.values())
+
+
+def header_option(option):
+    """'Name: value' -> (name, value): a field line (RFC 9110 §5) this server may add to every
+    response; ValueError saying why not."""
+    name, colon, value = option.partition(":")
+    value = value.strip(" ")
+    if not colon:
+        raise ValueError("give Name: value (or Name: to remove a default header)")
+    if not name.isascii() or not re.fullmatch(TOKEN, name.encode()):
+        raise ValueError("the name must be a token (letters, digits, !#$%&'*+-.^_`|~)")
+    if not HEADER_VALUE.fullmatch(value):
+        raise ValueError("the value may hold visible ASCII characters and spaces only, no "
+                         "control characters")
+    if name.lower() == "cache-control":
+        raise ValueError("files get it from --cache-control")
+    if name.lower() in PER_RESPONSE_HEADERS:
+        raise ValueError("the server writes this header per response")
+    return name, value
+
+
+def is_navigation(path, accept):
+    """Does a request for a missing path look like a browser opening a page of a single-page
+    app (--fallback)? Its last segment has no file extension, and it accepts text/html (fetch()
+    and curl send */*, which is not enough: a missing script or API call stays a 404)."""
+    if b"." in path.rpartition(b"/")[2] or accept is None:
+        return False
+    for item in accept.split(b","):
+        media_type, _, params = item.partition(b";")
+        if media_type.strip().lower() == b"text/html":
+            return not re.search(rb"(?:^|;)[ \t]*q=0(?:\.0*)?[ \t]*(?:;|$)", params.lower())
+    return False
+
+
 def request_head_error(head):
     """Status for a head that REQUEST_HEAD rejected: 414, 505 or 400."""
     line = head.split(b"\n", 1)[0]
@@ -967,9 +1026,12 @@ class HttpError(Exception):
 class Site:
     """HTTP/1.1 semantics over an Archive: request head in, response head and body span out."""
 
-    def __init__(self, archive, cache_control=None):
+    def __init__(self, archive, cache_control=None, headers=DEFAULT_HEADERS, fallback=None):
         self.archive = archive
         self.cache_control = cache_control
+        self.fallback = fallback  # Entry answering navigations to missing paths (is_navigation)
+        # Fixed lines (Server, --header) go into the status prefixes, built once a second.
+        self.fixed_lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
         self.not_found = archive.files.get(b"/404.html")
         self.recent = {}  # request head -> its answer after the Date line (see respond)
         self.draining = False  # set on shutdown: every response says Connection: close
@@ -1007,11 +1069,12 @@ class Site:
         self.recent.clear()
 
     def tick(self, now):
-        """Refresh the cached Date line, and the status, Server and Date lines that begin every
-        response head (prefixes, by status); called once a second, not per request."""
+        """Refresh the cached Date line, and the status, Date and fixed lines (Server,
+        --header) that begin every response head (prefixes, by status); called once a second,
+        not per request."""
         self.date = http_date(now)
-        self.prefixes = {status: (f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER}\r\n"
-                                  f"Date: {self.date}\r\n").encode()
+        self.prefixes = {status: (f"HTTP/1.1 {status} {reason}\r\nDate: {self.date}\r\n"
+                                  f"{self.fixed_lines}").encode()
                          for status, reason in REASONS.items()}
 
     def status_head(self, status, lines=(), close=False, keep_alive_10=False):
@@ -1102,14 +1165,16 @@ class Site:
             return self.error(500, True, method=method)
         entry = self.archive.lookup(path)
         if entry is None:
-            return self._missing(method, target, version, path, close)
+            return self._missing(method, target, version, fields, path, close)
         return self._full(method, version, fields, entry, close)
 
-    def _missing(self, method, target, version, path, close):
+    def _missing(self, method, target, version, fields, path, close):
         if not path.endswith(b"/") and self.archive.is_dir(path):
             location = redirect_location(path + b"/", target.partition(b"?")[2])
             return self.error(301, close, ("Location: " + location,), method,
                               version == 10 and not close)
+        if self.fallback is not None and is_navigation(path, fields.get(b"accept")):
+            return self._full(method, version, fields, self.fallback, close)
         nf = self.not_found
         if nf is None:
             return self.error(404, close, method=method, keep_alive_10=version == 10 and not close)
@@ -6067,8 +6132,8 @@ class TLSContext:
 #   bits 40-63  slot generation, bumped when a slot is freed, so that a completion arriving after
 #               its slot was freed and reused is recognised and dropped
 # user_data() encodes; Server.run() decodes inline (see there), with the same names.
-OP_ACCEPT, OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX = range(5)
-OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER, OP_KEY_UPDATE = range(5, 10)
+OP_ACCEPT, OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX, OP_WATCHDOG, OP_NOTIFY = range(7)
+OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER, OP_KEY_UPDATE = range(7, 12)
 UD_INDEX_MASK = 0xFFFFFFFF
 UD_OP_SHIFT, UD_OP_MASK = 32, 0xFF
 UD_GEN_SHIFT, GEN_MASK = 40, (1 << 24) - 1
@@ -6082,8 +6147,8 @@ def user_data(op, index=0, gen=0):
 # A slot's operations: slot.ud (its index and generation) | UD_RECV, and so on.
 UD_RECV, UD_SEND, UD_SEND_LINKED, UD_LINGER, UD_KEY_UPDATE = (user_data(op) for op in (
     OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER, OP_KEY_UPDATE))
-UD_TIMER, UD_REAP, UD_IGNORE, UD_STATX = (user_data(op) for op in (
-    OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX))
+UD_TIMER, UD_REAP, UD_IGNORE, UD_STATX, UD_WATCHDOG, UD_NOTIFY = (user_data(op) for op in (
+    OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX, OP_WATCHDOG, OP_NOTIFY))
 
 # What sits between a slot's socket and HTTP.
 PLAIN, HANDSHAKE, KTLS, USERTLS = range(4)
@@ -6149,6 +6214,59 @@ class AccessLog:
                 self.failures.add(e.errno)
                 self.log.warn(f"access log {self.name}: {e.strerror}; dropping its lines while "
                               f"that lasts (counted as log_dropped in the stats line)")
+
+
+WATCHDOG_PING = b"WATCHDOG=1"
+
+
+class SdNotify:
+    """sd_notify(3): tells systemd, through the unix datagram socket named by $NOTIFY_SOCKET,
+    how the server is doing: READY=1 and STATUS= once serving, STOPPING=1 when a stop begins
+    (send), and WATCHDOG=1 every half $WATCHDOG_USEC while the loop runs (Server.on_watchdog).
+    Every message is one datagram sent without waiting: a systemd that is slow (its queue full)
+    or gone costs the message, never the server, and each kind of failure is logged once.
+    The reload (SIGHUP, to come) sends RELOADING=1 with MONOTONIC_USEC= (CLOCK_MONOTONIC, in
+    microseconds) when it begins and READY=1 when done, through send(): Type=notify-reload."""
+
+    def __init__(self, address, watchdog_usec, log):
+        self.address, self.log = address, log  # a path, or NUL and an abstract name (bytes)
+        self.failures = set()                  # errno values already reported
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.watchdog = None  # the ring's timeout between two pings: half of WATCHDOG_USEC
+        if watchdog_usec:
+            half = watchdog_usec * 500  # nanoseconds
+            self.watchdog = bytearray(kernel_timespec.pack(half // 10**9, half % 10**9))
+            self._pack_ping()
+
+    def _pack_ping(self):
+        """The ping is a sendmsg through the ring, addressed as sd_notify addresses its
+        datagrams (no connect: a systemd that re-creates its socket is found again): msghdr,
+        iovec, sockaddr_un, "WATCHDOG=1", packed once; ping_addr is the msghdr's address."""
+        address = self.address
+        self.ping = bytearray(msghdr.size + 16 + 2 + len(address) + len(WATCHDOG_PING))
+        base = buffer_address(self.ping)
+        iov, name = base + msghdr.size, base + msghdr.size + 16
+        data = name + 2 + len(address)
+        msghdr.pack_into(self.ping, 0, name, 2 + len(address), iov, 1, 0, 0, 0)
+        struct.pack_into(f"<QQH{len(address)}s{len(WATCHDOG_PING)}s", self.ping, msghdr.size,
+                         data, len(WATCHDOG_PING), socket.AF_UNIX, address, WATCHDOG_PING)
+        self.ping_addr = base
+
+    def send(self, *fields):
+        """One datagram of NAME=value lines (a one-off, at start or stop: a plain sendto)."""
+        try:
+            self.sock.sendto("\n".join(fields).encode(), self.address)
+        except OSError as e:
+            self.failed(e.errno)
+
+    def failed(self, err):
+        if err not in self.failures:
+            self.failures.add(err)
+            where = log_escape(self.address.replace(b"\0", b"@", 1))
+            self.log.warn(f"NOTIFY_SOCKET {where}: {os.strerror(err)}; systemd misses this "
+                          f"server's messages (READY, STOPPING, WATCHDOG) while that lasts")
 
 
 def bytes_address(data):
@@ -6252,11 +6370,13 @@ class Server:
                     start_close: cancel what is in flight. Then maybe_free, once nothing is:
                     close the socket, bump the generation, back on self.free
       timeouts .... on_timer, once a second: a slot past its deadline -> start_close
+      watchdog .... on_watchdog, every half WATCHDOG_USEC under systemd: WATCHDOG=1 (SdNotify)
 
     An exception in a handler costs its connection (internal_error), not the server."""
 
-    def __init__(self, site, listeners, limits, log, tls=None, access_log=None):
+    def __init__(self, site, listeners, limits, log, tls=None, access_log=None, notify=None):
         self.site, self.limits, self.log = site, limits, log
+        self.notify = notify      # SdNotify, or None when systemd does not listen
         self.listeners = [sock for sock, _ in listeners]
         self.listener_tls = [is_tls for _, is_tls in listeners]
         self.tls = tls            # TLSContext: certificate, key and kTLS support; None for HTTP
@@ -6339,6 +6459,8 @@ class Server:
         """Until stopped: submit, wait for completions, hand each to its handler."""
         self.arm_accepts()
         self.arm_timer()
+        if self.notify and self.notify.watchdog:
+            self.arm_watchdog()
         ring, slots = self.ring, self.slots
         while True:
             ring.enter(True)
@@ -6370,6 +6492,10 @@ class Server:
                     self.reap_due = bool(self.waiting)
                 elif op == OP_STATX:
                     self.contain(self.on_statx, res)
+                elif op == OP_WATCHDOG:
+                    self.contain(self.on_watchdog)
+                elif op == OP_NOTIFY:
+                    self.contain(self.notify.failed, -res)
             if self.reap_due:
                 self.contain(self.reap)
             if self.stats_requested:
@@ -7075,6 +7201,17 @@ class Server:
         self.ring.prep_statx(self.tar_fd, bytes_address(b""), AT_EMPTY_PATH,
                              STATX_SIZE | STATX_MTIME, buffer_address(self.statx_buf), UD_STATX)
 
+    def arm_watchdog(self):
+        self.ring.prep_timeout(buffer_address(self.notify.watchdog), 0, 0, UD_WATCHDOG)
+
+    def on_watchdog(self):
+        """Half of systemd's watchdog interval has passed: WATCHDOG=1, sent through the ring
+        (the loop makes no system call of its own; MSG_DONTWAIT: a full queue is an error at
+        once, not a send left waiting), then the next wait. Only a failure completes."""
+        self.ring.prep_sendmsg(self.notify.fd, self.notify.ping_addr, socket.MSG_DONTWAIT,
+                               UD_NOTIFY, IOSQE_CQE_SKIP_SUCCESS)
+        self.arm_watchdog()
+
     def on_statx(self, res):
         self.statx_busy = False
         if res < 0:
@@ -7098,6 +7235,8 @@ class Server:
     def begin_stop(self, grace):
         """SIGTERM/SIGINT/SIGHUP: stop accepting, close idle connections, let the rest finish."""
         self.pause_accepts()
+        if self.notify:
+            self.notify.send("STOPPING=1", "STATUS=stopping: finishing the responses in flight")
         self.stopping = True
         self.site.draining = True
         self.stop_deadline = time.monotonic() + grace
@@ -7282,6 +7421,102 @@ def make_listener(spec):
     return s
 
 
+# sd_listen_fds(3): systemd (or systemd-socket-activate) passes its sockets from descriptor 3 on.
+SD_LISTEN_FDS_START = 3
+TLS_FD_NAMES = ("https", "tls")  # LISTEN_FDNAMES that mean --tls-listen (see activated_listeners)
+ACTIVATION_FIX = ("tarweb.py takes listening TCP sockets: ListenStream=[ADDR:]PORT in the .socket "
+                  "unit, with Accept=no")
+
+
+def sd_listen_fds():
+    """sd_listen_fds(3) with unset_environment: [(fd, name)] of the sockets systemd passed to
+    this process (LISTEN_PID is ours: relaunch_through_runpy's execv keeps the pid, the
+    environment and these descriptors), made close-on-exec as sd_listen_fds makes them. The
+    variables are removed in any case, so that no child takes the sockets for its own."""
+    pid, count, names = (os.environ.pop(name, None)
+                         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
+    if count is None or pid != str(os.getpid()):
+        return []  # not for us: another process's, or no sockets passed
+    if not count.isdigit() or int(count) == 0:
+        raise StartupError(f"LISTEN_FDS={log_escape(count)} (socket activation) is not a number "
+                           f"of descriptors; {ACTIVATION_FIX}")
+    fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count))
+    names = ["unknown"] * len(fds) if names is None else names.split(":")
+    if len(names) != len(fds):
+        raise StartupError(f"LISTEN_FDNAMES={log_escape(':'.join(names))} names {len(names)} "
+                           f"sockets but LISTEN_FDS={count}: give each socket one name")
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError as e:
+            raise StartupError(f"fd {fd} from socket activation (LISTEN_FDS={count}): "
+                               f"{e.strerror}; {ACTIVATION_FIX}")
+    return list(zip(fds, names))
+
+
+def activated_listeners(opts):
+    """[(socket, is_tls)] for the sockets systemd passed (sd_listen_fds), which replace --listen
+    and --tls-listen. Their names (FileDescriptorName=) choose as those flags would: https or
+    tls is a --tls-listen, http is plain, any other name (systemd's default is the unit's name)
+    is a --listen: HTTPS when a certificate is given and no socket is named https or tls."""
+    passed = sd_listen_fds()
+    named_tls = any(name in TLS_FD_NAMES for _, name in passed)
+    listeners = []
+    for fd, name in passed:
+        tls = name in TLS_FD_NAMES or name != "http" and opts.tls and not named_tls
+        if tls and not opts.tls:
+            raise StartupError(f"fd {fd} from socket activation is named {log_escape(name)}, "
+                               f"for HTTPS: give --tls-cert and --tls-key (or --tls-self-signed), "
+                               f"or name it http")
+        listeners.append((activated_socket(fd, name), tls))
+    return listeners
+
+
+def activated_socket(fd, name):
+    """A socket object for a passed descriptor, checked: a listening TCP socket. It gets
+    TCP_NODELAY, as make_listener's sockets do, for the connections it accepts to inherit."""
+    what = f"fd {fd} from socket activation ({log_escape(name)})"
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise StartupError(f"{what} is not a socket ({e.strerror}); {ACTIVATION_FIX}")
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) != socket.SOCK_STREAM or \
+            not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise StartupError(f"{what} is not a listening stream socket; {ACTIVATION_FIX}")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        raise StartupError(f"{what} is not a TCP socket; {ACTIVATION_FIX}")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def sd_notify_socket(log):
+    """SdNotify for $NOTIFY_SOCKET, a path or an @abstract name (sd_notify(3)), pinging the
+    watchdog when $WATCHDOG_USEC is set and $WATCHDOG_PID is ours or unset (as
+    sd_watchdog_enabled(3)); None when no systemd listens. An unusable value is one warning:
+    systemd then times the start out, with this line in the journal saying why."""
+    value = os.environ.get("NOTIFY_SOCKET")
+    if not value:
+        return None
+    address = os.fsencode(value)
+    if address.startswith(b"@"):
+        address = b"\0" + address[1:]
+    if not address.startswith((b"/", b"\0")) or len(address) > SUN_PATH_MAX:
+        log.warn(f"NOTIFY_SOCKET={log_escape(value)} is not an absolute path or an @name of at "
+                 f"most {SUN_PATH_MAX} bytes: systemd will not hear that the server is ready")
+        return None
+    usec = os.environ.get("WATCHDOG_USEC")
+    if os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+        usec = None  # the watchdog of another process
+    if usec is not None and not usec.isdigit():
+        log.warn(f"WATCHDOG_USEC={log_escape(usec)} is not a number of microseconds: no "
+                 f"watchdog pings")
+        usec = None
+    return SdNotify(address, int(usec) if usec else 0, log)
+
+
+SUN_PATH_MAX = 107  # struct sockaddr_un's sun_path holds 108 bytes, a path's NUL included
+
+
 def listener_url(sock, tls):
     host, port = sock.getsockname()[:2]
     if sock.family == socket.AF_INET6:
@@ -7365,6 +7600,9 @@ def parse_args(argv):
                    help="time allowed for a TLS handshake (default 10)")
     p.add_argument("--prefix", default="", help="serve only members under this prefix, "
                    "with the prefix stripped (e.g. site/)")
+    p.add_argument("--fallback", metavar="PATH", help="for single-page apps: the file (e.g. "
+                   "/index.html) that answers a request for a missing page, one whose last path "
+                   "segment has no extension, from a client that accepts text/html")
     p.add_argument("--max-connections", type=positive(int), default=1024, metavar="N",
                    help="connection slots allocated at start (default 1024)")
     p.add_argument("--idle-timeout", type=positive(float), default=10.0, metavar="S",
@@ -7375,9 +7613,16 @@ def parse_args(argv):
                    help="largest request head accepted; larger gets 431 (default 8192)")
     p.add_argument("--cache-control", metavar="VALUE",
                    help="Cache-Control header for files (default: none)")
+    p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="a header line for every response, repeatable; 'NAME:' removes a "
+                   "default one (Server, X-Content-Type-Options: nosniff), a NAME given again "
+                   "replaces it")
     p.add_argument("--grace", type=positive(float), default=5.0, metavar="S",
                    help="on SIGTERM/SIGINT, time to finish responses in flight (default 5)")
     p.add_argument("--access-log", metavar="FILE|-", help="Common Log Format access log")
+    p.add_argument("--user", metavar="NAME[:GROUP]", help="once the ports are bound and the "
+                   "keys, the tar and the logs open, serve as this user (its group, or GROUP; "
+                   "its supplementary groups); needed as root on a port below 1024")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="count", default=0)
     p.add_argument("--version", action="version", version=f"tarweb.py {__version__}")
@@ -7389,6 +7634,10 @@ def parse_args(argv):
     if opts.cache_control is not None and not HEADER_VALUE.fullmatch(opts.cache_control):
         p.error("--cache-control: give visible ASCII characters and spaces only (it becomes a "
                 "header line)")
+    try:
+        opts.headers = response_headers(opts.header)
+    except ValueError as e:
+        p.error(f"--header {e}")
     opts.tls = bool(opts.tls_cert or opts.tls_self_signed)
     if opts.tls_listen and not opts.tls:
         p.error("--tls-listen needs --tls-cert and --tls-key (or --tls-self-signed)")
@@ -7466,6 +7715,20 @@ def load_ticket_keys(opts, crypto, log):
                       count=opts.tls_tickets)
 
 
+def fallback_entry(opts, archive):
+    """The Entry of --fallback, a file in the tar (under --prefix), or None without it."""
+    if opts.fallback is None:
+        return None
+    name = _member_name(opts.fallback, [])
+    entry = archive.files.get(name) if name is not None else None
+    if entry is None:
+        where = f" under --prefix {opts.prefix}" if opts.prefix else ""
+        raise StartupError(f"--fallback {log_escape(opts.fallback)}: no such file in "
+                           f"{opts.tar}{where}; "
+                           f"give the path of a file in it, such as /index.html")
+    return entry
+
+
 def choose_crypto(mode, log):
     """The TLS crypto backend for --crypto (serve names it once start-up has succeeded)."""
     crypto = PYTHON_CRYPTO
@@ -7515,6 +7778,54 @@ def raise_fd_limit(n, listeners, log):
     return n
 
 
+def resolve_user(spec):
+    """--user NAME[:GROUP] -> (name, uid, gid), the group GROUP's or else the user's own."""
+    name, _, group = spec.partition(":")
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        raise StartupError(f"--user {log_escape(spec)}: no user named '{log_escape(name)}'; "
+                           f"name one from /etc/passwd (such as www-data), or create it")
+    gid = user.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartupError(f"--user {log_escape(spec)}: no group named "
+                               f"'{log_escape(group)}'; name one from /etc/group")
+    return user.pw_name, user.pw_uid, gid
+
+
+def refuse_root(opts, ports):
+    """Root serving the world is one bug away from owning the machine: on a port below 1024
+    (which only root binds, so root is likely) say --user, or --user root to mean it."""
+    low = sorted(port for port in ports if 0 < port < 1024)  # 0: the kernel picks one above
+    if low and os.geteuid() == 0 and opts.user is None:
+        raise StartupError(f"running as root on port {low[0]}: add --user NAME (such as "
+                           f"www-data) to serve as that user once the port is bound, or "
+                           f"--user root to serve as root")
+
+
+def drop_privileges(spec, name, uid, gid):
+    """Become the --user: supplementary groups (the user's, from the group database, as login
+    and systemd's User= set them), then the group, then the user - in that order, as only root
+    may change groups. /proc/self/status then shows whether all four ids (real, effective,
+    saved, filesystem) changed; a server that still holds root must not serve."""
+    if (os.getresuid(), os.getresgid()) != ((uid,) * 3, (gid,) * 3):
+        try:
+            os.initgroups(name, gid)
+            os.setgid(gid)
+            os.setuid(uid)
+        except OSError as e:
+            raise StartupError(f"--user {log_escape(spec)}: cannot become uid {uid}, gid {gid}: "
+                               f"{e.strerror}; start as root (or as that user)")
+    with open("/proc/self/status") as f:
+        ids = dict(line.split(":", 1) for line in f if line.startswith(("Uid:", "Gid:")))
+    if ids["Uid"].split() != [str(uid)] * 4 or ids["Gid"].split() != [str(gid)] * 4:
+        raise StartupError(f"--user {log_escape(spec)}: still Uid {ids['Uid'].split()} Gid "
+                           f"{ids['Gid'].split()} after setuid({uid}) and setgid({gid})")
+
+
 def release_startup_memory():
     """Compiling this file and indexing the tar leave megabytes of freed heap behind; hand them
     back to the kernel so that the resident size reflects the server, not its start-up."""
@@ -7525,21 +7836,29 @@ def release_startup_memory():
 
 def serve(opts, log):
     """Start-up in the order that fails fastest, then run until SIGTERM, SIGINT or SIGHUP."""
+    activated = activated_listeners(opts)  # first: the variables go at once
+    notify = sd_notify_socket(log)
+    user = resolve_user(opts.user) if opts.user is not None else None
+    specs = [] if activated else listener_specs(opts)
+    refuse_root(opts, [sock.getsockname()[1] for sock, _ in activated] or
+                [spec[2] for spec, _ in specs])
     identities = load_tls_identities(opts) if opts.tls else None  # keys first, never logged
     crypto = choose_crypto(opts.crypto, log) if identities else None
     tickets = load_ticket_keys(opts, crypto, log) if identities else None
     access_log = open_access_log(opts.access_log, log)
     archive = Archive(opts.tar, opts.prefix, log)
-    site = Site(archive, opts.cache_control)
+    site = Site(archive, opts.cache_control, opts.headers, fallback_entry(opts, archive))
     tls = TLSContext(identities, opts.tls_groups, opts.ktls, crypto, log, tickets) \
         if identities else None
-    specs = listener_specs(opts)
-    limits = Limits(max_connections=raise_fd_limit(opts.max_connections, len(specs), log),
+    limits = Limits(max_connections=raise_fd_limit(opts.max_connections,
+                                                   len(activated or specs), log),
                     header_timeout=opts.header_timeout, idle_timeout=opts.idle_timeout,
                     handshake_timeout=opts.handshake_timeout,
                     max_header_bytes=opts.max_header_bytes, grace=opts.grace)
-    listeners = [(make_listener(spec), is_tls) for spec, is_tls in specs]
-    server = Server(site, listeners, limits, log, tls, access_log)
+    listeners = activated or [(make_listener(spec), is_tls) for spec, is_tls in specs]
+    server = Server(site, listeners, limits, log, tls, access_log, notify)
+    if user:
+        drop_privileges(opts.user, *user)
     # Handlers only set a flag (see Server.request_stop): the loop must not be re-entered
     # halfway through writing an SQE, and a write to a stderr that is gone must not raise inside
     # it. They are in place before the URL line, which tells the world the server is up.
@@ -7552,6 +7871,8 @@ def serve(opts, log):
         log.warn(f"crypto: {tls.config.crypto.description}")  # a note, not a problem
     urls = " ".join(listener_url(sock, is_tls) for sock, is_tls in listeners)
     emit(sys.stdout, f"tarweb.py {__version__}: serving {opts.tar} on {urls}")
+    if notify:
+        notify.send("READY=1", f"STATUS=serving {len(archive.files)} files on {urls}")
     log.info(f"{len(archive.files)} files, {limits.max_connections} slots, io_uring: "
              f"{server.ring.setup_description()}")
     server.run()

@@ -27,7 +27,8 @@ Contents, in the layer order of tarweb.py:
   1. Archive and HTTP/1.1 server
      fixture archive, server process, raw HTTP client; archive rules and tar formats; hostile
      requests; Site.respond and the HTTP helpers in-process (no server); connections; ranges, conditionals, precompressed variants; response headers;
-     limits, timeouts and load; signals, start-up errors and the command line
+     limits, timeouts and load; signals, start-up errors and the command line; running as a
+     service (socket activation, sd_notify, --user)
   2. Crypto primitives
      2.1 X25519 and Ed25519   2.2 P-256/P-384: ECDH and ECDSA   2.3 AES-GCM and ChaCha20-Poly1305
      2.4 PEM, DER, RSA-PSS, private keys, certificates
@@ -448,9 +449,11 @@ def with_test_crypto(args):
 class ServerProc:
     """A running tarweb.py. stdout/stderr lines are collected by reader threads.
     prefix: a command to run it under (the benchmark pins it to a CPU with taskset); python: the
-    interpreter command that runs TARWEB."""
+    interpreter command that runs TARWEB; env: variables added to its environment; pass_fds:
+    descriptors it inherits."""
 
-    def __init__(self, tar, *args, listen=("127.0.0.1:0",), prefix=(), python=(PY,)):
+    def __init__(self, tar, *args, listen=("127.0.0.1:0",), prefix=(), python=(PY,), env=None,
+                 pass_fds=()):
         if not os.path.exists(TARWEB):
             raise AssertionError("server not found at %s (set TARWEB=/path/to/tarweb.py)" % TARWEB)
         cmd = list(prefix) + list(python) + [TARWEB]
@@ -458,7 +461,8 @@ class ServerProc:
             cmd += ["--listen", addr]
         self.cmd = cmd + with_test_crypto(args) + [tar]
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, pass_fds=pass_fds,
+                                     env=dict(os.environ, **env) if env else None)
         self.out = queue.Queue()
         self.err = queue.Queue()
         self.err_all = []
@@ -1901,6 +1905,138 @@ class TestHeaders(ServerCase):
         self.assertEqual(r.status, 405)
         self.assertEqual({p.strip() for p in r.get("Allow").split(",")}, {"GET", "HEAD"})
 
+    def test_nosniff_by_default(self):
+        for path in ("/small.txt", "/nope", "/docs", "/img.png"):
+            with self.subTest(path=path):
+                self.assertEqual(self.get(path).get_all("X-Content-Type-Options"), ["nosniff"])
+
+
+# Requests whose answers cover every way a response head is built: a file, a remembered answer
+# (the same keep-alive head again), a variant, 206, 304, 301, 404, 405, 416, 400 and 505.
+EVERY_KIND_OF_ANSWER = (
+    (b"GET /small.txt HTTP/1.1\r\nHost: t\r\n\r\n", 200),
+    (b"GET /small.txt HTTP/1.1\r\nHost: t\r\n\r\n", 200),
+    (b"GET /app.js HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip\r\n\r\n", 200),
+    (b"GET /range.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=1-5\r\n\r\n", 206),
+    (b"GET /range.bin HTTP/1.1\r\nHost: t\r\nIf-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT"
+     b"\r\n\r\n", 304),
+    (b"GET /docs HTTP/1.1\r\nHost: t\r\n\r\n", 301),
+    (b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n", 404),
+    (b"DELETE /small.txt HTTP/1.1\r\nHost: t\r\n\r\n", 405),
+    (b"GET /range.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=5000-\r\n\r\n", 416),
+    (b"GET /small.txt HTTP/1.1\r\n\r\n", 400),
+)
+
+
+class TestExtraHeaders(ServerCase):
+    """--header lines go into every response; the defaults can be overridden or removed."""
+    ARGS = ("--header", "X-Frame-Options: DENY",
+            "--header", "Content-Security-Policy:default-src 'self'; img-src *",
+            "--header", "x-content-type-options: nosniff, again",
+            "--header", "Server:",
+            "--header", "X-Frame-Options:  SAMEORIGIN  ")
+
+    def test_every_response_has_them(self):
+        for data, status in EVERY_KIND_OF_ANSWER + ((b"GET / HTTP/2.0\r\n\r\n", 505),):
+            with self.subTest(request=data.split(b"\r\n")[0], status=status):
+                r = exchange(self.addr, data, n=1)[0][0]
+                self.assertEqual(r.status, status, r)
+                self.assertEqual(r.get_all("X-Frame-Options"), ["SAMEORIGIN"], r)
+                self.assertEqual(r.get_all("Content-Security-Policy"),
+                                 ["default-src 'self'; img-src *"], r)
+                self.assertEqual(r.get_all("X-Content-Type-Options"), ["nosniff, again"], r)
+                self.assertEqual(r.get_all("Server"), [], r)
+                self.assertEqual(len(r.get_all("Date")), 1, r)
+
+    def test_keep_alive_and_pipelined(self):
+        data = b"".join(d for d, _ in EVERY_KIND_OF_ANSWER[:-1]) * 2
+        responses, _ = exchange(self.addr, data, heads=(), n=2 * (len(EVERY_KIND_OF_ANSWER) - 1))
+        self.assertEqual([r.status for r in responses], [s for _, s in EVERY_KIND_OF_ANSWER[:-1]] * 2)
+        for r in responses:
+            self.assertEqual(r.get_all("X-Frame-Options"), ["SAMEORIGIN"], r)
+
+
+class TestResponseHeadersOption(unittest.TestCase):
+    """tarweb.response_headers: the --header values over the defaults, in-process."""
+
+    def test_defaults(self):
+        self.assertEqual(tarweb.response_headers([]),
+                         [("Server", tarweb.SERVER), ("X-Content-Type-Options", "nosniff")])
+
+    def test_override_keeps_the_place_remove_and_add(self):
+        self.assertEqual(tarweb.response_headers(
+            ["server: x/1", "X-Content-Type-Options:", "Permissions-Policy: camera=()",
+             "permissions-policy: geolocation=()", "Link: </s.css>; rel=preload"]),
+            [("server", "x/1"), ("permissions-policy", "geolocation=()"),
+             ("Link", "</s.css>; rel=preload")])
+
+    def test_refused(self):
+        rows = [("X-A", "give Name: value"), ("X A: b", "token"), ("X\x00A: b", "token"), (": b", "token"),
+                ("X-A: b\r\nX-B: c", "control"), ("X-A: b\n", "control"), ("X-A: \x7f", "control"),
+                ("X-A: caf\u00e9", "control"), ("X-A: a\tb", "control"),
+                ("Content-Length: 5", "per response"), ("date: x", "per response"),
+                ("Connection: close", "per response"), ("Transfer-Encoding: chunked", "per response"),
+                ("Cache-Control: no-store", "--cache-control")]
+        for spec, words in rows:
+            with self.subTest(spec=spec):
+                with self.assertRaises(ValueError) as cm:
+                    tarweb.response_headers([spec])
+                self.assertIn(words, str(cm.exception))
+
+
+HTML_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+class TestFallback(ServerCase):
+    """--fallback: a miss that looks like a navigation (no extension in the last segment, Accept
+    with text/html) gets the fallback file; every other miss keeps its 404."""
+    ARGS = ("--fallback", "docs/index.html")
+
+    def assertFallback(self, r, method="GET"):
+        want = MAIN["docs/index.html"][0]
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(norm_ctype(r.get("Content-Type")), "text/html;charset=utf-8")
+        self.assertEqual(r.get("ETag"), self.get("/docs/index.html").get("ETag"))
+        self.assertEqual(int(r.get("Content-Length")), len(want))
+        self.assertEqual(r.body, b"" if method == "HEAD" else want)
+
+    def test_navigations_get_the_fallback(self):
+        for path in ("/app", "/app/users/42", "/app/users/", "/nodir/sub/", "/emptydir/",
+                     "/app?tab=2", "/%E2%9C%93"):
+            for accept in (HTML_ACCEPT, "text/html", "TEXT/HTML;q=0.5", "application/json, text/html"):
+                with self.subTest(path=path, accept=accept):
+                    self.assertFallback(self.get(path, [("Accept", accept)]))
+        self.assertFallback(self.get("/app", [("Accept", HTML_ACCEPT)], method="HEAD"), "HEAD")
+
+    def test_other_misses_keep_their_404(self):
+        rows = [("/app", ()), ("/app", (("Accept", "*/*"),)), ("/app", (("Accept", "text/*"),)),
+                ("/app", (("Accept", "text/html;q=0"),)), ("/app", (("Accept", "text/htmlx"),)),
+                ("/missing.js", (("Accept", HTML_ACCEPT),)), ("/app/v1.2", (("Accept", HTML_ACCEPT),)),
+                ("/a.b/c.css", (("Accept", "text/html"),))]
+        for path, headers in rows:
+            with self.subTest(path=path, headers=headers):
+                r = self.get(path, headers)
+                self.assertEqual((r.status, r.body), (404, MAIN["404.html"][0]), r)
+
+    def test_files_and_redirects_are_untouched(self):
+        self.assertBody(self.get("/small.txt", [("Accept", HTML_ACCEPT)]), MAIN["small.txt"][0])
+        self.assertBody(self.get("/", [("Accept", HTML_ACCEPT)]), MAIN["index.html"][0])
+        r = self.get("/docs", [("Accept", HTML_ACCEPT)])
+        self.assertEqual((r.status, r.get("Location")), (301, "/docs/"))
+
+    def test_conditional_and_encoded_fallback(self):
+        etag = self.get("/docs/index.html").get("ETag")
+        r = self.get("/route", [("Accept", "text/html"), ("If-None-Match", etag)])
+        self.assertEqual(r.status, 304, r)
+        r = self.get("/route", [("Accept", "text/html"), ("Accept-Encoding", "gzip")])
+        self.assertEqual((r.status, r.get("Content-Encoding"), r.body), (200, "gzip", b"DOCSGZ"))
+
+    def test_remembered_on_keep_alive(self):
+        head = "GET /deep/link HTTP/1.1\r\nHost: t\r\nAccept: text/html\r\n\r\n".encode()
+        responses, _ = exchange(self.addr, head * 3, n=3)
+        self.assertEqual([r.status for r in responses], [200] * 3)
+        self.assertEqual({r.body for r in responses}, {MAIN["docs/index.html"][0]})
+
 
 class TestHugeNumbers(ServerCase):
     """Numbers from the wire longer than CPython's int() digit limit (4300) or any file size."""
@@ -2725,6 +2861,15 @@ class TestOptionInjection(StartupErrorChecks, unittest.TestCase):
                                                code=2)
                 self.assertIn("--cache-control", line)
 
+    def test_header_option_refused(self):
+        for value in ("X-A: b\r\nX-Injected: yes", "X-A: b\n", "Bad Name: x", "no-colon",
+                      "X-A: \x1b[31m", "Content-Length: 0"):
+            with self.subTest(value=value):
+                line = self.assertStartupError(self.run_server("--header", value, "x.tar"),
+                                               code=2)
+                self.assertIn("--header", line)
+                self.assertNotIn("\x1b", line)
+
 
 class TestStartupErrors(StartupErrorChecks, ArchiveCase):
 
@@ -2778,6 +2923,13 @@ class TestStartupErrors(StartupErrorChecks, ArchiveCase):
         line = self.assertStartupError(p)
         self.assertIn("unreadable.tar", line)
 
+    def test_fallback_not_in_the_tar(self):
+        for value in ("nope.html", "/docs/", "docs"):
+            with self.subTest(value=value):
+                line = self.assertStartupError(self.run_server("--fallback", value, MAIN_TAR))
+                self.assertIn("--fallback", line)
+                self.assertIn(value, line)
+
     def test_port_in_use(self):
         with ServerProc(MAIN_TAR) as srv:
             p = subprocess.Popen([PY, TARWEB, "--listen", "127.0.0.1:%d" % srv.addr[1], MAIN_TAR],
@@ -2814,6 +2966,438 @@ class TestStartupErrors(StartupErrorChecks, ArchiveCase):
         with ServerProc(MAIN_TAR) as srv:
             self.assertRegex(srv.start_line, r"^tarweb\.py .*http://127\.0\.0\.1:\d+/")
             self.assertNotEqual(srv.addr[1], 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running as a service: socket activation, sd_notify, --user
+# ---------------------------------------------------------------------------------------------
+
+def free_ports(n):
+    """n TCP ports on 127.0.0.1 that were free a moment ago (systemd-socket-activate wants
+    numbers, not port 0)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def socket_activate(listen, names=None, datagram=False):
+    """The systemd-socket-activate command line that listens on 127.0.0.1:PORT for each of
+    listen and passes the sockets (named names, colon-separated) to the command after it."""
+    need_tool("systemd-socket-activate")
+    cmd = ["systemd-socket-activate"] + (["--datagram"] if datagram else [])
+    for port in listen:
+        cmd += ["--listen", "127.0.0.1:%d" % port]
+    return cmd + (["--fdname=" + names] if names else [])
+
+
+class FirstClient(threading.Thread):
+    """systemd-socket-activate starts the server at the first client: this one, which connects
+    (retrying until the socket is there), sends GET /small.txt (over TLS if tls) and keeps the
+    answer, from the server that its connection started."""
+
+    def __init__(self, port, tls=False):
+        super().__init__(daemon=True)
+        self.port, self.tls, self.response, self.error = port, tls, None, None
+        self.start()
+
+    def run(self):
+        deadline = time.monotonic() + T(15)
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=T(15))
+                if self.tls:
+                    sock = insecure_tls_context().wrap_socket(sock, server_hostname="localhost")
+                with Conn(None, timeout=T(15), sock=sock) as c:
+                    self.response = c.request("GET", "/small.txt")
+                return
+            except ConnectionRefusedError as e:
+                if time.monotonic() > deadline:
+                    self.error = e
+                    return
+                time.sleep(0.02)
+            except OSError as e:
+                self.error = e
+                return
+
+    def result(self):
+        self.join(T(15))
+        if self.error is not None or self.response is None:
+            raise AssertionError("the first client got no answer: %r" % (self.error,))
+        return self.response
+
+
+def descriptor_flags(pid, fd):
+    """The flags line of /proc/PID/fdinfo/FD, as an int (O_CLOEXEC is 0o2000000)."""
+    with open("/proc/%d/fdinfo/%d" % (pid, fd)) as f:
+        return int(re.search(r"^flags:\s*(\d+)", f.read(), re.M).group(1), 8)
+
+
+def peer_socket_option(pid, fd, level, option):
+    """getsockopt on descriptor fd of process pid, through pidfd_getfd(2) (root may)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        copy = libc.syscall(438, pidfd, fd, 0)   # pidfd_getfd: 438 on x86_64 and aarch64
+        if copy < 0:
+            raise OSError(ctypes.get_errno(), "pidfd_getfd")
+        with socket.socket(fileno=copy) as s:
+            return s.getsockopt(level, option)
+    finally:
+        os.close(pidfd)
+
+
+def insecure_tls_context():
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class TestSocketActivation(StartupErrorChecks, ArchiveCase):
+    """LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES (sd_listen_fds), from the real
+    systemd-socket-activate: the sockets survive the relaunch (execv) and replace --listen."""
+
+    def assertSmall(self, r):
+        self.assertEqual((r.status, r.body), (200, MAIN["small.txt"][0]), r)
+
+    def activated(self, ports, names, *args, first_tls=False):
+        first = FirstClient(ports[0], first_tls)
+        srv = ServerProc(MAIN_TAR, *args, listen=(), prefix=socket_activate(ports, names))
+        self.addCleanup(srv.stop)
+        self.assertSmall(first.result())
+        return srv
+
+    def test_named_http_and_https(self):
+        ports = free_ports(2)
+        srv = self.activated(ports, "http:https", "--tls-self-signed", "--listen", "127.0.0.1:0")
+        self.assertEqual(srv.listeners, [("http", "127.0.0.1", ports[0]),
+                                         ("https", "127.0.0.1", ports[1])], srv.start_line)
+        self.assertSmall(get1(("127.0.0.1", ports[0]), "/small.txt"))
+        with socket.create_connection(("127.0.0.1", ports[1]), timeout=T(10)) as raw:
+            with insecure_tls_context().wrap_socket(raw, server_hostname="localhost") as tls:
+                r = Conn(None, timeout=T(10), sock=tls).request("GET", "/small.txt")
+        self.assertSmall(r)
+        with open("/proc/%d/cmdline" % srv.proc.pid, "rb") as f:
+            self.assertIn(b"-c", f.read().split(b"\0"), "not the relaunched server")
+        for fd in (3, 4):
+            self.assertTrue(descriptor_flags(srv.proc.pid, fd) & os.O_CLOEXEC, fd)
+            self.assertEqual(peer_socket_option(srv.proc.pid, fd, socket.IPPROTO_TCP,
+                                                socket.TCP_NODELAY), 1, fd)
+
+    def test_unnamed_sockets_are_like_listen(self):
+        """Without names (or with other ones) a socket is what --listen would be: HTTPS with a
+        certificate, else plain; one named http stays plain."""
+        for names, args, schemes in ((None, (), ["http"]), (None, ("--tls-self-signed",), ["https"]),
+                                     ("web:http", ("--tls-self-signed",), ["https", "http"]),
+                                     ("web:tls", ("--tls-self-signed",), ["http", "https"])):
+            with self.subTest(names=names, args=args):
+                ports = free_ports(len(schemes))
+                srv = self.activated(ports, names, *args, first_tls=schemes[0] == "https")
+                self.assertEqual([s for s, _h, _p in srv.listeners], schemes, srv.start_line)
+                srv.stop()
+
+    def test_only_for_this_process(self):
+        """LISTEN_PID of another process: the variables are not for us (sd_listen_fds)."""
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            fd3 = ["sh", "-c", 'exec 3<&%d; exec "$@"' % other.fileno(), "sh"]
+            srv = ServerProc(MAIN_TAR, prefix=fd3, pass_fds=(other.fileno(),), env={
+                "LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"})
+            with srv:
+                self.assertNotEqual(srv.addr[1], other.getsockname()[1])
+                self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+
+    def test_wrong_descriptors_refused(self):
+        """Each passed descriptor must be a listening TCP socket: anything else is a one-line
+        start-up error naming the descriptor and the fix."""
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        unbound = socket.socket()
+        unix = socket.socket(socket.AF_UNIX)
+        unix.bind("\0tarweb-test-%d" % os.getpid())
+        unix.listen()
+        regular = open(MAIN_TAR, "rb")
+        for what, fd in (("udp", udp.fileno()), ("not listening", unbound.fileno()),
+                         ("unix", unix.fileno()), ("file", regular.fileno())):
+            with self.subTest(what=what):
+                p = self.run_with_fd3(fd, {"LISTEN_FDS": "1"})
+                line = self.assertStartupError(p)
+                self.assertIn("fd 3", line)
+                self.assertIn("ListenStream=", line)
+        for s in (udp, unbound, unix, regular):
+            s.close()
+
+    def test_malformed_variables_refused(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            for env, words in (({"LISTEN_FDS": "x"}, "LISTEN_FDS"), ({"LISTEN_FDS": "0"}, "LISTEN_FDS"),
+                               ({"LISTEN_FDS": "2"}, "fd 4"),
+                               ({"LISTEN_FDS": "1", "LISTEN_FDNAMES": "http:https"}, "LISTEN_FDNAMES"),
+                               ({"LISTEN_FDS": "1", "LISTEN_FDNAMES": "https"}, "--tls-cert")):
+                with self.subTest(env=env):
+                    self.assertIn(words, self.assertStartupError(self.run_with_fd3(s.fileno(), env)))
+
+    def test_datagram_socket_from_systemd_socket_activate(self):
+        port = free_ports(1)[0]
+        p = subprocess.Popen(socket_activate([port], "http", datagram=True) + [PY, TARWEB, MAIN_TAR],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            time.sleep(T(0.5))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"wake up", ("127.0.0.1", port))
+            out, err = p.communicate(timeout=T(15))
+        finally:
+            p.kill()
+            p.wait()
+        err = "\n".join(l for l in err.decode().splitlines()
+                        if not l.startswith(("Listening on", "Communication attempt", "Execing")))
+        line = self.assertStartupError(subprocess.CompletedProcess(p.args, p.returncode, out,
+                                                                   err.encode()))
+        self.assertIn("fd 3", line)
+
+    def test_variables_are_removed(self):
+        """Read once, then gone from the environment: a child of ours cannot take the sockets
+        for its own."""
+        port = free_ports(1)[0]
+        code = ("import os, sys; sys.path.insert(0, %r); import tarweb; "
+                "print(tarweb.sd_listen_fds(), sorted(k for k in os.environ if k.startswith('LISTEN_')))"
+                % os.path.dirname(TARWEB))
+        p = subprocess.Popen(socket_activate([port], "https") + [PY, "-c", code],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(T(0.5))
+            socket.create_connection(("127.0.0.1", port), timeout=T(5)).close()
+            out = p.communicate(timeout=T(15))[0].decode()
+        finally:
+            p.kill()
+            p.wait()
+        self.assertEqual(out.strip(), "[(3, 'https')] []")
+
+    def run_with_fd3(self, fd, env):
+        """The server with descriptor fd as its 3, LISTEN_PID its own pid, env added."""
+        script = 'exec 3<&%d; export LISTEN_PID=$$; exec "$@"' % fd
+        return subprocess.run(["sh", "-c", script, "sh", PY, TARWEB, "--listen", "127.0.0.1:0",
+                               MAIN_TAR], pass_fds=(fd,),
+                              env=dict(os.environ, **env), capture_output=True, timeout=T(15))
+
+
+class NotifySocket:
+    """A stand-in for systemd's notify socket: a unix datagram socket bound at a path in the
+    scratch folder, or at an abstract name; NOTIFY_SOCKET for the server in .env."""
+
+    def __init__(self, abstract=False):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = "tarweb-test-notify-%d-%s" % (os.getpid(), secrets.token_hex(4))
+            self.sock.bind("\0" + name)
+            self.env = {"NOTIFY_SOCKET": "@" + name}
+        else:
+            path = work_file("notify", "notify-%s" % secrets.token_hex(4))
+            self.sock.bind(path)
+            self.env = {"NOTIFY_SOCKET": path}
+        self.seen = []   # every datagram so far, decoded
+
+    def receive(self, timeout):
+        """The next datagram within timeout, or None."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096).decode()
+        except socket.timeout:
+            return None
+        self.seen.append(data)
+        return data
+
+    def wait_for(self, field, timeout=10.0):
+        """The first datagram (from now) with the line field; fails after timeout."""
+        deadline = time.monotonic() + T(timeout)
+        while time.monotonic() < deadline:
+            data = self.receive(max(0.01, deadline - time.monotonic()))
+            if data is not None and field in data.split("\n"):
+                return data
+        raise AssertionError("no %s on the notify socket within %g s; got %r"
+                             % (field, T(timeout), self.seen))
+
+    def count(self, field, seconds):
+        """How many datagrams with the line field arrive in the next seconds."""
+        n = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            data = self.receive(max(0.01, deadline - time.monotonic()))
+            n += data is not None and field in data.split("\n")
+        return n
+
+    def close(self):
+        self.sock.close()
+
+
+class TestSdNotify(ArchiveCase):
+    """sd_notify over $NOTIFY_SOCKET: READY=1 and STATUS once serving, STOPPING=1 at a stop,
+    WATCHDOG=1 every half WATCHDOG_USEC (through the ring: see TestSteadyStateSyscalls);
+    a systemd that is gone or slow costs messages, never the server."""
+
+    def notify_socket(self, abstract=False):
+        ns = NotifySocket(abstract)
+        self.addCleanup(ns.close)
+        return ns
+
+    def test_ready_status_and_stopping(self):
+        for abstract in (False, True):
+            with self.subTest(abstract=abstract):
+                ns = self.notify_socket(abstract)
+                srv = ServerProc(MAIN_TAR, env=ns.env)
+                try:
+                    ready = ns.wait_for("READY=1")
+                    self.assertIn("STATUS=serving %d files on http://127.0.0.1:%d/"
+                                  % (len(MAIN), srv.addr[1]), ready.split("\n"))
+                    self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+                    srv.proc.send_signal(signal.SIGTERM)
+                    self.assertIn("STATUS=stopping", ns.wait_for("STOPPING=1"))
+                    self.assertEqual(srv.proc.wait(timeout=T(10)), 0)
+                finally:
+                    srv.stop()
+                self.assertEqual(ns.count("READY=1", 0.1), 0)
+                self.assertNotIn("Traceback", srv.stderr_text())
+
+    def test_watchdog_every_half_interval(self):
+        ns = self.notify_socket()
+        with ServerProc(MAIN_TAR, env=dict(ns.env, WATCHDOG_USEC="400000")) as srv:
+            ns.wait_for("READY=1")
+            n = ns.count("WATCHDOG=1", 2.0)
+            self.assertTrue(7 <= n <= 12, "%d pings in 2 s at an interval of 0.2 s" % n)
+            self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+
+    def test_watchdog_for_another_process_is_not_ours(self):
+        ns = self.notify_socket()
+        env = dict(ns.env, WATCHDOG_USEC="200000", WATCHDOG_PID="1")
+        with ServerProc(MAIN_TAR, env=env):
+            ns.wait_for("READY=1")
+            self.assertEqual(ns.count("WATCHDOG=1", 1.0), 0)
+        ns = self.notify_socket()
+        own = ["sh", "-c", 'export WATCHDOG_PID=$$; exec "$@"', "sh"]
+        with ServerProc(MAIN_TAR, env=dict(ns.env, WATCHDOG_USEC="200000"), prefix=own):
+            ns.wait_for("READY=1")
+            self.assertGreater(ns.count("WATCHDOG=1", 1.0), 3)
+
+    def test_systemd_gone_or_slow(self):
+        """No socket at the path, or one that never reads (its queue fills up: EAGAIN): the
+        server serves on, and says so once per kind of failure."""
+        ns = self.notify_socket()
+        env = dict(ns.env, WATCHDOG_USEC="20000")   # a ping every 10 ms
+        with ServerProc(MAIN_TAR, env=env) as srv:
+            time.sleep(T(1))     # ns never reads: after ~10 datagrams its queue is full
+            for _ in range(20):
+                self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+            ns.close()
+            os.unlink(ns.env["NOTIFY_SOCKET"])   # systemd gone
+            time.sleep(T(0.5))
+            self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+            srv.proc.send_signal(signal.SIGTERM)
+            self.assertEqual(srv.proc.wait(timeout=T(10)), 0)
+            lines = [l for l in srv.stderr_text().splitlines() if "NOTIFY_SOCKET" in l]
+            self.assertEqual(len(lines), 2, lines)
+            self.assertTrue(any("Resource temporarily unavailable" in l for l in lines), lines)
+            self.assertTrue(any("No such file or directory" in l for l in lines), lines)
+
+    def test_unusable_address_is_one_warning(self):
+        for value in ("relative/path", "@" + "x" * 200):
+            with self.subTest(value=value[:20]):
+                with ServerProc(MAIN_TAR, env={"NOTIFY_SOCKET": value}) as srv:
+                    self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+                    self.assertEqual(srv.count_stderr("NOTIFY_SOCKET"), 1, srv.stderr_tail())
+
+
+def process_ids(pid):
+    """{'Uid': [real, effective, saved, fs], 'Gid': [...], 'Groups': [...]} from /proc/PID/status."""
+    ids = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid", "Groups"):
+                ids[key] = [int(v) for v in value.split()]
+    return ids
+
+
+def free_low_port():
+    """A TCP port below 1024 free on 127.0.0.1 (root only)."""
+    for port in random.sample(range(600, 1000), 400):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise AssertionError("no free port below 1024 on 127.0.0.1")
+
+
+class TestUser(StartupErrorChecks, ArchiveCase):
+    """--user NAME[:GROUP]: bind, read the keys and the tar, open the logs as root, then serve
+    as NAME; root without --user may not serve a port below 1024."""
+
+    def setUp(self):
+        self.assertEqual(os.geteuid(), 0, "--user tests run as root (as CI does)")
+
+    def test_serves_as_nobody(self):
+        logs = tempfile.mkdtemp(prefix="tarweb-root-only-")   # mode 0700: nobody cannot open it
+        self.addCleanup(shutil.rmtree, logs)
+        log = os.path.join(logs, "access.log")
+        for user, uid, gid, groups in (("nobody", 65534, 65534, [65534]),
+                                       ("nobody:daemon", 65534, 1, [1])):
+            with self.subTest(user=user):
+                with ServerProc(MAIN_TAR, "--user", user, "--access-log", log,
+                                "--tls-self-signed", "--tls-listen", "127.0.0.1:0") as srv:
+                    ids = process_ids(srv.proc.pid)
+                    self.assertEqual((ids["Uid"], ids["Gid"], ids["Groups"]),
+                                     ([uid] * 4, [gid] * 4, groups), ids)
+                    self.assertEqual(get1(srv.addr, "/small.txt").body, MAIN["small.txt"][0])
+                    self.assertEqual(get1(srv.addr, "/big.bin", method="HEAD").status, 200)
+                    with socket.create_connection(srv.addr_of("https"), timeout=T(10)) as raw:
+                        with insecure_tls_context().wrap_socket(raw, server_hostname="localhost") as s:
+                            r = Conn(None, timeout=T(10), sock=s).request("GET", "/small.txt")
+                    self.assertEqual(r.status, 200)
+                    self.assertEqual(srv.stats()["requests"], 3)
+                    srv.proc.send_signal(signal.SIGTERM)
+                    self.assertEqual(srv.proc.wait(timeout=T(10)), 0, srv.stderr_tail())
+                with open(log) as f:
+                    self.assertEqual(f.read().count(" 200 "), 3)
+                os.unlink(log)
+
+    def test_a_port_below_1024_needs_a_user(self):
+        port = free_low_port()
+        p = self.run_server("--listen", "127.0.0.1:%d" % port, MAIN_TAR)
+        line = self.assertStartupError(p)
+        self.assertIn("--user", line)
+        self.assertIn(str(port), line)
+        for user in ("nobody", "root"):
+            with self.subTest(user=user):
+                with ServerProc(MAIN_TAR, "--user", user, listen=("127.0.0.1:%d" % port,)) as srv:
+                    self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+                    self.assertEqual(process_ids(srv.proc.pid)["Uid"][0], 0 if user == "root" else 65534)
+
+    def test_socket_activated_port_below_1024_needs_a_user(self):
+        port = free_low_port()
+        first = FirstClient(port)
+        p = subprocess.run(socket_activate([port], "http") + [PY, TARWEB, MAIN_TAR],
+                           capture_output=True, timeout=T(20))
+        first.join(T(15))
+        err = "\n".join(l for l in p.stderr.decode().splitlines()
+                        if not l.startswith(("Listening on", "Communication attempt", "Execing")))
+        line = self.assertStartupError(subprocess.CompletedProcess(p.args, p.returncode, p.stdout,
+                                                                   err.encode()))
+        self.assertIn("--user", line)
+
+    def test_unknown_user_or_group(self):
+        for user, words in (("tarweb-no-such-user", "no user"), ("nobody:tarweb-no-such-group", "no group"),
+                            ("", "no user"), (":daemon", "no user")):
+            with self.subTest(user=user):
+                line = self.assertStartupError(self.run_server("--user", user, MAIN_TAR))
+                self.assertIn("--user", line)
+                self.assertIn(words, line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3338,6 +3922,25 @@ class TestSteadyStateSyscalls(unittest.TestCase):
     else, and far fewer of those than requests."""
 
     def test_only_io_uring_enter(self):
+        self.trace()
+
+    def test_only_io_uring_enter_with_the_watchdog(self):
+        """systemd's watchdog pings (WATCHDOG=1 every 50 ms here) go through the ring too."""
+        ns = NotifySocket()
+        done = threading.Event()
+        reader = threading.Thread(target=lambda: [ns.receive(0.05) for _ in iter(done.is_set, True)])
+        reader.start()
+        try:
+            self.trace(dict(ns.env, WATCHDOG_USEC="100000"))
+        finally:
+            done.set()
+            reader.join()
+            ns.close()
+        self.assertGreater(ns.seen.count("WATCHDOG=1"), 20, ns.seen)
+
+    def trace(self, env=None):
+        """{syscall: count} of the server under keep-alive load; fails unless io_uring_enter
+        is among them, fewer times than requests. env: variables added for the server."""
         self.assertIsNotNone(shutil.which("strace"), "strace missing: apt-get install strace")
         with tempfile.TemporaryDirectory() as tmp:
             tar = os.path.join(tmp, "site.tar")
@@ -3346,7 +3949,8 @@ class TestSteadyStateSyscalls(unittest.TestCase):
                 info.size = 1024
                 tf.addfile(info, io.BytesIO(b"x" * 1024))
             server = subprocess.Popen([PY, TARWEB, tar, "--listen", "127.0.0.1:0", "-q"],
-                                      stdout=subprocess.PIPE, text=True)
+                                      stdout=subprocess.PIPE, text=True,
+                                      env=dict(os.environ, **env) if env else None)
             try:
                 port = int(re.search(r":(\d+)/", server.stdout.readline()).group(1))
                 socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
@@ -3371,6 +3975,7 @@ class TestSteadyStateSyscalls(unittest.TestCase):
         self.assertIn("io_uring_enter", calls, summary)
         self.assertEqual(set(calls) - {"io_uring_enter"}, set(), summary)
         self.assertLess(calls["io_uring_enter"], n, summary)
+        return calls
 
     @staticmethod
     def load(socks, request, rounds):
@@ -11724,6 +12329,7 @@ FUZZ_HTTP_SEEDS = [
     b"GET /nope HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"GET /empty.txt HTTP/1.1\nHost: t\nRange: bytes=0-0\n\n",
     b"GET / HTTP/2.0\r\nHost: t\r\n\r\n",
+    b"GET /app/route HTTP/1.1\r\nHost: t\r\nAccept: text/html,*/*;q=0.8\r\n\r\n",
     b"\r\n\r\nGET /link.html HTTP/1.1\r\nHost: a\r\n\r\nGET /app.js HTTP/1.1\r\nHost: a\r\n\r\n",
 ]
 FUZZ_HTTP_FIELDS = [
@@ -11741,7 +12347,8 @@ FUZZ_HTTP_FIELDS = [
     b"Accept-Encoding: *", b"Accept-Encoding: *;q=0", b"Accept-Encoding: gzip;q=nan",
     b"Accept-Encoding: gzip;q=1e309, br;q=-1", b"Accept-Encoding: identity;q=0, zstd",
     b"Accept-Encoding: ,;q=,", b"X-Long: " + b"a" * 3000, b"X-Obs: \x80\xff", b"X-Empty:",
-    b"Bad Name: x", b": empty name", b"X-Tab:\tv\t",
+    b"Bad Name: x", b": empty name", b"X-Tab:\tv\t", b"Accept: text/html", b"Accept: */*",
+    b"Accept: text/html;q=0", b"Accept: TEXT/HTML;level=1;q=0.000", b"Accept: ;;,text/html;q",
 ]
 FUZZ_HTTP_TARGETS = [
     b"/", b"/index.html", b"/docs", b"/docs/", b"/docs/sub", b"/%2e%2e/%2e%2e/etc/passwd",
@@ -11757,7 +12364,7 @@ FUZZ_HTTP_EOLS = [b"\r\n", b"\n", b"\r", b"\n\r", b"\r\r\n", b"\r\n\r\n", b""]
 
 class FuzzHTTP:
     """The HTTP target: two sites (with and without 404.html and Cache-Control, one under a
-    prefix) over small tars in the scratch folder."""
+    prefix, with --fallback and --header) over small tars in the scratch folder."""
 
     MAX_HEAD = 8192   # the server's default --max-header-bytes
 
@@ -11767,8 +12374,10 @@ class FuzzHTTP:
         build_tar(plain, FUZZ_SITE_MEMBERS)
         prefixed = work_file('fuzz', 'prefixed.tar')
         build_tar(prefixed, [m for m in FUZZ_SITE_MEMBERS if m[0] != '404.html'], prefix='www/')
+        under_www = tarweb.Archive(prefixed, 'www', log)
         self.sites = [tarweb.Site(tarweb.Archive(plain, '', log), cache_control='max-age=60'),
-                      tarweb.Site(tarweb.Archive(prefixed, 'www', log))]
+                      tarweb.Site(under_www, headers=tarweb.response_headers(['X-Frame-Options: DENY']),
+                                  fallback=under_www.files[b'/index.html'])]
         self.app = self.sites[0].archive.files[b'/app.js']
         assert self.app.variants, 'app.js.gz and app.js.br are variants of app.js'
         self.seeds = FUZZ_HTTP_SEEDS
