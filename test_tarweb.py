@@ -11524,7 +11524,7 @@ def bench_http(quick=False):
 
 _BENCH_SUITE_NAMES = {0x1301: 'TLS_AES_128_GCM_SHA256', 0x1302: 'TLS_AES_256_GCM_SHA384',
                       0x1303: 'TLS_CHACHA20_POLY1305_SHA256'}
-_BENCH_GROUP_NAMES = {0x001d: 'X25519', 0x0017: 'P-256'}
+_BENCH_GROUP_NAMES = {0x001d: 'X25519', 0x0017: 'P-256', 0x11ec: 'X25519MLKEM768'}
 _BENCH_RSA_PSS_SHA256 = 0x0804  # TLS SignatureScheme rsa_pss_rsae_sha256
 # The CertificateVerify input the server signs (RFC 8446 §4.4.3): 64 spaces, context, hash.
 _BENCH_SIGNED_CONTENT = b' ' * 64 + b'TLS 1.3, server CertificateVerify\x00' + bytes(range(32))
@@ -11701,7 +11701,8 @@ def _bench_backend_rows(tw, backends, budget):
              for name, key_name in (('Ed25519', 'ed25519'), ('RSA-2048 PSS', 'rsa2048_pkcs8'))
              if key_name in KEYS]
     peers = {tw.TLS_GROUP_X25519: tw.x25519_keypair()[1],
-             tw.TLS_GROUP_SECP256R1: tw.ec_keypair(tw.SECP256R1)[1]}
+             tw.TLS_GROUP_SECP256R1: tw.ec_keypair(tw.SECP256R1)[1],
+             tw.TLS_GROUP_X25519MLKEM768: bytes.fromhex(MLKEM_VECTORS[0]['ek']) + tw.x25519_keypair()[1]}
     data, nonce, aad = bytes(16384), bytes(12), b'\x17\x03\x03\x40\x11'
     print('\nper crypto backend (tarweb.py section 6.3, as the TLS layer calls it), best of >= 3 calls')
     print('%-40s %-10s %10s %10s' % ('operation', 'crypto', 'us/op', 'op/s'))
@@ -11749,6 +11750,8 @@ def _bench_crypto_rows(tw, import_s, budget, rounds):
     row('ECDSA P-256 sign (SHA-256)', lambda: ecdsa.sign(_BENCH_SIGNED_CONTENT), '130-byte message')
     ed = tw.Ed25519Key(os.urandom(32))
     row('Ed25519 sign', lambda: ed.sign(_BENCH_SIGNED_CONTENT), '130-byte message')
+    ek = bytes.fromhex(MLKEM_VECTORS[0]['ek'])
+    row('ML-KEM-768 encapsulation', lambda: tw.mlkem768_encaps(ek), 'FIPS 203; both backends')
 
     status = _bench_openssl_files(rsa_keys=True)
     for name, bits in (('rsa2048_pkcs8', 2048), ('rsa4096', 4096)):
@@ -11812,7 +11815,56 @@ def _bench_crypto_rows(tw, import_s, budget, rounds):
         except (RuntimeError, ValueError, ssl.SSLError) as exc:
             print('!! %s %s: %s' % (cert_name, _BENCH_SUITE_NAMES[suite], exc))
             status = 1
-    return _bench_resumption_rows(tw, certs, backends, rounds) or status
+    status = _bench_resumption_rows(tw, certs, backends, rounds) or status
+    return _bench_hybrid_rows(tw, certs[0], backends, rounds) or status
+
+
+def _bench_hybrid_handshakes(tw, config, rounds):
+    """Full X25519MLKEM768 handshakes: section 3's MiniClients (FIPS 203 KeyGen and Decaps, as
+    written, untimed) against tw's TLSServer → µs inside receive() for each. The hellos are all
+    made first and the flights all finished after: the clients' slow pure-Python ML-KEM between
+    the server's steps would leave its caches cold and inflate its time by half."""
+    clients = []
+    for _ in range(rounds):
+        client = MiniClient(config, groups=(HYBRID, X25519), share_groups=(HYBRID,))
+        client.server = tw.TLSServer(config)
+        client.hello = client.client_hello()
+        clients.append(client)
+    spent = []
+    for client in clients:
+        start = time.perf_counter()
+        client.reply = client.server.receive(plaintext_record(22, client.hello))
+        spent.append(time.perf_counter() - start)
+    for client in clients:
+        client.finish_server_flight(client.reply)
+    for i, client in enumerate(clients):
+        finished = client.finished_record()
+        start = time.perf_counter()
+        client.server.receive(finished)
+        spent[i] += time.perf_counter() - start
+        server = client.server
+        if not server.done or server.group != HYBRID:
+            raise RuntimeError('hybrid handshake: %s' % (server.error or 'group 0x%04x' % server.group))
+    return [s * 1e6 for s in spent]
+
+
+def _bench_hybrid_rows(tw, cert, backends, rounds):
+    """Full handshakes with the post-quantum hybrid, as Chrome and Firefox make them: the ML-KEM-768
+    encapsulation (pure Python with both backends) on top of X25519."""
+    cert_name, key, chain, _ca_name = cert
+    print('\nX25519MLKEM768: full handshake, %s certificate, session tickets on; time inside '
+          'TLSServer.receive() only; median of %d' % (cert_name, rounds))
+    print('%-10s %10s %10s' % ('crypto', 'us/hs', 'hs/s/core'))
+    for crypto in backends:
+        config = tw.TLSConfig(key, chain, cipher_preference=crypto.suite_preference[:1],
+                              crypto=crypto, tickets=tw.TicketKeys(crypto))
+        try:
+            us = statistics.median(_bench_hybrid_handshakes(tw, config, rounds))
+        except (RuntimeError, ValueError) as exc:
+            print('!! %s hybrid: %s' % (crypto.name, exc))
+            return 1
+        print('%-10s %10s %10s' % (crypto.name, format(us, ',.0f'), format(1e6 / us, ',.0f')))
+    return 0
 
 
 def _bench_resumption_rows(tw, certs, backends, rounds):
