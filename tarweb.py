@@ -5878,7 +5878,7 @@ class TLSServer(_TLSRecordReader):
         rx = _TLSRecordCipher(suite, client_hs, crypto=crypto)
         master_secret = self._expect_client_finished(hash_name, handshake_secret, client_hs)
         self._app_tx = _TLSRecordCipher(suite, self._app_secrets[1], crypto=crypto)
-        tickets = self._session_tickets(hello, suite, master_secret)
+        tickets = self._session_tickets(hello, suite, master_secret, resumption is not None)
         out.append(_tls_plaintext_records(_TLS_CT_HANDSHAKE, clear[0]) + self._compat_ccs(hello)
                    + self._seal_flight(tx, rx, b"".join(flight), tickets))
         self._tx, self._rx = tx, rx
@@ -5914,15 +5914,17 @@ class TLSServer(_TLSRecordReader):
         self._app_secrets = client_app, server_app
         return master_secret
 
-    def _session_tickets(self, hello, suite, master_secret):
+    def _session_tickets(self, hello, suite, master_secret, resumed):
         """NewSessionTicket messages (§4.6.1), to go under our application traffic key, or b""
         when tickets are off or the client cannot resume with psk_dhe_ke. They go with
         our Finished rather than after the client's: the note in §4.6.1 lets a server that
         does not authenticate clients compute the client's Finished, and so a browser's
-        parallel connections can resume at once. Each ticket gets its own PSK (its nonce)."""
+        parallel connections can resume at once. Each ticket gets its own PSK (its nonce).
+        A resumed connection gets one, for the one the client spent (as OpenSSL does)."""
         tickets = self.config.tickets
         if tickets is None or not tickets.count or _TLS_PSK_DHE_KE not in hello.psk_modes():
             return b""
+        count = 1 if resumed else tickets.count
         hash_name = _TLS_SUITES[suite].hash_name
         transcript = self._transcript.copy()
         transcript.update(_tls_handshake_message(_TLS_HS_FINISHED, self._client_finished))
@@ -5934,7 +5936,7 @@ class TLSServer(_TLSRecordReader):
                                alpn, hkdf_expand_label(hash_name, resumption_secret,
                                                        b"resumption", bytes([i]),
                                                        _tls_hash_len(hash_name)))
-                  for i in range(tickets.count)]
+                  for i in range(count)]
         messages = [_tls_handshake_message(_TLS_HS_NEW_SESSION_TICKET, (
             struct.pack(">II", tickets.lifetime, state.age_add) + _tls_vec8(bytes([i]))
             + _tls_vec16(ticket) + _tls_vec16(b"")))
@@ -7587,8 +7589,8 @@ def parse_args(argv):
                    metavar="LIST", help="key exchange groups in order of preference, from "
                    f"{', '.join(TLS_GROUP_NAMES)} (default: all four, in that order)")
     p.add_argument("--tls-tickets", type=ticket_count, default=2, metavar="N",
-                   help="session tickets sent per handshake, for clients to resume with "
-                   "(0 turns resumption off; default 2)")
+                   help="session tickets sent with a full handshake, for clients to resume "
+                   "with (a resumed one gets one; 0 turns resumption off; default 2)")
     p.add_argument("--tls-ticket-key", metavar="FILE",
                    help="ticket keys, one per line, 64 hex digits ('openssl rand -hex 32'): the "
                    "first seals, all open; share the file so that servers resume each other's "
