@@ -3180,9 +3180,11 @@ class TestSocketActivation(StartupErrorChecks, ArchiveCase):
         self.assertEqual(out.strip(), "[(3, 'https')] []")
 
     def run_with_fd3(self, fd, env):
-        """The server with descriptor fd as its 3, LISTEN_PID its own pid, env added."""
-        script = 'exec 3<&%d; export LISTEN_PID=$$; exec "$@"' % fd
-        return subprocess.run(["sh", "-c", script, "sh", PY, TARWEB, "--listen", "127.0.0.1:0",
+        """The server with descriptor fd as its 3, LISTEN_PID its own pid, env added. (A Python
+        stub, not sh: dash's `exec 3<&N` takes one-digit descriptors only.)"""
+        stub = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+                "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.argv[2], sys.argv[2:])")
+        return subprocess.run([PY, "-c", stub, str(fd), PY, TARWEB, "--listen", "127.0.0.1:0",
                                MAIN_TAR], pass_fds=(fd,),
                               env=dict(os.environ, **env), capture_output=True, timeout=T(15))
 
