@@ -10758,7 +10758,7 @@ def browser_site():
 
 
 RESULT_LINE_RE = re.compile(r'"GET /result/(\S*) HTTP/1\.1" 404 ')
-HANDSHAKE_LINE_RE = re.compile(r'tarweb\.py: TLS 0x13[0-9a-f]{2} for SNI localhost$')
+HANDSHAKE_LINE_RE = re.compile(r'tarweb\.py: TLS 0x13[0-9a-f]{2} for SNI localhost(, resumed)?$')
 
 
 def browser_env(folder):
@@ -10963,6 +10963,11 @@ class _BrowserMixin:
         after the idle timeout came on a connection of its own."""
         handshakes = [line for line in self.srv.err_all if HANDSHAKE_LINE_RE.search(line)]
         self.assertGreaterEqual(len(handshakes), 2, self.diagnosis())
+
+    def test_a_later_connection_resumed(self):
+        """The connection after the idle timeout resumes the session (the server's -v line)."""
+        self.assertTrue(any(line.endswith(', resumed') for line in self.srv.err_all
+                            if HANDSHAKE_LINE_RE.search(line)), self.diagnosis())
 
 
 class TestBrowserChromium(_BrowserMixin, unittest.TestCase):
