@@ -6282,7 +6282,7 @@ class Slot:
         "gen",          # generation, bumped when the slot is freed (user_data bits 40-63)
         "ud",           # user_data of index and gen: | UD_RECV and the like per operation
         "fd",           # the accepted socket; -1 while the slot is free
-        "peer",         # client address for the access log
+        "peer",         # client address for the access log and -v lines
         "mode",         # PLAIN, HANDSHAKE, KTLS or USERTLS: what sits between socket and HTTP
         # Fixed addresses in the Server's arrays, set once by _allocate
         "rbase",        # offset of the read buffer in Server.rbuf
@@ -6381,6 +6381,7 @@ class Server:
         self.listener_tls = [is_tls for _, is_tls in listeners]
         self.tls = tls            # TLSContext: certificate, key and kTLS support; None for HTTP
         self.access_log = access_log  # AccessLog, or None
+        self.want_peer = access_log is not None or log.level >= 1  # lines that name the client
         n = limits.max_connections
         # Two SQEs per slot (a linked send and recv) and 64 for the rest, as a power of two.
         self.ring = IoUring(min(IORING_MAX_ENTRIES, 1 << (2 * n + 64).bit_length()))
@@ -6591,8 +6592,7 @@ class Server:
         slot.out = slot.tls = slot.pair = None
         slot.pending_out = slot.spill = b""
         try:
-            if self.access_log:
-                slot.peer = peer_name(fd)
+            slot.peer = peer_name(fd) if self.want_peer else "-"
             if tls:
                 slot.mode = HANDSHAKE
                 slot.tls = TLSServer(self.tls.config)
@@ -6876,7 +6876,7 @@ class Server:
         out = hs.receive(data)
         if hs.failed:
             self.tls_failures += 1
-            self.log.info(f"TLS handshake failed: {log_escape(hs.error)}")
+            self.log.info(f"client {slot.peer}: TLS handshake failed: {log_escape(hs.error)}")
             if out:
                 self.send_fatal_alert(slot, out)
             else:
@@ -6910,7 +6910,8 @@ class Server:
             pass  # an ACK that is merely late
         if hs.sni:
             resumed = ", resumed" if hs.resumed else ""
-            self.log.info(f"TLS {hs.cipher_suite:#06x} for SNI {hs.sni}{resumed}")
+            self.log.info(f"client {slot.peer}: TLS {hs.cipher_suite:#06x} for SNI {hs.sni}"
+                          f"{resumed}")
         slot.mode = USERTLS
         if self.tls.ktls_suites and hs.cipher_suite in self.tls.ktls_suites:
             try:
@@ -7288,8 +7289,9 @@ _outq = ctypes.c_int()
 
 
 def peer_name(fd):
-    """Client IP for the access log (one getpeername per connection, only when logging), read
-    into a buffer made once: no descriptor is needed, so none can be lacking."""
+    """Client IP for the access log and -v lines (one getpeername per connection, only when
+    they are on), read into a buffer made once: no descriptor is needed, so none can be
+    lacking."""
     _sockaddr_len.value = SOCKADDR_STORAGE
     if _libc.getpeername(fd, _sockaddr, ctypes.byref(_sockaddr_len)) < 0:
         return "-"

@@ -9996,7 +9996,7 @@ class TestPlainAndTLS(HTTPSServerCase):
     def server_options(cls):
         # A ClientHello on the plain port is a request head without its blank line (unless its
         # random bytes hold one): the header deadline answers it, well before the client's 10 s.
-        return https_args('p256', '--tls-listen', '127.0.0.1:0', '--header-timeout', '2')
+        return https_args('p256', '--tls-listen', '127.0.0.1:0', '--header-timeout', '2', '-v')
 
     def test_url_line(self):
         self.assertEqual(sorted(scheme for scheme, _h, _p in self.srv.listeners), ['http', 'https'])
@@ -10017,6 +10017,22 @@ class TestPlainAndTLS(HTTPSServerCase):
             https_conn(self.srv.addr_of('http'), ssl_client_context(self.ca)).close()
         self.assert_healthy()
         self.srv.assert_idle()
+
+    def test_verbose_lines_name_the_client(self):
+        """-v: a handshake's line and a failed handshake's line begin with the client's address
+        (loopback has all of 127/8: a client bound to 127.0.0.2 shows)."""
+        raw = socket.create_connection(self.addr, timeout=T(10), source_address=('127.0.0.2', 0))
+        with ssl_client_context(self.ca).wrap_socket(raw, server_hostname='localhost') as tls:
+            tls.sendall(request_bytes('/small.txt', headers=[('Connection', 'close')]))
+            self.assertTrue(read_until_close(tls)[0].endswith(SMALL))
+        raw = socket.create_connection(self.addr, timeout=T(10), source_address=('127.0.0.3', 0))
+        raw.sendall(plaintext_record(22, b'\x01\x00\x00\x01\x00'))   # a cut-off ClientHello
+        read_until_close(raw)
+        raw.close()
+        self.srv.assert_idle()
+        err = self.srv.stderr_text()
+        self.assertRegex(err, r'tarweb\.py: client 127\.0\.0\.2: TLS 0x13[0-9a-f]{2} for SNI localhost\n')
+        self.assertRegex(err, r'tarweb\.py: client 127\.0\.0\.3: TLS handshake failed: ')
 
 
 class TestTarRewrittenInPlace(unittest.TestCase):
@@ -10756,7 +10772,7 @@ def browser_site():
 
 
 RESULT_LINE_RE = re.compile(r'"GET /result/(\S*) HTTP/1\.1" 404 ')
-HANDSHAKE_LINE_RE = re.compile(r'tarweb\.py: TLS 0x13[0-9a-f]{2} for SNI localhost$')
+HANDSHAKE_LINE_RE = re.compile(r'tarweb\.py: client [0-9.]+: TLS 0x13[0-9a-f]{2} for SNI localhost$')
 
 
 def browser_env(folder):
