@@ -12,7 +12,8 @@ prints this outline with line numbers; inside a class, `# -- name` lines group i
   1. Kernel ABI (include/uapi/linux/io_uring.h) - syscalls, structs, opcodes, flags
   2. The ring - IoUring: setup with the best flags, mmap'd rings, probe, prep_* helpers
   3. The archive - Archive: the index of the mmap'd tar
-  4. HTTP/1.1 - Site: request parsing, conditional and range logic, response heads
+  4. HTTP/1.1 - Site: request parsing, conditional and range logic, response heads; the PROXY
+     protocol header that a load balancer puts before HTTP or TLS
   5. Crypto primitives (pure Python; see README "Security notes")
      5.1 Curve25519 and X25519 (RFC 7748)
      5.2 Edwards25519 arithmetic (RFC 8032 §5.1)
@@ -1259,6 +1260,98 @@ def find_head_end(buf, start, end):
     if j >= 0:
         return j + 1, j + 2
     return (i + 1, i + 3) if i >= 0 else None
+
+
+# --- The PROXY protocol header (haproxy.org/download/2.6/doc/proxy-protocol.txt) ------------------
+# A load balancer that passes TCP through (HAProxy's send-proxy, IPVS, a cloud's network load
+# balancer) starts each connection with the client's address: v1 as a line of text, v2 in binary.
+# It comes before HTTP or TLS, on listeners told to expect it (--proxy-protocol).
+
+PROXY_V1_MAX = 107   # the longest v1 line, CRLF included (the specification's limit)
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2_MAX = 4096  # 16 bytes, then the addresses and TLVs: cloud balancers' TLVs fit easily
+# v1: TCP4 or TCP6 with both addresses and ports, single spaces, CRLF; or UNKNOWN, whose rest the
+# receiver ignores. Addresses are checked by inet_pton, ports here and in _proxy_v1.
+PROXY_V1_LINE = re.compile(rb"PROXY (?:(TCP[46]) ([0-9A-Fa-f.:]+) ([0-9A-Fa-f.:]+) "
+                           rb"(0|[1-9][0-9]{0,4}) (0|[1-9][0-9]{0,4})|UNKNOWN(?: [^\r\n]*)?)\r\n")
+# v2 address families with a stream transport that carry a client address, and the length of
+# their address block: TCP over IPv4 and IPv6 (addresses, ports), UNIX stream (two paths).
+PROXY_V2_FAMILIES = {0x11: (socket.AF_INET, 12), 0x21: (socket.AF_INET6, 36),
+                     0x31: (socket.AF_UNIX, 216)}
+
+
+def parse_proxy_header(data):
+    """The PROXY protocol header (v1 or v2) at the start of data: (its length, the client's
+    address as text, or None when the header carries none: v1 UNKNOWN, v2 LOCAL (the balancer's
+    own health check) or AF_UNSPEC, for which the socket's own addresses stand). None when data
+    is a correct beginning that needs more bytes; ValueError, saying why, for anything else.
+    Nothing from the wire goes into the address unchecked: it is formatted from parsed bytes."""
+    if data[:1] == PROXY_V2_SIGNATURE[:1]:
+        return _proxy_v2(data)
+    return _proxy_v1(data)
+
+
+def _proxy_v1(data):
+    end = data.find(b"\n", 0, PROXY_V1_MAX)
+    if end < 0:
+        if not b"PROXY ".startswith(data[:6]):
+            raise ValueError("no PROXY protocol header")
+        if len(data) >= PROXY_V1_MAX:
+            raise ValueError(f"PROXY v1 line without CRLF in its first {PROXY_V1_MAX} bytes")
+        return None
+    m = PROXY_V1_LINE.fullmatch(data, 0, end + 1)
+    if m is None:
+        raise ValueError("malformed PROXY v1 line" if data.startswith(b"PROXY ") else
+                         "no PROXY protocol header")
+    proto, source, destination, source_port, destination_port = m.groups()
+    if proto is None:
+        return end + 1, None   # UNKNOWN
+    if int(source_port) > 65535 or int(destination_port) > 65535:
+        raise ValueError("PROXY v1 port out of range")
+    family = socket.AF_INET if proto == b"TCP4" else socket.AF_INET6
+    _proxy_v1_address(family, destination)
+    return end + 1, _proxy_v1_address(family, source)
+
+
+def _proxy_v1_address(family, text):
+    """An address of the v1 line, in its canonical form (inet_pton is strict: dotted quads
+    without leading zeros, IPv6 as RFC 4291 writes it)."""
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, text.decode("ascii")))
+    except OSError:
+        raise ValueError(f"PROXY v1 address is not IPv{4 if family == socket.AF_INET else 6}")
+
+
+def _proxy_v2(data):
+    if not PROXY_V2_SIGNATURE.startswith(data[:12]):
+        raise ValueError("no PROXY protocol header")
+    if len(data) < 16:
+        return None
+    version_command, family, length = struct.unpack_from("!BBH", data, 12)
+    if version_command >> 4 != 2 or version_command & 0xF > 1:
+        raise ValueError(f"PROXY v2 header of unknown version or command {version_command:#04x}")
+    if 16 + length > PROXY_V2_MAX:
+        raise ValueError(f"PROXY v2 header over {PROXY_V2_MAX} bytes")
+    if len(data) < 16 + length:
+        return None
+    if version_command == 0x20 or family == 0:
+        return 16 + length, None   # LOCAL, or AF_UNSPEC: no address, whatever the block holds
+    if family not in PROXY_V2_FAMILIES:
+        raise ValueError(f"PROXY v2 family and transport {family:#04x}: not TCP or UNIX stream")
+    af, size = PROXY_V2_FAMILIES[family]
+    if length < size:
+        raise ValueError(f"PROXY v2 address block of {length} bytes, under {size}")
+    # The TLVs after the addresses (authority, TLS details, a cloud's endpoint id) are skipped.
+    if af == socket.AF_UNIX:
+        return 16 + length, _proxy_unix_name(data[16:124])
+    return 16 + length, socket.inet_ntop(af, data[16:16 + (4 if af == socket.AF_INET else 16)])
+
+
+def _proxy_unix_name(path):
+    """unix:PATH for a UNIX stream client, its path (sun_path, cut at its NUL; an abstract
+    name shows as unix:) escaped as every log byte is, and spaces too: the access log's
+    client field must stay one word."""
+    return "unix:" + log_escape(path.split(b"\0", 1)[0]).replace(" ", "\\x20")
 
 
 # === 5. Crypto primitives (pure Python; see README "Security notes") ==============================

@@ -1511,6 +1511,145 @@ class TestHTTPHelpers(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------------------------
+# The PROXY protocol header (a load balancer's, before HTTP or TLS): the parser in-process
+# ---------------------------------------------------------------------------------------------
+
+PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_v1(src="203.0.113.7", dst="127.0.0.1", ports=(40000, 80), proto=None):
+    """A PROXY v1 line; TCP6 when src is an IPv6 address."""
+    proto = proto or ("TCP6" if ":" in src else "TCP4")
+    return ("PROXY %s %s %s %d %d\r\n" % ((proto, src, dst) + tuple(ports))).encode()
+
+
+def proxy_v2(src="203.0.113.7", dst="127.0.0.1", ports=(40000, 80), command=1, tlvs=b"",
+             version=2, family=None, body=None):
+    """A PROXY v2 header: TCP over IPv4 or IPv6 by src, UNIX stream when src and dst are bytes
+    (paths); command 0 is LOCAL. family and body replace what the addresses make."""
+    if body is None and isinstance(src, bytes):
+        fam, body = 0x31, src.ljust(108, b"\0") + dst.ljust(108, b"\0")
+    elif body is None:
+        af = socket.AF_INET6 if ":" in src else socket.AF_INET
+        fam = 0x21 if af == socket.AF_INET6 else 0x11
+        body = socket.inet_pton(af, src) + socket.inet_pton(af, dst) + struct.pack("!HH", *ports)
+    else:
+        fam = 0
+    body += tlvs
+    return PROXY_V2_SIG + bytes([version << 4 | command, fam if family is None else family]) \
+        + struct.pack("!H", len(body)) + body
+
+
+# TLVs as a balancer sends them: ALPN, authority, a NOOP, an AWS VPC endpoint id (type 0xEA).
+PROXY_TLVS = (b"\x01\x00\x08http/1.1" + b"\x02\x00\x0bexample.org" + b"\x04\x00\x03abc"
+              + b"\xea\x00\x17\x01vpce-08d2bf15fac5001c9")
+LONGEST_V1 = b"PROXY UNKNOWN " + b"x" * (107 - 16) + b"\r\n"
+
+
+class TestProxyHeader(unittest.TestCase):
+    """tarweb.parse_proxy_header: (length, client address or None) for a whole header, None for
+    a correct beginning, ValueError for anything else (the server then closes, answering
+    nothing)."""
+
+    VALID = [
+        (proxy_v1(), "203.0.113.7"),
+        (proxy_v1("2001:DB8:0:0::1", "::1"), "2001:db8::1"),   # canonical form
+        (proxy_v1("::ffff:192.0.2.1", "::1"), "::ffff:192.0.2.1"),
+        (proxy_v1("0.0.0.0", "255.255.255.255", (0, 65535)), "0.0.0.0"),
+        (b"PROXY UNKNOWN\r\n", None),
+        (b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n", None),
+        (b"PROXY UNKNOWN \xff\x00 anything\r\n", None),   # the rest is ignored
+        (LONGEST_V1, None),
+        (proxy_v2(), "203.0.113.7"),
+        (proxy_v2("2001:db8::7", "2001:db8::1"), "2001:db8::7"),
+        (proxy_v2(b"/run/client.sock", b"/run/tarweb.sock"), "unix:/run/client.sock"),
+        (proxy_v2(b"/tmp/a b\x1b", b"/x"), "unix:/tmp/a\\x20b\\x1B"),   # escaped, one word
+        (proxy_v2(b"\0abstract", b"/x"), "unix:"),
+        (proxy_v2(tlvs=PROXY_TLVS), "203.0.113.7"),
+        (proxy_v2("2001:db8::7", "::1", tlvs=PROXY_TLVS), "2001:db8::7"),
+        (proxy_v2(command=0), None),                       # LOCAL: a health check
+        (proxy_v2(command=0, body=b""), None),
+        (proxy_v2(command=0, family=0x12), None),          # LOCAL ignores the family
+        (proxy_v2(body=b""), None),                        # AF_UNSPEC
+        (proxy_v2(body=bytes(100)), None),
+        (proxy_v2(body=bytes(4096 - 16)), None),           # the longest taken
+    ]
+
+    def test_valid_headers(self):
+        for header, client in self.VALID:
+            for after in (b"", b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00", b"\r\n"):
+                self.assertEqual(tarweb.parse_proxy_header(header + after), (len(header), client),
+                                 header + after)
+
+    def test_every_beginning_needs_more(self):
+        for header, _ in self.VALID:
+            for n in range(len(header)):
+                self.assertIsNone(tarweb.parse_proxy_header(header[:n]), header[:n])
+
+    def test_malformed(self):
+        v2 = proxy_v2()
+        cases = [
+            (b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", "no PROXY"),
+            (b"G", "no PROXY"), (b"PROXX", "no PROXY"), (b"\x16\x03\x01\x02\x00\x01", "no PROXY"),
+            (b"proxy TCP4 1.2.3.4 5.6.7.8 1 2\r\n", "no PROXY"),
+            (b"\r\n\r\n\x00\r\nQUIT\r", "no PROXY"), (b"\r\r", "no PROXY"),
+            (b"\n", "no PROXY"), (b"\x00", "no PROXY"),
+            # v1: exact spacing, CRLF, fields, addresses of the protocol's family, ports
+            (b"PROXY  TCP4 1.2.3.4 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 \r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\rX\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4\t5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n", "malformed"),
+            (b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY tcp4 1.2.3.4 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY UNKNOWNX\r\n", "malformed"), (b"PROXY\r\n", "no PROXY"),
+            (b"PROXY \r\n", "malformed"),
+            (proxy_v1(ports=(65536, 80)), "port out of range"),
+            (proxy_v1(ports=(1, 99999)), "port out of range"),
+            (proxy_v1(ports=(1, 100000)), "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n", "malformed"),
+            (proxy_v1("256.0.0.1"), "not IPv4"), (proxy_v1("1.2.3"), "not IPv4"),
+            (proxy_v1("01.2.3.4"), "not IPv4"), (proxy_v1("1.2.3.4.5"), "not IPv4"),
+            (proxy_v1("1.2.3.4", "5.6.7.256"), "not IPv4"),
+            (proxy_v1("::1", proto="TCP4"), "not IPv4"),
+            (proxy_v1("1.2.3.4", "::1", proto="TCP4"), "not IPv4"),
+            (proxy_v1("1.2.3.4", "::1", proto="TCP6"), "not IPv6"),
+            (proxy_v1("1:::2", "::1"), "not IPv6"), (proxy_v1("1:2:3:4:5:6:7:8:9", "::1"), "not IPv6"),
+            (proxy_v1("fe80::1%eth0", "::1"), "malformed"),
+            (proxy_v1("2001:db8::g", "::1"), "malformed"),
+            (b"PROXY TCP4 1.2.3.\xb9 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4\x00 5.6.7.8 1 2\r\n", "malformed"),
+            # no CRLF within 107 bytes
+            (b"PROXY UNKNOWN " + b"x" * 200, "without CRLF"),
+            (b"PROXY " + b"x" * 101, "without CRLF"),
+            (LONGEST_V1[:-2] + b"x\r\n", "without CRLF"),
+            # v2: signature, version, command, family and transport, lengths
+            (v2[:11] + b"X" + v2[12:], "no PROXY"), (v2[:11] + b"X", "no PROXY"),
+            (v2[:12] + b"\x11" + v2[13:], "unknown version"),
+            (proxy_v2(version=1), "unknown version"), (proxy_v2(version=3), "unknown version"),
+            (proxy_v2(command=2), "command"), (proxy_v2(command=15), "command"),
+            (proxy_v2(version=1, command=0), "unknown version"),
+            (proxy_v2(family=0x12), "not TCP"), (proxy_v2(family=0x22), "not TCP"),
+            (proxy_v2(b"/a", b"/b", family=0x32), "not TCP"),
+            (proxy_v2(family=0x10), "not TCP"), (proxy_v2(family=0x13), "not TCP"),
+            (proxy_v2(family=0x41), "not TCP"), (proxy_v2(family=0x01), "not TCP"),
+            (proxy_v2(family=0x21), "address block of 12 bytes, under 36"),
+            (proxy_v2(family=0x11, body=bytes(11)), "under 12"),
+            (proxy_v2(family=0x31, body=bytes(215)), "under 216"),
+            (proxy_v2(body=bytes(4096 - 15)), "over 4096 bytes"),
+            (proxy_v2(body=bytes(65535))[:16], "over 4096 bytes"),   # known from 16 bytes
+        ]
+        for data, why in cases:
+            with self.assertRaisesRegex(ValueError, re.escape(why), msg=data):
+                tarweb.parse_proxy_header(data)
+
+
+# ---------------------------------------------------------------------------------------------
 # Connection management: pipelining, keep-alive, HTTP/1.0
 # ---------------------------------------------------------------------------------------------
 
