@@ -6243,8 +6243,8 @@ UD_RECV, UD_SEND, UD_SEND_LINKED, UD_LINGER, UD_KEY_UPDATE = (user_data(op) for 
 UD_TIMER, UD_REAP, UD_IGNORE, UD_STATX, UD_WATCHDOG, UD_NOTIFY = (user_data(op) for op in (
     OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX, OP_WATCHDOG, OP_NOTIFY))
 
-# What sits between a slot's socket and HTTP.
-PLAIN, HANDSHAKE, KTLS, USERTLS = range(4)
+# What sits between a slot's socket and HTTP; PROXY: its PROXY protocol header is being read.
+PLAIN, HANDSHAKE, KTLS, USERTLS, PROXY = range(5)
 
 SEND_CHUNK = 256 * 1024      # a body goes out in pieces this big, so slow readers show progress
 # Userspace TLS seals records in place in a send area (see tx_area): every slot has one for a
@@ -6376,7 +6376,8 @@ class Slot:
         "ud",           # user_data of index and gen: | UD_RECV and the like per operation
         "fd",           # the accepted socket; -1 while the slot is free
         "peer",         # client address for the access log and -v lines
-        "mode",         # PLAIN, HANDSHAKE, KTLS or USERTLS: what sits between socket and HTTP
+        "mode",         # PLAIN, HANDSHAKE, KTLS or USERTLS: what sits between socket and HTTP;
+                        # PROXY before them while the PROXY protocol header is read
         # Fixed addresses in the Server's arrays, set once by _allocate
         "rbase",        # offset of the read buffer in Server.rbuf
         "raddr",        # address of the read buffer
@@ -6389,7 +6390,8 @@ class Slot:
         "rstart",       # where the next request starts in the read buffer
         "rlen",         # bytes held in the read buffer
         "recv_busy",    # a recv is in flight
-        "hs_need",      # bytes the handshake's recv asked for (a record header or body)
+        "hs_need",      # bytes the handshake's recv asked for (a record header or body), or
+                        # the PROXY header's take (0 while its bytes are peeked)
         # Write state
         "send_busy",    # a send is in flight
         "send_linked",  # ... linked to the recv behind it (silent on success)
@@ -6401,9 +6403,11 @@ class Slot:
         "body_end",
         # HTTP
         "keep_alive",   # the response under way leaves the connection open
-        "partial",      # a request head (or TLS handshake) has begun: see need_more, reap
+        "partial",      # a request head (or TLS handshake, or PROXY header) has begun: see
+                        # need_more, reap
         # TLS
-        "tls",          # TLSServer during the handshake, then the userspace record layer, or
+        "tls",          # TLSServer during the handshake (and the PROXY header before it),
+                        # then the userspace record layer, or
                         # under kTLS the secrets for KeyUpdates (KTLSKeys) if the kernel rekeys
         "pending_out",  # TLS bytes owed to the client, sent before the next record
         "tx_base",      # offset of the slot's send area in Server.tbuf (userspace TLS)
@@ -6425,9 +6429,10 @@ class Limits:
     """What the Server allows its connections, in seconds and bytes; the CLI fills it in."""
     __slots__ = (
         "max_connections",    # slots allocated at start: connections open at once
-        "header_timeout",     # a request head, from its first byte (or a fresh connection's)
+        "header_timeout",     # a request head, from its first byte (or a fresh connection's
+                              # accept, its PROXY header included)
         "idle_timeout",       # a keep-alive connection between requests; a send without progress
-        "handshake_timeout",  # a TLS handshake, from accept
+        "handshake_timeout",  # a TLS handshake, from accept (its PROXY header included)
         "max_header_bytes",   # largest request head; a larger one gets 431 (or 414)
         "grace",              # after a stop signal, for requests and responses in flight
     )
@@ -6442,8 +6447,8 @@ class Limits:
 class Server:
     """The event loop: listeners, a ring, and max_connections fixed slots. A connection's life:
 
-      accept -> [TLS handshake -> kTLS or userspace records] -> request/response loop
-             -> linger or close -> free
+      accept -> [PROXY header] -> [TLS handshake -> kTLS or userspace records]
+             -> request/response loop -> linger or close -> free
 
     and the completions (dispatched by run()) that move its slot from step to step:
 
@@ -6451,6 +6456,8 @@ class Server:
                     With every slot busy the client waits in self.waiting: reap, after the
                     batch, closes a connection that is getting nowhere, and maybe_free hands
                     its slot over
+      PROXY ....... --proxy-protocol: peek_proxy_header -> on_recv -> on_proxy_bytes, which
+                    takes the header's bytes, and no more, as it sees them -> begin
       handshake ... recv_handshake -> on_recv -> on_handshake_bytes (a record at a time if kTLS
                     may follow) ->
                     finish_handshake: the keys go to the kernel (KTLS) or stay here (USERTLS)
@@ -6467,8 +6474,10 @@ class Server:
 
     An exception in a handler costs its connection (internal_error), not the server."""
 
-    def __init__(self, site, listeners, limits, log, tls=None, access_log=None, notify=None):
+    def __init__(self, site, listeners, limits, log, tls=None, access_log=None, notify=None,
+                 proxy_protocol=False):
         self.site, self.limits, self.log = site, limits, log
+        self.proxy_protocol = proxy_protocol  # every connection starts with a PROXY header
         self.notify = notify      # SdNotify, or None when systemd does not listen
         self.listeners = [sock for sock, _ in listeners]
         self.listener_tls = [is_tls for _, is_tls in listeners]
@@ -6499,6 +6508,7 @@ class Server:
         self.stop_deadline = None
         self.accepted = self.requests = self.closed = self.timeouts = 0  # for the stats line
         self.handshakes = self.resumed = self.tls_failures = self.reaped = self.errors = 0
+        self.proxy_refused = 0
         self.timespec = bytearray(kernel_timespec.pack(1, 0))
         self.reap_timespec = bytearray(kernel_timespec.pack(0, int(REAP_IDLE_AGE * 1e9)))
         self.reap_timer_armed = False
@@ -6686,17 +6696,80 @@ class Server:
         slot.pending_out = slot.spill = b""
         try:
             slot.peer = peer_name(fd) if self.want_peer else "-"
+            # A PROXY header counts against the time allowed for what it comes before.
             if tls:
-                slot.mode = HANDSHAKE
                 slot.tls = TLSServer(self.tls.config)
                 slot.deadline = self.now + self.limits.handshake_timeout
-                self.recv_handshake(slot)
             else:
-                slot.mode = PLAIN
                 slot.deadline = self.now + self.limits.header_timeout
-                self.post_recv(slot)
+            if self.proxy_protocol:
+                slot.mode = PROXY
+                self.peek_proxy_header(slot)
+            else:
+                self.begin(slot)
         except Exception:  # the slot owns the descriptor now: closing it closes the socket
             self.internal_error(slot)
+
+    def begin(self, slot):
+        """The connection's first read: the TLS handshake's, or the first request's."""
+        if slot.tls is not None:
+            slot.mode = HANDSHAKE
+            self.recv_handshake(slot)
+        else:
+            slot.mode = PLAIN
+            self.post_recv(slot)
+
+    # -- the PROXY protocol header -----------------------------------------------------------------
+
+    def peek_proxy_header(self, slot):
+        """Look at the bytes that have come, behind those of the header taken so far, leaving
+        them in the socket: where the header ends shows only once it is seen, and nothing
+        behind it may be read here (the handshake reads its records exactly, for kTLS)."""
+        slot.hs_need = 0
+        self.ring.prep_recv(slot.fd, slot.raddr + slot.rlen, PROXY_V2_MAX - slot.rlen,
+                            socket.MSG_PEEK, slot.ud | UD_RECV)
+        slot.recv_busy = True
+
+    def on_proxy_bytes(self, slot, res):
+        """After a peek (hs_need 0), take the header's bytes among those seen (all of them
+        while it is incomplete); after a take, begin, or peek at what comes next."""
+        header = self.rbuf[slot.rbase:slot.rbase + slot.rlen + res]
+        if slot.hs_need:
+            if res != slot.hs_need:
+                self.start_close(slot)
+                return
+            slot.rlen += res
+            found = parse_proxy_header(header)  # as when peeked: these are the same bytes
+            if found is None:
+                self.peek_proxy_header(slot)
+            else:
+                self.proxy_header_done(slot, found[1])
+            return
+        slot.partial = True  # see reap
+        try:
+            found = parse_proxy_header(header)
+        except ValueError as e:
+            self.refuse_proxy_header(slot, e)
+            return
+        slot.hs_need = res if found is None else found[0] - slot.rlen
+        self.ring.prep_recv(slot.fd, slot.raddr + slot.rlen, slot.hs_need, MSG_WAITALL,
+                            slot.ud | UD_RECV)
+        slot.recv_busy = True
+
+    def proxy_header_done(self, slot, client):
+        """The client's address replaces the balancer's (LOCAL and UNKNOWN leave the socket's)."""
+        if client is not None:
+            slot.peer = client
+        slot.rlen = 0
+        slot.partial = False
+        self.begin(slot)
+
+    def refuse_proxy_header(self, slot, err):
+        """Not a PROXY header: close, answering nothing (a client that skipped the balancer
+        learns nothing from us)."""
+        self.proxy_refused += 1
+        self.log.info(f"client {slot.peer}: PROXY header refused: {err}")
+        self.start_close(slot)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -6742,6 +6815,8 @@ class Server:
             self.on_handshake_bytes(slot, res)
         elif slot.mode == KTLS:
             self.on_ktls_recv(slot, res)
+        elif slot.mode == PROXY:
+            self.on_proxy_bytes(slot, res)
         else:
             self.on_usertls_recv(slot, res)
 
@@ -7234,9 +7309,9 @@ class Server:
         for slot in self.slots:
             if slot.fd < 0 or slot.closing or slot.lingering or not slot.recv_busy:
                 continue
-            if slot.mode == HANDSHAKE:
+            if slot.mode == HANDSHAKE or slot.mode == PROXY and slot.tls is not None:
                 limit = o.handshake_timeout
-            elif slot.partial or slot.mode == PLAIN and not slot.keep_alive:
+            elif slot.partial or slot.mode in (PLAIN, PROXY) and not slot.keep_alive:
                 limit = o.header_timeout
             else:
                 limit = o.idle_timeout
@@ -7372,6 +7447,8 @@ class Server:
         if self.tls is not None:
             line += (f" handshakes={self.handshakes} resumed={self.resumed}"
                      f" tls_failures={self.tls_failures}")
+        if self.proxy_protocol:
+            line += f" proxy_refused={self.proxy_refused}"
         if self.access_log:
             line += f" log_dropped={self.access_log.dropped}"
         return line
@@ -7693,6 +7770,10 @@ def parse_args(argv):
                    f"default {TLS_TICKET_LIFETIME})")
     p.add_argument("--handshake-timeout", type=positive(float), default=10.0, metavar="S",
                    help="time allowed for a TLS handshake (default 10)")
+    p.add_argument("--proxy-protocol", action="store_true",
+                   help="every connection, on every listener (systemd's too), starts with a "
+                   "PROXY protocol header (v1 or v2) from a load balancer, whose client address "
+                   "the logs show; a connection without one is closed unanswered")
     p.add_argument("--prefix", default="", help="serve only members under this prefix, "
                    "with the prefix stripped (e.g. site/)")
     p.add_argument("--fallback", metavar="PATH", help="for single-page apps: the file (e.g. "
@@ -7951,7 +8032,7 @@ def serve(opts, log):
                     handshake_timeout=opts.handshake_timeout,
                     max_header_bytes=opts.max_header_bytes, grace=opts.grace)
     listeners = activated or [(make_listener(spec), is_tls) for spec, is_tls in specs]
-    server = Server(site, listeners, limits, log, tls, access_log, notify)
+    server = Server(site, listeners, limits, log, tls, access_log, notify, opts.proxy_protocol)
     if user:
         drop_privileges(opts.user, *user)
     # Handlers only set a flag (see Server.request_stop): the loop must not be re-entered
