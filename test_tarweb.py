@@ -1651,6 +1651,35 @@ class TestProxyHeader(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, re.escape(why), msg=data):
                 tarweb.parse_proxy_header(data)
 
+    def test_mutations(self):
+        """Valid headers cut, bit-flipped, with bytes dropped or repeated: every answer is None,
+        a length within the data with a one-word printable client (or None), or ValueError."""
+        rng = random.Random(7)
+        headers = [header for header, _ in self.VALID if len(header) < 300]
+        for _ in range(20000):
+            data = bytearray(rng.choice(headers) + rng.choice((b"", VALID_GET)))
+            for _ in range(rng.randint(1, 3)):
+                i = rng.randrange(len(data))
+                kind = rng.randrange(4)
+                if kind == 0:
+                    data[i] ^= 1 << rng.randrange(8)
+                elif kind == 1:
+                    del data[i]
+                elif kind == 2:
+                    data[i:i] = data[i:i + rng.randint(1, 8)]
+                else:
+                    del data[i:]
+                if not data:
+                    break
+            try:
+                found = tarweb.parse_proxy_header(bytes(data))
+            except ValueError:
+                continue
+            if found is not None:
+                length, client = found
+                self.assertTrue(0 < length <= len(data), bytes(data))
+                self.assertTrue(client is None or re.fullmatch(r"[\x21-\x7e]+", client), bytes(data))
+
 
 def access_log_client(srv, request_line, timeout=3.0):
     """The client field of srv's access log line (--access-log -, on its stdout) for
