@@ -26,7 +26,8 @@ TLS_TESTS ?= TestRFC8448KeySchedule TestMiniHandshake TestTLSServerErrors TestHe
 	TestPythonSSLClient TestOpenSSLClient TestHTTPSPythonSSL TestHTTPSOpenSSL TestHTTPSCertTypes \
 	TestCertificatesBySNI TestSessionTickets TestResumption \
 	TestHTTPSSelfSignedOption TestHTTPS TestUserspaceSendAreas TestUserspaceRecordBuffer \
-	TestHTTPSFewSlots TestHostileTLS TestHandshakeDeadline TestPlainAndTLS TestTLSStartupErrors \
+	TestHTTPSFewSlots TestHostileTLS TestHandshakeDeadline TestPlainAndTLS TestProxyProtocolTLS \
+	TestHAProxy TestTLSStartupErrors \
 	TestKTLS TestBrowserChromium TestBrowserFirefox
 test-tls:
 	set -e; for crypto in $(CRYPTO_BACKENDS); do \

@@ -12,7 +12,8 @@ prints this outline with line numbers; inside a class, `# -- name` lines group i
   1. Kernel ABI (include/uapi/linux/io_uring.h) - syscalls, structs, opcodes, flags
   2. The ring - IoUring: setup with the best flags, mmap'd rings, probe, prep_* helpers
   3. The archive - Archive: the index of the mmap'd tar
-  4. HTTP/1.1 - Site: request parsing, conditional and range logic, response heads
+  4. HTTP/1.1 - Site: request parsing, conditional and range logic, response heads; the PROXY
+     protocol header that a load balancer puts before HTTP or TLS
   5. Crypto primitives (pure Python; see README "Security notes")
      5.1 Curve25519 and X25519 (RFC 7748)
      5.2 Edwards25519 arithmetic (RFC 8032 §5.1)
@@ -1259,6 +1260,98 @@ def find_head_end(buf, start, end):
     if j >= 0:
         return j + 1, j + 2
     return (i + 1, i + 3) if i >= 0 else None
+
+
+# --- The PROXY protocol header (haproxy.org/download/2.6/doc/proxy-protocol.txt) ------------------
+# A load balancer that passes TCP through (HAProxy's send-proxy, IPVS, a cloud's network load
+# balancer) starts each connection with the client's address: v1 as a line of text, v2 in binary.
+# It comes before HTTP or TLS, on listeners told to expect it (--proxy-protocol).
+
+PROXY_V1_MAX = 107   # the longest v1 line, CRLF included (the specification's limit)
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+PROXY_V2_MAX = 4096  # 16 bytes, then the addresses and TLVs: cloud balancers' TLVs fit easily
+# v1: TCP4 or TCP6 with both addresses and ports, single spaces, CRLF; or UNKNOWN, whose rest the
+# receiver ignores. Addresses are checked by inet_pton, ports here and in _proxy_v1.
+PROXY_V1_LINE = re.compile(rb"PROXY (?:(TCP[46]) ([0-9A-Fa-f.:]+) ([0-9A-Fa-f.:]+) "
+                           rb"(0|[1-9][0-9]{0,4}) (0|[1-9][0-9]{0,4})|UNKNOWN(?: [^\r\n]*)?)\r\n")
+# v2 address families with a stream transport that carry a client address, and the length of
+# their address block: TCP over IPv4 and IPv6 (addresses, ports), UNIX stream (two paths).
+PROXY_V2_FAMILIES = {0x11: (socket.AF_INET, 12), 0x21: (socket.AF_INET6, 36),
+                     0x31: (socket.AF_UNIX, 216)}
+
+
+def parse_proxy_header(data):
+    """The PROXY protocol header (v1 or v2) at the start of data: (its length, the client's
+    address as text, or None when the header carries none: v1 UNKNOWN, v2 LOCAL (the balancer's
+    own health check) or AF_UNSPEC, for which the socket's own addresses stand). None when data
+    is a correct beginning that needs more bytes; ValueError, saying why, for anything else.
+    Nothing from the wire goes into the address unchecked: it is formatted from parsed bytes."""
+    if data[:1] == PROXY_V2_SIGNATURE[:1]:
+        return _proxy_v2(data)
+    return _proxy_v1(data)
+
+
+def _proxy_v1(data):
+    end = data.find(b"\n", 0, PROXY_V1_MAX)
+    if end < 0:
+        if not b"PROXY ".startswith(data[:6]):
+            raise ValueError("no PROXY protocol header")
+        if len(data) >= PROXY_V1_MAX:
+            raise ValueError(f"PROXY v1 line without CRLF in its first {PROXY_V1_MAX} bytes")
+        return None
+    m = PROXY_V1_LINE.fullmatch(data, 0, end + 1)
+    if m is None:
+        raise ValueError("malformed PROXY v1 line" if data.startswith(b"PROXY ") else
+                         "no PROXY protocol header")
+    proto, source, destination, source_port, destination_port = m.groups()
+    if proto is None:
+        return end + 1, None   # UNKNOWN
+    if int(source_port) > 65535 or int(destination_port) > 65535:
+        raise ValueError("PROXY v1 port out of range")
+    family = socket.AF_INET if proto == b"TCP4" else socket.AF_INET6
+    _proxy_v1_address(family, destination)
+    return end + 1, _proxy_v1_address(family, source)
+
+
+def _proxy_v1_address(family, text):
+    """An address of the v1 line, in its canonical form (inet_pton is strict: dotted quads
+    without leading zeros, IPv6 as RFC 4291 writes it)."""
+    try:
+        return socket.inet_ntop(family, socket.inet_pton(family, text.decode("ascii")))
+    except OSError:
+        raise ValueError(f"PROXY v1 address is not IPv{4 if family == socket.AF_INET else 6}")
+
+
+def _proxy_v2(data):
+    if not PROXY_V2_SIGNATURE.startswith(data[:12]):
+        raise ValueError("no PROXY protocol header")
+    if len(data) < 16:
+        return None
+    version_command, family, length = struct.unpack_from("!BBH", data, 12)
+    if version_command >> 4 != 2 or version_command & 0xF > 1:
+        raise ValueError(f"PROXY v2 header of unknown version or command {version_command:#04x}")
+    if 16 + length > PROXY_V2_MAX:
+        raise ValueError(f"PROXY v2 header over {PROXY_V2_MAX} bytes")
+    if len(data) < 16 + length:
+        return None
+    if version_command == 0x20 or family == 0:
+        return 16 + length, None   # LOCAL, or AF_UNSPEC: no address, whatever the block holds
+    if family not in PROXY_V2_FAMILIES:
+        raise ValueError(f"PROXY v2 family and transport {family:#04x}: not TCP or UNIX stream")
+    af, size = PROXY_V2_FAMILIES[family]
+    if length < size:
+        raise ValueError(f"PROXY v2 address block of {length} bytes, under {size}")
+    # The TLVs after the addresses (authority, TLS details, a cloud's endpoint id) are skipped.
+    if af == socket.AF_UNIX:
+        return 16 + length, _proxy_unix_name(data[16:124])
+    return 16 + length, socket.inet_ntop(af, data[16:16 + (4 if af == socket.AF_INET else 16)])
+
+
+def _proxy_unix_name(path):
+    """unix:PATH for a UNIX stream client, its path (sun_path, cut at its NUL; an abstract
+    name shows as unix:) escaped as every log byte is, and spaces too: the access log's
+    client field must stay one word."""
+    return "unix:" + log_escape(path.split(b"\0", 1)[0]).replace(" ", "\\x20")
 
 
 # === 5. Crypto primitives (pure Python; see README "Security notes") ==============================
@@ -6152,8 +6245,8 @@ UD_RECV, UD_SEND, UD_SEND_LINKED, UD_LINGER, UD_KEY_UPDATE = (user_data(op) for 
 UD_TIMER, UD_REAP, UD_IGNORE, UD_STATX, UD_WATCHDOG, UD_NOTIFY = (user_data(op) for op in (
     OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX, OP_WATCHDOG, OP_NOTIFY))
 
-# What sits between a slot's socket and HTTP.
-PLAIN, HANDSHAKE, KTLS, USERTLS = range(4)
+# What sits between a slot's socket and HTTP; PROXY: its PROXY protocol header is being read.
+PLAIN, HANDSHAKE, KTLS, USERTLS, PROXY = range(5)
 
 SEND_CHUNK = 256 * 1024      # a body goes out in pieces this big, so slow readers show progress
 # Userspace TLS seals records in place in a send area (see tx_area): every slot has one for a
@@ -6284,8 +6377,9 @@ class Slot:
         "gen",          # generation, bumped when the slot is freed (user_data bits 40-63)
         "ud",           # user_data of index and gen: | UD_RECV and the like per operation
         "fd",           # the accepted socket; -1 while the slot is free
-        "peer",         # client address for the access log
-        "mode",         # PLAIN, HANDSHAKE, KTLS or USERTLS: what sits between socket and HTTP
+        "peer",         # client address for the access log and -v lines
+        "mode",         # PLAIN, HANDSHAKE, KTLS or USERTLS: what sits between socket and HTTP;
+                        # PROXY before them while the PROXY protocol header is read
         # Fixed addresses in the Server's arrays, set once by _allocate
         "rbase",        # offset of the read buffer in Server.rbuf
         "raddr",        # address of the read buffer
@@ -6298,7 +6392,8 @@ class Slot:
         "rstart",       # where the next request starts in the read buffer
         "rlen",         # bytes held in the read buffer
         "recv_busy",    # a recv is in flight
-        "hs_need",      # bytes the handshake's recv asked for (a record header or body)
+        "hs_need",      # bytes the handshake's recv asked for (a record header or body), or
+                        # the PROXY header's take (0 while its bytes are peeked)
         # Write state
         "send_busy",    # a send is in flight
         "send_linked",  # ... linked to the recv behind it (silent on success)
@@ -6310,9 +6405,11 @@ class Slot:
         "body_end",
         # HTTP
         "keep_alive",   # the response under way leaves the connection open
-        "partial",      # a request head (or TLS handshake) has begun: see need_more, reap
+        "partial",      # a request head (or TLS handshake, or PROXY header) has begun: see
+                        # need_more, reap
         # TLS
-        "tls",          # TLSServer during the handshake, then the userspace record layer, or
+        "tls",          # TLSServer during the handshake (and the PROXY header before it),
+                        # then the userspace record layer, or
                         # under kTLS the secrets for KeyUpdates (KTLSKeys) if the kernel rekeys
         "pending_out",  # TLS bytes owed to the client, sent before the next record
         "tx_base",      # offset of the slot's send area in Server.tbuf (userspace TLS)
@@ -6334,9 +6431,10 @@ class Limits:
     """What the Server allows its connections, in seconds and bytes; the CLI fills it in."""
     __slots__ = (
         "max_connections",    # slots allocated at start: connections open at once
-        "header_timeout",     # a request head, from its first byte (or a fresh connection's)
+        "header_timeout",     # a request head, from its first byte (or a fresh connection's
+                              # accept, its PROXY header included)
         "idle_timeout",       # a keep-alive connection between requests; a send without progress
-        "handshake_timeout",  # a TLS handshake, from accept
+        "handshake_timeout",  # a TLS handshake, from accept (its PROXY header included)
         "max_header_bytes",   # largest request head; a larger one gets 431 (or 414)
         "grace",              # after a stop signal, for requests and responses in flight
     )
@@ -6351,8 +6449,8 @@ class Limits:
 class Server:
     """The event loop: listeners, a ring, and max_connections fixed slots. A connection's life:
 
-      accept -> [TLS handshake -> kTLS or userspace records] -> request/response loop
-             -> linger or close -> free
+      accept -> [PROXY header] -> [TLS handshake -> kTLS or userspace records]
+             -> request/response loop -> linger or close -> free
 
     and the completions (dispatched by run()) that move its slot from step to step:
 
@@ -6360,6 +6458,8 @@ class Server:
                     With every slot busy the client waits in self.waiting: reap, after the
                     batch, closes a connection that is getting nowhere, and maybe_free hands
                     its slot over
+      PROXY ....... --proxy-protocol: peek_proxy_header -> on_recv -> on_proxy_bytes, which
+                    takes the header's bytes, and no more, as it sees them -> begin
       handshake ... recv_handshake -> on_recv -> on_handshake_bytes (a record at a time if kTLS
                     may follow) ->
                     finish_handshake: the keys go to the kernel (KTLS) or stay here (USERTLS)
@@ -6376,13 +6476,16 @@ class Server:
 
     An exception in a handler costs its connection (internal_error), not the server."""
 
-    def __init__(self, site, listeners, limits, log, tls=None, access_log=None, notify=None):
+    def __init__(self, site, listeners, limits, log, tls=None, access_log=None, notify=None,
+                 proxy_protocol=False):
         self.site, self.limits, self.log = site, limits, log
+        self.proxy_protocol = proxy_protocol  # every connection starts with a PROXY header
         self.notify = notify      # SdNotify, or None when systemd does not listen
         self.listeners = [sock for sock, _ in listeners]
         self.listener_tls = [is_tls for _, is_tls in listeners]
         self.tls = tls            # TLSContext: certificate, key and kTLS support; None for HTTP
         self.access_log = access_log  # AccessLog, or None
+        self.want_peer = access_log is not None or log.level >= 1  # lines that name the client
         n = limits.max_connections
         # Two SQEs per slot (a linked send and recv) and 64 for the rest, as a power of two.
         self.ring = IoUring(min(IORING_MAX_ENTRIES, 1 << (2 * n + 64).bit_length()))
@@ -6407,6 +6510,7 @@ class Server:
         self.stop_deadline = None
         self.accepted = self.requests = self.closed = self.timeouts = 0  # for the stats line
         self.handshakes = self.resumed = self.tls_failures = self.reaped = self.errors = 0
+        self.proxy_refused = 0
         self.timespec = bytearray(kernel_timespec.pack(1, 0))
         self.reap_timespec = bytearray(kernel_timespec.pack(0, int(REAP_IDLE_AGE * 1e9)))
         self.reap_timer_armed = False
@@ -6593,19 +6697,81 @@ class Server:
         slot.out = slot.tls = slot.pair = None
         slot.pending_out = slot.spill = b""
         try:
-            if self.access_log:
-                slot.peer = peer_name(fd)
+            slot.peer = peer_name(fd) if self.want_peer else "-"
+            # A PROXY header counts against the time allowed for what it comes before.
             if tls:
-                slot.mode = HANDSHAKE
                 slot.tls = TLSServer(self.tls.config)
                 slot.deadline = self.now + self.limits.handshake_timeout
-                self.recv_handshake(slot)
             else:
-                slot.mode = PLAIN
                 slot.deadline = self.now + self.limits.header_timeout
-                self.post_recv(slot)
+            if self.proxy_protocol:
+                slot.mode = PROXY
+                self.peek_proxy_header(slot)
+            else:
+                self.begin(slot)
         except Exception:  # the slot owns the descriptor now: closing it closes the socket
             self.internal_error(slot)
+
+    def begin(self, slot):
+        """The connection's first read: the TLS handshake's, or the first request's."""
+        if slot.tls is not None:
+            slot.mode = HANDSHAKE
+            self.recv_handshake(slot)
+        else:
+            slot.mode = PLAIN
+            self.post_recv(slot)
+
+    # -- the PROXY protocol header -----------------------------------------------------------------
+
+    def peek_proxy_header(self, slot):
+        """Look at the bytes that have come, behind those of the header taken so far, leaving
+        them in the socket: where the header ends shows only once it is seen, and nothing
+        behind it may be read here (the handshake reads its records exactly, for kTLS)."""
+        slot.hs_need = 0
+        self.ring.prep_recv(slot.fd, slot.raddr + slot.rlen, PROXY_V2_MAX - slot.rlen,
+                            socket.MSG_PEEK, slot.ud | UD_RECV)
+        slot.recv_busy = True
+
+    def on_proxy_bytes(self, slot, res):
+        """After a peek (hs_need 0), take the header's bytes among those seen (all of them
+        while it is incomplete); after a take, begin, or peek at what comes next."""
+        header = self.rbuf[slot.rbase:slot.rbase + slot.rlen + res]
+        if slot.hs_need:
+            if res != slot.hs_need:
+                self.start_close(slot)
+                return
+            slot.rlen += res
+            found = parse_proxy_header(header)  # as when peeked: these are the same bytes
+            if found is None:
+                self.peek_proxy_header(slot)
+            else:
+                self.proxy_header_done(slot, found[1])
+            return
+        slot.partial = True  # see reap
+        try:
+            found = parse_proxy_header(header)
+        except ValueError as e:
+            self.refuse_proxy_header(slot, e)
+            return
+        slot.hs_need = res if found is None else found[0] - slot.rlen
+        self.ring.prep_recv(slot.fd, slot.raddr + slot.rlen, slot.hs_need, MSG_WAITALL,
+                            slot.ud | UD_RECV)
+        slot.recv_busy = True
+
+    def proxy_header_done(self, slot, client):
+        """The client's address replaces the balancer's (LOCAL and UNKNOWN leave the socket's)."""
+        if client is not None:
+            slot.peer = client
+        slot.rlen = 0
+        slot.partial = False
+        self.begin(slot)
+
+    def refuse_proxy_header(self, slot, err):
+        """Not a PROXY header: close, answering nothing (a client that skipped the balancer
+        learns nothing from us)."""
+        self.proxy_refused += 1
+        self.log.info(f"client {slot.peer}: PROXY header refused: {err}")
+        self.start_close(slot)
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -6651,6 +6817,8 @@ class Server:
             self.on_handshake_bytes(slot, res)
         elif slot.mode == KTLS:
             self.on_ktls_recv(slot, res)
+        elif slot.mode == PROXY:
+            self.on_proxy_bytes(slot, res)
         else:
             self.on_usertls_recv(slot, res)
 
@@ -6878,7 +7046,7 @@ class Server:
         out = hs.receive(data)
         if hs.failed:
             self.tls_failures += 1
-            self.log.info(f"TLS handshake failed: {log_escape(hs.error)}")
+            self.log.info(f"client {slot.peer}: TLS handshake failed: {log_escape(hs.error)}")
             if out:
                 self.send_fatal_alert(slot, out)
             else:
@@ -6912,7 +7080,8 @@ class Server:
             pass  # an ACK that is merely late
         if hs.sni:
             resumed = ", resumed" if hs.resumed else ""
-            self.log.info(f"TLS {hs.cipher_suite:#06x} for SNI {hs.sni}{resumed}")
+            self.log.info(f"client {slot.peer}: TLS {hs.cipher_suite:#06x} for SNI {hs.sni}"
+                          f"{resumed}")
         slot.mode = USERTLS
         if self.tls.ktls_suites and hs.cipher_suite in self.tls.ktls_suites:
             try:
@@ -7142,9 +7311,9 @@ class Server:
         for slot in self.slots:
             if slot.fd < 0 or slot.closing or slot.lingering or not slot.recv_busy:
                 continue
-            if slot.mode == HANDSHAKE:
+            if slot.mode == HANDSHAKE or slot.mode == PROXY and slot.tls is not None:
                 limit = o.handshake_timeout
-            elif slot.partial or slot.mode == PLAIN and not slot.keep_alive:
+            elif slot.partial or slot.mode in (PLAIN, PROXY) and not slot.keep_alive:
                 limit = o.header_timeout
             else:
                 limit = o.idle_timeout
@@ -7280,6 +7449,8 @@ class Server:
         if self.tls is not None:
             line += (f" handshakes={self.handshakes} resumed={self.resumed}"
                      f" tls_failures={self.tls_failures}")
+        if self.proxy_protocol:
+            line += f" proxy_refused={self.proxy_refused}"
         if self.access_log:
             line += f" log_dropped={self.access_log.dropped}"
         return line
@@ -7290,8 +7461,9 @@ _outq = ctypes.c_int()
 
 
 def peer_name(fd):
-    """Client IP for the access log (one getpeername per connection, only when logging), read
-    into a buffer made once: no descriptor is needed, so none can be lacking."""
+    """Client IP for the access log and -v lines (one getpeername per connection, only when
+    they are on), read into a buffer made once: no descriptor is needed, so none can be
+    lacking."""
     _sockaddr_len.value = SOCKADDR_STORAGE
     if _libc.getpeername(fd, _sockaddr, ctypes.byref(_sockaddr_len)) < 0:
         return "-"
@@ -7600,6 +7772,10 @@ def parse_args(argv):
                    f"default {TLS_TICKET_LIFETIME})")
     p.add_argument("--handshake-timeout", type=positive(float), default=10.0, metavar="S",
                    help="time allowed for a TLS handshake (default 10)")
+    p.add_argument("--proxy-protocol", action="store_true",
+                   help="every connection, on every listener (systemd's too), starts with a "
+                   "PROXY protocol header (v1 or v2) from a load balancer, whose client address "
+                   "the logs show; a connection without one is closed unanswered")
     p.add_argument("--prefix", default="", help="serve only members under this prefix, "
                    "with the prefix stripped (e.g. site/)")
     p.add_argument("--fallback", metavar="PATH", help="for single-page apps: the file (e.g. "
@@ -7858,7 +8034,7 @@ def serve(opts, log):
                     handshake_timeout=opts.handshake_timeout,
                     max_header_bytes=opts.max_header_bytes, grace=opts.grace)
     listeners = activated or [(make_listener(spec), is_tls) for spec, is_tls in specs]
-    server = Server(site, listeners, limits, log, tls, access_log, notify)
+    server = Server(site, listeners, limits, log, tls, access_log, notify, opts.proxy_protocol)
     if user:
         drop_privileges(opts.user, *user)
     # Handlers only set a flag (see Server.request_stop): the loop must not be re-entered

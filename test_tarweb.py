@@ -11,8 +11,8 @@
 
 The HTTP tests and the benchmark run the real server as a subprocess on loopback: TARWEB
 (default: the tarweb.py next to this file). The crypto and TLS tests import the tarweb.py next to
-this file. Tests that need `openssl`, `curl`, `strace` or a browser (`chromium`, `firefox-esr` with
-`certutil`) fail, never skip, when the tool is missing, naming the package to install (CI installs
+this file. Tests that need `openssl`, `curl`, `strace`, `haproxy` or a browser (`chromium`, `firefox-esr`
+with `certutil`) fail, never skip, when the tool is missing, naming the package to install (CI installs
 them). Each class builds the fixtures it needs (archives, keys, certificates) on first use, in one
 scratch folder that tearDownModule removes.
 Environment: TARWEB (the server), TARWEB_TEST_TIMEOUT_SCALE (multiplies the timeouts of servers and
@@ -26,9 +26,10 @@ Contents, in the layer order of tarweb.py:
   0. Shared helpers: the server under test, timeout scale, external tools, scratch files, hex
   1. Archive and HTTP/1.1 server
      fixture archive, server process, raw HTTP client; archive rules and tar formats; hostile
-     requests; Site.respond and the HTTP helpers in-process (no server); connections; ranges, conditionals, precompressed variants; response headers;
-     limits, timeouts and load; signals, start-up errors and the command line; running as a
-     service (socket activation, sd_notify, --user)
+     requests; Site.respond and the HTTP helpers in-process (no server); the PROXY protocol header
+     (the parser, then the server with --proxy-protocol); connections; ranges, conditionals,
+     precompressed variants; response headers; limits, timeouts and load; signals, start-up
+     errors and the command line; running as a service (socket activation, sd_notify, --user)
   2. Crypto primitives
      2.1 X25519 and Ed25519   2.2 P-256/P-384: ECDH and ECDSA   2.3 AES-GCM and ChaCha20-Poly1305
      2.4 PEM, DER, RSA-PSS, private keys, certificates
@@ -38,7 +39,8 @@ Contents, in the layer order of tarweb.py:
   4. HTTPS server: tarweb.py with TLS on loopback; site, certificates (section 3's), clients (Python's
      ssl with http.client, curl, s_client, section 3's hand-driven client over TCP); interoperability
      and certificate types; HTTP over TLS, record buffering, few slots; hostile input, handshake
-     deadline; plain and TLS listeners; TLS start-up errors; kernel TLS (TestKTLS, make test-ktls);
+     deadline; plain and TLS listeners; behind a load balancer (PROXY headers before TLS, real
+     HAProxy in front of two servers); TLS start-up errors; kernel TLS (TestKTLS, make test-ktls);
      real browsers (headless Chromium and Firefox load a page and report; Chromium's net-log)
   5. Demo site and benchmark harness: shared helpers; HTTP (W1, W1b, W2, idle connections, strace);
      pure-Python crypto and server handshakes; TLS load (W3 handshakes, W4/W5 HTTPS); profile
@@ -1508,6 +1510,319 @@ class TestHTTPHelpers(unittest.TestCase):
             self.assertIs(tarweb.accept_encoding_choice(app, header), want, header)
         index = site.archive.files[b"/index.html"]
         self.assertIs(tarweb.accept_encoding_choice(index, b"gzip"), index)   # no variants
+
+
+# ---------------------------------------------------------------------------------------------
+# The PROXY protocol header (a load balancer's, before HTTP or TLS): the parser in-process, then
+# the server (--proxy-protocol) over raw sockets
+# ---------------------------------------------------------------------------------------------
+
+PROXY_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_v1(src="203.0.113.7", dst="127.0.0.1", ports=(40000, 80), proto=None):
+    """A PROXY v1 line; TCP6 when src is an IPv6 address."""
+    proto = proto or ("TCP6" if ":" in src else "TCP4")
+    return ("PROXY %s %s %s %d %d\r\n" % ((proto, src, dst) + tuple(ports))).encode()
+
+
+def proxy_v2(src="203.0.113.7", dst="127.0.0.1", ports=(40000, 80), command=1, tlvs=b"",
+             version=2, family=None, body=None):
+    """A PROXY v2 header: TCP over IPv4 or IPv6 by src, UNIX stream when src and dst are bytes
+    (paths); command 0 is LOCAL. family and body replace what the addresses make."""
+    if body is None and isinstance(src, bytes):
+        fam, body = 0x31, src.ljust(108, b"\0") + dst.ljust(108, b"\0")
+    elif body is None:
+        af = socket.AF_INET6 if ":" in src else socket.AF_INET
+        fam = 0x21 if af == socket.AF_INET6 else 0x11
+        body = socket.inet_pton(af, src) + socket.inet_pton(af, dst) + struct.pack("!HH", *ports)
+    else:
+        fam = 0
+    body += tlvs
+    return PROXY_V2_SIG + bytes([version << 4 | command, fam if family is None else family]) \
+        + struct.pack("!H", len(body)) + body
+
+
+# TLVs as a balancer sends them: ALPN, authority, a NOOP, an AWS VPC endpoint id (type 0xEA).
+PROXY_TLVS = (b"\x01\x00\x08http/1.1" + b"\x02\x00\x0bexample.org" + b"\x04\x00\x03abc"
+              + b"\xea\x00\x17\x01vpce-08d2bf15fac5001c9")
+LONGEST_V1 = b"PROXY UNKNOWN " + b"x" * (107 - 16) + b"\r\n"
+
+
+class TestProxyHeader(unittest.TestCase):
+    """tarweb.parse_proxy_header: (length, client address or None) for a whole header, None for
+    a correct beginning, ValueError for anything else (the server then closes, answering
+    nothing)."""
+
+    VALID = [
+        (proxy_v1(), "203.0.113.7"),
+        (proxy_v1("2001:DB8:0:0::1", "::1"), "2001:db8::1"),   # canonical form
+        (proxy_v1("::ffff:192.0.2.1", "::1"), "::ffff:192.0.2.1"),
+        (proxy_v1("0.0.0.0", "255.255.255.255", (0, 65535)), "0.0.0.0"),
+        (b"PROXY UNKNOWN\r\n", None),
+        (b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n", None),
+        (b"PROXY UNKNOWN \xff\x00 anything\r\n", None),   # the rest is ignored
+        (LONGEST_V1, None),
+        (proxy_v2(), "203.0.113.7"),
+        (proxy_v2("2001:db8::7", "2001:db8::1"), "2001:db8::7"),
+        (proxy_v2(b"/run/client.sock", b"/run/tarweb.sock"), "unix:/run/client.sock"),
+        (proxy_v2(b"/tmp/a b\x1b", b"/x"), "unix:/tmp/a\\x20b\\x1B"),   # escaped, one word
+        (proxy_v2(b"\0abstract", b"/x"), "unix:"),
+        (proxy_v2(tlvs=PROXY_TLVS), "203.0.113.7"),
+        (proxy_v2("2001:db8::7", "::1", tlvs=PROXY_TLVS), "2001:db8::7"),
+        (proxy_v2(command=0), None),                       # LOCAL: a health check
+        (proxy_v2(command=0, body=b""), None),
+        (proxy_v2(command=0, family=0x12), None),          # LOCAL ignores the family
+        (proxy_v2(body=b""), None),                        # AF_UNSPEC
+        (proxy_v2(body=bytes(100)), None),
+        (proxy_v2(body=bytes(4096 - 16)), None),           # the longest taken
+    ]
+
+    def test_valid_headers(self):
+        for header, client in self.VALID:
+            for after in (b"", b"GET / HTTP/1.1\r\n", b"\x16\x03\x01\x02\x00", b"\r\n"):
+                self.assertEqual(tarweb.parse_proxy_header(header + after), (len(header), client),
+                                 header + after)
+
+    def test_every_beginning_needs_more(self):
+        for header, _ in self.VALID:
+            for n in range(len(header)):
+                self.assertIsNone(tarweb.parse_proxy_header(header[:n]), header[:n])
+
+    def test_malformed(self):
+        v2 = proxy_v2()
+        cases = [
+            (b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", "no PROXY"),
+            (b"G", "no PROXY"), (b"PROXX", "no PROXY"), (b"\x16\x03\x01\x02\x00\x01", "no PROXY"),
+            (b"proxy TCP4 1.2.3.4 5.6.7.8 1 2\r\n", "no PROXY"),
+            (b"\r\n\r\n\x00\r\nQUIT\r", "no PROXY"), (b"\r\r", "no PROXY"),
+            (b"\n", "no PROXY"), (b"\x00", "no PROXY"),
+            # v1: exact spacing, CRLF, fields, addresses of the protocol's family, ports
+            (b"PROXY  TCP4 1.2.3.4 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 \r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\rX\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4\t5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n", "malformed"),
+            (b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY tcp4 1.2.3.4 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY UNKNOWNX\r\n", "malformed"), (b"PROXY\r\n", "no PROXY"),
+            (b"PROXY \r\n", "malformed"),
+            (proxy_v1(ports=(65536, 80)), "port out of range"),
+            (proxy_v1(ports=(1, 99999)), "port out of range"),
+            (proxy_v1(ports=(1, 100000)), "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n", "malformed"),
+            (proxy_v1("256.0.0.1"), "not IPv4"), (proxy_v1("1.2.3"), "not IPv4"),
+            (proxy_v1("01.2.3.4"), "not IPv4"), (proxy_v1("1.2.3.4.5"), "not IPv4"),
+            (proxy_v1("1.2.3.4", "5.6.7.256"), "not IPv4"),
+            (proxy_v1("::1", proto="TCP4"), "not IPv4"),
+            (proxy_v1("1.2.3.4", "::1", proto="TCP4"), "not IPv4"),
+            (proxy_v1("1.2.3.4", "::1", proto="TCP6"), "not IPv6"),
+            (proxy_v1("1:::2", "::1"), "not IPv6"), (proxy_v1("1:2:3:4:5:6:7:8:9", "::1"), "not IPv6"),
+            (proxy_v1("fe80::1%eth0", "::1"), "malformed"),
+            (proxy_v1("2001:db8::g", "::1"), "malformed"),
+            (b"PROXY TCP4 1.2.3.\xb9 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4\x00 5.6.7.8 1 2\r\n", "malformed"),
+            # no CRLF within 107 bytes
+            (b"PROXY UNKNOWN " + b"x" * 200, "without CRLF"),
+            (b"PROXY " + b"x" * 101, "without CRLF"),
+            (LONGEST_V1[:-2] + b"x\r\n", "without CRLF"),
+            # v2: signature, version, command, family and transport, lengths
+            (v2[:11] + b"X" + v2[12:], "no PROXY"), (v2[:11] + b"X", "no PROXY"),
+            (v2[:12] + b"\x11" + v2[13:], "unknown version"),
+            (proxy_v2(version=1), "unknown version"), (proxy_v2(version=3), "unknown version"),
+            (proxy_v2(command=2), "command"), (proxy_v2(command=15), "command"),
+            (proxy_v2(version=1, command=0), "unknown version"),
+            (proxy_v2(family=0x12), "not TCP"), (proxy_v2(family=0x22), "not TCP"),
+            (proxy_v2(b"/a", b"/b", family=0x32), "not TCP"),
+            (proxy_v2(family=0x10), "not TCP"), (proxy_v2(family=0x13), "not TCP"),
+            (proxy_v2(family=0x41), "not TCP"), (proxy_v2(family=0x01), "not TCP"),
+            (proxy_v2(family=0x21), "address block of 12 bytes, under 36"),
+            (proxy_v2(family=0x11, body=bytes(11)), "under 12"),
+            (proxy_v2(family=0x31, body=bytes(215)), "under 216"),
+            (proxy_v2(body=bytes(4096 - 15)), "over 4096 bytes"),
+            (proxy_v2(body=bytes(65535))[:16], "over 4096 bytes"),   # known from 16 bytes
+        ]
+        for data, why in cases:
+            with self.assertRaisesRegex(ValueError, re.escape(why), msg=data):
+                tarweb.parse_proxy_header(data)
+
+    def test_mutations(self):
+        """Valid headers cut, bit-flipped, with bytes dropped or repeated: every answer is None,
+        a length within the data with a one-word printable client (or None), or ValueError."""
+        rng = random.Random(7)
+        headers = [header for header, _ in self.VALID if len(header) < 300]
+        for _ in range(20000):
+            data = bytearray(rng.choice(headers) + rng.choice((b"", VALID_GET)))
+            for _ in range(rng.randint(1, 3)):
+                i = rng.randrange(len(data))
+                kind = rng.randrange(4)
+                if kind == 0:
+                    data[i] ^= 1 << rng.randrange(8)
+                elif kind == 1:
+                    del data[i]
+                elif kind == 2:
+                    data[i:i] = data[i:i + rng.randint(1, 8)]
+                else:
+                    del data[i:]
+                if not data:
+                    break
+            try:
+                found = tarweb.parse_proxy_header(bytes(data))
+            except ValueError:
+                continue
+            if found is not None:
+                length, client = found
+                self.assertTrue(0 < length <= len(data), bytes(data))
+                self.assertTrue(client is None or re.fullmatch(r"[\x21-\x7e]+", client), bytes(data))
+
+
+def access_log_client(srv, request_line, timeout=3.0):
+    """The client field of srv's access log line (--access-log -, on its stdout) for
+    request_line, waiting for the once-a-second flush."""
+    deadline = time.monotonic() + T(timeout)
+    while True:
+        for line in list(srv.out_all):
+            m = CLF_RE.match(line)
+            if m and m.group(5) == request_line:
+                return m.group(1)
+        if time.monotonic() > deadline:
+            raise AssertionError("no access log line for %r; stdout ends %r"
+                                 % (request_line, srv.out_all[-5:]))
+        time.sleep(0.05)
+
+
+def proxied_socket(addr, header, source="127.0.0.1", timeout=10):
+    """A TCP connection to addr from source (any of 127/8) that has sent header."""
+    s = socket.create_connection(addr, timeout=T(timeout), source_address=(source, 0))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.sendall(header)
+    return s
+
+
+def closed_without_reply(test, sock, low, high, start=None):
+    """sock is closed by the server, without a byte, between low and high seconds from start
+    (default: now)."""
+    start = time.monotonic() if start is None else start
+    data, closed = read_until_close(sock, high + 3)
+    sock.close()
+    elapsed = time.monotonic() - start
+    test.assertEqual((data, closed), (b"", True))
+    test.assertTrue(low <= elapsed <= high, "closed after %.2f s, not in %g..%g" % (elapsed, low, high))
+
+
+class TestProxyProtocol(ServerCase):
+    """--proxy-protocol on a plain listener: the header's client in the access log, keep-alive
+    behind it; a header that is missing, malformed, oversized or slow closes the connection
+    without a response, and no slot is left behind."""
+    ARGS = ("--proxy-protocol", "--access-log", "-", "-v", "--header-timeout", "1")
+
+    def test_client_address_from_the_header(self):
+        forms = [("v1-tcp4", proxy_v1(), "203.0.113.7"),
+                 ("v1-tcp6", proxy_v1("2001:db8::7", "2001:db8::1"), "2001:db8::7"),
+                 ("v1-unknown", b"PROXY UNKNOWN\r\n", "127.0.0.5"),   # the socket's own
+                 ("v2-tcp4", proxy_v2("198.51.100.4", tlvs=PROXY_TLVS), "198.51.100.4"),
+                 ("v2-tcp6", proxy_v2("2001:db8::8", "::1"), "2001:db8::8"),
+                 ("v2-unix", proxy_v2(b"/run/c.sock", b"/run/t.sock"), "unix:/run/c.sock"),
+                 ("v2-local", proxy_v2(command=0), "127.0.0.5"),
+                 ("v2-unspec", proxy_v2(body=b""), "127.0.0.5")]
+        for name, header, _ in forms:
+            request = b"GET /small.txt?%s HTTP/1.1\r\nHost: t\r\n\r\n" % name.encode()
+            with Conn(self.addr, sock=proxied_socket(self.addr, header + request, "127.0.0.5")) as c:
+                self.assertBody(c.read_response(), MAIN["small.txt"][0])
+        for name, _, client in forms:
+            self.assertEqual(access_log_client(self.srv, "GET /small.txt?%s HTTP/1.1" % name), client)
+        self.srv.assert_idle()
+
+    def test_header_in_pieces_then_keep_alive(self):
+        """Peeked and taken a piece at a time; the requests come later, then pipelined."""
+        for header in (proxy_v1("192.0.2.10"), proxy_v2("192.0.2.11", tlvs=PROXY_TLVS)):
+            s = proxied_socket(self.addr, header[:1])
+            for piece in (header[1:7], header[7:15], header[15:17], header[17:]):
+                time.sleep(0.05)
+                s.sendall(piece)
+            time.sleep(0.2)
+            with Conn(self.addr, sock=s) as c:
+                self.assertBody(c.request("GET", "/small.txt"), MAIN["small.txt"][0])
+                c.send(VALID_GET * 3)
+                for _ in range(3):
+                    self.assertBody(c.read_response(), MAIN["small.txt"][0])
+        self.srv.assert_idle()
+
+    def test_bad_headers_closed_at_once_without_response(self):
+        hello = b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00"
+        bad = [VALID_GET, hello, b"\r\n" + VALID_GET,
+               proxy_v1(ports=(40000, 65536)) + VALID_GET, proxy_v1("01.2.3.4") + VALID_GET,
+               b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n" + VALID_GET, b"PROXY UNKNOWN " + b"x" * 200,
+               proxy_v2(version=1) + VALID_GET, proxy_v2(family=0x12) + VALID_GET,
+               proxy_v2(body=bytes(5000)), PROXY_V2_SIG[:6] + b"X" + PROXY_V2_SIG[7:]]
+        before = self.srv.stats()
+        for data in bad:
+            start = time.monotonic()
+            reply, closed = raw_exchange(self.addr, data)
+            self.assertEqual((reply, closed), (b"", True), data[:40])
+            self.assertLess(time.monotonic() - start, T(0.8), data[:40])   # not the timeout
+        after = self.srv.assert_idle()
+        self.assertEqual(after["proxy_refused"] - before["proxy_refused"], len(bad), (before, after))
+        self.assertEqual(after["timeouts"] - before["timeouts"], 0, (before, after))
+        self.assertEqual(after["requests"] - before["requests"], 0, (before, after))
+        self.assertGreaterEqual(self.srv.count_stderr("client 127.0.0.1: PROXY header refused: "),
+                                len(bad))
+        self.assertEqual(self.srv.count_stderr("Traceback"), 0)
+
+    def test_slow_or_missing_header_closed_at_the_header_timeout(self):
+        before = self.srv.stats()
+        start = time.monotonic()
+        socks = [proxied_socket(self.addr, data)
+                 for data in (b"", proxy_v1()[:10], proxy_v2()[:16], proxy_v2()[:20])]
+        for s in socks:
+            closed_without_reply(self, s, 0.8, T(2.6), start)
+        after = self.srv.assert_idle()
+        self.assertEqual(after["timeouts"] - before["timeouts"], len(socks), (before, after))
+
+    def test_request_must_follow_within_the_header_timeout_of_the_accept(self):
+        """The header alone, then silence: closed as a fresh silent connection is."""
+        closed_without_reply(self, proxied_socket(self.addr, proxy_v1()), 0.8, T(2.6))
+        self.srv.assert_idle()
+
+
+class TestProxyProtocolLimits(ArchiveCase):
+    """Connections waiting for their PROXY header, when every slot is busy and when stopping."""
+
+    def test_full_house_reaps_connections_waiting_for_their_header(self):
+        """Silent ones give their slot at once, as idle connections do; those with part of a
+        header once it has taken a quarter of the header timeout (a second at least)."""
+        with ServerProc(MAIN_TAR, "--proxy-protocol", "--max-connections", "2",
+                        "--header-timeout", "4") as srv:
+            for waiting, low, high in ((b"", 0.0, 1.0), (proxy_v1()[:10], 0.7, 2.5)):
+                before = srv.stats()
+                stuck = [proxied_socket(srv.addr, waiting) for _ in range(2)]
+                time.sleep(0.2)
+                start = time.monotonic()
+                with Conn(srv.addr, sock=proxied_socket(srv.addr, proxy_v1() + VALID_GET)) as c:
+                    self.assertEqual(c.read_response(timeout=T(5)).body, MAIN["small.txt"][0])
+                    elapsed = time.monotonic() - start
+                self.assertTrue(low <= elapsed <= T(high), (waiting, elapsed))
+                replies = [read_until_close(s, 0.3) for s in stuck]
+                self.assertIn((b"", True), replies)   # the one reaped got nothing
+                for s in stuck:
+                    s.close()
+                after = srv.assert_idle()
+                self.assertEqual(after["reaped"] - before["reaped"], 1, (before, after))
+
+    def test_stop_closes_connections_waiting_for_their_header(self):
+        with ServerProc(MAIN_TAR, "--proxy-protocol", "--grace", "5") as srv:
+            s = proxied_socket(srv.addr, b"")
+            time.sleep(T(0.3))
+            start = time.monotonic()
+            self.assertEqual(srv.stop(), 0)
+            self.assertLess(time.monotonic() - start, T(2))
+            self.assertEqual(read_until_close(s, 1), (b"", True))
+            s.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2997,12 +3312,13 @@ def socket_activate(listen, names=None, datagram=False):
 
 class FirstClient(threading.Thread):
     """systemd-socket-activate starts the server at the first client: this one, which connects
-    (retrying until the socket is there), sends GET /small.txt (over TLS if tls) and keeps the
-    answer, from the server that its connection started."""
+    (retrying until the socket is there), sends header (a PROXY header, if any) and GET
+    /small.txt (over TLS if tls) and keeps the answer, from the server that its connection
+    started."""
 
-    def __init__(self, port, tls=False):
+    def __init__(self, port, tls=False, header=b""):
         super().__init__(daemon=True)
-        self.port, self.tls, self.response, self.error = port, tls, None, None
+        self.port, self.tls, self.header, self.response, self.error = port, tls, header, None, None
         self.start()
 
     def run(self):
@@ -3010,6 +3326,7 @@ class FirstClient(threading.Thread):
         while True:
             try:
                 sock = socket.create_connection(("127.0.0.1", self.port), timeout=T(15))
+                sock.sendall(self.header)
                 if self.tls:
                     sock = insecure_tls_context().wrap_socket(sock, server_hostname="localhost")
                 with Conn(None, timeout=T(15), sock=sock) as c:
@@ -3088,6 +3405,22 @@ class TestSocketActivation(StartupErrorChecks, ArchiveCase):
             self.assertTrue(descriptor_flags(srv.proc.pid, fd) & os.O_CLOEXEC, fd)
             self.assertEqual(peer_socket_option(srv.proc.pid, fd, socket.IPPROTO_TCP,
                                                 socket.TCP_NODELAY), 1, fd)
+
+    def test_proxy_protocol_on_systemd_sockets(self):
+        """--proxy-protocol applies to systemd's sockets as to --listen ones."""
+        ports = free_ports(2)
+        first = FirstClient(ports[0], header=proxy_v1("192.0.2.41"))
+        srv = ServerProc(MAIN_TAR, "--tls-self-signed", "--proxy-protocol", "--access-log", "-",
+                         listen=(), prefix=socket_activate(ports, "http:https"))
+        self.addCleanup(srv.stop)
+        self.assertSmall(first.result())
+        raw = proxied_socket(("127.0.0.1", ports[1]), proxy_v2("192.0.2.42"))
+        with insecure_tls_context().wrap_socket(raw, server_hostname="localhost") as tls:
+            self.assertSmall(Conn(None, timeout=T(10), sock=tls).request("GET", "/small.txt?tls"))
+        self.assertEqual(access_log_client(srv, "GET /small.txt HTTP/1.1"), "192.0.2.41")
+        self.assertEqual(access_log_client(srv, "GET /small.txt?tls HTTP/1.1"), "192.0.2.42")
+        self.assertEqual(raw_exchange(("127.0.0.1", ports[0]), VALID_GET), (b"", True))
+        self.assertEqual(srv.assert_idle()["proxy_refused"], 1)
 
     def test_unnamed_sockets_are_like_listen(self):
         """Without names (or with other ones) a socket is what --listen would be: HTTPS with a
@@ -9998,7 +10331,7 @@ class TestPlainAndTLS(HTTPSServerCase):
     def server_options(cls):
         # A ClientHello on the plain port is a request head without its blank line (unless its
         # random bytes hold one): the header deadline answers it, well before the client's 10 s.
-        return https_args('p256', '--tls-listen', '127.0.0.1:0', '--header-timeout', '2')
+        return https_args('p256', '--tls-listen', '127.0.0.1:0', '--header-timeout', '2', '-v')
 
     def test_url_line(self):
         self.assertEqual(sorted(scheme for scheme, _h, _p in self.srv.listeners), ['http', 'https'])
@@ -10019,6 +10352,250 @@ class TestPlainAndTLS(HTTPSServerCase):
             https_conn(self.srv.addr_of('http'), ssl_client_context(self.ca)).close()
         self.assert_healthy()
         self.srv.assert_idle()
+
+    def test_verbose_lines_name_the_client(self):
+        """-v: a handshake's line and a failed handshake's line begin with the client's address
+        (loopback has all of 127/8: a client bound to 127.0.0.2 shows)."""
+        raw = socket.create_connection(self.addr, timeout=T(10), source_address=('127.0.0.2', 0))
+        with ssl_client_context(self.ca).wrap_socket(raw, server_hostname='localhost') as tls:
+            tls.sendall(request_bytes('/small.txt', headers=[('Connection', 'close')]))
+            self.assertTrue(read_until_close(tls)[0].endswith(SMALL))
+        raw = socket.create_connection(self.addr, timeout=T(10), source_address=('127.0.0.3', 0))
+        raw.sendall(plaintext_record(22, b'\x01\x00\x00\x01\x00'))   # a cut-off ClientHello
+        read_until_close(raw)
+        raw.close()
+        self.srv.assert_idle()
+        err = self.srv.stderr_text()
+        self.assertRegex(err, r'tarweb\.py: client 127\.0\.0\.2: TLS 0x13[0-9a-f]{2} for SNI localhost\n')
+        self.assertRegex(err, r'tarweb\.py: client 127\.0\.0\.3: TLS handshake failed: ')
+
+
+# ---------------------------------------------------------------------------------------------
+# Behind a load balancer: the PROXY protocol header before TLS (raw sockets), then real HAProxy
+# in front of two servers that share a ticket key
+# ---------------------------------------------------------------------------------------------
+
+def proxied_tls(addr, ca, header, source='127.0.0.1'):
+    """A Conn over TLS (Python's ssl, verifying with ca) on a connection that sent header first."""
+    raw = proxied_socket(addr, header, source)
+    try:
+        return Conn(addr, T(10), sock=ssl_client_context(ca).wrap_socket(raw, server_hostname='localhost'))
+    except BaseException:
+        raw.close()
+        raise
+
+
+def proxied_net_client(addr, header):
+    """Section 3's NetClient whose first write, its ClientHello, carries header in front."""
+    client = NetClient(addr)
+    pending = [header]
+
+    def send(data):
+        client.sock.sendall(b''.join(pending) + data)
+        pending.clear()
+    client.send = send
+    return client
+
+
+class TestProxyProtocolTLS(HTTPSServerCase):
+    """--proxy-protocol on a TLS listener: the header comes before the ClientHello, is taken to
+    its last byte and no further, and counts against the handshake timeout."""
+
+    @classmethod
+    def server_options(cls):
+        return https_args('p256', '--proxy-protocol', '--access-log', '-', '-v',
+                          '--handshake-timeout', str(T(1)))
+
+    def test_each_header_then_tls(self):
+        forms = [('v1', proxy_v1('198.51.100.1'), '198.51.100.1'),
+                 ('v2', proxy_v2('2001:db8::9', '::1', tlvs=PROXY_TLVS), '2001:db8::9'),
+                 ('v2-local', proxy_v2(command=0), '127.0.0.7')]
+        for name, header, client in forms:
+            with proxied_tls(self.addr, self.ca, header, '127.0.0.7') as c:
+                c.sock.sendall(request_bytes('/small.txt?' + name))
+                self.assertEqual(c.read_response().body, SMALL)
+            self.assertEqual(access_log_client(self.srv, 'GET /small.txt?%s HTTP/1.1' % name), client)
+            self.assertRegex(self.srv.stderr_text(), r'(?m)client %s: TLS 0x13[0-9a-f]{2} for SNI localhost$'
+                             % re.escape(client))
+        self.srv.assert_idle()
+
+    def test_header_and_client_hello_in_one_write(self):
+        for name, header, client in (('v1', proxy_v1('192.0.2.21'), '192.0.2.21'),
+                                     ('v2', proxy_v2('192.0.2.22', tlvs=PROXY_TLVS), '192.0.2.22')):
+            net_client = proxied_net_client(self.addr, header).connect()
+            plain, events, _ = net_client.finish_with_request('/small.txt?one-write-' + name)
+            self.assertTrue(plain.endswith(SMALL), (plain[:100], events))
+            self.assertEqual(access_log_client(self.srv, 'GET /small.txt?one-write-%s HTTP/1.1' % name),
+                             client)
+        self.srv.assert_idle()
+
+    def test_missing_or_bad_header_gets_no_alert(self):
+        hello = plaintext_record(22, NetClient().client_hello())
+        before = self.srv.stats()
+        for data in (hello, b'PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n' + hello, proxy_v2(family=0x22) + hello):
+            self.assertEqual(raw_exchange(self.addr, data), (b'', True), data[:40])
+        after = self.srv.assert_idle()
+        self.assertEqual(after['proxy_refused'] - before['proxy_refused'], 3, (before, after))
+        self.assertEqual(after['tls_failures'] - before['tls_failures'], 0, (before, after))
+        self.assert_healthy_through_proxy()
+
+    def test_slow_header_or_hello_closed_at_the_handshake_timeout(self):
+        """From the accept: the header and the handshake share the handshake timeout."""
+        before = self.srv.stats()
+        start = time.monotonic()
+        socks = [proxied_socket(self.addr, data) for data in (proxy_v1()[:9], proxy_v2()[:15], proxy_v1())]
+        for s in socks:
+            closed_without_reply(self, s, T(0.8), T(2.5), start)
+        after = self.srv.assert_idle()
+        self.assertEqual(after['timeouts'] - before['timeouts'], 3, (before, after))
+
+    def assert_healthy_through_proxy(self):
+        with proxied_tls(self.addr, self.ca, proxy_v2()) as c:
+            c.sock.sendall(request_bytes('/small.txt'))
+            self.assertEqual(c.read_response().body, SMALL)
+
+
+class HAProxy:
+    """Debian's haproxy in TCP mode, a child process in the foreground (-db), with one `listen`
+    section per route: routes {name: ((host, port) of the server, 'send-proxy' or
+    'send-proxy-v2')}; addr[name] is where a client connects for it. Every server is health
+    checked every CHECK_INTERVAL seconds: a connect and the header alone (HAProxy 2.6 sends v2
+    LOCAL, or a v1 line with the check's own addresses), then a close.
+    Its log (a line per connection; a server going down) goes to a file: log()."""
+    CHECK_INTERVAL = 0.3
+
+    def __init__(self, routes):
+        need_tool('haproxy')
+        lines = ['global', '    maxconn 256', '    log stderr format raw local0', 'defaults',
+                 '    mode tcp', '    log global', '    option tcplog', '    timeout connect 5s',
+                 '    timeout client 30s', '    timeout server 30s']
+        self.addr = {}
+        for (name, (server, option)), port in zip(sorted(routes.items()), free_ports(len(routes))):
+            self.addr[name] = ('127.0.0.1', port)
+            lines += ['listen ' + name, '    bind 127.0.0.1:%d' % port,
+                      '    server s %s:%d %s check inter %dms'
+                      % (server[0], server[1], option, self.CHECK_INTERVAL * 1000)]
+        config = work_file('haproxy', 'haproxy.cfg', ('\n'.join(lines) + '\n').encode())
+        self.log_path = work_file('haproxy', 'haproxy.log')
+        with open(self.log_path, 'wb') as out:
+            self.proc = subprocess.Popen(['haproxy', '-db', '-f', config], stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + T(10)
+        for addr in self.addr.values():
+            while True:
+                try:
+                    socket.create_connection(addr, timeout=T(1)).close()
+                    break
+                except OSError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        self.stop()
+                        raise AssertionError('haproxy did not listen on %s:%d: %s' % (addr + (self.log(),)))
+                    time.sleep(0.05)
+
+    def log(self):
+        return read_bytes(self.log_path).decode('latin-1')
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(T(10))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class TestHAProxy(unittest.TestCase):
+    """The scale-out picture: HAProxy (TCP mode) in front of two tarweb.py instances serving the
+    same tar with --proxy-protocol and one --tls-ticket-key file, nothing else shared. The access
+    logs show the clients' addresses (from 127.0.0.2 and up: loopback has all of 127/8) that
+    send-proxy and send-proxy-v2 carry; TLS passes through; a session made on A resumes on B."""
+
+    @classmethod
+    def setUpClass(cls):
+        need_tool('haproxy')
+        cls.tar, cls.files = https_site()
+        cls.ca = https_cert().ca
+        cls.context = ssl_client_context(cls.ca)   # one for all: a session belongs to its context
+        key = tls_file('haproxy-tickets.key', (secrets.token_hex(32) + '\n').encode())
+        os.chmod(key, 0o600)
+        args = https_args('p256', '--tls-listen', '127.0.0.1:0', '--proxy-protocol',
+                          '--tls-ticket-key', key, '--access-log', '-', '-v')
+        cls.a = ServerProc(cls.tar, *args)
+        cls.addClassCleanup(cls.a.stop)
+        cls.b = ServerProc(cls.tar, *args)
+        cls.addClassCleanup(cls.b.stop)
+        cls.haproxy = HAProxy({
+            'a_http_v1': (cls.a.addr_of('http'), 'send-proxy'),
+            'a_http_v2': (cls.a.addr_of('http'), 'send-proxy-v2'),
+            'a_tls_v2': (cls.a.addr_of('https'), 'send-proxy-v2'),
+            'b_tls_v1': (cls.b.addr_of('https'), 'send-proxy'),
+            'b_tls_v2': (cls.b.addr_of('https'), 'send-proxy-v2')})
+        cls.addClassCleanup(cls.haproxy.stop)
+
+    def get_via(self, route, path, source, session=None):
+        """A GET through HAProxy's route from source, over TLS (offering session) for the tls
+        routes: (response, TLS session, whether it was resumed)."""
+        raw = socket.create_connection(self.haproxy.addr[route], timeout=T(10),
+                                       source_address=(source, 0))
+        sock = raw
+        if '_tls_' in route:
+            sock = self.context.wrap_socket(raw, server_hostname='localhost', session=session)
+        with Conn(None, T(10), sock=sock) as c:
+            c.sock.sendall(request_bytes(path))
+            resp = c.read_response()
+            if sock is raw:
+                return resp, None, False
+            return resp, sock.session, sock.session_reused
+
+    def test_plain_http_send_proxy_v1_and_v2(self):
+        for route, source in (('a_http_v1', '127.0.0.2'), ('a_http_v2', '127.0.0.3')):
+            resp = self.get_via(route, '/small.txt?' + route, source)[0]
+            self.assertEqual((resp.status, resp.body), (200, SMALL))
+            self.assertEqual(access_log_client(self.a, 'GET /small.txt?%s HTTP/1.1' % route), source)
+
+    def test_tls_passthrough(self):
+        for route, srv, source in (('a_tls_v2', self.a, '127.0.0.4'), ('b_tls_v1', self.b, '127.0.0.5')):
+            resp = self.get_via(route, '/small.txt?' + route, source)[0]
+            self.assertEqual((resp.status, resp.body), (200, SMALL))
+            self.assertEqual(access_log_client(srv, 'GET /small.txt?%s HTTP/1.1' % route), source)
+            self.assertRegex(srv.stderr_text(), r'(?m)client %s: TLS 0x13[0-9a-f]{2} for SNI localhost$'
+                             % re.escape(source))
+
+    def test_health_checks(self):
+        """HAProxy's checks carry the header (v2: LOCAL) and find both servers up; nothing
+        refused, nothing timed out."""
+        before = [srv.stats() for srv in (self.a, self.b)]
+        time.sleep(T(5 * HAProxy.CHECK_INTERVAL))
+        for srv, old, checks in zip((self.a, self.b), before, (3, 2)):
+            new = srv.assert_idle()
+            self.assertGreaterEqual(new['accepted'] - old['accepted'], 3 * checks, (old, new))
+            self.assertEqual((new['proxy_refused'], new['timeouts'], new['errors']), (0, 0, 0), new)
+        self.assertNotIn(' is DOWN', self.haproxy.log())
+
+    def test_session_from_a_resumes_on_b(self):
+        before = self.b.stats()
+        path = tls_file('haproxy-session.pem')
+        if os.path.exists(path):
+            os.unlink(path)
+        rc, out = s_client_session(self.haproxy.addr['a_tls_v2'], self.ca, path)
+        self.assertEqual(rc, 0, out)
+        self.assertIn('New, TLSv1.3', out)
+        rc, out = s_client_session(self.haproxy.addr['b_tls_v2'], self.ca, path, save=False)
+        self.assertEqual(rc, 0, out)
+        self.assertIn('HTTP/1.1 200 OK', out)
+        self.assertIn('Reused, TLSv1.3', out)
+        # Python's ssl from 127.0.0.6: a session from A (v2), offered to B (v1)
+        resp, session, reused = self.get_via('a_tls_v2', '/small.txt?session-from-a', '127.0.0.6')
+        self.assertEqual((resp.body, reused), (SMALL, False))
+        resp, _, reused = self.get_via('b_tls_v1', '/small.txt?resumed-on-b', '127.0.0.6', session)
+        self.assertEqual((resp.body, reused), (SMALL, True))
+        self.assertEqual(access_log_client(self.b, 'GET /small.txt?resumed-on-b HTTP/1.1'), '127.0.0.6')
+        self.assertRegex(self.b.stderr_text(), r'(?m)client 127\.0\.0\.6: TLS 0x13[0-9a-f]{2} for SNI '
+                         r'localhost, resumed$')
+        after = self.b.assert_idle()
+        self.assertEqual(after['resumed'] - before['resumed'], 2, (before, after))
+        self.a.assert_idle()
 
 
 class TestTarRewrittenInPlace(unittest.TestCase):
@@ -10299,13 +10876,14 @@ class TestKTLS(StartupErrorChecks, HTTPSServerCase):
     def server_options(cls):
         return https_args('p256', '--ktls', 'auto', '-v')
 
-    def counters_around(self, traffic, rekeys=None):
+    def counters_around(self, traffic, rekeys=None, srv=None):
         """Run traffic() -> number of TLS connections it made; check /proc/net/tls_stat moved.
         rekeys: where the kernel rekeys, {counter: change (a number or a range)} of the rekey
-        counters; the others, and TlsDecryptError, must not move."""
+        counters; the others, and TlsDecryptError, must not move. srv: the server, if not the
+        class's."""
         before = ktls_counters()
         n = traffic()
-        self.srv.assert_idle(10)
+        (srv or self.srv).assert_idle(10)
         after = ktls_counters()
         if EXPECT_KTLS_REKEY and rekeys is not None:
             self.assert_rekey_counters(before, after, rekeys)
@@ -10397,6 +10975,29 @@ class TestKTLS(StartupErrorChecks, HTTPSServerCase):
         before = self.srv.stats()
         self.counters_around(traffic)
         self.assertEqual(int(self.srv.stats()['resumed']) - int(before['resumed']), 2)
+
+    def test_proxy_header_before_kernel_tls(self):
+        """--proxy-protocol: the header is taken to its last byte and no further, so the
+        handshake reads its records as without it, and what follows the client's Finished is
+        still in the socket for the kernel."""
+        srv = ServerProc(self.tar, *https_args('p256', '--ktls', 'auto', '--proxy-protocol',
+                                               '--access-log', '-'))
+        self.addCleanup(srv.stop)
+        addr = srv.addr_of('https')
+
+        def traffic():
+            client = proxied_net_client(addr, proxy_v2('192.0.2.31', tlvs=PROXY_TLVS)).connect()
+            plain, events, layer = client.finish_with_request('/small.txt?in-the-finished-write',
+                                                              timeout=10)
+            self.assertTrue(plain.endswith(SMALL), (plain[:100], events, layer.error))
+            with proxied_tls(addr, self.ca, proxy_v1('192.0.2.32')) as c:
+                c.sock.sendall(request_bytes('/mid.bin'))
+                self.assertEqual(c.read_response().body, self.files['/mid.bin'])
+            return 2
+        self.counters_around(traffic, srv=srv)
+        self.assertEqual(access_log_client(srv, 'GET /small.txt?in-the-finished-write HTTP/1.1'),
+                         '192.0.2.31')
+        self.assertEqual(access_log_client(srv, 'GET /mid.bin HTTP/1.1'), '192.0.2.32')
 
     def test_request_in_the_finished_write(self):
         # The request record right behind the client Finished must reach HTTP (with kTLS the
@@ -10758,7 +11359,7 @@ def browser_site():
 
 
 RESULT_LINE_RE = re.compile(r'"GET /result/(\S*) HTTP/1\.1" 404 ')
-HANDSHAKE_LINE_RE = re.compile(r'tarweb\.py: TLS 0x13[0-9a-f]{2} for SNI localhost(, resumed)?$')
+HANDSHAKE_LINE_RE = re.compile(r'tarweb\.py: client [0-9.]+: TLS 0x13[0-9a-f]{2} for SNI localhost(, resumed)?$')
 
 
 def browser_env(folder):
