@@ -10054,6 +10054,53 @@ class TestTarRewrittenInPlace(unittest.TestCase):
             srv.assert_idle()
 
 
+def publish(tar, members):
+    """Write a new tar beside tar and rename it over tar, as README "Publishing" says."""
+    build_tar(tar + '.new', members)
+    os.rename(tar + '.new', tar)
+
+
+def wait_stderr(srv, text, count=1, timeout=10.0):
+    """Wait until count stderr lines contain text; fail after timeout."""
+    deadline = time.monotonic() + T(timeout)
+    while srv.count_stderr(text) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if srv.count_stderr(text) < count:
+        raise AssertionError('no %r on stderr within %g s: %s' % (text, T(timeout),
+                                                                   srv.stderr_tail()))
+
+
+class TestReload(unittest.TestCase):
+    """SIGHUP re-reads the tar (and the TLS files): new connections get the new site, responses
+    in flight finish from the old mapping, and any error keeps the old state."""
+
+    def site(self, name, members):
+        tar = work_file('reload', name)
+        build_tar(tar, members)
+        return tar
+
+    def reload(self, srv, n=1):
+        """SIGHUP, then wait for the server's n-th 'reloaded' or 'reload failed' line."""
+        srv.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + T(10)
+        while srv.count_stderr('reload') < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertGreaterEqual(srv.count_stderr('reload'), n, srv.stderr_tail())
+
+    def test_new_connections_get_the_new_site(self):
+        tar = self.site('swap.tar', [('a.txt', 'file', b'old\n'), ('gone.txt', 'file', b'x')])
+        with ServerProc(tar) as srv:
+            self.assertEqual(get1(srv.addr, '/a.txt').body, b'old\n')
+            publish(tar, [('a.txt', 'file', b'new\n'), ('b.txt', 'file', b'added\n')])
+            self.reload(srv)
+            self.assertEqual(get1(srv.addr, '/a.txt').body, b'new\n')
+            self.assertEqual(get1(srv.addr, '/b.txt').body, b'added\n')
+            self.assertEqual(get1(srv.addr, '/gone.txt').status, 404)
+            self.assertEqual(srv.count_stderr('reloaded %s: 2 files' % tar), 1, srv.stderr_tail())
+            self.assertIsNone(srv.proc.poll())
+            srv.assert_idle()
+
+
 class TestTLSStartupErrors(StartupErrorChecks, unittest.TestCase):
     """Bad TLS options and key files: one clean error line, no key material printed."""
 
