@@ -583,13 +583,17 @@ class Archive:
         self.dirs = set()        # directory members: '/a', '/a/b' (UTF-8 bytes, no trailing slash)
         self.skipped = {}        # why -> [how many, first member name]
         self.fd = self._open(path)
-        self._read_members(path, _path_parts(prefix))
-        self.names = sorted(self.files)  # every file's parents are directories too: see is_dir
-        self._attach_variants()
-        for why, (count, first) in self.skipped.items():
-            more = f" and {count - 1} more" if count > 1 else ""
-            log.warn(f"{path}: skipped '{_shown(first)}'{more}: {why}")
-        self.address = self._map()
+        try:
+            self._read_members(path, _path_parts(prefix))
+            self.names = sorted(self.files)  # every file's parents are directories: see is_dir
+            self._attach_variants()
+            for why, (count, first) in self.skipped.items():
+                more = f" and {count - 1} more" if count > 1 else ""
+                log.warn(f"{path}: skipped '{_shown(first)}'{more}: {why}")
+            self.address = self._map()
+        except BaseException:
+            os.close(self.fd)  # a reload that fails must not leak it
+            raise
 
     def _open(self, path):
         """Open the tar once: indexing, the mapping and the change check (Server.on_statx) all
@@ -597,6 +601,18 @@ class Archive:
         size and mtime are its identity: a change in place shows in them."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StartupError(f"{path}: cannot open the tar file: {e.strerror}")
+        try:
+            self._identify(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _identify(self, path, fd):
+        """Is the file at fd a tar we can serve? Its size and mtime, if so."""
+        try:
             st = os.fstat(fd)
             magic = b"" if stat.S_ISDIR(st.st_mode) else os.pread(fd, 8, 0)
         except OSError as e:
@@ -611,7 +627,6 @@ class Archive:
         if st.st_size < 512:
             raise StartupError(f"{path}: not a tar file (only {st.st_size} bytes)")
         self.size, self.identity = st.st_size, (st.st_size, st.st_mtime_ns)
-        return fd
 
     def _read_members(self, path, prefix):
         """Index member by member. tarfile reads from an mmap, so a header that claims a

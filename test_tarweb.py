@@ -2716,12 +2716,6 @@ class TestSignals(ArchiveCase):
             self.assertEqual(srv.count_stderr("dropping"), 0, srv.stderr_tail())
             c.close()
 
-    def test_sighup_drains_like_sigterm(self):
-        """SIGHUP (until it means reload) stops the server gracefully: no download is cut."""
-        with ServerProc(MAIN_TAR, "--grace", "10") as srv:
-            closed, exited = self._slow_download_then_signal(srv, signal.SIGHUP)
-            self.assertLess(exited, T(1.5))
-
     def test_sigint_exits_zero(self):
         with ServerProc(MAIN_TAR) as srv:
             self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
@@ -10070,6 +10064,19 @@ def wait_stderr(srv, text, count=1, timeout=10.0):
                                                                    srv.stderr_tail()))
 
 
+def tar_uses(srv, tar):
+    """(mappings, descriptors) of files named tar (or tar, deleted) in the server process."""
+    with open('/proc/%d/maps' % srv.proc.pid) as f:
+        maps = sum(line.split(None, 5)[-1].strip() in (tar, tar + ' (deleted)') for line in f)
+    fds = '/proc/%d/fd' % srv.proc.pid
+    return maps, sum(os.readlink(os.path.join(fds, fd)).startswith(tar) for fd in os.listdir(fds))
+
+
+def reloads(srv):
+    """How many reloads the server has finished (done or failed)."""
+    return srv.count_stderr('tarweb.py: reloaded ') + srv.count_stderr('tarweb.py: reload failed')
+
+
 class TestReload(unittest.TestCase):
     """SIGHUP re-reads the tar (and the TLS files): new connections get the new site, responses
     in flight finish from the old mapping, and any error keeps the old state."""
@@ -10083,9 +10090,9 @@ class TestReload(unittest.TestCase):
         """SIGHUP, then wait for the server's n-th 'reloaded' or 'reload failed' line."""
         srv.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + T(10)
-        while srv.count_stderr('reload') < n and time.monotonic() < deadline:
+        while reloads(srv) < n and time.monotonic() < deadline:
             time.sleep(0.02)
-        self.assertGreaterEqual(srv.count_stderr('reload'), n, srv.stderr_tail())
+        self.assertGreaterEqual(reloads(srv), n, srv.stderr_tail())
 
     def test_new_connections_get_the_new_site(self):
         tar = self.site('swap.tar', [('a.txt', 'file', b'old\n'), ('gone.txt', 'file', b'x')])
@@ -10099,6 +10106,148 @@ class TestReload(unittest.TestCase):
             self.assertEqual(srv.count_stderr('reloaded %s: 2 files' % tar), 1, srv.stderr_tail())
             self.assertIsNone(srv.proc.poll())
             srv.assert_idle()
+
+    def reload_failed(self, srv, n, why):
+        """SIGHUP with a problem: the n-th 'reload failed' line names it, the server serves on."""
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_stderr(srv, 'reload failed', n)
+        line = [l for l in srv.err_all if 'reload failed' in l][n - 1]
+        self.assertIn('still serving the previous version: ' + why, line)
+        self.assertIsNone(srv.proc.poll(), 'the server stopped')
+
+    def test_download_in_flight_finishes_from_the_old_tar(self):
+        """A 64 MiB body read slowly across a reload arrives byte-exact, from the old mapping;
+        the connection then closes (old version, idle) and the old tar is unmapped."""
+        tar = self.site('big.tar', [('big.bin', 'big', None), ('a.txt', 'file', b'old\n')])
+        http_archive()   # BIG_SHA
+        with ServerProc(tar, '--grace', '30') as srv:
+            c = Conn(srv.addr, timeout=T(30))
+            c.send(b'GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n')
+            h, state = hashlib.sha256(), {'n': 0}
+
+            def sink(piece):
+                h.update(piece)
+                state['n'] += len(piece)
+                if 'reloaded' not in state and state['n'] >= (1 << 20):
+                    state['reloaded'] = True
+                    publish(tar, [('a.txt', 'file', b'new\n')])
+                    self.reload(srv)
+                    state['new'] = get1(srv.addr, '/a.txt').body
+                time.sleep(0.0005)   # slow enough that the reload lands mid-body
+            r = c.read_response(sink=sink)
+            self.assertEqual((r.status, state['n'], h.hexdigest()), (200, BIG_SIZE, BIG_SHA))
+            self.assertEqual(state['new'], b'new\n')
+            self.assertIs(c.wait_closed(T(3)), True, 'an idle connection of the old version stays')
+            c.close()
+            srv.assert_idle()
+            self.assertEqual(tar_uses(srv, tar), (1, 1), 'the old tar is still mapped or open')
+            self.assertNotIn('Traceback', srv.stderr_text())
+
+    def test_old_connections_close_after_their_current_response(self):
+        """At a reload an idle keep-alive connection is closed; one with a request under way
+        is answered by the old version, with Connection: close, and then closed."""
+        tar = self.site('ka.tar', [('a.txt', 'file', b'old\n')])
+        with ServerProc(tar) as srv:
+            idle, busy = Conn(srv.addr), Conn(srv.addr)
+            for c in (idle, busy):
+                self.assertEqual(c.request('GET', '/a.txt').body, b'old\n')
+            time.sleep(T(0.2))
+            busy.send(b'GET /a.txt HTTP/1.1\r\n')
+            publish(tar, [('a.txt', 'file', b'new\n')])
+            self.reload(srv)
+            self.assertIs(idle.wait_closed(T(2)), True, 'an idle connection of the old version stays')
+            busy.send(b'Host: t\r\n\r\n')
+            r = busy.read_response()
+            self.assertEqual((r.body, r.get('Connection')), (b'old\n', 'close'))
+            self.assertIs(busy.wait_closed(T(2)), True)
+            for c in (idle, busy):
+                c.close()
+            self.assertEqual(get1(srv.addr, '/a.txt').body, b'new\n')
+            srv.assert_idle()
+
+    def test_connection_of_the_old_version_closed_at_grace(self):
+        """A client that stops reading holds its response, and the old tar, until --grace."""
+        tar = self.site('grace.tar', [('big.bin', 'file', b'x' * (32 << 20))])
+        with ServerProc(tar, '--grace', '1', '--idle-timeout', '60') as srv:
+            c = Conn(srv.addr, timeout=T(10))
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.send(b'GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n')
+            time.sleep(T(0.3))
+            publish(tar, [('a.txt', 'file', b'new\n')])
+            t0 = time.monotonic()
+            self.reload(srv)
+            wait_stderr(srv, 'grace period over, closing 1 connection', timeout=5)
+            self.assertLess(time.monotonic() - t0, T(2.5))
+            self.assertEqual(get1(srv.addr, '/a.txt').body, b'new\n')
+            c.close()
+            srv.assert_idle()
+
+    def test_errors_keep_the_old_version(self):
+        """A missing, compressed or damaged tar, or a --fallback it lacks: one line naming the
+        problem (the start-up error's text), the old version served on; fixed, it reloads."""
+        tar = self.site('errors.tar', [('index.html', 'file', b'old\n')])
+        with ServerProc(tar, '--fallback', '/index.html') as srv:
+            os.rename(tar, tar + '.away')
+            self.reload_failed(srv, 1, '%s: cannot open the tar file: No such file' % tar)
+            write_bytes(tar, gzip.compress(b'x' * 1000))
+            self.reload_failed(srv, 2, '%s: is gzip-compressed' % tar)
+            build_tar(tar, [('index.html', 'file', b'x' * 4096)])
+            write_bytes(tar, read_bytes(tar)[:2048])
+            self.reload_failed(srv, 3, "%s: truncated: 'index.html' ends at byte" % tar)
+            publish(tar, [('other.html', 'file', b'new\n')])
+            self.reload_failed(srv, 4, '--fallback /index.html: no such file in %s' % tar)
+            self.assertEqual(get1(srv.addr, '/index.html').body, b'old\n')
+            publish(tar, [('index.html', 'file', b'new\n')])
+            self.reload(srv, 5)
+            self.assertEqual(get1(srv.addr, '/index.html').body, b'new\n')
+            self.assertNotIn('Traceback', srv.stderr_text())
+            srv.assert_idle()
+            self.assertEqual(tar_uses(srv, tar), (1, 1), 'a failed load left its mapping or fd')
+
+    def test_sd_notify_reloading_then_ready(self):
+        """Type=notify-reload: RELOADING=1 with MONOTONIC_USEC (CLOCK_MONOTONIC, µs) when a
+        reload begins, READY=1 when it is done; a failed one says so in STATUS."""
+        tar = self.site('notify.tar', [('a.txt', 'file', b'old\n')])
+        ns = NotifySocket()
+        self.addCleanup(ns.close)
+        with ServerProc(tar, env=ns.env) as srv:
+            ns.wait_for('READY=1')
+            before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            srv.proc.send_signal(signal.SIGHUP)
+            fields = ns.wait_for('RELOADING=1').split('\n')
+            usec = [int(f.split('=')[1]) for f in fields if f.startswith('MONOTONIC_USEC=')]
+            self.assertEqual(len(usec), 1, fields)
+            self.assertTrue(before <= usec[0] <= before + T(5) * 10**6, (before, usec))
+            self.assertIn('STATUS=serving 1 files (reloaded)', ns.wait_for('READY=1').split('\n'))
+            os.unlink(tar)
+            srv.proc.send_signal(signal.SIGHUP)
+            ns.wait_for('RELOADING=1')
+            ready = ns.wait_for('READY=1')
+            self.assertIn('STATUS=reload failed: %s: cannot open the tar file' % tar, ready)
+
+    def test_sigusr1_reopens_the_access_log(self):
+        """logrotate moves the log away, then kill -USR1: the next lines go to a new file at the
+        path. An unopenable path is one line; the old file stays in use."""
+        tar = self.site('log.tar', [('a.txt', 'file', b'a\n')])
+        folder = work_file('reload', 'logs')
+        os.makedirs(folder, exist_ok=True)
+        log = os.path.join(folder, 'access.log')
+        with ServerProc(tar, '--access-log', log) as srv:
+            self.assertEqual(get1(srv.addr, '/a.txt?first').status, 200)
+            os.rename(log, log + '.1')
+            srv.stats()
+            self.assertEqual(get1(srv.addr, '/a.txt?second').status, 200)
+            time.sleep(T(1.5))   # written once a second
+            self.assertIn('/a.txt?first', read_bytes(log + '.1').decode())
+            self.assertIn('/a.txt?second', read_bytes(log).decode())
+            self.assertNotIn('second', read_bytes(log + '.1').decode())
+            os.rename(log, log + '.2')
+            os.mkdir(log)   # the path cannot be opened as a file
+            srv.stats()
+            wait_stderr(srv, 'cannot reopen access log %s: Is a directory' % log)
+            self.assertEqual(get1(srv.addr, '/a.txt?third').status, 200)
+            time.sleep(T(1.5))
+            self.assertIn('/a.txt?third', read_bytes(log + '.2').decode())
 
 
 class TestTLSStartupErrors(StartupErrorChecks, unittest.TestCase):
