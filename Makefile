@@ -27,7 +27,7 @@ TLS_TESTS ?= TestRFC8448KeySchedule TestMiniHandshake TestTLSServerErrors TestHe
 	TestCertificatesBySNI TestSessionTickets TestResumption \
 	TestHTTPSSelfSignedOption TestHTTPS TestUserspaceSendAreas TestUserspaceRecordBuffer \
 	TestHTTPSFewSlots TestHostileTLS TestHandshakeDeadline TestPlainAndTLS TestTLSStartupErrors \
-	TestKTLS TestBrowserChromium TestBrowserFirefox
+	TestKTLS TestReloadTLS TestBrowserChromium TestBrowserFirefox
 test-tls:
 	set -e; for crypto in $(CRYPTO_BACKENDS); do \
 	    echo "== TLS tests with TARWEB_TEST_CRYPTO=$$crypto"; \

@@ -10249,6 +10249,76 @@ class TestReload(unittest.TestCase):
             time.sleep(T(1.5))
             self.assertIn('/a.txt?third', read_bytes(log + '.2').decode())
 
+    def test_no_errors_under_load_across_reloads(self):
+        """wrk on keep-alive connections while the site is reloaded every 0.3 s: no socket
+        error, no non-2xx answer (old connections end with Connection: close, not mid-request).
+        The latency figures are make bench's (W1 during reloads)."""
+        if not shutil.which('wrk'):
+            self.skipTest('wrk is not installed (apt-get install wrk)')
+        tar = self.site('load.tar', [('a.txt', 'file', b'a' * 1024)])
+        with ServerProc(tar) as srv:
+            wrk = subprocess.Popen(['wrk', '-t1', '-c20', '-d4s', '--latency',
+                                    'http://127.0.0.1:%d/a.txt' % srv.addr[1]],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            time.sleep(0.5)
+            for n in range(1, 9):
+                publish(tar, [('a.txt', 'file', b'%d' % n * 1024)])
+                self.reload(srv, n)
+                time.sleep(0.3)
+            out = wrk.communicate(timeout=T(60))[0]
+            self.assertRegex(out, r'\d+ requests in', out)
+            self.assertNotIn('Socket errors', out)
+            self.assertNotIn('Non-2xx', out)
+            self.assertEqual(srv.count_stderr('reload failed'), 0, srv.stderr_tail())
+            srv.assert_idle()
+
+
+class TestReloadTLS(unittest.TestCase):
+    """SIGHUP re-reads certificates, keys and the ticket key file: new connections get them,
+    tickets sealed with a key still in the file resume, and a bad file keeps the old state."""
+
+    def setUp(self):
+        # One context: Python resumes a session only through the context that made it.
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_3
+        self.context.check_hostname, self.context.verify_mode = False, ssl.CERT_NONE
+
+    def fetch(self, srv, session=None):
+        """(the server's certificate, DER; the session; whether it was resumed)."""
+        with https_conn(srv.addr, self.context, session=session) as c:
+            c.sock.sendall(b'GET /a.txt HTTP/1.1\r\nHost: localhost\r\n\r\n')
+            self.assertEqual(c.read_response().body, b'a\n')
+            return c.sock.getpeercert(True), c.sock.session, c.sock.session_reused
+
+    def test_certificate_key_and_ticket_keys(self):
+        p256, ed25519 = https_cert('p256'), https_cert('ed25519')
+        cert = work_file('reload', 'cert.pem', read_bytes(p256.chain))
+        key = work_file('reload', 'key.pem', read_bytes(p256.key))
+        k1, k2 = os.urandom(32).hex(), os.urandom(32).hex()
+        tickets = work_file('reload', 'tickets.key', ('%s\n' % k1).encode())
+        os.chmod(tickets, 0o600)
+        tar = work_file('reload', 'tls.tar')
+        build_tar(tar, [('a.txt', 'file', b'a\n')])
+        with ServerProc(tar, '--tls-cert', cert, '--tls-key', key, '--tls-ticket-key',
+                        tickets) as srv:
+            first, session, _ = self.fetch(srv)
+            write_bytes(key, read_bytes(ed25519.key))   # no longer the certificate's key
+            TestReload.reload_failed(self, srv, 1, '%s and %s: ' % (cert, key))
+            write_bytes(cert, read_bytes(ed25519.chain))
+            write_bytes(tickets, b'%s\nnot hex\n' % k2.encode())
+            TestReload.reload_failed(self, srv, 2, '%s: line 2: not 64 hex digits' % tickets)
+            self.assertEqual(self.fetch(srv)[0], first)
+            write_bytes(tickets, ('%s\n%s\n' % (k2, k1)).encode())   # rotated: the old key second
+            TestReload.reload(self, srv, 3)
+            self.assertTrue(self.fetch(srv, session)[2], 'a ticket of the second key did not resume')
+            self.assertEqual(self.fetch(srv)[0],
+                             ssl.PEM_cert_to_DER_cert(read_bytes(ed25519.chain).decode()))
+            write_bytes(tickets, ('%s\n' % k2).encode())   # the old key gone
+            TestReload.reload(self, srv, 4)
+            self.assertFalse(self.fetch(srv, session)[2], 'a ticket of a removed key resumed')
+            self.assertNotIn('Traceback', srv.stderr_text())
+            srv.assert_idle()
+
 
 class TestTLSStartupErrors(StartupErrorChecks, unittest.TestCase):
     """Bad TLS options and key files: one clean error line, no key material printed."""
