@@ -56,8 +56,10 @@ import ctypes
 import email.utils
 import errno
 import functools
+import gc
 import grp
 import hashlib
+import heapq
 import hmac
 import ipaddress
 import mimetypes
@@ -585,7 +587,7 @@ class Archive:
         self.fd = self._open(path)
         try:
             self._read_members(path, _path_parts(prefix))
-            self.names = sorted(self.files)  # every file's parents are directories: see is_dir
+            self.names = sorted_in_pieces(self.files)  # files' parents are dirs: see is_dir
             self._attach_variants()
             for why, (count, first) in self.skipped.items():
                 more = f" and {count - 1} more" if count > 1 else ""
@@ -710,6 +712,14 @@ class Archive:
         _libc.munmap(self.address, self.size)
         os.close(self.fd)
 
+    def dispose(self):
+        """Drop the index an entry at a time, in a thread (Server.release): freeing 100,000
+        entries at once is one C loop that holds the GIL, and the event loop, for 20 ms."""
+        self.names = []
+        files = self.files
+        while files:
+            files.popitem()
+
     def lookup(self, path):
         """Entry for a normalised URL path; index.html for directories."""
         if path.endswith(b"/"):
@@ -724,6 +734,14 @@ class Archive:
         under = path + b"/"
         i = bisect.bisect_left(self.names, under)
         return i < len(self.names) and self.names[i].startswith(under)
+
+
+def sorted_in_pieces(items, piece=4096):
+    """sorted(items), in pieces merged in Python: one sort of 100,000 names holds the GIL for
+    20 ms, which a reload's loading thread must not take from the event loop."""
+    items = list(items)
+    pieces = [sorted(items[i:i + piece]) for i in range(0, len(items), piece)]
+    return list(heapq.merge(*pieces))
 
 
 def _shown(name):
@@ -6207,6 +6225,10 @@ REAP_MIN_AGE, REAP_MIN_SHARE = 1.0, 0.25
 # A connection silent for this long (since its accept or its last response) may give its slot
 # up: a client's first bytes follow the TCP handshake at once, so a slower one is idle.
 REAP_IDLE_AGE = 0.1
+# After a reload, a connection of the old site silent for this long is closed: longer than
+# REAP_IDLE_AGE, as nothing waits for its slot, and a busy machine (or client) can hold a
+# keep-alive client's next request back for a tenth of a second.
+RETIRE_IDLE_AGE = 1.0
 # accept(2) errors that belong to one client (a network error pending on its socket): try again
 ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
                 errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
@@ -6320,6 +6342,23 @@ class SdNotify:
             where = log_escape(self.address.replace(b"\0", b"@", 1))
             self.log.warn(f"NOTIFY_SOCKET {where}: {os.strerror(err)}; systemd misses this "
                           f"server's messages (READY, STOPPING, WATCHDOG) while that lasts")
+
+
+# A reload's loading thread and the event loop take turns at the GIL this often (seconds; the
+# interpreter's default, 5 ms, would add that much to the loop's answers while a reload loads).
+RELOAD_SWITCH = 0.0005
+
+
+def start_thread(target, name):
+    """A daemon thread running target, started with every signal blocked: signals stay with
+    the loop's thread, whose wait in the kernel they interrupt."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return thread
 
 
 def bytes_address(data):
@@ -7367,9 +7406,11 @@ class Server:
 
     def begin_reload(self):
         """Load the files again in a thread while the loop serves on: indexing a tar of 100,000
-        members takes seconds of Python, which the loop must not stall for (the thread only
-        takes the GIL while the loop waits in the kernel, or for a switch interval). One load
-        at a time: a SIGHUP during one asks for another after it."""
+        members takes seconds of Python, which the loop must not stall for. The thread takes
+        the GIL while the loop waits in the kernel, and otherwise for RELOAD_SWITCH at a time;
+        the garbage collector waits (one full collection over the new index holds the GIL for
+        tens of milliseconds). One load at a time: a SIGHUP during one asks for another after
+        it."""
         if self.stopping or self.reload is None:
             return
         if self.loader is not None:
@@ -7379,14 +7420,10 @@ class Server:
             usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             self.notify.send("RELOADING=1", f"MONOTONIC_USEC={usec}",
                              "STATUS=reloading: loading the files")
-        self.loader = threading.Thread(target=self.load, name="reload", daemon=True)
-        # Signals stay with the loop's thread, whose wait they interrupt: the new thread
-        # inherits a mask that blocks them all.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        try:
-            self.loader.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        gc.disable()
+        self.switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(RELOAD_SWITCH)
+        self.loader = start_thread(self.load, "reload")
         self.ring.prep_recv(self.wake_r.fileno(), buffer_address(self.wake_buf), 1, 0, UD_LOADED)
 
     def load(self):
@@ -7405,6 +7442,9 @@ class Server:
         """The loader is done: swap in what it loaded, or keep everything as it was."""
         self.loader.join()
         self.loader, loaded, self.loaded = None, self.loaded, None
+        sys.setswitchinterval(self.switch_interval)
+        gc.freeze()  # what the load made lives on: full collections need not walk it again
+        gc.enable()
         if isinstance(loaded, str):
             self.log.write(f"reload failed, still serving the previous version: {loaded}")
             if self.notify:
@@ -7435,7 +7475,7 @@ class Server:
         site.draining = True
         users = sum(1 for slot in self.slots if slot.fd >= 0 and slot.site is site)
         if not users:
-            site.archive.close()
+            self.drop(site)
             return
         self.retiring[site] = [users, self.now + self.limits.grace]
         self.ring.prep_timeout(buffer_address(self.grace_timespec), 0, 0, UD_GRACE)
@@ -7443,13 +7483,14 @@ class Server:
 
     def close_idle_retired(self):
         """Close the connections of replaced sites that have waited for a request, with nothing
-        received, for REAP_IDLE_AGE (as reap picks them). Not at once after a response: the
-        client may have sent its next request already, and closing under it would lose that;
-        such a request is answered, with Connection: close."""
+        received, for RETIRE_IDLE_AGE. Not at once after a response: the client may have sent
+        its next request already (a keep-alive client such as wrk sends it at once), and a close
+        under it loses that request; such a request is answered, with Connection: close."""
         candidates, _ = self.reap_candidates()
-        for rank, _, index in candidates:
+        for rank, since, index in candidates:
             slot = self.slots[index]
-            if rank == 0 and slot.site is not self.site and unsent_bytes(slot.fd) == 0:
+            if rank == 0 and since <= self.now - RETIRE_IDLE_AGE and slot.site is not self.site \
+                    and unsent_bytes(slot.fd) == 0:
                 self.start_close(slot)
 
     def on_grace_over(self):
@@ -7468,7 +7509,13 @@ class Server:
         self.retiring[site][0] -= 1
         if not self.retiring[site][0]:
             del self.retiring[site]
-            site.archive.close()
+            self.drop(site)
+
+    @staticmethod
+    def drop(site):
+        """A replaced site is unused: unmap its tar, and free its index in a thread."""
+        site.archive.close()
+        start_thread(site.archive.dispose, "dispose")
 
     # -- statistics --------------------------------------------------------------------------------
 
