@@ -6300,8 +6300,10 @@ class SdNotify:
     (send), and WATCHDOG=1 every half $WATCHDOG_USEC while the loop runs (Server.on_watchdog).
     Every message is one datagram sent without waiting: a systemd that is slow (its queue full)
     or gone costs the message, never the server, and each kind of failure is logged once.
-    The reload (SIGHUP, to come) sends RELOADING=1 with MONOTONIC_USEC= (CLOCK_MONOTONIC, in
-    microseconds) when it begins and READY=1 when done, through send(): Type=notify-reload."""
+    A reload (SIGHUP) sends RELOADING=1 with MONOTONIC_USEC= (CLOCK_MONOTONIC, in microseconds)
+    when it begins (Server.begin_reload) and READY=1 when done or failed (Server.on_loaded),
+    through send(): Type=notify-reload. A future supervisor forwarding SIGHUP to its workers
+    would send these itself, once every worker has answered."""
 
     def __init__(self, address, watchdog_usec, log):
         self.address, self.log = address, log  # a path, or NUL and an abstract name (bytes)
@@ -7872,7 +7874,8 @@ def parse_args(argv):
                    "default one (Server, X-Content-Type-Options: nosniff), a NAME given again "
                    "replaces it")
     p.add_argument("--grace", type=positive(float), default=5.0, metavar="S",
-                   help="on SIGTERM/SIGINT, time to finish responses in flight (default 5)")
+                   help="on SIGTERM/SIGINT, time to finish responses in flight; after a reload "
+                   "(SIGHUP), for the old version's connections (default 5)")
     p.add_argument("--access-log", metavar="FILE|-", help="Common Log Format access log")
     p.add_argument("--user", metavar="NAME[:GROUP]", help="once the ports are bound and the "
                    "keys, the tar and the logs open, serve as this user (its group, or GROUP; "

@@ -11788,6 +11788,79 @@ def bench_http(quick=False):
     return status or runs_status
 
 
+# --- benchmark: W1 while the site is reloaded ---------------------------------------------------
+
+_BENCH_RELOAD_MEMBERS = 100000   # the large tar: seconds of indexing per reload
+
+
+def _bench_reload_tar(path, members):
+    """A tar of members small files, the demo site's /small.html (W1's) among them."""
+    small = dict(demo_site_members())['small.html']
+    with tarfile.open(path, 'w', format=tarfile.PAX_FORMAT) as tar:
+        for i in range(members):
+            data = small if i == 0 else b'%d\n' % i
+            info = tarfile.TarInfo('small.html' if i == 0 else 'd%d/f%d.html' % (i % 100, i))
+            info.size, info.mtime = len(data), BASE_MTIME
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _bench_reload_runs(server, seconds, cpu):
+    """W1 steady, then W1 with a SIGHUP every second → (steady row, reload row, reloads done:
+    SIGHUPs that come during a load are one more load after it)."""
+    url = _bench_url(server, '/small.html')
+    _bench_wrk(url, 50, 1, cpu)
+    steady = _bench_wrk(url, 50, seconds, cpu)
+    before = server.count_stderr('tarweb.py: reloaded ')
+    stop = threading.Event()
+
+    def hup():
+        while not stop.wait(1.0):
+            server.proc.send_signal(signal.SIGHUP)
+    sender = threading.Thread(target=hup, daemon=True)
+    sender.start()
+    try:
+        during = _bench_wrk(url, 50, seconds, cpu)
+    finally:
+        stop.set()
+        sender.join()
+    return steady, during, server.count_stderr('tarweb.py: reloaded ') - before
+
+
+def bench_reload(quick=False):
+    """W1's p99 latency steady and during reloads (SIGHUP every second), for the demo site and
+    for a tar of _BENCH_RELOAD_MEMBERS members, whose loading thread shares the server's CPU."""
+    if _bench_no_tools('wrk'):
+        return 1
+    seconds = 3 if quick else 10
+    server_cpu, client_cpu, _ = _bench_cpus()
+    print('\nW1 (GET /small.html, c=50), steady and with a SIGHUP (reload) every second:')
+    status = 0
+    with tempfile.TemporaryDirectory(prefix='tarweb-bench-') as tmp:
+        tar_path = os.path.join(tmp, 'site.tar')
+        for label, members in (('demo site', None),
+                               ('%d members' % _BENCH_RELOAD_MEMBERS, _BENCH_RELOAD_MEMBERS)):
+            if members is None:
+                make_demo_site(tar_path)
+            else:
+                _bench_reload_tar(tar_path, members)
+            session_status, result = _bench_session(
+                tar_path, (), server_cpu, lambda server: _bench_reload_runs(server, seconds,
+                                                                           client_cpu),
+                names=('small.html',))
+            status = status or session_status
+            if result is None:
+                continue
+            steady, during, reloads = result
+            print('%-16s p99 %s ms steady, %s ms during %d reloads (%sx); %.0f vs %.0f req/s'
+                  % (label, _bench_fmt(steady['p99_ms'], '.2f'), _bench_fmt(during['p99_ms'], '.2f'),
+                     reloads, _bench_fmt(during['p99_ms'] / steady['p99_ms']
+                                         if steady['p99_ms'] and during['p99_ms'] else None, '.1f'),
+                     steady['requests'] / steady['seconds'], during['requests'] / during['seconds']))
+            status = _bench_row_errors([dict(steady, label=label + ' steady'),
+                                        dict(during, label=label + ' reloading')]) or status
+    return status
+
+
 # --- benchmark: pure-Python crypto and server handshakes, in this process ---------------------------
 
 _BENCH_SUITE_NAMES = {0x1301: 'TLS_AES_128_GCM_SHA256', 0x1302: 'TLS_AES_256_GCM_SHA384',
@@ -12464,6 +12537,7 @@ def bench(quick=False):
     """Every benchmark section; returns the exit status (non-zero if any section failed)."""
     try:
         status = bench_http(quick)
+        status = bench_reload(quick) or status
         status = bench_crypto(quick) or status   # needs neither wrk nor a running server
         status = bench_tls(quick) or status
     finally:
