@@ -6142,8 +6142,8 @@ class TLSContext:
         self.config = self.make_config(identities, tickets)
 
     def make_config(self, identities, tickets):
-        """The TLSConfig of these (key, chain) pairs and ticket keys: at start, and for a
-        reload (Server.reload), whose new connections get it; handshakes under way keep theirs."""
+        """The TLSConfig of these (key, chain) pairs and ticket keys: at start, and at a reload
+        (reloader), whose new connections get it; handshakes under way keep theirs."""
         (key, chain), *more = identities
         return TLSConfig(key, chain, alpn=(b"http/1.1",), crypto=self.crypto, more=more,
                          groups=self.groups, cipher_preference=self.cipher_preference(self.crypto),
@@ -7418,14 +7418,14 @@ class Server:
         if self.loader is not None:
             self.reload_again = True
             return
-        if self.notify:  # Type=notify-reload: the reload begins, at this CLOCK_MONOTONIC time
-            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.loader = start_thread(self.load, "reload")
+        if self.notify:  # Type=notify-reload: the reload began at this CLOCK_MONOTONIC time
             self.notify.send("RELOADING=1", f"MONOTONIC_USEC={usec}",
                              "STATUS=reloading: loading the files")
         gc.disable()
         self.switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(RELOAD_SWITCH)
-        self.loader = start_thread(self.load, "reload")
         self.ring.prep_recv(self.wake_r.fileno(), buffer_address(self.wake_buf), 1, 0, UD_LOADED)
 
     def load(self):
@@ -7517,7 +7517,10 @@ class Server:
     def drop(site):
         """A replaced site is unused: unmap its tar, and free its index in a thread."""
         site.archive.close()
-        start_thread(site.archive.dispose, "dispose")
+        try:
+            start_thread(site.archive.dispose, "dispose")
+        except RuntimeError:
+            pass  # no thread to be had: the index is freed at once, in the loop
 
     # -- statistics --------------------------------------------------------------------------------
 

@@ -10204,6 +10204,21 @@ class TestReload(unittest.TestCase):
             srv.assert_idle()
             self.assertEqual(tar_uses(srv, tar), (1, 1), 'a failed load left its mapping or fd')
 
+    def test_reload_as_the_user(self):
+        """With --user the files are read again as that user: a tar it can read reloads, one
+        only root can read is one line, and the old version serves on."""
+        self.assertEqual(os.geteuid(), 0, '--user tests run as root (as CI does)')
+        tar = self.site('user.tar', [('a.txt', 'file', b'old\n')])
+        with ServerProc(tar, '--user', 'nobody') as srv:
+            publish(tar, [('a.txt', 'file', b'new\n')])
+            self.reload(srv)
+            self.assertEqual(get1(srv.addr, '/a.txt').body, b'new\n')
+            build_tar(tar + '.new', [('a.txt', 'file', b'secret\n')])
+            os.chmod(tar + '.new', 0o600)
+            os.rename(tar + '.new', tar)
+            self.reload_failed(srv, 1, '%s: cannot open the tar file: Permission denied' % tar)
+            self.assertEqual(get1(srv.addr, '/a.txt').body, b'new\n')
+
     def test_sd_notify_reloading_then_ready(self):
         """Type=notify-reload: RELOADING=1 with MONOTONIC_USEC (CLOCK_MONOTONIC, µs) when a
         reload begins, READY=1 when it is done; a failed one says so in STATUS."""
