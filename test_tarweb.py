@@ -10334,6 +10334,34 @@ class TestReloadTLS(unittest.TestCase):
             self.assertNotIn('Traceback', srv.stderr_text())
             srv.assert_idle()
 
+    def test_download_in_flight_over_userspace_tls(self):
+        """Userspace TLS reads bodies with pread from the tar's descriptor: across a reload, the
+        old one's, to the last byte; the new tar serves new connections."""
+        body = os.urandom(24 << 20)   # more than the socket buffers hold
+        tar = work_file('reload', 'tls-big.tar')
+        build_tar(tar, [('a.txt', 'file', b'a\n'), ('big.bin', 'file', body)])
+        with ServerProc(tar, *https_args('p256', '--ktls', 'off')) as srv:
+            with https_conn(srv.addr, self.context) as c:
+                c.sock.sendall(b'GET /big.bin HTTP/1.1\r\nHost: localhost\r\n\r\n')
+                state, h = {'n': 0}, hashlib.sha256()
+
+                def sink(piece):
+                    h.update(piece)
+                    state['n'] += len(piece)
+                    if 'reloaded' not in state and state['n'] >= (1 << 20):
+                        state['reloaded'] = True
+                        publish(tar, [('a.txt', 'file', b'a\n')])
+                        TestReload.reload(self, srv)
+                    time.sleep(0.001)
+                r = c.read_response(sink=sink)
+            self.assertTrue(state.get('reloaded'))
+            self.assertEqual((r.status, state['n'], h.digest()),
+                             (200, len(body), hashlib.sha256(body).digest()))
+            with https_conn(srv.addr, self.context) as c:
+                c.sock.sendall(b'GET /big.bin HTTP/1.1\r\nHost: localhost\r\n\r\n')
+                self.assertEqual(c.read_response().status, 404)
+            srv.assert_idle()
+
 
 class TestTLSStartupErrors(StartupErrorChecks, unittest.TestCase):
     """Bad TLS options and key files: one clean error line, no key material printed."""
