@@ -7419,6 +7419,7 @@ class Server:
             self.reload_again = True
             return
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.load_began = time.monotonic()
         self.loader = start_thread(self.load, "reload")
         if self.notify:  # Type=notify-reload: the reload began at this CLOCK_MONOTONIC time
             self.notify.send("RELOADING=1", f"MONOTONIC_USEC={usec}",
@@ -7466,7 +7467,8 @@ class Server:
             self.tls.config = tls_config
         self.retire(old)
         files = len(site.archive.files)
-        self.log.warn(f"reloaded {site.archive.path}: {files} files")
+        self.log.warn(f"reloaded {site.archive.path}: {files} files, loaded in "
+                      f"{time.monotonic() - self.load_began:.1f} s")
         if self.notify:
             self.notify.send("READY=1", f"STATUS=serving {files} files (reloaded)")
 
