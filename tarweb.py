@@ -7446,7 +7446,9 @@ class Server:
         self.loader.join()
         self.loader, loaded, self.loaded = None, self.loaded, None
         sys.setswitchinterval(self.switch_interval)
-        gc.freeze()  # what the load made lives on: full collections need not walk it again
+        # What the load made lives on (a load leaves no cyclic garbage): full collections need
+        # not walk it again, each a stall of tens of milliseconds for 100,000 entries.
+        gc.freeze()
         gc.enable()
         if isinstance(loaded, str):
             self.log.write(f"reload failed, still serving the previous version: {loaded}")
