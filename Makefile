@@ -28,7 +28,7 @@ TLS_TESTS ?= TestRFC8448KeySchedule TestMiniHandshake TestTLSServerErrors TestHe
 	TestHTTPSSelfSignedOption TestHTTPS TestUserspaceSendAreas TestUserspaceRecordBuffer \
 	TestHTTPSFewSlots TestHostileTLS TestHandshakeDeadline TestPlainAndTLS TestProxyProtocolTLS \
 	TestHAProxy TestTLSStartupErrors \
-	TestKTLS TestBrowserChromium TestBrowserFirefox
+	TestKTLS TestReloadTLS TestBrowserChromium TestBrowserFirefox
 test-tls:
 	set -e; for crypto in $(CRYPTO_BACKENDS); do \
 	    echo "== TLS tests with TARWEB_TEST_CRYPTO=$$crypto"; \

@@ -57,8 +57,10 @@ import ctypes
 import email.utils
 import errno
 import functools
+import gc
 import grp
 import hashlib
+import heapq
 import hmac
 import ipaddress
 import mimetypes
@@ -249,6 +251,7 @@ _libc.syscall.restype = ctypes.c_long
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 _libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
@@ -583,13 +586,17 @@ class Archive:
         self.dirs = set()        # directory members: '/a', '/a/b' (UTF-8 bytes, no trailing slash)
         self.skipped = {}        # why -> [how many, first member name]
         self.fd = self._open(path)
-        self._read_members(path, _path_parts(prefix))
-        self.names = sorted(self.files)  # every file's parents are directories too: see is_dir
-        self._attach_variants()
-        for why, (count, first) in self.skipped.items():
-            more = f" and {count - 1} more" if count > 1 else ""
-            log.warn(f"{path}: skipped '{_shown(first)}'{more}: {why}")
-        self.address = self._map()
+        try:
+            self._read_members(path, _path_parts(prefix))
+            self.names = sorted_in_pieces(self.files)  # files' parents are dirs: see is_dir
+            self._attach_variants()
+            for why, (count, first) in self.skipped.items():
+                more = f" and {count - 1} more" if count > 1 else ""
+                log.warn(f"{path}: skipped '{_shown(first)}'{more}: {why}")
+            self.address = self._map()
+        except BaseException:
+            os.close(self.fd)  # a reload that fails must not leak it
+            raise
 
     def _open(self, path):
         """Open the tar once: indexing, the mapping and the change check (Server.on_statx) all
@@ -597,6 +604,18 @@ class Archive:
         size and mtime are its identity: a change in place shows in them."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StartupError(f"{path}: cannot open the tar file: {e.strerror}")
+        try:
+            self._identify(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _identify(self, path, fd):
+        """Is the file at fd a tar we can serve? Its size and mtime, if so."""
+        try:
             st = os.fstat(fd)
             magic = b"" if stat.S_ISDIR(st.st_mode) else os.pread(fd, 8, 0)
         except OSError as e:
@@ -611,7 +630,6 @@ class Archive:
         if st.st_size < 512:
             raise StartupError(f"{path}: not a tar file (only {st.st_size} bytes)")
         self.size, self.identity = st.st_size, (st.st_size, st.st_mtime_ns)
-        return fd
 
     def _read_members(self, path, prefix):
         """Index member by member. tarfile reads from an mmap, so a header that claims a
@@ -690,6 +708,19 @@ class Archive:
             raise StartupError(f"{self.path}: mmap failed: {os.strerror(ctypes.get_errno())}")
         return addr
 
+    def close(self):
+        """Unmap the tar and close it, once nothing sends from it any more (after a reload)."""
+        _libc.munmap(self.address, self.size)
+        os.close(self.fd)
+
+    def dispose(self):
+        """Drop the index an entry at a time, in a thread (Server.release): freeing 100,000
+        entries at once is one C loop that holds the GIL, and the event loop, for 20 ms."""
+        self.names = []
+        files = self.files
+        while files:
+            files.popitem()
+
     def lookup(self, path):
         """Entry for a normalised URL path; index.html for directories."""
         if path.endswith(b"/"):
@@ -704,6 +735,14 @@ class Archive:
         under = path + b"/"
         i = bisect.bisect_left(self.names, under)
         return i < len(self.names) and self.names[i].startswith(under)
+
+
+def sorted_in_pieces(items, piece=4096):
+    """sorted(items), in pieces merged in Python: one sort of 100,000 names holds the GIL for
+    20 ms, which a reload's loading thread must not take from the event loop."""
+    items = list(items)
+    pieces = [sorted(items[i:i + piece]) for i in range(0, len(items), piece)]
+    return list(heapq.merge(*pieces))
 
 
 def _shown(name):
@@ -6191,10 +6230,17 @@ class TLSContext:
                      f"({crypto.name}), {slower}; fix: 'modprobe tls' (CONFIG_TLS)")
         self.ktls_rekey = bool(self.ktls_suites) and self.probe_rekey(log)
         self.log = log
+        self.crypto, self.groups = crypto, groups
+        self.identities = identities  # (PrivateKey, chain) pairs: a reload keeps a self-signed one
+        self.config = self.make_config(identities, tickets)
+
+    def make_config(self, identities, tickets):
+        """The TLSConfig of these (key, chain) pairs and ticket keys: at start, and at a reload
+        (reloader), whose new connections get it; handshakes under way keep theirs."""
         (key, chain), *more = identities
-        self.config = TLSConfig(key, chain, alpn=(b"http/1.1",), crypto=crypto, more=more,
-                                groups=groups, cipher_preference=self.cipher_preference(crypto),
-                                tickets=tickets)
+        return TLSConfig(key, chain, alpn=(b"http/1.1",), crypto=self.crypto, more=more,
+                         groups=self.groups, cipher_preference=self.cipher_preference(self.crypto),
+                         tickets=tickets)
 
     def probe_rekey(self, log):
         """Whether a client's KeyUpdate can rekey the kernel; -v says which, and how we know."""
@@ -6227,8 +6273,8 @@ class TLSContext:
 #   bits 40-63  slot generation, bumped when a slot is freed, so that a completion arriving after
 #               its slot was freed and reused is recognised and dropped
 # user_data() encodes; Server.run() decodes inline (see there), with the same names.
-OP_ACCEPT, OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX, OP_WATCHDOG, OP_NOTIFY = range(7)
-OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER, OP_KEY_UPDATE = range(7, 12)
+OP_ACCEPT, OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX, OP_WATCHDOG, OP_NOTIFY, OP_RELOAD = range(8)
+OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER, OP_KEY_UPDATE = range(8, 13)
 UD_INDEX_MASK = 0xFFFFFFFF
 UD_OP_SHIFT, UD_OP_MASK = 32, 0xFF
 UD_GEN_SHIFT, GEN_MASK = 40, (1 << 24) - 1
@@ -6244,6 +6290,8 @@ UD_RECV, UD_SEND, UD_SEND_LINKED, UD_LINGER, UD_KEY_UPDATE = (user_data(op) for 
     OP_RECV, OP_SEND, OP_SEND_LINKED, OP_LINGER, OP_KEY_UPDATE))
 UD_TIMER, UD_REAP, UD_IGNORE, UD_STATX, UD_WATCHDOG, UD_NOTIFY = (user_data(op) for op in (
     OP_TIMER, OP_REAP, OP_IGNORE, OP_STATX, OP_WATCHDOG, OP_NOTIFY))
+# A reload's two events: its loading thread is done (index 0), its grace period is over (1).
+UD_LOADED, UD_GRACE = user_data(OP_RELOAD, 0), user_data(OP_RELOAD, 1)
 
 # What sits between a slot's socket and HTTP; PROXY: its PROXY protocol header is being read.
 PLAIN, HANDSHAKE, KTLS, USERTLS, PROXY = range(5)
@@ -6270,19 +6318,27 @@ REAP_MIN_AGE, REAP_MIN_SHARE = 1.0, 0.25
 # A connection silent for this long (since its accept or its last response) may give its slot
 # up: a client's first bytes follow the TCP handshake at once, so a slower one is idle.
 REAP_IDLE_AGE = 0.1
+# After a reload, a connection of the old site silent for this long is closed: longer than
+# REAP_IDLE_AGE, as nothing waits for its slot, and a busy machine (or client) can hold a
+# keep-alive client's next request back for a tenth of a second.
+RETIRE_IDLE_AGE = 1.0
 # accept(2) errors that belong to one client (a network error pending on its socket): try again
 ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
                 errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
                 errno.ENETUNREACH, errno.EINTR, errno.EAGAIN}
 
 
+ACCESS_LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
 class AccessLog:
     """Common Log Format lines, buffered and written once a second or when 64 KiB wait. A write
     that fails (disk full, a reader gone) drops the waiting lines and counts them; each kind of
-    failure is reported once: the access log never stops the serving."""
+    failure is reported once: the access log never stops the serving. path is the file's (None
+    for standard output), which reopen opens again."""
 
-    def __init__(self, fd, name, log):
-        self.fd, self.name, self.log = fd, name, log
+    def __init__(self, fd, name, log, path=None):
+        self.fd, self.name, self.log, self.path = fd, name, log, path
         self.lines = []
         self.size = 0
         self.dropped = 0         # lines lost to failed writes, for the stats line
@@ -6310,6 +6366,23 @@ class AccessLog:
                 self.log.warn(f"access log {self.name}: {e.strerror}; dropping its lines while "
                               f"that lasts (counted as log_dropped in the stats line)")
 
+    def reopen(self):
+        """SIGUSR1, after logrotate moved the file away: the lines so far to the old file, the
+        next ones to a new file at the path. If it cannot be opened, one line says so and the
+        old file stays."""
+        if self.path is None:
+            return
+        self.flush()
+        try:
+            fd = os.open(self.path, ACCESS_LOG_FLAGS, 0o644)
+        except OSError as e:
+            self.log.write(f"cannot reopen access log {self.path}: {e.strerror}; still writing "
+                           f"to the file it was")
+            return
+        os.close(self.fd)
+        self.fd = fd
+        self.failures.clear()  # a new file: its failures are news
+
 
 WATCHDOG_PING = b"WATCHDOG=1"
 
@@ -6320,8 +6393,10 @@ class SdNotify:
     (send), and WATCHDOG=1 every half $WATCHDOG_USEC while the loop runs (Server.on_watchdog).
     Every message is one datagram sent without waiting: a systemd that is slow (its queue full)
     or gone costs the message, never the server, and each kind of failure is logged once.
-    The reload (SIGHUP, to come) sends RELOADING=1 with MONOTONIC_USEC= (CLOCK_MONOTONIC, in
-    microseconds) when it begins and READY=1 when done, through send(): Type=notify-reload."""
+    A reload (SIGHUP) sends RELOADING=1 with MONOTONIC_USEC= (CLOCK_MONOTONIC, in microseconds)
+    when it begins (Server.begin_reload) and READY=1 when done or failed (Server.on_loaded),
+    through send(): Type=notify-reload. A future supervisor forwarding SIGHUP to its workers
+    would send these itself, once every worker has answered."""
 
     def __init__(self, address, watchdog_usec, log):
         self.address, self.log = address, log  # a path, or NUL and an abstract name (bytes)
@@ -6364,6 +6439,23 @@ class SdNotify:
                           f"server's messages (READY, STOPPING, WATCHDOG) while that lasts")
 
 
+# A reload's loading thread and the event loop take turns at the GIL this often (seconds; the
+# interpreter's default, 5 ms, would add that much to the loop's answers while a reload loads).
+RELOAD_SWITCH = 0.0005
+
+
+def start_thread(target, name):
+    """A daemon thread running target, started with every signal blocked: signals stay with
+    the loop's thread, whose wait in the kernel they interrupt."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return thread
+
+
 def bytes_address(data):
     """Address of an immutable bytes object's contents; the caller keeps the object alive."""
     return ctypes.cast(data, ctypes.c_void_p).value
@@ -6380,6 +6472,8 @@ class Slot:
         "peer",         # client address for the access log and -v lines
         "mode",         # PLAIN, HANDSHAKE, KTLS or USERTLS: what sits between socket and HTTP;
                         # PROXY before them while the PROXY protocol header is read
+        "site",         # the Site it was accepted under: a reload leaves it this one (retire)
+        "tar_addr",     # where that site's tar is mapped
         # Fixed addresses in the Server's arrays, set once by _allocate
         "rbase",        # offset of the read buffer in Server.rbuf
         "raddr",        # address of the read buffer
@@ -6424,6 +6518,7 @@ class Slot:
     def __init__(self, index):
         self.index, self.gen, self.fd = index, 0, -1
         self.peer = "-"
+        self.site = None
         self.tx_base, self.bulk = 0, None
 
 
@@ -6473,13 +6568,20 @@ class Server:
                     close the socket, bump the generation, back on self.free
       timeouts .... on_timer, once a second: a slot past its deadline -> start_close
       watchdog .... on_watchdog, every half WATCHDOG_USEC under systemd: WATCHDOG=1 (SdNotify)
+      reload ...... SIGHUP: begin_reload loads the new Site (and TLSConfig) in a thread, the
+                    loop serving on; on_loaded swaps them in for new connections; retire lets
+                    the old site's connections finish, closing them by --grace
+
+    Each slot answers from the Site it was accepted under (slot.site, slot.tar_addr), so that a
+    reload changes no response under way: its bytes come from the old mapping to the end.
 
     An exception in a handler costs its connection (internal_error), not the server."""
 
     def __init__(self, site, listeners, limits, log, tls=None, access_log=None, notify=None,
-                 proxy_protocol=False):
+                 proxy_protocol=False, reload=None):
         self.site, self.limits, self.log = site, limits, log
         self.proxy_protocol = proxy_protocol  # every connection starts with a PROXY header
+        self.reload = reload      # () -> (Site, TLSConfig or None) from the files; see begin_reload
         self.notify = notify      # SdNotify, or None when systemd does not listen
         self.listeners = [sock for sock, _ in listeners]
         self.listener_tls = [is_tls for _, is_tls in listeners]
@@ -6494,9 +6596,10 @@ class Server:
         if tls is not None:
             self.rbuf_size = max(self.rbuf_size, _TLS_MAX_RECORD)  # a whole record must fit
         self._allocate(n)
-        self.tar_addr, self.tar_fd = site.archive.address, site.archive.fd
+        self.tar_addr = site.archive.address
         self.statx_buf = bytearray(STATX_BUF_SIZE)
         self.statx_busy = False
+        self.statx_archive = None     # the Archive whose descriptor the statx in flight reads
         self.listener_fds = [sock.fileno() for sock in self.listeners]
         self.accepting = [0] * len(self.listeners)          # accepts in flight
         self.accept_paused = [False] * len(self.listeners)  # after EMFILE and the like
@@ -6507,6 +6610,18 @@ class Server:
         self.stopping = False
         self.stop_requested = False   # set by request_stop(), from a signal handler
         self.stats_requested = False  # set by request_stats(), likewise
+        self.reload_requested = False  # set by request_reload(), likewise
+        self.loader = None            # the thread loading a reload, while it runs
+        self.loaded = None            # what it loaded: (Site, TLSConfig or None), or an error text
+        self.reload_again = False     # a SIGHUP came while loading: load again when done
+        self.retiring = {}            # Site a reload replaced -> [its connections not yet
+                                      # freed, the monotonic time its grace period ends]
+        # The loader's "done": a byte through a socket pair, received by the ring (the loop
+        # blocks in io_uring_enter; it must not be re-entered from another thread).
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_buf = bytearray(1)
+        g = limits.grace
+        self.grace_timespec = bytearray(kernel_timespec.pack(int(g), int(g % 1 * 1e9)))
         self.stop_deadline = None
         self.accepted = self.requests = self.closed = self.timeouts = 0  # for the stats line
         self.handshakes = self.resumed = self.tls_failures = self.reaped = self.errors = 0
@@ -6602,11 +6717,18 @@ class Server:
                     self.contain(self.on_watchdog)
                 elif op == OP_NOTIFY:
                     self.contain(self.notify.failed, -res)
+                elif op == OP_RELOAD:
+                    self.contain(self.on_grace_over if ud & UD_INDEX_MASK else self.on_loaded)
             if self.reap_due:
                 self.contain(self.reap)
             if self.stats_requested:
                 self.stats_requested = False
                 self.log.write(self.stats_line())
+                if self.access_log:
+                    self.access_log.reopen()
+            if self.reload_requested:
+                self.reload_requested = False
+                self.contain(self.begin_reload)
             if self.stop_requested and not self.stopping:
                 self.begin_stop(self.limits.grace)
             if self.stopping and self.drained():
@@ -6691,6 +6813,7 @@ class Server:
         self.active += 1
         self.accepted += 1
         slot.fd = fd
+        slot.site, slot.tar_addr = self.site, self.tar_addr
         slot.rstart = slot.rlen = 0
         slot.recv_busy = slot.send_busy = slot.send_linked = False
         slot.closing = slot.lingering = slot.partial = slot.keep_alive = False
@@ -6835,19 +6958,19 @@ class Server:
             return
         head_end, next_start = found
         if head_end - start > self.limits.max_header_bytes:
-            self.send_response(slot, self.site.error(oversize_status(buf, start, end), True), None)
+            self.send_response(slot, slot.site.error(oversize_status(buf, start, end), True), None)
             return
         head = buf[start:head_end]
         slot.rstart = next_start - base
         if slot.rstart == slot.rlen:
             slot.rstart = slot.rlen = 0
         self.requests += 1
-        self.send_response(slot, self.site.respond(head), head)
+        self.send_response(slot, slot.site.respond(head), head)
 
     def need_more(self, slot, start, end):
         """No complete head yet: enforce the size limits, start the header clock, read on."""
         if end - start >= self.limits.max_header_bytes or end - start >= self.rbuf_size - 1:
-            self.send_response(slot, self.site.error(oversize_status(self.rbuf, start, end), True),
+            self.send_response(slot, slot.site.error(oversize_status(self.rbuf, start, end), True),
                                None)
             return
         if end > start and not slot.partial:
@@ -6866,7 +6989,7 @@ class Server:
         n = len(head)
         h = slot.index * HBUF_SIZE
         self.hbuf[h:h + n] = head
-        slot.body_pos = self.tar_addr + body_off
+        slot.body_pos = slot.tar_addr + body_off
         slot.body_end = slot.body_pos + body_len
         slot.keep_alive = keep_alive
         slot.partial = False
@@ -6920,8 +7043,8 @@ class Server:
         h = slot.index * HBUF_SIZE
         view[first:first + head_len] = self.hbuf[h:h + head_len]
         # pread, not the mapping: a tar truncated in place makes the mapping's end SIGBUS.
-        if os.preadv(self.tar_fd, [view[first + head_len:first + n]],
-                     slot.body_pos - self.tar_addr) < body:
+        if os.preadv(slot.site.archive.fd, [view[first + head_len:first + n]],
+                     slot.body_pos - slot.tar_addr) < body:
             self.start_close(slot)  # the tar shrank: the rest of this body is gone
             return
         # The content was read in one piece: move each record's part to its place (the last
@@ -7271,6 +7394,9 @@ class Server:
         slot.fd = -1
         slot.gen = (slot.gen + 1) & GEN_MASK
         slot.out = slot.tls = None
+        if slot.site is not self.site:
+            self.release(slot.site)
+        slot.site = None
         self.release_bulk(slot)
         self.free.append(slot)
         self.active -= 1
@@ -7348,7 +7474,10 @@ class Server:
         self.resume_accepts()
 
     def on_timer(self):
-        self.site.tick(time.time())
+        now = time.time()
+        self.site.tick(now)
+        for site in self.retiring:
+            site.tick(now)
         for slot in self.slots:
             if slot.fd >= 0 and slot.deadline < self.now:
                 if not slot.closing:
@@ -7358,6 +7487,8 @@ class Server:
                 self.start_close(slot)
         if self.access_log:
             self.access_log.flush()
+        if self.retiring:
+            self.close_idle_retired()
         self.check_archive()
         self.arm_timer()
 
@@ -7367,9 +7498,10 @@ class Server:
         if self.statx_busy or self.site.stale:
             return
         self.statx_busy = True
+        self.statx_archive = self.site.archive
         # The path is "" (a bytes object's buffer always ends in a NUL): with AT_EMPTY_PATH,
         # statx describes the descriptor itself, the file we mapped, whatever the path is now.
-        self.ring.prep_statx(self.tar_fd, bytes_address(b""), AT_EMPTY_PATH,
+        self.ring.prep_statx(self.statx_archive.fd, bytes_address(b""), AT_EMPTY_PATH,
                              STATX_SIZE | STATX_MTIME, buffer_address(self.statx_buf), UD_STATX)
 
     def arm_watchdog(self):
@@ -7385,26 +7517,27 @@ class Server:
 
     def on_statx(self, res):
         self.statx_busy = False
-        if res < 0:
-            return  # checked again next second
+        archive = self.statx_archive
+        if res < 0 or archive is not self.site.archive:
+            return  # checked again next second; or a reload replaced (and maybe closed) it
         size, sec, nsec = statx_size_mtime.unpack_from(self.statx_buf)
-        archive = self.site.archive
         if (size, sec * 10**9 + nsec) != archive.identity:
             self.site.mark_stale()
             self.log.warn(f"{archive.path} changed on disk while being served (now {size} "
                           f"bytes, was {archive.identity[0]}): answering 500 from now on; "
-                          f"publish a new tar by renaming it over the old one, then restart")
+                          f"publish a new tar by renaming it over the old one, then reload it "
+                          f"(SIGHUP)")
 
     # -- stopping ----------------------------------------------------------------------------------
 
     def request_stop(self):
-        """SIGTERM/SIGINT/SIGHUP. A signal handler runs between any two bytecodes of the loop,
+        """SIGTERM/SIGINT. A signal handler runs between any two bytecodes of the loop,
         perhaps halfway through writing an SQE: it only sets a flag, which run() reads after
         the batch (the signal interrupts the loop's wait with EINTR, so that is at once)."""
         self.stop_requested = True
 
     def begin_stop(self, grace):
-        """SIGTERM/SIGINT/SIGHUP: stop accepting, close idle connections, let the rest finish."""
+        """SIGTERM/SIGINT: stop accepting, close idle connections, let the rest finish."""
         self.pause_accepts()
         if self.notify:
             self.notify.send("STOPPING=1", "STATUS=stopping: finishing the responses in flight")
@@ -7435,10 +7568,137 @@ class Server:
             return True
         return False
 
+    # -- reloading -------------------------------------------------------------------------------
+
+    def request_reload(self):
+        """SIGHUP; only a flag, as request_stop: run() calls begin_reload after the batch."""
+        self.reload_requested = True
+
+    def begin_reload(self):
+        """Load the files again in a thread while the loop serves on: indexing a tar of 100,000
+        members takes seconds of Python, which the loop must not stall for. The thread takes
+        the GIL while the loop waits in the kernel, and otherwise for RELOAD_SWITCH at a time;
+        the garbage collector waits (one full collection over the new index holds the GIL for
+        tens of milliseconds). One load at a time: a SIGHUP during one asks for another after
+        it."""
+        if self.stopping or self.reload is None:
+            return
+        if self.loader is not None:
+            self.reload_again = True
+            return
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.load_began = time.monotonic()
+        self.loader = start_thread(self.load, "reload")
+        if self.notify:  # Type=notify-reload: the reload began at this CLOCK_MONOTONIC time
+            self.notify.send("RELOADING=1", f"MONOTONIC_USEC={usec}",
+                             "STATUS=reloading: loading the files")
+        gc.disable()
+        self.switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(RELOAD_SWITCH)
+        self.ring.prep_recv(self.wake_r.fileno(), buffer_address(self.wake_buf), 1, 0, UD_LOADED)
+
+    def load(self):
+        """The loader thread: self.reload(), its result or error text left in self.loaded; then
+        the byte that wakes the loop (on_loaded). It touches nothing the loop uses."""
+        try:
+            self.loaded = self.reload()
+        except StartupError as e:
+            self.loaded = str(e)
+        except Exception:
+            self.loaded = "internal error:\n" + traceback.format_exc()
+        finally:
+            self.wake_w.send(b"\0")
+
+    def on_loaded(self):
+        """The loader is done: swap in what it loaded, or keep everything as it was."""
+        self.loader.join()
+        self.loader, loaded, self.loaded = None, self.loaded, None
+        sys.setswitchinterval(self.switch_interval)
+        # What the load made lives on (a load leaves no cyclic garbage): full collections need
+        # not walk it again, each a stall of tens of milliseconds for 100,000 entries.
+        gc.freeze()
+        gc.enable()
+        if isinstance(loaded, str):
+            self.log.write(f"reload failed, still serving the previous version: {loaded}")
+            if self.notify:
+                self.notify.send("READY=1", f"STATUS=reload failed: {loaded.splitlines()[0]}")
+        elif not self.stopping:
+            self.swap(*loaded)
+        if self.reload_again:
+            self.reload_again = False
+            self.begin_reload()
+
+    def swap(self, site, tls_config):
+        """New connections get the new site (and certificates, keys, ticket keys); the old
+        site answers its connections until they end (retire)."""
+        old = self.site
+        self.site, self.tar_addr = site, site.archive.address
+        if tls_config is not None:
+            self.tls.config = tls_config
+        self.retire(old)
+        files = len(site.archive.files)
+        self.log.warn(f"reloaded {site.archive.path}: {files} files, loaded in "
+                      f"{time.monotonic() - self.load_began:.1f} s")
+        if self.notify:
+            self.notify.send("READY=1", f"STATUS=serving {files} files (reloaded)")
+
+    def retire(self, site):
+        """A replaced site serves its connections' requests in flight, saying Connection: close
+        (draining), and its idle ones close (close_idle_retired, now and every second); by
+        --grace the rest are closed. Its tar is unmapped when the last of them is freed."""
+        site.draining = True
+        users = sum(1 for slot in self.slots if slot.fd >= 0 and slot.site is site)
+        if not users:
+            self.drop(site)
+            return
+        self.retiring[site] = [users, self.now + self.limits.grace]
+        self.ring.prep_timeout(buffer_address(self.grace_timespec), 0, 0, UD_GRACE)
+        self.close_idle_retired()
+
+    def close_idle_retired(self):
+        """Close the connections of replaced sites that have waited for a request, with nothing
+        received, for RETIRE_IDLE_AGE. Not at once after a response: the client may have sent
+        its next request already (a keep-alive client such as wrk sends it at once), and a close
+        under it loses that request; such a request is answered, with Connection: close."""
+        candidates, _ = self.reap_candidates()
+        for rank, since, index in candidates:
+            slot = self.slots[index]
+            if rank == 0 and since <= self.now - RETIRE_IDLE_AGE and slot.site is not self.site \
+                    and unsent_bytes(slot.fd) == 0:
+                self.start_close(slot)
+
+    def on_grace_over(self):
+        """A replaced site's --grace is over: close its connections still open."""
+        over = [site for site, (_, deadline) in self.retiring.items() if deadline <= self.now]
+        busy = [slot for slot in self.slots
+                if slot.fd >= 0 and slot.site in over and not slot.closing]
+        if busy:
+            self.log.warn(f"reload: grace period over, closing {len(busy)} connection(s) of the "
+                          f"previous version")
+        for slot in busy:
+            self.start_close(slot)
+
+    def release(self, site):
+        """One of a replaced site's connections was freed: the last one unmaps its tar."""
+        self.retiring[site][0] -= 1
+        if not self.retiring[site][0]:
+            del self.retiring[site]
+            self.drop(site)
+
+    @staticmethod
+    def drop(site):
+        """A replaced site is unused: unmap its tar, and free its index in a thread."""
+        site.archive.close()
+        try:
+            start_thread(site.archive.dispose, "dispose")
+        except RuntimeError:
+            pass  # no thread to be had: the index is freed at once, in the loop
+
     # -- statistics --------------------------------------------------------------------------------
 
     def request_stats(self):
-        """SIGUSR1; only a flag, as request_stop: the line is written by run()."""
+        """SIGUSR1; only a flag, as request_stop: run() writes the line, and reopens the access
+        log (logrotate's postrotate, as for nginx)."""
         self.stats_requested = True
 
     def stats_line(self):
@@ -7796,7 +8056,8 @@ def parse_args(argv):
                    "default one (Server, X-Content-Type-Options: nosniff), a NAME given again "
                    "replaces it")
     p.add_argument("--grace", type=positive(float), default=5.0, metavar="S",
-                   help="on SIGTERM/SIGINT, time to finish responses in flight (default 5)")
+                   help="on SIGTERM/SIGINT, time to finish responses in flight; after a reload "
+                   "(SIGHUP), for the old version's connections (default 5)")
     p.add_argument("--access-log", metavar="FILE|-", help="Common Log Format access log")
     p.add_argument("--user", metavar="NAME[:GROUP]", help="once the ports are bound and the "
                    "keys, the tar and the logs open, serve as this user (its group, or GROUP; "
@@ -7907,6 +8168,33 @@ def fallback_entry(opts, archive):
     return entry
 
 
+def load_site(opts, log):
+    """The Site of opts.tar (indexed and mapped) with its --fallback: at start, and at reload."""
+    archive = Archive(opts.tar, opts.prefix, log)
+    try:
+        return Site(archive, opts.cache_control, opts.headers, fallback_entry(opts, archive))
+    except BaseException:
+        archive.close()  # a reload that fails must not leak the mapping
+        raise
+
+
+def reloader(opts, tls, log):
+    """What SIGHUP loads (Server.begin_reload, in a thread): () -> (Site, TLSConfig or None),
+    the files named at start read again; a StartupError names the first problem, as at start.
+    Certificates and keys first (quick to fail), the tar last. Random ticket keys (no
+    --tls-ticket-key) stay, so that clients still resume; a self-signed certificate stays."""
+    def load():
+        config = None
+        if tls is not None:
+            identities = tls.identities if opts.tls_self_signed else load_tls_identities(opts)
+            tickets = tls.config.tickets
+            if opts.tls_ticket_key:
+                tickets = load_ticket_keys(opts, tls.crypto, log)
+            config = tls.make_config(identities, tickets)
+        return load_site(opts, log), config
+    return load
+
+
 def choose_crypto(mode, log):
     """The TLS crypto backend for --crypto (serve names it once start-up has succeeded)."""
     crypto = PYTHON_CRYPTO
@@ -7929,10 +8217,10 @@ def open_access_log(name, log):
     if name == "-":
         return AccessLog(sys.stdout.fileno(), "on standard output", log)
     try:
-        fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(name, ACCESS_LOG_FLAGS, 0o644)
     except OSError as e:
         raise StartupError(f"cannot open access log {name}: {e.strerror}")
-    return AccessLog(fd, name, log)
+    return AccessLog(fd, name, log, name)
 
 
 FD_RESERVE = 32  # descriptors besides the slots': stdio, the ring, the tar, log files, spare
@@ -8013,7 +8301,7 @@ def release_startup_memory():
 
 
 def serve(opts, log):
-    """Start-up in the order that fails fastest, then run until SIGTERM, SIGINT or SIGHUP."""
+    """Start-up in the order that fails fastest, then run until SIGTERM or SIGINT."""
     activated = activated_listeners(opts)  # first: the variables go at once
     notify = sd_notify_socket(log)
     user = resolve_user(opts.user) if opts.user is not None else None
@@ -8024,8 +8312,8 @@ def serve(opts, log):
     crypto = choose_crypto(opts.crypto, log) if identities else None
     tickets = load_ticket_keys(opts, crypto, log) if identities else None
     access_log = open_access_log(opts.access_log, log)
-    archive = Archive(opts.tar, opts.prefix, log)
-    site = Site(archive, opts.cache_control, opts.headers, fallback_entry(opts, archive))
+    site = load_site(opts, log)
+    archive = site.archive
     tls = TLSContext(identities, opts.tls_groups, opts.ktls, crypto, log, tickets) \
         if identities else None
     limits = Limits(max_connections=raise_fd_limit(opts.max_connections,
@@ -8034,7 +8322,8 @@ def serve(opts, log):
                     handshake_timeout=opts.handshake_timeout,
                     max_header_bytes=opts.max_header_bytes, grace=opts.grace)
     listeners = activated or [(make_listener(spec), is_tls) for spec, is_tls in specs]
-    server = Server(site, listeners, limits, log, tls, access_log, notify, opts.proxy_protocol)
+    server = Server(site, listeners, limits, log, tls, access_log, notify, opts.proxy_protocol,
+                    reloader(opts, tls, log))
     if user:
         drop_privileges(opts.user, *user)
     # Handlers only set a flag (see Server.request_stop): the loop must not be re-entered
@@ -8042,7 +8331,7 @@ def serve(opts, log):
     # it. They are in place before the URL line, which tells the world the server is up.
     signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
     signal.signal(signal.SIGINT, lambda *_: server.request_stop())
-    signal.signal(signal.SIGHUP, lambda *_: server.request_stop())  # no reload yet: drain, exit
+    signal.signal(signal.SIGHUP, lambda *_: server.request_reload())
     signal.signal(signal.SIGUSR1, lambda *_: server.request_stats())
     release_startup_memory()
     if tls:   # after every start-up error, so that a failed start prints only its error
