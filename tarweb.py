@@ -147,6 +147,7 @@ IORING_OFF_SQES = 0x10000000
 # io_uring_setup flags
 IORING_SETUP_CQSIZE = 1 << 3
 IORING_SETUP_CLAMP = 1 << 4
+IORING_SETUP_R_DISABLED = 1 << 6  # the ring does nothing until IORING_REGISTER_ENABLE_RINGS
 IORING_SETUP_SUBMIT_ALL = 1 << 7
 IORING_SETUP_COOP_TASKRUN = 1 << 8
 IORING_SETUP_SINGLE_ISSUER = 1 << 12
@@ -162,6 +163,13 @@ IORING_ENTER_GETEVENTS = 1 << 0
 
 # io_uring_register opcodes
 IORING_REGISTER_PROBE = 8
+IORING_REGISTER_RESTRICTIONS = 11
+IORING_REGISTER_ENABLE_RINGS = 12
+# struct io_uring_restriction {u16 opcode; u8 sqe_op (or register_op, sqe_flags); u8 resv;
+# u32 resv2[3]}: what a restricted ring may do; anything else fails with EACCES.
+io_uring_restriction = struct.Struct("<HBx12x")
+IORING_RESTRICTION_SQE_OP = 1
+IORING_RESTRICTION_SQE_FLAGS_ALLOWED = 2
 # struct io_uring_probe {u8 last_op, ops_len; u16 resv; u32 resv2[3]} followed by one
 # struct io_uring_probe_op {u8 op, resv; u16 flags; u32 resv2} per opcode.
 io_uring_probe = struct.Struct("<BBH12x")
@@ -188,6 +196,7 @@ REQUIRED_OPS = {"SENDMSG": IORING_OP_SENDMSG, "RECVMSG": IORING_OP_RECVMSG,
 # sqe.flags
 IOSQE_IO_LINK = 1 << 2
 IOSQE_CQE_SKIP_SUCCESS = 1 << 6
+USED_SQE_FLAGS = IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS  # all this server sets
 
 # sqe.op_flags (cancel_flags) for IORING_OP_ASYNC_CANCEL (5.19+): every request that matches
 IORING_ASYNC_CANCEL_ALL = 1 << 0
@@ -350,19 +359,21 @@ class IoUring:
     liburing's io_uring_prep_* (plus the user_data and IOSQE_* flags liburing sets apart), then
     submitted and reaped with enter() and completions()."""
 
-    def __init__(self, entries):
-        self.fd, p = self._setup(entries)
+    def __init__(self, entries, disabled=False):
+        """disabled: the ring runs nothing until restrict() has limited what it may run."""
+        self.fd, p = self._setup(entries, IORING_SETUP_R_DISABLED if disabled else 0)
         self.flags, self.features = p.flags, p.features
         if not self.features & IORING_FEAT_NODROP:
             raise StartupError("io_uring without IORING_FEAT_NODROP: use Linux 5.19 or newer")
         self._map_rings(p)
         self.enters = 0
+        self.allowed_ops = None  # how many opcodes restrict() left it; None: all
 
     @staticmethod
-    def _setup(entries):
+    def _setup(entries, extra_flags):
         for flags in SETUP_FLAG_STEPS:
             p = io_uring_params()
-            p.flags = flags | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP
+            p.flags = flags | extra_flags | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP
             p.cq_entries = entries * 4
             fd = _libc.syscall(SYS_io_uring_setup, entries, ctypes.byref(p))
             if fd >= 0:
@@ -422,6 +433,21 @@ class IoUring:
         ops = io_uring_probe_op.iter_unpack(probe[io_uring_probe.size:])
         return {op for op, (_, _, flags, _) in enumerate(ops)
                 if op <= last_op and flags & IO_URING_OP_SUPPORTED}
+
+    def restrict(self, ops, sqe_flags):
+        """Enable a ring set up disabled, limited for good (IORING_REGISTER_RESTRICTIONS, Linux
+        5.10+) to the opcodes ops with no sqe.flags but sqe_flags, and to no io_uring_register
+        at all: any other operation completes with -EACCES. Seccomp cannot see what a ring does,
+        so this is what keeps it from opening files or connecting (see README "Sandbox")."""
+        rules = [(IORING_RESTRICTION_SQE_OP, op) for op in sorted(ops)]
+        rules.append((IORING_RESTRICTION_SQE_FLAGS_ALLOWED, sqe_flags))
+        buf = b"".join(io_uring_restriction.pack(*rule) for rule in rules)
+        for opcode, arg, count in ((IORING_REGISTER_RESTRICTIONS, buf, len(rules)),
+                                   (IORING_REGISTER_ENABLE_RINGS, None, 0)):
+            if _libc.syscall(SYS_io_uring_register, self.fd, opcode, arg, count) < 0:
+                raise StartupError("--secure: cannot restrict the io_uring: "
+                                   + os.strerror(ctypes.get_errno()) + "; use Linux 5.19 or newer")
+        self.allowed_ops = len(ops)
 
     def _prep(self, opcode, sqe_flags, fd, off, addr, length, op_flags, user_data):
         """Write one SQE at the local tail; it reaches the kernel with the next enter(). The
@@ -6374,7 +6400,8 @@ class Server:
 
     An exception in a handler costs its connection (internal_error), not the server."""
 
-    def __init__(self, site, listeners, limits, log, tls=None, access_log=None, notify=None):
+    def __init__(self, site, listeners, limits, log, tls=None, access_log=None, notify=None,
+                 secure=False):
         self.site, self.limits, self.log = site, limits, log
         self.notify = notify      # SdNotify, or None when systemd does not listen
         self.listeners = [sock for sock, _ in listeners]
@@ -6383,8 +6410,11 @@ class Server:
         self.access_log = access_log  # AccessLog, or None
         n = limits.max_connections
         # Two SQEs per slot (a linked send and recv) and 64 for the rest, as a power of two.
-        self.ring = IoUring(min(IORING_MAX_ENTRIES, 1 << (2 * n + 64).bit_length()))
+        self.ring = IoUring(min(IORING_MAX_ENTRIES, 1 << (2 * n + 64).bit_length()),
+                            disabled=secure)
         self._check_kernel()
+        if secure:  # --secure: the ring runs the operations of REQUIRED_OPS and nothing else
+            self.ring.restrict(REQUIRED_OPS.values(), USED_SQE_FLAGS)
         self.rbuf_size = max(limits.max_header_bytes, MAX_REQUEST_LINE) + RBUF_EXTRA
         if tls is not None:
             self.rbuf_size = max(self.rbuf_size, _TLS_MAX_RECORD)  # a whole record must fit

@@ -3770,6 +3770,23 @@ class TestIoUringUnavailable(unittest.TestCase):
         self.assert_one_line_error(proc, "kernel.io_uring_disabled=2", "sysctl")
 
 
+def ring_result(ring, opcode, sqe_flags=0, fd=-1, off=0, addr=0, length=0, op_flags=0):
+    """The res of one operation through an IoUring: a negative errno raised as OSError."""
+    ring._prep(opcode, sqe_flags, fd, off, addr, length, op_flags, 99)
+    cqes = ()
+    while not cqes:   # enter() returns early on EINTR, as the server's loop expects
+        ring.enter(True)
+        cqes = ring.completions()
+    (_, res, _), = cqes
+    if res < 0:
+        raise OSError(-res, os.strerror(-res))
+    return res
+
+
+IORING_OP_NOP, IORING_OP_OPENAT, IOSQE_ASYNC = 0, 18, 1 << 4
+TIMESPEC_1NS = struct.pack("<qq", 0, 1)
+
+
 class TestRingHelpers(unittest.TestCase):
     """Each IoUring.prep_* writes the SQE fields liburing's io_uring_prep_* would, read back from
     a real kernel ring before submission (fields as in struct io_uring_sqe)."""
@@ -3822,6 +3839,26 @@ class TestRingHelpers(unittest.TestCase):
             self.assertEqual(self.last_sqe(), expected)
         # Never submitted (the ring closes first): the addresses and descriptors are made up.
         self.assertEqual(self.ring.to_submit, len(cases))
+
+    def test_restrict(self):
+        """A ring set up disabled and restricted (--secure's) to TIMEOUT with IO_LINK runs
+        that, and refuses with EACCES another opcode, another sqe flag and any
+        io_uring_register (here a probe)."""
+        ring = tarweb.IoUring(8, disabled=True)
+        self.addCleanup(os.close, ring.fd)
+        ring.restrict([tarweb.IORING_OP_TIMEOUT], tarweb.IOSQE_IO_LINK)
+        self.assertEqual(ring.allowed_ops, 1)
+        timeout = dict(addr=tarweb.bytes_address(TIMESPEC_1NS), length=1)
+        for opcode, flags, err in ((tarweb.IORING_OP_TIMEOUT, 0, errno.ETIME),
+                                   (tarweb.IORING_OP_TIMEOUT, tarweb.IOSQE_IO_LINK, errno.ETIME),
+                                   (IORING_OP_NOP, 0, errno.EACCES),
+                                   (tarweb.IORING_OP_TIMEOUT, IOSQE_ASYNC, errno.EACCES)):
+            with self.subTest(opcode=opcode, flags=flags):
+                with self.assertRaises(OSError) as caught:
+                    ring_result(ring, opcode, flags, **timeout)
+                self.assertEqual(caught.exception.errno, err)
+        with self.assertRaisesRegex(tarweb.StartupError, os.strerror(errno.EACCES)):
+            ring.supported_ops()
 
     def test_sendmsg_recv_pair(self):
         """The hot path's pair is what prep_sendmsg and prep_recv write, at any ring position,
