@@ -7970,9 +7970,10 @@ def landlock_restrict(abstract_scope):
     signal and (unless abstract_scope is false: $NOTIFY_SOCKET is an @name) no abstract unix
     socket outside this process. Returns (what was applied, [what this kernel lacks])."""
     abi = _libc.syscall(SYS_landlock_create_ruleset, None, 0, LANDLOCK_CREATE_RULESET_VERSION)
-    if abi < 0:
-        why = "built in" if ctypes.get_errno() == errno.ENOSYS else "enabled: lsm=...,landlock"
-        return None, [f"landlock (not {why})"]
+    if abi < 0:   # EPERM: a seccomp profile (a container's) forbids it
+        err = ctypes.get_errno()
+        why = {errno.ENOSYS: "not built in", errno.EOPNOTSUPP: "not enabled: lsm=...,landlock"}
+        return None, [f"landlock ({why.get(err) or os.strerror(err)})"]
     fs = (1 << LANDLOCK_ACCESS_FS_COUNT.get(abi, 16)) - 1
     net = LANDLOCK_ACCESS_NET_BIND_TCP | LANDLOCK_ACCESS_NET_CONNECT_TCP if abi >= 4 else 0
     scoped = LANDLOCK_SCOPE_SIGNAL | (LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET if abstract_scope

@@ -3603,10 +3603,11 @@ class TestSecure(ArchiveCase):
 
     def test_kernel_without_landlock(self):
         """Where landlock_create_ruleset fails (ENOSYS: not built in; EOPNOTSUPP: not enabled at
-        boot) the server still starts, with seccomp and the ring restricted, and its note says
-        what the kernel lacks."""
+        boot; EPERM: a container's seccomp profile) the server still starts, with seccomp and
+        the ring restricted, and its note says what the kernel lacks."""
         for err, why in ((errno.ENOSYS, "landlock (not built in)"),
-                         (errno.EOPNOTSUPP, "landlock (not enabled: lsm=...,landlock)")):
+                         (errno.EOPNOTSUPP, "landlock (not enabled: lsm=...,landlock)"),
+                         (errno.EPERM, "landlock (Operation not permitted)")):
             with self.subTest(err=errno.errorcode[err]):
                 with ServerProc(MAIN_TAR, "--secure", preexec_fn=_deny_syscall(444, err)) as srv:
                     self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
