@@ -45,7 +45,8 @@ prints this outline with line numbers; inside a class, `# -- name` lines group i
      6.8 Server configuration and handshake state machine (§4, Appendix A.2)
      6.9 kTLS hand-off (Linux Documentation/networking/tls.rst)
   7. Connection loop - Server: fixed slots driven by io_uring completions
-  8. CLI - argparse, one-line start-up errors, systemd's sockets and notify socket, --user, main()
+  8. CLI - argparse, one-line start-up errors, systemd's sockets and notify socket, --user,
+     --secure's sandbox (no_new_privs, capabilities, landlock, seccomp), main()
 """
 
 import argparse
@@ -150,6 +151,7 @@ IORING_OFF_SQES = 0x10000000
 # io_uring_setup flags
 IORING_SETUP_CQSIZE = 1 << 3
 IORING_SETUP_CLAMP = 1 << 4
+IORING_SETUP_R_DISABLED = 1 << 6  # the ring does nothing until IORING_REGISTER_ENABLE_RINGS
 IORING_SETUP_SUBMIT_ALL = 1 << 7
 IORING_SETUP_COOP_TASKRUN = 1 << 8
 IORING_SETUP_SINGLE_ISSUER = 1 << 12
@@ -165,6 +167,13 @@ IORING_ENTER_GETEVENTS = 1 << 0
 
 # io_uring_register opcodes
 IORING_REGISTER_PROBE = 8
+IORING_REGISTER_RESTRICTIONS = 11
+IORING_REGISTER_ENABLE_RINGS = 12
+# struct io_uring_restriction {u16 opcode; u8 sqe_op (or register_op, sqe_flags); u8 resv;
+# u32 resv2[3]}: what a restricted ring may do; anything else fails with EACCES.
+io_uring_restriction = struct.Struct("<HBx12x")
+IORING_RESTRICTION_SQE_OP = 1
+IORING_RESTRICTION_SQE_FLAGS_ALLOWED = 2
 # struct io_uring_probe {u8 last_op, ops_len; u16 resv; u32 resv2[3]} followed by one
 # struct io_uring_probe_op {u8 op, resv; u16 flags; u32 resv2} per opcode.
 io_uring_probe = struct.Struct("<BBH12x")
@@ -191,6 +200,7 @@ REQUIRED_OPS = {"SENDMSG": IORING_OP_SENDMSG, "RECVMSG": IORING_OP_RECVMSG,
 # sqe.flags
 IOSQE_IO_LINK = 1 << 2
 IOSQE_CQE_SKIP_SUCCESS = 1 << 6
+USED_SQE_FLAGS = IOSQE_IO_LINK | IOSQE_CQE_SKIP_SUCCESS  # all this server sets
 
 # sqe.op_flags (cancel_flags) for IORING_OP_ASYNC_CANCEL (5.19+): every request that matches
 IORING_ASYNC_CANCEL_ALL = 1 << 0
@@ -236,6 +246,47 @@ tls_crypto_info_aes_gcm_128 = struct.Struct("=HH8s16s4s8s")
 tls_crypto_info_aes_gcm_256 = struct.Struct("=HH8s32s4s8s")
 tls_crypto_info_chacha20_poly1305 = struct.Struct("=HH12s32s8s")
 
+# The sandbox (--secure): include/uapi/linux/{prctl,capability,landlock,seccomp,filter,audit}.h
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+# capset(2): struct __user_cap_header_struct {u32 version; s32 pid}, then version 3's two
+# struct __user_cap_data_struct {u32 effective, permitted, inheritable} (64 capabilities).
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+cap_user_header = struct.Struct("<Ii")
+CAP_USER_DATA_SIZE = 2 * 12
+# Landlock's system calls have the asm-generic numbers on x86_64 and aarch64 alike.
+SYS_landlock_create_ruleset = 444
+SYS_landlock_restrict_self = 446
+LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
+# struct landlock_ruleset_attr {u64 handled_access_fs, handled_access_net, scoped}: a kernel
+# takes the fields it knows, and zeros in the ones it does not.
+landlock_ruleset_attr = struct.Struct("<QQQ")
+# Every file-system right of ABI version N: rights 0-12 (LANDLOCK_ACCESS_FS_EXECUTE ... MAKE_SYM)
+# since 1, REFER (13) since 2, TRUNCATE (14) since 3, IOCTL_DEV (15) since 5.
+LANDLOCK_ACCESS_FS_COUNT = {1: 13, 2: 14, 3: 15, 4: 15, 5: 16}
+LANDLOCK_ACCESS_NET_BIND_TCP = 1 << 0      # ABI 4
+LANDLOCK_ACCESS_NET_CONNECT_TCP = 1 << 1   # ABI 4
+LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
+LANDLOCK_SCOPE_SIGNAL = 1 << 1                # ABI 6
+# seccomp(2) and the classic BPF program it takes.
+SYS_seccomp = {"x86_64": 317, "aarch64": 277}
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_LOG = 1 << 1     # denials go to the audit log (dmesg, the journal)
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_ERRNO = 0x00050000       # | errno
+SECCOMP_RET_ALLOW = 0x7FFF0000
+# struct seccomp_data {s32 nr; u32 arch; u64 instruction_pointer; u64 args[6]}: byte offsets
+SECCOMP_DATA_NR, SECCOMP_DATA_ARCH, SECCOMP_DATA_ARGS = 0, 4, 16
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+X32_SYSCALL_BIT = 0x40000000         # x86_64's x32 ABI: same arch, other numbers
+# struct sock_filter {u16 code; u8 jt, jf; u32 k}; struct sock_fprog {u16 len; sock_filter *}
+sock_filter = struct.Struct("<HBBI")
+sock_fprog = struct.Struct("<H6xQ")
+BPF_LD_W_ABS = 0x20    # BPF_LD | BPF_W | BPF_ABS: A = the u32 at offset k of seccomp_data
+BPF_JEQ_K = 0x15       # BPF_JMP | BPF_JEQ | BPF_K: A == k ? jump jt : jump jf
+BPF_JGE_K = 0x35       # BPF_JMP | BPF_JGE | BPF_K
+BPF_RET_K = 0x06       # BPF_RET | BPF_K: the action k
+
 # Memory ordering. The kernel publishes a CQE with smp_store_release() on the CQ tail and reads
 # our SQ tail with smp_load_acquire(). On x86_64 (TSO) plain stores are never reordered with
 # other stores nor loads with loads, and CPython executes each pack_into/unpack_from to completion
@@ -258,6 +309,7 @@ _libc.setsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_
                              ctypes.c_uint32]
 _libc.getpeername.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 
 
 ONE = struct.pack("i", 1)  # an int option's value
@@ -354,19 +406,21 @@ class IoUring:
     liburing's io_uring_prep_* (plus the user_data and IOSQE_* flags liburing sets apart), then
     submitted and reaped with enter() and completions()."""
 
-    def __init__(self, entries):
-        self.fd, p = self._setup(entries)
+    def __init__(self, entries, disabled=False):
+        """disabled: the ring runs nothing until restrict() has limited what it may run."""
+        self.fd, p = self._setup(entries, IORING_SETUP_R_DISABLED if disabled else 0)
         self.flags, self.features = p.flags, p.features
         if not self.features & IORING_FEAT_NODROP:
             raise StartupError("io_uring without IORING_FEAT_NODROP: use Linux 5.19 or newer")
         self._map_rings(p)
         self.enters = 0
+        self.allowed_ops = None  # how many opcodes restrict() left it; None: all
 
     @staticmethod
-    def _setup(entries):
+    def _setup(entries, extra_flags):
         for flags in SETUP_FLAG_STEPS:
             p = io_uring_params()
-            p.flags = flags | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP
+            p.flags = flags | extra_flags | IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP
             p.cq_entries = entries * 4
             fd = _libc.syscall(SYS_io_uring_setup, entries, ctypes.byref(p))
             if fd >= 0:
@@ -426,6 +480,21 @@ class IoUring:
         ops = io_uring_probe_op.iter_unpack(probe[io_uring_probe.size:])
         return {op for op, (_, _, flags, _) in enumerate(ops)
                 if op <= last_op and flags & IO_URING_OP_SUPPORTED}
+
+    def restrict(self, ops, sqe_flags):
+        """Enable a ring set up disabled, limited for good (IORING_REGISTER_RESTRICTIONS, Linux
+        5.10+) to the opcodes ops with no sqe.flags but sqe_flags, and to no io_uring_register
+        at all: any other operation completes with -EACCES. Seccomp cannot see what a ring does,
+        so this is what keeps it from opening files or connecting (see README "Sandbox")."""
+        rules = [(IORING_RESTRICTION_SQE_OP, op) for op in sorted(ops)]
+        rules.append((IORING_RESTRICTION_SQE_FLAGS_ALLOWED, sqe_flags))
+        buf = b"".join(io_uring_restriction.pack(*rule) for rule in rules)
+        for opcode, arg, count in ((IORING_REGISTER_RESTRICTIONS, buf, len(rules)),
+                                   (IORING_REGISTER_ENABLE_RINGS, None, 0)):
+            if _libc.syscall(SYS_io_uring_register, self.fd, opcode, arg, count) < 0:
+                raise StartupError("--secure: cannot restrict the io_uring: "
+                                   + os.strerror(ctypes.get_errno()) + "; use Linux 5.19 or newer")
+        self.allowed_ops = len(ops)
 
     def _prep(self, opcode, sqe_flags, fd, off, addr, length, op_flags, user_data):
         """Write one SQE at the local tail; it reaches the kernel with the next enter(). The
@@ -6578,7 +6647,7 @@ class Server:
     An exception in a handler costs its connection (internal_error), not the server."""
 
     def __init__(self, site, listeners, limits, log, tls=None, access_log=None, notify=None,
-                 proxy_protocol=False, reload=None):
+                 proxy_protocol=False, reload=None, secure=False):
         self.site, self.limits, self.log = site, limits, log
         self.proxy_protocol = proxy_protocol  # every connection starts with a PROXY header
         self.reload = reload      # () -> (Site, TLSConfig or None) from the files; see begin_reload
@@ -6590,8 +6659,11 @@ class Server:
         self.want_peer = access_log is not None or log.level >= 1  # lines that name the client
         n = limits.max_connections
         # Two SQEs per slot (a linked send and recv) and 64 for the rest, as a power of two.
-        self.ring = IoUring(min(IORING_MAX_ENTRIES, 1 << (2 * n + 64).bit_length()))
+        self.ring = IoUring(min(IORING_MAX_ENTRIES, 1 << (2 * n + 64).bit_length()),
+                            disabled=secure)
         self._check_kernel()
+        if secure:  # --secure: the ring runs the operations of REQUIRED_OPS and nothing else
+            self.ring.restrict(REQUIRED_OPS.values(), USED_SQE_FLAGS)
         self.rbuf_size = max(limits.max_header_bytes, MAX_REQUEST_LINE) + RBUF_EXTRA
         if tls is not None:
             self.rbuf_size = max(self.rbuf_size, _TLS_MAX_RECORD)  # a whole record must fit
@@ -8062,6 +8134,10 @@ def parse_args(argv):
     p.add_argument("--user", metavar="NAME[:GROUP]", help="once the ports are bound and the "
                    "keys, the tar and the logs open, serve as this user (its group, or GROUP; "
                    "its supplementary groups); needed as root on a port below 1024")
+    p.add_argument("--secure", action="store_true", help="once started, sandbox the server: "
+                   "no_new_privs, no capabilities, landlock (no file access, no TCP bind or "
+                   "connect), a seccomp allow-list of system calls, an io_uring limited to the "
+                   "operations it uses")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="count", default=0)
     p.add_argument("--version", action="version", version=f"tarweb.py {__version__}")
@@ -8292,6 +8368,168 @@ def drop_privileges(spec, name, uid, gid):
                            f"{ids['Gid'].split()} after setuid({uid}) and setgid({gid})")
 
 
+# The seccomp allow-list: the system calls the server still makes once it serves, found with
+# strace -f over the test suite and the benchmarks (HTTP, HTTPS with both crypto backends, kTLS in
+# the VM, Python 3.9-3.13). Name: (x86_64 number, aarch64 number), # why. Any other: EPERM.
+SECCOMP_ALLOW = {
+    "io_uring_enter": (426, 426),   # the loop: submit SQEs, wait for completions
+    "write": (1, 64),               # stderr lines, the start line, the access log
+    "preadv2": (327, 286),          # userspace TLS: a response body from the tar (os.preadv)
+    "preadv": (295, 69),            # the same, from a CPython built without preadv2
+    "setsockopt": (54, 208),        # kTLS keys and rekeys (TCP_ULP, TLS_TX/RX); TCP_QUICKACK
+    "getpeername": (52, 205),       # the client's address, for the access log
+    "ioctl": (16, 29),              # SIOCOUTQ only (checked): bytes unsent when closing
+    "sendto": (44, 206),            # sd_notify: READY=1, STOPPING=1
+    "getrandom": (318, 278),        # os.urandom, secrets, OpenSSL: TLS randoms, keys, tickets
+    "getpid": (39, 172),            # OpenSSL: its fork check before it draws random bytes
+    "clock_gettime": (228, 113),    # time.monotonic, time.time: where the vDSO cannot answer
+    "mmap": (9, 222),               # memory: Python's arenas, glibc malloc's large blocks
+    "munmap": (11, 215),            # ... given back
+    "brk": (12, 214),               # glibc malloc's heap, grown again after start-up's trim
+    "rt_sigreturn": (15, 139),      # the return from a signal (SIGTERM, SIGUSR1, ...)
+    "rt_sigaction": (13, 134),      # at exit: CPython puts the default handlers back
+    "close": (3, 57),               # at exit: the listeners, the tar, the ring
+    "getsockname": (51, 204),       # at exit: a socket's repr, in CPython's unclosed warning
+    "futex": (202, 98),             # at exit: glibc wakes a lock's waiters (one thread: none)
+    "exit_group": (231, 94),        # the end
+}
+
+
+def sandbox(server):
+    """--secure, in a worker that holds every descriptor it will use (a future worker process
+    calls it once it is set up): no_new_privs, no capabilities, landlock, seccomp, then a
+    self-test. Returns the start-up line's note: what was applied, what the kernel lacks."""
+    # What follows needs no_new_privs, and no execve can undo it.
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0:
+        raise StartupError("--secure: PR_SET_NO_NEW_PRIVS failed: "
+                           + os.strerror(ctypes.get_errno()) + "; use Linux 5.19 or newer")
+    drop_capabilities()
+    notify = server.notify
+    landlock, lacking = landlock_restrict(notify is None or not notify.address.startswith(b"\0"))
+    seccomp_restrict()
+    sandbox_self_test("seccomp", errno.EPERM)
+    applied = ["no_new_privs", "capabilities cleared", landlock,
+               f"seccomp {len(SECCOMP_ALLOW)} syscalls (others EPERM)",
+               f"io_uring restricted to {server.ring.allowed_ops} opcodes"]
+    return ", ".join(part for part in applied if part) + \
+        (f"; this kernel lacks {' and '.join(lacking)}" if lacking else "")
+
+
+def drop_capabilities():
+    """Empty every capability set. The bounding set first, while CAP_SETPCAP may still be held
+    (by root only: for another user it stays, and matters only to an execve, which seccomp
+    forbids); then effective, permitted and inheritable, which empties the ambient set too."""
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0:
+            break   # EINVAL past the kernel's last capability, EPERM without CAP_SETPCAP
+    header = cap_user_header.pack(_LINUX_CAPABILITY_VERSION_3, 0)
+    if _libc.capset(header, bytes(CAP_USER_DATA_SIZE)) < 0:
+        raise StartupError("--secure: cannot clear the capabilities: "
+                           + os.strerror(ctypes.get_errno()))
+
+
+def landlock_restrict(abstract_scope):
+    """Landlock (Linux 5.13+) with every right of the kernel's ABI version handled and no rule
+    to allow any: no file may be opened, made, removed or renamed from now on - by a system
+    call or by the ring; from ABI 4 (Linux 6.7) no TCP bind or connect; from ABI 6 (6.12) no
+    signal and (unless abstract_scope is false: $NOTIFY_SOCKET is an @name) no abstract unix
+    socket outside this process. Returns (what was applied, [what this kernel lacks])."""
+    abi = _libc.syscall(SYS_landlock_create_ruleset, None, 0, LANDLOCK_CREATE_RULESET_VERSION)
+    if abi < 0:   # EPERM: a seccomp profile (a container's) forbids it
+        err = ctypes.get_errno()
+        why = {errno.ENOSYS: "not built in", errno.EOPNOTSUPP: "not enabled: lsm=...,landlock"}
+        return None, [f"landlock ({why.get(err) or os.strerror(err)})"]
+    fs = (1 << LANDLOCK_ACCESS_FS_COUNT.get(abi, 16)) - 1
+    net = LANDLOCK_ACCESS_NET_BIND_TCP | LANDLOCK_ACCESS_NET_CONNECT_TCP if abi >= 4 else 0
+    scoped = LANDLOCK_SCOPE_SIGNAL | (LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET if abstract_scope
+                                      else 0) if abi >= 6 else 0
+    attr = landlock_ruleset_attr.pack(fs, net, scoped)
+    ruleset = _libc.syscall(SYS_landlock_create_ruleset, attr, len(attr), 0)
+    if ruleset < 0 or _libc.syscall(SYS_landlock_restrict_self, ruleset, 0) < 0:
+        raise StartupError("--secure: landlock refused the ruleset: "
+                           + os.strerror(ctypes.get_errno()))
+    os.close(ruleset)
+    sandbox_self_test("landlock", errno.EACCES, tcp=bool(net))
+    lacking = [what for what, version in (("landlock's TCP rules (ABI 4, Linux 6.7)", 4),
+                                          ("landlock's scopes (ABI 6, Linux 6.12)", 6))
+               if abi < version]
+    kinds = ["fs"] + ["tcp"] * bool(net) + ["scopes"] * bool(scoped)
+    return f"landlock ABI {abi} ({', '.join(kinds)})", lacking
+
+
+def seccomp_restrict():
+    """Load seccomp_program for this machine (seccomp(2), Linux 3.17+; the log flag 4.14+)."""
+    machine = os.uname().machine
+    if machine not in AUDIT_ARCH:
+        raise StartupError(f"--secure: no system call table for {machine}; it knows x86_64 and "
+                           f"aarch64: run without --secure")
+    program = ctypes.create_string_buffer(seccomp_program(machine))
+    fprog = sock_fprog.pack(len(program) // sock_filter.size, ctypes.addressof(program))
+    if _libc.syscall(SYS_seccomp[machine], SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_LOG,
+                     fprog) < 0:
+        raise StartupError("--secure: the kernel refused the seccomp filter: "
+                           + os.strerror(ctypes.get_errno())
+                           + "; it needs a kernel built with CONFIG_SECCOMP_FILTER")
+
+
+def seccomp_program(machine):
+    """The classic BPF program of SECCOMP_ALLOW for machine (x86_64, aarch64): a system call of
+    another architecture, or x86_64's x32 numbering, kills the process (nothing here makes
+    one); one in the table goes through (ioctl only for SIOCOUTQ); any other fails with EPERM,
+    logged by the kernel (see README "Sandbox" for why not kill)."""
+    column = 0 if machine == "x86_64" else 1
+    ioctl = SECCOMP_ALLOW["ioctl"][column]
+    # In the table's order: io_uring_enter, the call of the loop, is the first compared.
+    numbers = [nrs[column] for nrs in SECCOMP_ALLOW.values() if nrs[column] != ioctl]
+    n = len(numbers)
+    assert n + 3 <= 255, "a jump offset is a u8"
+    kill = [_bpf(BPF_RET_K, SECCOMP_RET_KILL_PROCESS)]
+    program = [_bpf(BPF_LD_W_ABS, SECCOMP_DATA_ARCH), _bpf(BPF_JEQ_K, AUDIT_ARCH[machine], 1)]
+    program += kill + [_bpf(BPF_LD_W_ABS, SECCOMP_DATA_NR)]
+    if machine == "x86_64":
+        program += [_bpf(BPF_JGE_K, X32_SYSCALL_BIT, 0, 1)] + kill
+    # Instruction i of these n jumps to the allow at n + 4 when the number is numbers[i].
+    program += [_bpf(BPF_JEQ_K, nr, n + 3 - i) for i, nr in enumerate(numbers)]
+    program += [_bpf(BPF_JEQ_K, ioctl, 0, 2),                      # n: ioctl? else deny
+                _bpf(BPF_LD_W_ABS, SECCOMP_DATA_ARGS + 8),         # its command (low 32 bits)
+                _bpf(BPF_JEQ_K, SIOCOUTQ, 1),                      # SIOCOUTQ: allow
+                _bpf(BPF_RET_K, SECCOMP_RET_ERRNO | errno.EPERM),  # n + 3
+                _bpf(BPF_RET_K, SECCOMP_RET_ALLOW)]                # n + 4
+    return b"".join(program)
+
+
+def _bpf(code, k, jt=0, jf=0):
+    """One struct sock_filter: BPF_STMT(code, k) or BPF_JUMP(code, k, jt, jf)."""
+    return sock_filter.pack(code, jt, jf, k)
+
+
+def sandbox_self_test(layer, err, tcp=True):
+    """What the layer forbids must now fail with err: opening /, and (tcp) a TCP connection."""
+    attempts = [("opening /", _open_root)] + [("a TCP connection", _connect_tcp)] * tcp
+    for what, attempt in attempts:
+        try:
+            attempt()
+        except OSError as e:
+            if e.errno == err:
+                continue
+            raise StartupError(f"--secure: {layer} in place, {what} failed with "
+                               f"{errno.errorcode.get(e.errno, e.errno)}, not "
+                               f"{errno.errorcode[err]}: the sandbox is not what it should be")
+        raise StartupError(f"--secure: {layer} in place, {what} still succeeds: the sandbox "
+                           f"does not hold on this kernel")
+
+
+def _open_root():
+    os.close(os.open("/", os.O_RDONLY))
+
+
+def _connect_tcp():
+    """A connection to 127.0.0.1's port 1: refused by the sandbox, or else by the kernel (which
+    is not the errno the self-test wants)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.connect(("127.0.0.1", 1))
+
+
 def release_startup_memory():
     """Compiling this file and indexing the tar leave megabytes of freed heap behind; hand them
     back to the kernel so that the resident size reflects the server, not its start-up."""
@@ -8323,7 +8561,7 @@ def serve(opts, log):
                     max_header_bytes=opts.max_header_bytes, grace=opts.grace)
     listeners = activated or [(make_listener(spec), is_tls) for spec, is_tls in specs]
     server = Server(site, listeners, limits, log, tls, access_log, notify, opts.proxy_protocol,
-                    reloader(opts, tls, log))
+                    reloader(opts, tls, log), opts.secure)
     if user:
         drop_privileges(opts.user, *user)
     # Handlers only set a flag (see Server.request_stop): the loop must not be re-entered
@@ -8334,8 +8572,12 @@ def serve(opts, log):
     signal.signal(signal.SIGHUP, lambda *_: server.request_reload())
     signal.signal(signal.SIGUSR1, lambda *_: server.request_stats())
     release_startup_memory()
+    # Last: every file, socket and ring the server will use is open by now.
+    sandboxed = sandbox(server) if opts.secure else None
     if tls:   # after every start-up error, so that a failed start prints only its error
         log.warn(f"crypto: {tls.config.crypto.description}")  # a note, not a problem
+    if sandboxed:
+        log.warn(f"sandbox: {sandboxed}")
     urls = " ".join(listener_url(sock, is_tls) for sock, is_tls in listeners)
     emit(sys.stdout, f"tarweb.py {__version__}: serving {opts.tar} on {urls}")
     if notify:

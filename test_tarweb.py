@@ -129,6 +129,9 @@ TEST_CRYPTO = os.environ.get("TARWEB_TEST_CRYPTO") or "python"
 if TEST_CRYPTO not in ("python", "libcrypto"):
     raise SystemExit("TARWEB_TEST_CRYPTO=%r: say python or libcrypto" % TEST_CRYPTO)
 _CRYPTO_BACKENDS = {}
+# TARWEB_TEST_SECURE=1: every server the tests start with ServerProc runs with --secure (the
+# sandbox of tarweb.py section 8; make test-secure).
+TEST_SECURE = os.environ.get("TARWEB_TEST_SECURE") == "1"
 
 
 def crypto_backend(name=TEST_CRYPTO):
@@ -448,30 +451,45 @@ def with_test_crypto(args):
     return args
 
 
+def proc_status(pid):
+    """{field: value} of /proc/PID/status."""
+    with open("/proc/%d/status" % pid) as f:
+        return dict((key, value.strip()) for key, _, value in
+                    (line.partition(":") for line in f))
+
+
 class ServerProc:
     """A running tarweb.py. stdout/stderr lines are collected by reader threads.
     prefix: a command to run it under (the benchmark pins it to a CPU with taskset); python: the
     interpreter command that runs TARWEB; env: variables added to its environment; pass_fds:
-    descriptors it inherits."""
+    descriptors it inherits; preexec_fn: run in the child before the exec (a seccomp filter
+    playing an older kernel). With TARWEB_TEST_SECURE=1 it adds --secure, checks that the server
+    is sandboxed, and sets its start-up note aside (sandbox_line): tests see the stderr they
+    would see without it."""
 
     def __init__(self, tar, *args, listen=("127.0.0.1:0",), prefix=(), python=(PY,), env=None,
-                 pass_fds=()):
+                 pass_fds=(), preexec_fn=None):
         if not os.path.exists(TARWEB):
             raise AssertionError("server not found at %s (set TARWEB=/path/to/tarweb.py)" % TARWEB)
         cmd = list(prefix) + list(python) + [TARWEB]
         for addr in listen:
             cmd += ["--listen", addr]
-        self.cmd = cmd + with_test_crypto(args) + [tar]
+        args = with_test_crypto(args)
+        self.added_secure = TEST_SECURE and "--secure" not in args
+        self.sandbox_line = None
+        self.cmd = cmd + args + ["--secure"] * self.added_secure + [tar]
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, pass_fds=pass_fds,
-                                     env=dict(os.environ, **env) if env else None)
+                                     env=dict(os.environ, **env) if env else None,
+                                     preexec_fn=preexec_fn)
         self.out = queue.Queue()
         self.err = queue.Queue()
         self.err_all = []
         self.out_all = []
         self._threads = [
             threading.Thread(target=self._pump, args=(self.proc.stdout, self.out, self.out_all), daemon=True),
-            threading.Thread(target=self._pump, args=(self.proc.stderr, self.err, self.err_all), daemon=True)]
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.err, self.err_all,
+                                                      self.added_secure), daemon=True)]
         for t in self._threads:
             t.start()
         self.listeners = []   # (scheme, host, port) in the order of the start line
@@ -491,14 +509,27 @@ class ServerProc:
         self.urls = [(h, p) for _s, h, p in self.listeners]
         self.addr = self.urls[0]
         self.started = time.monotonic()
+        if self.added_secure:
+            self.assert_sandboxed()
 
-    @staticmethod
-    def _pump(stream, q, keep):
+    def _pump(self, stream, q, keep, set_aside_sandbox=False):
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip("\n")
+            if set_aside_sandbox and line.startswith("tarweb.py: sandbox: "):
+                self.sandbox_line = line
+                continue
             keep.append(line)
             q.put(line)
         q.put(None)
+
+    def assert_sandboxed(self):
+        """The server (serving: past its sandbox) has seccomp filters and no_new_privs."""
+        status = proc_status(self.proc.pid)
+        if (status["Seccomp"], status["NoNewPrivs"]) != ("2", "1"):
+            self.stop()
+            raise AssertionError("--secure, but the server has Seccomp %s, NoNewPrivs %s; "
+                                 "stderr: %r" % (status["Seccomp"], status["NoNewPrivs"],
+                                                 self.stderr_text()))
 
     def addr_of(self, scheme):
         """(host, port) of the first listener the start line announced as scheme:// ('http', 'https')."""
@@ -3730,6 +3761,213 @@ class TestUser(StartupErrorChecks, ArchiveCase):
 
 
 # ---------------------------------------------------------------------------------------------
+# --secure: the sandbox
+# ---------------------------------------------------------------------------------------------
+
+_test_libc = ctypes.CDLL(None, use_errno=True)
+_test_libc.syscall.restype = ctypes.c_long
+
+
+def landlock_abi():
+    """This kernel's landlock ABI version (landlock_create_ruleset(NULL, 0, VERSION)); 0: none."""
+    return max(0, _test_libc.syscall(444, None, 0, 1))
+
+
+def raw_call(result):
+    """A libc return value: OSError with errno when negative."""
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def _fork_once():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+# What a sandboxed worker tries (each gets its ring) and the errno it must get: EPERM from seccomp
+# (a system call outside the allow-list), EACCES from the restricted ring, ENOTTY where seccomp
+# lets a call through and the kernel answers (SIOCOUTQ on a pipe), 0 for what must still work.
+SANDBOX_PROBES = (
+    ("open a file", errno.EPERM, lambda ring: os.open("/etc/hostname", os.O_RDONLY)),
+    ("list /", errno.EPERM, lambda ring: os.listdir("/")),
+    ("make a socket", errno.EPERM, lambda ring: socket.socket()),
+    ("execve", errno.EPERM, lambda ring: os.execv("/bin/true", ["true"])),
+    ("fork", errno.EPERM, lambda ring: _fork_once()),
+    ("kill", errno.EPERM, lambda ring: os.kill(os.getpid(), 0)),
+    ("a new ring", errno.EPERM,
+     lambda ring: raw_call(_test_libc.syscall(425, 8, ctypes.create_string_buffer(120)))),
+    ("io_uring_register", errno.EPERM,
+     lambda ring: raw_call(_test_libc.syscall(427, ring.fd, 8, ctypes.create_string_buffer(64), 0))),
+    ("ioctl FIONREAD", errno.EPERM,
+     lambda ring: raw_call(_test_libc.ioctl(ring.fd, 0x541B, ctypes.byref(ctypes.c_int())))),
+    ("ioctl SIOCOUTQ", errno.ENOTTY,
+     lambda ring: raw_call(_test_libc.ioctl(ring.fd, 0x5411, ctypes.byref(ctypes.c_int())))),
+    ("ring: OPENAT", errno.EACCES,
+     lambda ring: ring_result(ring, IORING_OP_OPENAT, fd=-100, addr=tarweb.bytes_address(
+         b"/etc/hostname\0"), op_flags=os.O_RDONLY)),
+    ("ring: NOP", errno.EACCES, lambda ring: ring_result(ring, IORING_OP_NOP)),
+    ("ring: TIMEOUT with IOSQE_ASYNC", errno.EACCES,
+     lambda ring: ring_result(ring, tarweb.IORING_OP_TIMEOUT, IOSQE_ASYNC,
+                              addr=tarweb.bytes_address(TIMESPEC_1NS), length=1)),
+    ("ring: TIMEOUT", errno.ETIME,
+     lambda ring: ring_result(ring, tarweb.IORING_OP_TIMEOUT,
+                              addr=tarweb.bytes_address(TIMESPEC_1NS), length=1)),
+    ("random bytes", 0, lambda ring: os.urandom(16)),
+    ("the clocks", 0, lambda ring: (time.monotonic(), time.time())),
+)
+
+
+def in_sandbox(probes, notify=None):
+    """Fork; the child sandboxes itself with tarweb.sandbox, the function the server calls, for
+    a ring of its own made as the server makes its own (Server(secure=True)), then runs each
+    probe and reports the errno it raised (0: none) through a pipe. Returns (the child's exit
+    status, {"note": sandbox's start-up note, probe name: errno} or {"error": traceback})."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            ring = tarweb.IoUring(8, disabled=True)
+            ring.restrict(tarweb.REQUIRED_OPS.values(), tarweb.USED_SQE_FLAGS)
+            report = {"note": tarweb.sandbox(types.SimpleNamespace(ring=ring, notify=notify))}
+            for name, _, probe in probes:
+                try:
+                    probe(ring)
+                    report[name] = 0
+                except OSError as e:
+                    report[name] = e.errno
+        except BaseException as e:
+            report = {"error": "%s: %s" % (type(e).__name__, e)}  # no traceback: no source files
+        finally:
+            os.write(w, json.dumps(report).encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    status = os.waitpid(pid, 0)[1]
+    return status, json.loads(data or "{}")
+
+
+def sandbox_note_re():
+    """The start-up note --secure prints on this kernel (its landlock ABI decides the middle)."""
+    abi = landlock_abi()
+    kinds = ", ".join(["fs"] + ["tcp"] * (abi >= 4) + ["scopes"] * (abi >= 6))
+    landlock = " landlock ABI %d \(%s\)," % (abi, kinds) if abi else ""
+    return re.compile(r"no_new_privs, capabilities cleared,%s seccomp %d syscalls \(others "
+                      r"EPERM\), io_uring restricted to %d opcodes(; this kernel lacks .*)?$"
+                      % (landlock, len(tarweb.SECCOMP_ALLOW), len(tarweb.REQUIRED_OPS)))
+
+
+class TestSecure(ArchiveCase):
+    """--secure (tarweb.py section 8, README "Sandbox"): once set up, the server takes
+    no_new_privs, drops every capability, restricts itself with landlock (no file access, no
+    TCP bind or connect), a seccomp allow-list of system calls (others: EPERM) and an io_uring
+    limited to its own operations; and what that forbids does fail. make test-secure runs the
+    server tests again with --secure (TARWEB_TEST_SECURE=1)."""
+
+    def test_serves_sandboxed_and_says_so(self):
+        """HTTP, HTTPS (a range: userspace TLS reads the tar), the access log, the stats line
+        and the stop all work, and nothing fails with EPERM on the way (strace -Z shows every
+        failed call); /proc shows the sandbox; one line says what was applied."""
+        self.assertIsNotNone(shutil.which("strace"), "strace missing: apt-get install strace")
+        log = work_file("secure", "access.log")
+        with ServerProc(MAIN_TAR, "--secure", "--tls-self-signed", "--tls-listen", "127.0.0.1:0",
+                        "--access-log", log) as srv:
+            status = proc_status(srv.proc.pid)
+            self.assertEqual((status["NoNewPrivs"], status["Seccomp"]), ("1", "2"), status)
+            for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+                self.assertEqual(int(status[caps], 16), 0, (caps, status[caps]))
+            notes = [line for line in srv.err_all + [srv.sandbox_line] if line and "sandbox" in line]
+            self.assertEqual(len(notes), 1, srv.stderr_tail())
+            self.assertRegex(notes[0], "^tarweb.py: sandbox: ")
+            self.assertRegex(notes[0][len("tarweb.py: sandbox: "):], sandbox_note_re())
+            trace = subprocess.Popen(["strace", "-f", "-Z", "-qq", "-p", str(srv.proc.pid)],
+                                     stderr=subprocess.PIPE, text=True)
+            self.addCleanup(trace.kill)
+            time.sleep(T(1.0))   # attached
+            self.assertEqual(get1(srv.addr, "/small.txt").body, MAIN["small.txt"][0])
+            self.assertEqual(get1(srv.addr, "/no-such-file").status, 404)
+            with https_conn(srv.addr_of("https"), insecure_tls_context()) as c:
+                r = c.request("GET", "/big.bin", headers=[("Range", "bytes=0-99999")])
+            self.assertEqual((r.status, r.body), (206, big_slice(0, 100000)))
+            self.assertEqual(srv.stats()["requests"], 3)
+            srv.proc.send_signal(signal.SIGTERM)
+            self.assertEqual(srv.proc.wait(timeout=T(10)), 0, srv.stderr_tail())
+            failed = trace.communicate(timeout=T(30))[1]
+        self.assertNotIn("EPERM", failed)
+        with open(log) as f:
+            self.assertEqual([line.split('"')[2].split()[0] for line in f], ["200", "404", "206"])
+
+    def test_what_it_forbids_fails(self):
+        """In a child of this process, sandbox() - the server's own - then: every probe of
+        SANDBOX_PROBES gets its errno (no file, no socket, no exec, no fork, no new ring, no
+        ioctl but SIOCOUTQ; the ring refuses other opcodes and flags), and what the server
+        needs still works."""
+        status, report = in_sandbox(SANDBOX_PROBES)
+        self.assertEqual(status, 0, report)
+        self.assertNotIn("error", report, report.get("error"))
+        self.assertRegex(report.pop("note"), sandbox_note_re())
+        self.assertEqual(report, {name: err for name, err, _ in SANDBOX_PROBES})
+
+    def test_another_abi_kills(self):
+        """A system call of another architecture (aarch64's 32-bit compat calls, x86_64's i386
+        ones) or of x86_64's x32 numbering kills the process (SIGSYS): nothing in this server
+        makes one, so it can only be an attack. Both filters begin with the check of
+        seccomp_data.arch; on x86_64 a real x32 getpid (39 | __X32_SYSCALL_BIT) shows the kill."""
+        kill = struct.pack("<HBBI", 0x06, 0, 0, 0x80000000)   # ret SECCOMP_RET_KILL_PROCESS
+        for machine, arch in (("x86_64", 0xC000003E), ("aarch64", 0xC00000B7)):
+            self.assertEqual(tarweb.seccomp_program(machine)[:32], struct.pack(
+                "<HBBIHBBI", 0x20, 0, 0, 4, 0x15, 1, 0, arch) + kill + struct.pack(
+                "<HBBI", 0x20, 0, 0, 0), machine)   # ld arch; jeq ARCH, +1; kill; ld nr
+        self.assertIn(platform.machine(), ("x86_64", "aarch64"))
+        if platform.machine() == "x86_64":
+            status, report = in_sandbox(
+                [("x32 getpid", 0, lambda ring: _test_libc.syscall(0x40000000 | 39))])
+            self.assertTrue(os.WIFSIGNALED(status), (status, report))
+            self.assertEqual(os.WTERMSIG(status), signal.SIGSYS, report)
+
+    def test_kernel_without_landlock(self):
+        """Where landlock_create_ruleset fails (ENOSYS: not built in; EOPNOTSUPP: not enabled at
+        boot; EPERM: a container's seccomp profile) the server still starts, with seccomp and
+        the ring restricted, and its note says what the kernel lacks."""
+        for err, why in ((errno.ENOSYS, "landlock (not built in)"),
+                         (errno.EOPNOTSUPP, "landlock (not enabled: lsm=...,landlock)"),
+                         (errno.EPERM, "landlock (Operation not permitted)")):
+            with self.subTest(err=errno.errorcode[err]):
+                with ServerProc(MAIN_TAR, "--secure", preexec_fn=_deny_syscall(444, err)) as srv:
+                    self.assertEqual(get1(srv.addr, "/small.txt").status, 200)
+                    note = [line for line in srv.err_all + [srv.sandbox_line]
+                            if line and "sandbox" in line]
+                    self.assertEqual(len(note), 1, srv.stderr_tail())
+                    self.assertTrue(note[0].endswith(
+                        "capabilities cleared, seccomp %d syscalls (others EPERM), io_uring "
+                        "restricted to %d opcodes; this kernel lacks %s"
+                        % (len(tarweb.SECCOMP_ALLOW), len(tarweb.REQUIRED_OPS), why)), note[0])
+                    self.assertEqual(proc_status(srv.proc.pid)["Seccomp_filters"], "2")
+
+    def test_notify_socket_abstract_or_a_path(self):
+        """sd_notify still reaches systemd: READY=1, the watchdog's pings and STOPPING=1, to an
+        abstract socket (landlock's abstract-unix scope is then left off) and to a path."""
+        for abstract in (True, False):
+            with self.subTest(abstract=abstract):
+                ns = NotifySocket(abstract=abstract)
+                try:
+                    with ServerProc(MAIN_TAR, "--secure",
+                                    env=dict(ns.env, WATCHDOG_USEC="200000")) as srv:
+                        ns.wait_for("READY=1")
+                        self.assertGreaterEqual(ns.count("WATCHDOG=1", T(1.0)), 3)
+                        srv.proc.send_signal(signal.SIGTERM)
+                        ns.wait_for("STOPPING=1")
+                        self.assertEqual(srv.proc.wait(timeout=T(10)), 0, srv.stderr_tail())
+                finally:
+                    ns.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # Hostile archives: tars built to hurt the indexer (issue 8)
 # ---------------------------------------------------------------------------------------------
 
@@ -4035,12 +4273,17 @@ def _deny_io_uring_setup(err):
     """A preexec_fn that installs a seccomp filter making io_uring_setup fail with errno err in
     the child only, the way a container runtime's profile (EPERM) or an old kernel (ENOSYS)
     would; nothing outside the child process changes."""
+    return _deny_syscall(425, err)
+
+
+def _deny_syscall(nr, err):
+    """A preexec_fn: system call nr fails with errno err in the child only (seccomp)."""
     def install():
         libc = ctypes.CDLL(None, use_errno=True)
         sock_filter = struct.Struct("<HBBI")
         prog = b"".join([
             sock_filter.pack(0x20, 0, 0, 0),                # ld  seccomp_data.nr
-            sock_filter.pack(0x15, 0, 1, 425),              # jeq io_uring_setup ? next : skip
+            sock_filter.pack(0x15, 0, 1, nr),               # jeq nr ? next : skip
             sock_filter.pack(0x06, 0, 0, 0x00050000 | err),  # ret SECCOMP_RET_ERRNO | err
             sock_filter.pack(0x06, 0, 0, 0x7FFF0000),       # ret SECCOMP_RET_ALLOW
         ])
@@ -4099,6 +4342,23 @@ class TestIoUringUnavailable(unittest.TestCase):
         self.assert_one_line_error(proc, "kernel.io_uring_disabled=2", "sysctl")
 
 
+def ring_result(ring, opcode, sqe_flags=0, fd=-1, off=0, addr=0, length=0, op_flags=0):
+    """The res of one operation through an IoUring: a negative errno raised as OSError."""
+    ring._prep(opcode, sqe_flags, fd, off, addr, length, op_flags, 99)
+    cqes = ()
+    while not cqes:   # enter() returns early on EINTR, as the server's loop expects
+        ring.enter(True)
+        cqes = ring.completions()
+    (_, res, _), = cqes
+    if res < 0:
+        raise OSError(-res, os.strerror(-res))
+    return res
+
+
+IORING_OP_NOP, IORING_OP_OPENAT, IOSQE_ASYNC = 0, 18, 1 << 4
+TIMESPEC_1NS = struct.pack("<qq", 0, 1)
+
+
 class TestRingHelpers(unittest.TestCase):
     """Each IoUring.prep_* writes the SQE fields liburing's io_uring_prep_* would, read back from
     a real kernel ring before submission (fields as in struct io_uring_sqe)."""
@@ -4151,6 +4411,26 @@ class TestRingHelpers(unittest.TestCase):
             self.assertEqual(self.last_sqe(), expected)
         # Never submitted (the ring closes first): the addresses and descriptors are made up.
         self.assertEqual(self.ring.to_submit, len(cases))
+
+    def test_restrict(self):
+        """A ring set up disabled and restricted (--secure's) to TIMEOUT with IO_LINK runs
+        that, and refuses with EACCES another opcode, another sqe flag and any
+        io_uring_register (here a probe)."""
+        ring = tarweb.IoUring(8, disabled=True)
+        self.addCleanup(os.close, ring.fd)
+        ring.restrict([tarweb.IORING_OP_TIMEOUT], tarweb.IOSQE_IO_LINK)
+        self.assertEqual(ring.allowed_ops, 1)
+        timeout = dict(addr=tarweb.bytes_address(TIMESPEC_1NS), length=1)
+        for opcode, flags, err in ((tarweb.IORING_OP_TIMEOUT, 0, errno.ETIME),
+                                   (tarweb.IORING_OP_TIMEOUT, tarweb.IOSQE_IO_LINK, errno.ETIME),
+                                   (IORING_OP_NOP, 0, errno.EACCES),
+                                   (tarweb.IORING_OP_TIMEOUT, IOSQE_ASYNC, errno.EACCES)):
+            with self.subTest(opcode=opcode, flags=flags):
+                with self.assertRaises(OSError) as caught:
+                    ring_result(ring, opcode, flags, **timeout)
+                self.assertEqual(caught.exception.errno, err)
+        with self.assertRaisesRegex(tarweb.StartupError, os.strerror(errno.EACCES)):
+            ring.supported_ops()
 
     def test_sendmsg_recv_pair(self):
         """The hot path's pair is what prep_sendmsg and prep_recv write, at any ring position,
@@ -4267,9 +4547,14 @@ class TestSteadyStateSyscalls(unittest.TestCase):
             ns.close()
         self.assertGreater(ns.seen.count("WATCHDOG=1"), 20, ns.seen)
 
-    def trace(self, env=None):
+    def test_only_io_uring_enter_when_secure(self):
+        """The sandbox (--secure) adds nothing to the loop: no call for seccomp to look at."""
+        self.trace(args=("--secure",))
+
+    def trace(self, env=None, args=()):
         """{syscall: count} of the server under keep-alive load; fails unless io_uring_enter
-        is among them, fewer times than requests. env: variables added for the server."""
+        is among them, fewer times than requests. env: variables added for the server; args:
+        its options."""
         self.assertIsNotNone(shutil.which("strace"), "strace missing: apt-get install strace")
         with tempfile.TemporaryDirectory() as tmp:
             tar = os.path.join(tmp, "site.tar")
@@ -4277,7 +4562,7 @@ class TestSteadyStateSyscalls(unittest.TestCase):
                 info = tarfile.TarInfo("small.html")
                 info.size = 1024
                 tf.addfile(info, io.BytesIO(b"x" * 1024))
-            server = subprocess.Popen([PY, TARWEB, tar, "--listen", "127.0.0.1:0", "-q"],
+            server = subprocess.Popen([PY, TARWEB, tar, "--listen", "127.0.0.1:0", "-q", *args],
                                       stdout=subprocess.PIPE, text=True,
                                       env=dict(os.environ, **env) if env else None)
             try:
