@@ -7653,7 +7653,11 @@ class Server:
         the garbage collector waits (one full collection over the new index holds the GIL for
         tens of milliseconds). One load at a time: a SIGHUP during one asks for another after
         it."""
-        if self.stopping or self.reload is None:
+        if self.stopping:
+            return
+        if self.reload is None:
+            self.log.write("SIGHUP: no reload under --secure, whose sandbox forbids opening "
+                           "files (and starting the loader): restart the server to serve new files")
             return
         if self.loader is not None:
             self.reload_again = True
@@ -8561,7 +8565,7 @@ def serve(opts, log):
                     max_header_bytes=opts.max_header_bytes, grace=opts.grace)
     listeners = activated or [(make_listener(spec), is_tls) for spec, is_tls in specs]
     server = Server(site, listeners, limits, log, tls, access_log, notify, opts.proxy_protocol,
-                    reloader(opts, tls, log), opts.secure)
+                    None if opts.secure else reloader(opts, tls, log), opts.secure)
     if user:
         drop_privileges(opts.user, *user)
     # Handlers only set a flag (see Server.request_stop): the loop must not be re-entered
@@ -8574,6 +8578,8 @@ def serve(opts, log):
     release_startup_memory()
     # Last: every file, socket and ring the server will use is open by now.
     sandboxed = sandbox(server) if opts.secure else None
+    if sandboxed and access_log:
+        access_log.path = None  # it cannot be opened again: SIGUSR1 keeps writing to this file
     if tls:   # after every start-up error, so that a failed start prints only its error
         log.warn(f"crypto: {tls.config.crypto.description}")  # a note, not a problem
     if sandboxed:

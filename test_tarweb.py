@@ -3869,6 +3869,20 @@ class TestSecure(ArchiveCase):
     limited to its own operations; and what that forbids does fail. make test-secure runs the
     server tests again with --secure (TARWEB_TEST_SECURE=1)."""
 
+    def test_sighup_says_no_reload(self):
+        """The sandbox forbids opening files, so SIGHUP cannot reload: one line says so and
+        what to do, and the server serves on."""
+        with ServerProc(MAIN_TAR, "--secure") as srv:
+            srv.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + T(5)
+            while time.monotonic() < deadline and not srv.count_stderr("SIGHUP"):
+                time.sleep(0.05)
+            self.assertEqual(srv.count_stderr("SIGHUP: no reload under --secure"), 1,
+                             srv.stderr_text())
+            self.assertIn("restart", srv.stderr_text())
+            self.assertNotIn("Traceback", srv.stderr_text())
+            self.assertEqual(get1(srv.addr, "/small.txt").body, MAIN["small.txt"][0])
+
     def test_serves_sandboxed_and_says_so(self):
         """HTTP, HTTPS (a range: userspace TLS reads the tar), the access log, the stats line
         and the stop all work, and nothing fails with EPERM on the way (strace -Z shows every
