@@ -7339,10 +7339,7 @@ class Server:
             # the records, linger's read fails with EKEYEXPIRED and closes.)
             self.linger(slot)
             return
-        try:
-            slot.tls.update_rx(slot.fd)
-        except OSError as e:
-            self.ktls_rekey_failed(slot, e)
+        if not self.ktls_rekey(slot, slot.tls.update_rx):
             return
         if message == _TLS_KEY_UPDATES[1]:
             self.send_key_update(slot)
@@ -7366,21 +7363,24 @@ class Server:
         if res != len(_TLS_KEY_UPDATES[0]):
             self.start_close(slot)
             return
-        try:
-            slot.tls.update_tx(slot.fd)
-        except OSError as e:
-            self.ktls_rekey_failed(slot, e)
+        if not self.ktls_rekey(slot, slot.tls.update_tx):
             return
         if self.stopping and not slot.rlen:
             self.linger(slot)  # stopping began meanwhile, and no request has begun: see begin_stop
         else:
             self.post_recv(slot)
 
-    def ktls_rekey_failed(self, slot, err):
-        """The kernel refused a new key: the socket's keys are in doubt, so end it at once."""
-        self.log.limited(("ktls rekey", err.errno),
-                         f"kTLS rekey failed ({err.strerror}): connection closed")
-        self.start_close(slot)
+    def ktls_rekey(self, slot, update):
+        """Give the kernel one direction's next key (update: slot.tls.update_rx or update_tx);
+        False if it refused: the socket's keys are then in doubt, so it ends at once."""
+        try:
+            update(slot.fd)
+        except OSError as e:
+            self.log.limited(("ktls rekey", e.errno),
+                             f"kTLS rekey failed ({e.strerror}): connection closed")
+            self.start_close(slot)
+            return False
+        return True
 
     def on_usertls_recv(self, slot, res):
         tls, pos = slot.tls, slot.rbase + slot.rlen
